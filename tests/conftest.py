@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random SigLIP towers, NearID models built from them, Hub-style folders."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# The numbers transformers' own SigLIP tests use: small enough for milliseconds on a CPU.
+TINY_VISION = dict(
+    image_size=30,
+    patch_size=2,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+)
+
+
+def make_tiny_siglip(seed=0, **overrides):
+    """A randomly initialised transformers `SiglipVisionModel` (with its MAP head), in eval mode."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(SiglipVisionConfig(**{**TINY_VISION, **overrides})).eval()
+    # SigLIP initialises the head's in_proj bias to zero; make it non-trivial so tests see it.
+    with torch.no_grad():
+        model.head.attention.in_proj_bias.normal_(std=0.1)
+    return model
+
+
+def make_tiny_nearid(seed=0):
+    from modeling_nearid import NearIDModel
+
+    return NearIDModel.from_siglip(make_tiny_siglip(seed)).eval()
+
+
+def make_tiny_processor(resample=2):
+    from image_processing_nearid import NearIDImageProcessor
+
+    size = TINY_VISION["image_size"]
+    return NearIDImageProcessor(size={"height": size, "width": size}, resample=resample)
+
+
+def random_pixels(batch=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    size = TINY_VISION["image_size"]
+    return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+
+
+def run_isolated(code, tmp_path, extra_env=None, timeout=300):
+    """Run python `code` in a fresh interpreter with an empty remote-code cache and the Hub offline.
+
+    This is how a user meets the repo: transformers copies the remote code into HF_MODULES_CACHE
+    and imports it from there, never from this checkout.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    env.update(extra_env or {})
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+@pytest.fixture
+def tiny_siglip():
+    return make_tiny_siglip()
+
+
+@pytest.fixture
+def tiny_nearid():
+    return make_tiny_nearid()
+
+
+@pytest.fixture
+def pixels():
+    return random_pixels()
