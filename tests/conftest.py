@@ -31,8 +31,13 @@ def make_tiny_siglip(seed=0, **overrides):
     model = SiglipVisionModel(SiglipVisionConfig(**{**TINY_VISION, **overrides})).eval()
     # SigLIP initialises the head's in_proj bias to zero; make it non-trivial so tests see it.
     with torch.no_grad():
-        model.head.attention.in_proj_bias.normal_(std=0.1)
+        siglip_tower(model).head.attention.in_proj_bias.normal_(std=0.1)
     return model
+
+
+def siglip_tower(siglip_vision_model):
+    """The module holding embeddings/encoder/head: nested as `.vision_model` in transformers 4.x only."""
+    return getattr(siglip_vision_model, "vision_model", siglip_vision_model)
 
 
 def make_tiny_nearid(seed=0):
