@@ -65,7 +65,7 @@ def run_isolated(code, tmp_path, extra_env=None, timeout=300):
     This is how a user meets the repo: transformers copies the remote code into HF_MODULES_CACHE
     and imports it from there, never from this checkout.
     """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = dict(os.environ)  # PYTHONPATH may select the transformers under test; the checkout is not on it
     env.update(
         HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
         HF_HOME=str(tmp_path / "hf_home"),

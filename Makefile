@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (main job) and `make test` (test suite). Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The oldest transformers release the model code supports; `make test` checks it too.
+OLDEST_TRANSFORMERS ?= 4.57.6
+OLDEST_DIR := .cache/transformers-$(OLDEST_TRANSFORMERS)
+
+.PHONY: demo test test-oldest-transformers benchmarks clean
+
+demo: $(VENV)/.ready
+	$(PY) demo.py
+
+test: $(VENV)/.ready
+	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-oldest-transformers
+
+# Model and remote-code tests against the oldest supported transformers (installed beside the venv).
+test-oldest-transformers: $(OLDEST_DIR)/.ready
+	PYTHONPATH=$(OLDEST_DIR) $(PY) -m pytest -q -p no:cacheprovider tests/test_modeling.py tests/test_remote_code.py
+
+benchmarks: $(VENV)/.ready
+	$(PY) benchmarks/bench_image_processor.py
+	$(PY) benchmarks/bench_forward.py
+
+$(VENV)/.ready: requirements.txt requirements-dev.txt scripts/setup_env.sh
+	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt
+	touch $@
+
+$(OLDEST_DIR)/.ready: $(VENV)/.ready
+	$(PY) -m pip install --quiet --disable-pip-version-check --target $(OLDEST_DIR) "transformers==$(OLDEST_TRANSFORMERS)"
+	touch $@
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

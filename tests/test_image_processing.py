@@ -1,0 +1,347 @@
+"""NearIDImageProcessor: same numbers as transformers' SiglipImageProcessorPil, inputs, errors, config I/O."""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, run_isolated
+from PIL import Image
+from transformers.image_utils import load_image
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from image_processing_nearid import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageLoadError,
+    ImageTooLargeError,
+    NearIDImageProcessor,
+)
+
+# Not square, so a swapped height/width cannot pass.
+SIZE = {"height": 40, "width": 56}
+HALF = [0.5, 0.5, 0.5]
+# CLIP's statistics: per-channel values catch a channel mix-up that mean = std = 0.5 would hide.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def reference(resample=2, size=SIZE, **kwargs):
+    kwargs = {"image_mean": HALF, "image_std": HALF, **kwargs}
+    return SiglipImageProcessorPil(size=size, resample=resample, **kwargs)
+
+
+def ours(resample=2, size=SIZE, **kwargs):
+    return NearIDImageProcessor(size=size, resample=resample, **kwargs)
+
+
+def ref_pixels(processor, images):
+    return torch.as_tensor(processor(images, return_tensors="pt")["pixel_values"]).float()
+
+
+def assert_same(got, expected):
+    assert got.dtype == torch.float32
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-6
+
+
+def noise(height, width, channels=3, seed=0):
+    shape = (height, width, channels) if channels else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def palette_with_transparency():
+    image = Image.fromarray(noise(30, 50, seed=4)).convert("P")
+    image.info["transparency"] = 7  # palette entry 7 is see-through: composited onto white
+    return image
+
+
+IMAGE_KINDS = {
+    "RGB": lambda: Image.fromarray(noise(30, 50)),
+    "RGBA": lambda: Image.fromarray(noise(30, 50, 4, seed=1)),
+    "LA": lambda: Image.fromarray(noise(30, 50, 4, seed=2)).convert("LA"),
+    "L": lambda: Image.fromarray(noise(30, 50, 0, seed=3)),
+    "P": lambda: Image.fromarray(noise(30, 50, seed=4)).convert("P"),
+    "P+transparency": palette_with_transparency,
+    "CMYK": lambda: Image.fromarray(noise(30, 50, seed=5)).convert("CMYK"),
+    "I;16": lambda: Image.fromarray(np.random.default_rng(6).integers(0, 65536, (30, 50), dtype=np.uint16)),
+    "1": lambda: Image.fromarray(noise(30, 50, 0, seed=7)).convert("1"),
+    "1x1": lambda: Image.fromarray(noise(1, 1, seed=8)),
+    "4000x300": lambda: Image.fromarray(noise(300, 4000, seed=9)),
+}
+
+
+@pytest.mark.parametrize("resample", [2, 3], ids=["bilinear", "bicubic"])
+@pytest.mark.parametrize("kind", list(IMAGE_KINDS))
+def test_matches_reference_for_every_pil_mode(kind, resample):
+    image = IMAGE_KINDS[kind]()
+    expected = ref_pixels(reference(resample), image)
+    assert_same(ours(resample)(image)["pixel_values"], expected)
+
+
+def test_modes_really_differ():
+    """Guards the parametrised test: conversions must produce distinct inputs, not all one image."""
+    processor = ours()
+    rgba = processor(IMAGE_KINDS["RGBA"]())["pixel_values"]
+    dropped_alpha = processor(IMAGE_KINDS["RGBA"]().convert("RGB"))["pixel_values"]
+    assert (rgba - dropped_alpha).abs().max() > 0.1
+
+
+def test_default_config_matches_reference_at_384():
+    config = json.loads((REPO_ROOT / "preprocessor_config.json").read_text())
+    images = [Image.fromarray(noise(512, 512, seed=s)) for s in range(2)]
+    settings = {k: config[k] for k in ("size", "resample", "rescale_factor", "image_mean", "image_std")}
+    expected = ref_pixels(SiglipImageProcessorPil(**settings), images)
+    got = NearIDImageProcessor.from_dict(config)(images)["pixel_values"]
+    assert got.shape == (2, 3, 384, 384)
+    assert_same(got, expected)
+    assert torch.equal(got, expected)  # the lookup table reproduces the reference arithmetic exactly
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(image_mean=CLIP_MEAN, image_std=CLIP_STD),
+        dict(do_rescale=False, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+        dict(do_normalize=False),
+        dict(do_resize=False),
+    ],
+    ids=["clip-stats", "no-rescale", "no-normalize", "no-resize"],
+)
+def test_matches_reference_for_other_settings(options):
+    images = [Image.fromarray(noise(30, 50, seed=s)) for s in range(3)]
+    expected = ref_pixels(reference(**options), images)
+    assert_same(ours(**options)(images)["pixel_values"], expected)
+
+
+def test_preprocess_overrides_apply_to_one_call_only():
+    image = Image.fromarray(noise(30, 50))
+    processor = ours(resample=2)
+    bicubic = processor(image, resample=3, size={"height": 20, "width": 24})["pixel_values"]
+    assert_same(bicubic, ref_pixels(reference(3, size={"height": 20, "width": 24}), image))
+    assert processor.resample == 2 and processor.size == SIZE
+    assert_same(processor(image)["pixel_values"], ref_pixels(reference(2), image))
+
+
+def test_numpy_and_tensor_inputs_match_reference():
+    rgb = noise(30, 50, seed=10)
+    rgba = noise(30, 50, 4, seed=11)
+    gray = noise(30, 50, 0, seed=12)
+    ref, processor = reference(), ours()
+    assert_same(processor(rgb)["pixel_values"], ref_pixels(ref, rgb))
+    assert_same(processor(rgb.transpose(2, 0, 1).copy())["pixel_values"], ref_pixels(ref, rgb))  # CHW
+    assert_same(processor(rgba)["pixel_values"], ref_pixels(ref, rgba))  # float blend onto white
+    # The reference rejects 2-D arrays; a (H, W, 1) array is the same image to it.
+    assert_same(processor(gray)["pixel_values"], ref_pixels(ref, gray[:, :, None]))
+    assert_same(processor(torch.from_numpy(rgb).permute(2, 0, 1))["pixel_values"], ref_pixels(ref, rgb))
+    batch = np.stack([rgb, noise(30, 50, seed=13)])
+    assert_same(processor(batch)["pixel_values"], ref_pixels(ref, list(batch)))
+
+
+def test_ambiguous_array_layout_can_be_stated():
+    tall_strip = noise(4, 6, seed=14)  # 4 rows of RGB: the first axis looks like 4 channels
+    expected = ref_pixels(reference(), Image.fromarray(tall_strip))
+    got = ours()(tall_strip, input_data_format="channels_last")["pixel_values"]
+    assert_same(got, expected)
+
+
+def test_file_paths_match_reference_load_image(tmp_path):
+    png = tmp_path / "rgba.png"
+    Image.fromarray(noise(30, 50, 4, seed=15)).save(png)
+    ref, processor = reference(), ours()
+    expected = ref_pixels(ref, load_image(str(png)))  # load_image drops alpha, as we do for files
+    assert_same(processor(str(png))["pixel_values"], expected)
+    assert_same(processor(png)["pixel_values"], expected)  # pathlib.Path
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(noise(24, 40, seed=16)).save(path, exif=exif, quality=95)
+    ref, processor = reference(), ours()
+    got = processor(path)["pixel_values"]
+    assert_same(got, ref_pixels(ref, load_image(str(path))))
+    unrotated = ref_pixels(ref, Image.open(path).convert("RGB"))
+    assert (got - unrotated).abs().max() > 0.1
+
+
+def test_mixed_kinds_and_sizes_in_one_batch(tmp_path):
+    path = tmp_path / "small.png"
+    Image.fromarray(noise(17, 23, seed=17)).save(path)
+    items = [
+        Image.fromarray(noise(30, 50, seed=18)),
+        noise(64, 20, seed=19),
+        str(path),
+        IMAGE_KINDS["P+transparency"](),
+        torch.from_numpy(noise(9, 11, seed=20)).permute(2, 0, 1),
+    ]
+    ref = reference()
+    expected = torch.cat([ref_pixels(ref, load_image(item) if isinstance(item, str) else item) for item in items])
+    got = ours()(items)["pixel_values"]
+    assert got.shape == (5, 3, SIZE["height"], SIZE["width"])
+    assert_same(got, expected)
+
+
+def test_return_tensors_np():
+    pixel_values = ours()(Image.fromarray(noise(30, 50)), return_tensors="np")["pixel_values"]
+    assert isinstance(pixel_values, np.ndarray) and pixel_values.dtype == np.float32
+    assert pixel_values.shape == (1, 3, 40, 56)
+
+
+def test_corrupt_file_error_names_the_file(tmp_path):
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(b"this is not an image" * 10)
+    with pytest.raises(ImageLoadError, match="corrupt.png"):
+        ours()(path)
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_truncated_file_error_names_the_file(tmp_path, suffix):
+    path = tmp_path / f"truncated.{suffix}"
+    Image.fromarray(noise(64, 64, seed=21)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match=f"truncated.{suffix}"):
+        ours()([Image.fromarray(noise(8, 8)), path])
+
+
+def test_missing_file_and_url_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        ours()(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="does not download"):
+        ours()("https://example.com/cat.png")
+
+
+def header_only_png(path, width, height):
+    """A PNG whose header says width x height but whose pixel data is cut off."""
+    Image.fromarray(noise(height, width, seed=22)).save(path)
+    path.write_bytes(path.read_bytes()[:60])  # signature + IHDR survive, IDAT does not
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    header_only_png(path, 20, 20)
+    processor = ours(max_image_pixels=100)
+    # Decoding would fail with ImageLoadError (no pixel data): the size check must come first.
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png.*20x20 = 400 pixels.*max_image_pixels"):
+        processor(path)
+    with pytest.raises(ImageTooLargeError, match="400 pixels"):
+        processor(Image.fromarray(noise(20, 20)))
+    with pytest.raises(ImageTooLargeError, match="400 pixels"):
+        processor(noise(20, 20))
+    assert ours(max_image_pixels=400)(Image.fromarray(noise(20, 20)))["pixel_values"].shape[0] == 1
+
+
+def test_our_limit_replaces_pillows(tmp_path, monkeypatch):
+    """Pillow's own bomb warning/error never surfaces: our limit decides and says how to raise it."""
+    path = tmp_path / "big.png"
+    Image.fromarray(noise(20, 20)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow would refuse 400 > 2 * 50 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ImageTooLargeError, match="big.png"):
+            ours(max_image_pixels=100)(path)
+        got = ours(max_image_pixels=None)(path)["pixel_values"]
+    assert_same(got, ref_pixels(reference(), Image.fromarray(noise(20, 20))))
+    assert Image.MAX_IMAGE_PIXELS == 50  # restored after the lifted reopen
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (123, TypeError, "unsupported type int"),
+        (np.zeros((8, 8, 3), dtype=np.float32), TypeError, "float32"),
+        (np.zeros((8, 8, 2), dtype=np.uint8), ValueError, r"\(8, 8, 2\)"),
+        (np.zeros((2, 8, 8, 3, 1), dtype=np.uint8), ValueError, r"\(2, 8, 8, 3, 1\)"),
+        ([], ValueError, "no images"),
+    ],
+    ids=["int", "float-array", "two-channels", "five-dims", "empty"],
+)
+def test_bad_inputs_say_what_was_given(bad, error, message):
+    with pytest.raises(error, match=message):
+        ours()(bad)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="image_std"):
+        NearIDImageProcessor(image_std=[0.5, 0.0, 0.5])
+    with pytest.raises(ValueError, match="resample"):
+        NearIDImageProcessor(resample=9)
+    with pytest.raises(ValueError, match="size"):
+        NearIDImageProcessor(size={"shortest_edge": 384})
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        NearIDImageProcessor(max_image_pixels=-1)
+    with pytest.raises(TypeError, match="resampel"):
+        ours()(noise(8, 8), resampel=3)
+    with pytest.raises(ValueError, match="do_resize=False"):
+        ours(do_resize=False)([noise(8, 8), noise(9, 8)])
+    with pytest.raises(ValueError, match="do_convert_rgb=False"):
+        ours(do_convert_rgb=False)(Image.fromarray(noise(8, 8, 0)))
+
+
+def test_save_and_load_keep_every_value(tmp_path):
+    processor = NearIDImageProcessor(
+        size={"height": 224, "width": 200},
+        resample=3,
+        rescale_factor=1 / 127.5,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=False,
+        max_image_pixels=None,
+    )
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["max_image_pixels"] is None and saved["resample"] == 3
+    loaded = NearIDImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == processor.to_dict()
+    assert loaded.max_image_pixels is None and loaded.size == {"height": 224, "width": 200}
+    image = Image.fromarray(noise(30, 50))
+    assert torch.equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
+    # The way the decompression-bomb error tells users to raise the limit.
+    assert NearIDImageProcessor.from_pretrained(tmp_path, max_image_pixels=1234).max_image_pixels == 1234
+
+
+def test_shipped_config_holds_the_so400m_defaults():
+    config = json.loads((REPO_ROOT / "preprocessor_config.json").read_text())
+    assert config["auto_map"] == {"AutoImageProcessor": "image_processing_nearid.NearIDImageProcessor"}
+    assert config["image_processor_type"] == "NearIDImageProcessor"
+    assert config["size"] == {"height": 384, "width": 384} and config["resample"] == 2
+    assert config["rescale_factor"] == pytest.approx(1 / 255, abs=0)
+    assert config["image_mean"] == HALF and config["image_std"] == HALF
+    assert config["max_image_pixels"] == DEFAULT_MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS
+    loaded = NearIDImageProcessor.from_dict(config).to_dict()
+    assert {k: v for k, v in loaded.items() if k in config} == config
+
+
+def test_loads_through_auto_image_processor_as_remote_code(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("image_processing_nearid.py", "preprocessor_config.json"):
+        shutil.copy(REPO_ROOT / name, repo / name)
+    image_path = tmp_path / "image.png"
+    Image.fromarray(noise(30, 50, seed=23)).save(image_path)
+    code = f"""
+from transformers import AutoImageProcessor
+processor = AutoImageProcessor.from_pretrained({str(repo)!r}, trust_remote_code=True)
+pixel_values = processor({str(image_path)!r})["pixel_values"]
+shape = "x".join(map(str, pixel_values.shape))
+print(type(processor).__name__, type(processor).__module__, shape, repr(pixel_values.sum().item()))
+"""
+    name, module, shape, total = run_isolated(code, tmp_path).split()
+    assert name == "NearIDImageProcessor"
+    assert module.startswith("transformers_modules.")  # imported from the cache, not this checkout
+    assert shape == "1x3x384x384"
+    expected = NearIDImageProcessor()(image_path)["pixel_values"].sum().item()
+    assert float(total) == expected
+
+
+def test_benchmark_smoke_mode_checks_agreement():
+    script = REPO_ROOT / "benchmarks" / "bench_image_processor.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "outputs agree: max |diff| = 0" in result.stdout
+    assert "speed-up:" in result.stdout
