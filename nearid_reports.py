@@ -1,0 +1,504 @@
+"""Reports of NearID evaluations: results files, markdown tables, CSV, plots and the model card.
+
+Everything here takes the flat metric dicts of `nearid_metrics` and writes them out; nothing
+computes a metric. Files are written atomically (a temp file in the same folder, then
+`os.replace`), so an interrupted run leaves either the old file or the new one, never a partial
+one. matplotlib (plots) and huggingface_hub (model card) are imported inside the functions that
+need them, so `evaluate.py` imports this module cheaply.
+
+- Files: `atomic_write_text`, `atomic_write_bytes`, `atomic_write_json`, `write_per_sample_csv`.
+- Results JSON: `provenance`, `results_document`.
+- Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`.
+- Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`.
+- Model card: `update_model_card` (the README's `model-index`).
+"""
+
+import csv
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from nearid_metrics import NEARID_TABLE1_SOURCES
+
+# Keys of one Table-1 row (`table1_row` builds them from the metric dicts), with the column header
+# and the decimals the paper prints. SSR/PA are percentages; MO and MH are correlations.
+NEARID_SSR, NEARID_PA = "nearid_ssr", "nearid_pa"
+MTG_MO, MTG_MO_PAIR, MTG_SSR, MTG_PA = "mtg_mo", "mtg_mo_pair", "mtg_ssr", "mtg_pa"
+DREAMBENCH_MH = "dreambench_mh"
+TABLE1_COLUMNS = (
+    ("NearID SSR", NEARID_SSR, 2),
+    ("NearID PA", NEARID_PA, 2),
+    ("MTG MO", MTG_MO, 3),
+    ("MTG MOpair", MTG_MO_PAIR, 3),
+    ("MTG SSR", MTG_SSR, 2),
+    ("MTG PA", MTG_PA, 2),
+    ("DB++ MH", DREAMBENCH_MH, 3),
+)
+MISSING = "\u2013"  # en dash, for a value that was not evaluated
+# Packages whose versions go into every results file (distribution names, PIL is "pillow").
+PROVENANCE_PACKAGES = {"torch": "torch", "transformers": "transformers", "datasets": "datasets",
+                       "huggingface_hub": "huggingface_hub", "numpy": "numpy", "PIL": "pillow"}
+REPO_DIR = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic files
+
+
+@contextmanager
+def _atomic_path(path):
+    """Yield a temp path beside `path` (not yet created); on success it replaces `path` (keeping
+    an existing file's mode), on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: its 0600 mode would stick to the result; this name gets the umask's mode.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (parents created). Returns the path."""
+    with _atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically, newlines untranslated. Returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _jsonable(obj):
+    """numpy scalars/arrays and paths to plain Python; non-finite floats to None (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path, obj) -> Path:
+    """Write `obj` as indented, strict JSON (NaN/inf -> null, numpy -> Python) atomically.
+
+    The whole text is serialised before the file is touched, so an unserialisable object raises
+    TypeError and leaves any existing file as it was.
+    """
+    text = json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def write_per_sample_csv(path, rows: Sequence[Mapping]) -> Path:
+    """One CSV row per dict; columns are the union of keys in first-seen order (missing -> empty)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------
+# Results JSON
+
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> dict:
+    """{"commit": HEAD sha or None, "dirty": tracked files modified (None without a checkout)}.
+
+    Only a checkout whose top level is this file's folder (the repo root) counts, so a copy of the
+    repo inside another git repository does not report that repository's commit.
+    """
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != REPO_DIR:
+        return {"commit": None, "dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _sha256(path) -> str | None:
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+def provenance(model: dict, datasets: list[dict], split_file: str | None = None,
+               extra: dict | None = None) -> dict:
+    """Where a result came from.
+
+    Args:
+        model: e.g. {"name_or_path", "revision", "scorer", "dtype"}; datasets: one dict per dataset
+            (e.g. {"repo_id", "revision", "split"}); split_file: the sample split used, if any (its
+            sha256 is recorded when it exists); extra: anything else (device, batch size, ...).
+
+    Returns:
+        {"model", "datasets", "split_file", "split_file_sha256", "versions" (python and
+        `PROVENANCE_PACKAGES`, None if not installed), "git" ({"commit", "dirty"}),
+        "date_utc" (ISO 8601), "command" (sys.argv), "platform", "extra"}. No hostname.
+    """
+    versions = {"python": platform.python_version()}
+    versions.update({name: _version(dist) for name, dist in PROVENANCE_PACKAGES.items()})
+    return {
+        "model": dict(model),
+        "datasets": [dict(d) for d in datasets],
+        "split_file": None if split_file is None else str(split_file),
+        "split_file_sha256": None if split_file is None else _sha256(split_file),
+        "versions": versions,
+        "git": git_state(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(sys.argv),
+        "platform": platform.platform(),
+        "extra": dict(extra or {}),
+    }
+
+
+def _counts(metrics: Mapping, prefix: str = "") -> dict:
+    """Integer `n_*` entries of a (possibly nested) metrics dict, nested keys joined by '/'."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            out.update(_counts(v, f"{prefix}{k}/"))
+        elif str(k).split("/")[-1].startswith("n_") and isinstance(v, (int, np.integer)):
+            out[f"{prefix}{k}"] = int(v)
+    return out
+
+
+def results_document(benchmark: str, scorer: dict, metrics: dict, provenance: dict,
+                     skipped: list[dict]) -> dict:
+    """The results JSON of one (benchmark, scorer) run, in a fixed layout.
+
+    Returns {"benchmark", "scorer", "metrics", "skipped" (one dict per left-out item, each with a
+    "reason"), "counts" ({"n_skipped", "skipped_by_reason", plus every integer `n_*` of `metrics`,
+    nested keys joined by '/'}), "provenance"}.
+    """
+    bad = [s for s in skipped if "reason" not in s]
+    if bad:
+        raise ValueError(f"every skipped item needs a 'reason'; got {bad[:3]}")
+    by_reason: dict = {}
+    for s in skipped:
+        by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
+    return {
+        "benchmark": benchmark,
+        "scorer": dict(scorer),
+        "metrics": dict(metrics),
+        "skipped": [dict(s) for s in skipped],
+        "counts": {"n_skipped": len(skipped), "skipped_by_reason": by_reason, **_counts(metrics)},
+        "provenance": provenance,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown tables
+
+
+def _fmt(value, decimals: int) -> str:
+    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
+        return MISSING
+    return f"{float(value):.{decimals}f}"
+
+
+def table1_row(nearid: Mapping | None = None, mtg: Mapping | None = None,
+               dreambench: Mapping | None = None) -> dict:
+    """Table-1 keys from metric dicts: `nearid_scores`/`nearid_pooled_scores` (ssr, pa),
+    `mtg_scores` (mo, mo_pair, ssr, pa), `dreambench_mh` (mh_object). None -> keys left out."""
+    row = {}
+    if nearid is not None:
+        row.update({NEARID_SSR: nearid["ssr"], NEARID_PA: nearid["pa"]})
+    if mtg is not None:
+        row.update({MTG_MO: mtg["mo"], MTG_MO_PAIR: mtg["mo_pair"], MTG_SSR: mtg["ssr"],
+                    MTG_PA: mtg["pa"]})
+    if dreambench is not None:
+        row[DREAMBENCH_MH] = dreambench["mh_object"]
+    return row
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def table1_markdown(rows: Mapping[str, Mapping]) -> str:
+    """Table 1 as markdown: one row per scorer, columns `TABLE1_COLUMNS`.
+
+    rows: scorer name -> dict with any of the `TABLE1_COLUMNS` keys (see `table1_row`); a key that
+    is absent, None or NaN prints as an en dash. SSR/PA are percentages (2 decimals), MO/MH 3.
+    """
+    header = ["scorer"] + [h for h, _, _ in TABLE1_COLUMNS]
+    body = [[name] + [_fmt(m.get(k), d) for _, k, d in TABLE1_COLUMNS] for name, m in rows.items()]
+    return _markdown(header, body)
+
+
+def _pool(scores: Sequence[Mapping]) -> dict:
+    """Micro average of `nearid_scores` dicts: the same numbers as `nearid_pooled_scores`."""
+    tot = {k: sum(s[k] for s in scores) for k in ("n_samples", "n_scored", "n_all_win", "n_terms",
+                                                   "n_wins", "margin_count")}
+    margin_sum = sum(s["margin_mean"] * s["margin_count"] for s in scores if s["margin_count"])
+    return {"ssr": 100.0 * tot["n_all_win"] / tot["n_scored"] if tot["n_scored"] else float("nan"),
+            "pa": 100.0 * tot["n_wins"] / tot["n_terms"] if tot["n_terms"] else float("nan"),
+            "n_samples": tot["n_samples"], "n_terms": tot["n_terms"],
+            "margin_mean": margin_sum / tot["margin_count"] if tot["margin_count"] else float("nan")}
+
+
+def per_source_markdown(per_source: Mapping[str, Mapping]) -> str:
+    """NearID scores per distractor source as markdown.
+
+    per_source: source (lower-case dataset suffix, e.g. "flux_1024") -> `nearid_scores` dict.
+    Rows: the Table-1 sources in `NEARID_TABLE1_SOURCES` order, other sources by name, then (when
+    all 7 Table-1 sources are present) their pooled average, then FluxC sources ("fluxc*"), which
+    the paper reports separately. Columns: SSR, PA (%), samples, terms, mean margin.
+    """
+    fluxc = sorted(s for s in per_source if s.startswith("fluxc"))
+    main = [s for s in NEARID_TABLE1_SOURCES if s in per_source]
+    main += sorted(s for s in per_source if s not in main and s not in fluxc)
+
+    def line(name, s):
+        return [name, _fmt(s["ssr"], 2), _fmt(s["pa"], 2), str(s["n_samples"]), str(s["n_terms"]),
+                _fmt(s["margin_mean"], 4)]
+
+    body = [line(s, per_source[s]) for s in main]
+    if all(s in per_source for s in NEARID_TABLE1_SOURCES):
+        pooled = _pool([per_source[s] for s in NEARID_TABLE1_SOURCES])
+        body.append(line(f"**Table-1 average** (pooled, {len(NEARID_TABLE1_SOURCES)} sources)", pooled))
+    body += [line(f"{s} (reported separately)", per_source[s]) for s in fluxc]
+    return _markdown(["source", "SSR", "PA", "samples", "terms", "mean margin"], body)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _new_figure(width: float, height: float):
+    """A matplotlib Figure drawn by the Agg canvas: no pyplot, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path) -> Path:
+    with _atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def plot_margin_histograms(path, margins_by_source: Mapping[str, np.ndarray], bins: int = 40) -> Path:
+    """Histogram of NearID margins per source, one panel each, on a shared x range.
+
+    margins_by_source: source -> margins (any shape; NaN, i.e. absent terms, are dropped). A term
+    wins when its margin is > 0 (right of the dashed line); each title gives the winning share.
+    """
+    data = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in margins_by_source.items()}
+    data = {k: v[np.isfinite(v)] for k, v in data.items()}
+    if not data:
+        raise ValueError("plot_margin_histograms needs at least one source")
+    finite = np.concatenate(list(data.values()))
+    lo, hi = (min(finite.min(), 0.0), max(finite.max(), 0.0)) if finite.size else (-1.0, 1.0)
+    step = (hi - lo or 1.0) / bins
+    edges = step * np.arange(math.floor(lo / step) - 1, math.ceil(hi / step) + 2)  # 0 is an edge
+    ncols = min(4, len(data))
+    nrows = math.ceil(len(data) / ncols)
+    fig = _new_figure(3.6 * ncols, 2.9 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    for ax, (name, m) in zip(axes.flat, data.items()):
+        summary = f"{100 * (m > 0).mean():.1f}% of {m.size} terms win" if m.size else "no terms"
+        ax.hist(m[m > 0], bins=edges, color="tab:green", label="win (> 0)")
+        ax.hist(m[m <= 0], bins=edges, color="tab:red", label="loss (\u2264 0)")
+        ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{name}\n{summary}", fontsize=10)
+        ax.set_xlabel("margin = sim(views) \u2212 sim(view, distractor)", fontsize=8)
+        ax.set_ylabel("terms", fontsize=9)
+        ax.tick_params(labelsize=8, labelbottom=True)
+    for ax in list(axes.flat)[len(data):]:
+        ax.set_visible(False)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside upper right", fontsize=8)
+    fig.suptitle("NearID margins per distractor source", fontsize=12)
+    return _save_png(fig, path)
+
+
+def plot_ssr_pa(path, per_source: Mapping[str, Mapping]) -> Path:
+    """Grouped bars of SSR and PA (%) per source, each bar labelled with its value.
+
+    per_source: source -> dict with "ssr" and "pa" (e.g. `nearid_scores`); order is kept.
+    """
+    if not per_source:
+        raise ValueError("plot_ssr_pa needs at least one source")
+    names = list(per_source)
+    x = np.arange(len(names))
+    width = 0.38
+    fig = _new_figure(max(5.0, 1.1 * len(names) + 1.5), 4.2)
+    ax = fig.subplots()
+    for offset, key, label, color in ((-width / 2, "ssr", "SSR", "tab:blue"),
+                                      (width / 2, "pa", "PA", "tab:orange")):
+        values = [float(per_source[n][key]) for n in names]
+        bars = ax.bar(x + offset, values, width, label=label, color=color)
+        ax.bar_label(bars, labels=[_fmt(v, 1) for v in values], fontsize=7, padding=2)
+    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("%")
+    ax.set_title("NearID SSR and PA per distractor source")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_png(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model card
+
+
+def _front_matter(text: str, readme_path) -> tuple:
+    """(match of huggingface_hub's front matter regex, parsed dict); clear errors otherwise."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    match = REGEX_YAML_BLOCK.search(text)
+    if match is None:
+        raise ValueError(f"{readme_path} has no YAML front matter: expected the file to start with a "
+                         f"'---' line, metadata, and a closing '---' line; found {text[:60]!r}. Add "
+                         "front matter (at least 'library_name: transformers') and run again.")
+    try:
+        data = yaml.safe_load(match.group(2))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{readme_path}: the front matter is not valid YAML ({e}). Fix the YAML "
+                         "between the '---' lines and run again.") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{readme_path}: the front matter must be a YAML mapping (key: value), "
+                         f"found a {type(data).__name__}. Fix it and run again.")
+    return match, data or {}
+
+
+def _result_key(r) -> tuple:
+    return (r.task_type, r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type)
+
+
+def _eval_result(d: Mapping):
+    from huggingface_hub.repocard_data import EvalResult
+
+    d = dict(d)
+    value = d.get("metric_value")
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        raise ValueError(f"metric_value must be finite for the model card, got {value} in {d}")
+    if isinstance(value, np.generic):
+        d["metric_value"] = value.item()
+    try:
+        return EvalResult(**d)
+    except TypeError as e:
+        raise ValueError(f"bad model-card result {d}: {e}. Give task_type, dataset_type, "
+                         "dataset_name, metric_type, metric_value (and optionally dataset_split, "
+                         "metric_name, ...) as in huggingface_hub.EvalResult.") from None
+
+
+def _replace_model_index(yaml_text: str, block: str, nl: str) -> str:
+    """Swap the top-level `model-index:` entry of `yaml_text` for `block`, or append it.
+
+    The entry is its key line plus the following indented, sequence ('-') and blank lines; every
+    other line is kept as it was.
+    """
+    lines = yaml_text.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.startswith("model-index:")), None)
+    if start is None:
+        sep = "" if not lines or lines[-1].endswith(("\n", "\r")) else nl
+        return yaml_text + sep + block.rstrip("\r\n")
+    end = start + 1
+    while end < len(lines) and (lines[end][:1] in (" ", "\t", "-") or not lines[end].strip()):
+        end += 1
+    while end > start + 1 and not lines[end - 1].strip():  # blank lines before the next key stay
+        end -= 1
+    sep = nl if lines[end - 1].endswith(("\n", "\r")) else ""  # the last line has no newline
+    return "".join(lines[:start]) + block.rstrip("\r\n") + sep + "".join(lines[end:])
+
+
+def update_model_card(readme_path, model_name: str, results: Sequence[Mapping]) -> Path:
+    """Write evaluation results into the `model-index` of a README's YAML front matter.
+
+    Args:
+        readme_path: the model card (README.md) with YAML front matter.
+        model_name: the model-index `name`.
+        results: dicts of `huggingface_hub.EvalResult` fields, at least task_type, dataset_type,
+            dataset_name, metric_type, metric_value; usually also dataset_split and metric_name.
+
+    A result with the same (task_type, dataset_type, dataset_config, dataset_split, metric_type) as
+    an existing one replaces it in place; others are kept, new ones appended. Only the
+    `model-index` entry of the front matter is rewritten: other keys, comments and the whole
+    markdown body stay byte-identical. The file is replaced atomically. Raises ValueError when the
+    front matter is missing or invalid, or the existing model-index cannot be parsed.
+    """
+    import yaml
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+    from huggingface_hub.utils import yaml_dump
+
+    readme_path = Path(readme_path)
+    text = readme_path.read_bytes().decode("utf-8")
+    match, data = _front_matter(text, readme_path)
+    try:
+        card = ModelCard(text)
+    except ValueError as e:
+        raise ValueError(f"{readme_path}: the existing front matter cannot be read as a model card "
+                         f"({e}). Fix or remove its 'model-index' and run again.") from None
+    merged = list(card.data.eval_results or [])
+    index = {_result_key(r): i for i, r in enumerate(merged)}
+    for new in map(_eval_result, results):
+        if _result_key(new) in index:
+            merged[index[_result_key(new)]] = new
+        else:
+            index[_result_key(new)] = len(merged)
+            merged.append(new)
+    model_index = eval_results_to_model_index(model_name, merged)
+
+    nl = match.group(1)[len(match.group(1).rstrip("\r\n")):]
+    block = yaml_dump({"model-index": model_index}, sort_keys=False, line_break=nl)
+    new_yaml = _replace_model_index(match.group(2), block, nl)
+    if yaml.safe_load(new_yaml) != {**data, "model-index": model_index}:
+        raise ValueError(f"{readme_path}: could not replace the 'model-index' entry of the front matter "
+                         "in place (unusual layout?). Move 'model-index' to the end of the front matter "
+                         "in block style, or delete it, and run again.")
+    new_text = text[:match.start(2)] + new_yaml + text[match.end(2):]
+    atomic_write_bytes(readme_path, new_text.encode("utf-8"))
+    return readme_path
