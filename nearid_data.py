@@ -1,0 +1,424 @@
+"""Dataset readers shared by `evaluate.py` and `train.py` (SPEC sections 3 and 4).
+
+Everything that turns a dataset *source* into rows lives here, once:
+
+- `open_dataset(source, split, revision)` takes a Hub dataset id, a local `save_to_disk` folder
+  (Dataset or DatasetDict), a parquet file or a folder of parquet files, and returns the Dataset
+  plus a provenance dict for results files. `open_mtg` adds the MTG column check.
+- `view_columns` / `distractor_columns` find `img1..3` (dataset card) or `images1..3` (reference
+  code) and `nimg1..3`; `join_sources` pairs the positives with the distractor sources by row index
+  and refuses to pair when lengths or `id`s disagree. `open_benchmark` does all three.
+- `load_split_indices` / `select_rows` / `check_disjoint` read and apply split index files.
+- Images are read *encoded* (`image_refs`, `image_ref`): `{"bytes": ..., "path": ...}` or None for
+  a missing image (slots are never compacted). `content_hash` keys an embedding cache on the
+  encoded bytes without decoding; `decode_image` decodes on a cache miss and turns a corrupt image
+  into an `ImageReadError` that names where it came from.
+- `dreambench_methods` / `dreambench_pairs` read the DreamBench++ samples layout
+  `<root>/<method>/{src_image,tgt_image}/<relative path>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import datasets
+from PIL import Image
+
+from nearid_metrics import dreambench_key
+
+logger = logging.getLogger(__name__)
+
+MTG_COLUMNS = tuple(f"image_{v}_{kind}" for v in (1, 2)
+                    for kind in ("original", "inpainted", "object_mask", "part_mask"))
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# `name` or `owner/name`: what a Hub dataset id can look like. Anything else that does not exist
+# locally is reported as a missing path rather than sent to the Hub.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv")
+
+
+class ImageReadError(ValueError):
+    """An encoded image that PIL cannot open; the message names the dataset, row and column."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening datasets
+
+
+def open_dataset(source: str, split: str = "train", revision: str | None = None) -> tuple:
+    """Open `source` and return `(Dataset, provenance)`.
+
+    `source` is tried as a local path first:
+    - a `save_to_disk` folder of a Dataset (taken whole) or of a DatasetDict (`split` is picked);
+    - a `.parquet` file (taken whole; `split` is not applied and recorded as None);
+    - a folder of parquet files (splits inferred from file names as on the Hub, e.g.
+      `data/test-00000-of-00001.parquet`; files without a split name form `train`).
+    A source that does not exist locally and looks like a Hub id (`owner/name`) is loaded with
+    `datasets.load_dataset(source, split=split, revision=revision)`. `revision` applies to Hub ids
+    only.
+
+    Provenance (flat, stable keys): kind ("local" or "hub"), source (absolute path or Hub id),
+    format, split, revision (as requested), fingerprint (`Dataset._fingerprint`), num_rows.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if revision is not None:
+            logger.warning("revision %r ignored: %s is a local path", revision, path)
+        dataset, fmt, split = _open_local(path.resolve(), split)
+        kind, where = "local", str(path.resolve())
+    elif _looks_like_hub_id(source):
+        dataset, fmt, kind, where = _open_hub(source, split, revision), "hub", "hub", source
+    else:
+        raise FileNotFoundError(
+            f"dataset source {source!r} does not exist (looked for {path.resolve()}) and is not a Hub "
+            "dataset id. Give a save_to_disk folder, a parquet file or folder, or an id like "
+            "'Aleksandar/NearID'")
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {where} (split {split}) has no rows; check the source and split")
+    provenance = {"kind": kind, "source": where, "format": fmt, "split": split, "revision": revision,
+                  "fingerprint": dataset._fingerprint, "num_rows": len(dataset)}
+    return dataset, provenance
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(source)) and ".." not in source and not source.endswith(_FILE_SUFFIXES)
+
+
+def _open_hub(source: str, split: str, revision: str | None):
+    try:
+        return datasets.load_dataset(source, split=split, revision=revision)
+    except FileNotFoundError as error:  # includes datasets' DatasetNotFoundError
+        raise FileNotFoundError(
+            f"{source!r} is not a local path (nothing at {Path(source).resolve()}) and loading it from "
+            f"the Hub failed: {error}. Check the id and revision, or pass a local folder") from error
+
+
+def _open_local(path: Path, split: str) -> tuple:
+    """(Dataset, format, split actually applied) of an existing local path."""
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"unknown dataset format: {path} is a file but not .parquet. Give a parquet "
+                             "file, a folder of parquet files or a save_to_disk folder")
+        _check_parquet_rows([path])
+        return datasets.load_dataset("parquet", data_files=str(path), split="train"), "parquet", None
+    if (path / "state.json").exists() and not json.loads((path / "state.json").read_text()).get("_data_files"):
+        raise ValueError(f"dataset {path} has no rows (save_to_disk wrote no data files); check the source")
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded, fmt = datasets.load_from_disk(str(path)), "save_to_disk"
+        if isinstance(loaded, datasets.Dataset):
+            return loaded, fmt, None
+    elif any(path.rglob("*.parquet")):
+        _check_parquet_rows(sorted(path.rglob("*.parquet")))
+        loaded, fmt = datasets.load_dataset("parquet", data_dir=str(path)), "parquet"
+    else:
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise ValueError(f"unknown dataset format in folder {path}: no save_to_disk files (state.json, "
+                         f"dataset_dict.json) and no .parquet files; found {found}")
+    if split not in loaded:
+        raise ValueError(f"split {split!r} not in {path}; available splits: {sorted(loaded)}")
+    return loaded[split], fmt, split
+
+
+def _check_parquet_rows(files: Sequence[Path]) -> None:
+    """Raise a clear error for unreadable or row-less parquet files (datasets' own is cryptic)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for file in files:
+        try:
+            total += pq.ParquetFile(file).metadata.num_rows
+        except (OSError, ValueError) as error:  # ArrowInvalid is a ValueError
+            raise ValueError(f"{file} is not a readable parquet file ({error})") from error
+    if total == 0:
+        raise ValueError(f"dataset {files[0] if len(files) == 1 else files[0].parent} has no rows; "
+                         "check the source")
+
+
+def open_mtg(source: str, split: str = "test", revision: str | None = None) -> tuple:
+    """`open_dataset` for the MTG benchmark, checking the 8 `MTG_COLUMNS` are there."""
+    dataset, provenance = open_dataset(source, split, revision)
+    require_columns(dataset, MTG_COLUMNS, f"MTG dataset {provenance['source']}")
+    return dataset, provenance
+
+
+def require_columns(dataset, columns: Sequence[str], what: str) -> None:
+    """Raise ValueError listing the `columns` missing from `dataset` (and the ones it has)."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what} lacks columns {missing}; it has {dataset.column_names}")
+
+
+# --------------------------------------------------------------------------------------------------
+# NearID positives and distractor sources
+
+
+def _numbered_columns(dataset, prefixes: Sequence[str], count: int, what: str) -> tuple:
+    names = dataset.column_names
+    complete = [p for p in prefixes if all(f"{p}{k}" in names for k in range(1, count + 1))]
+    expected = " or ".join(f"{p}1..{p}{count}" for p in prefixes)
+    if len(complete) != 1:
+        problem = "none of" if not complete else "more than one of"
+        raise ValueError(f"{what}: found {problem} the column namings {expected}; the dataset has "
+                         f"columns {names}")
+    return tuple(f"{complete[0]}{k}" for k in range(1, count + 1))
+
+
+def view_columns(dataset, prefixes: Sequence[str] = ("img", "images"), count: int = 3) -> tuple:
+    """Names of the positives' view columns: `img1..3` (dataset card) or `images1..3` (reference).
+
+    Logs which naming was found; raises ValueError listing the dataset's columns if neither (or
+    both) is complete.
+    """
+    found = _numbered_columns(dataset, prefixes, count, "positives view columns")
+    naming = {"img": "dataset-card naming", "images": "reference-code naming"}.get(found[0][:-1], "naming")
+    logger.info("positives view columns: %s (%s %r)", ", ".join(found), naming, found[0][:-1])
+    return found
+
+
+def distractor_columns(dataset, prefix: str = "nimg", count: int = 3) -> tuple:
+    """Names of a distractor source's columns `nimg1..3`; ValueError listing the columns if absent."""
+    return _numbered_columns(dataset, (prefix,), count, "distractor columns")
+
+
+def _ids(dataset, what: str) -> list:
+    if "id" not in dataset.column_names:
+        raise ValueError(f"{what} has no 'id' column to join on; it has {dataset.column_names}")
+    return list(dataset.select_columns(["id"])["id"])  # no image column is read
+
+
+@dataclass(frozen=True)
+class NearIDBenchmark:
+    """Positives and distractor sources aligned by row index (same `id` in every row)."""
+
+    positives: datasets.Dataset
+    sources: dict
+    view_columns: tuple
+    distractor_columns: dict
+
+    def __len__(self) -> int:
+        return len(self.positives)
+
+    def select(self, indices: Sequence[int]) -> "NearIDBenchmark":
+        """The same rows of the positives and of every source (alignment is kept)."""
+        return NearIDBenchmark(select_rows(self.positives, indices),
+                               {n: select_rows(d, indices) for n, d in self.sources.items()},
+                               self.view_columns, self.distractor_columns)
+
+
+def join_sources(positives, sources: Mapping[str, datasets.Dataset]) -> NearIDBenchmark:
+    """Pair `positives` with each distractor source by row index, after checking they agree.
+
+    Raises ValueError when a source has another length (naming both lengths) or when the `id`
+    columns differ (naming the first mismatching row and both ids).
+    """
+    if not sources:
+        raise ValueError("no distractor sources given; the NearID benchmark needs at least one")
+    views = view_columns(positives)
+    ids = _ids(positives, "positives")
+    distractors = {}
+    for name, source in sources.items():
+        if len(source) != len(ids):
+            raise ValueError(f"distractor source {name!r} has {len(source)} rows but positives have "
+                             f"{len(ids)}; rows join by index, so both must be the same dataset revision")
+        source_ids = _ids(source, f"distractor source {name!r}")
+        bad = next((i for i, (a, b) in enumerate(zip(ids, source_ids)) if a != b), None)
+        if bad is not None:
+            raise ValueError(f"distractor source {name!r} does not match the positives at row {bad}: "
+                             f"id {source_ids[bad]!r} vs positives id {ids[bad]!r}; refusing to pair "
+                             "them by row index")
+        distractors[name] = distractor_columns(source)
+    return NearIDBenchmark(positives, dict(sources), views, distractors)
+
+
+def open_benchmark(positives: str, sources: Mapping[str, str], split: str = "train",
+                   revisions: Mapping[str, str] | None = None) -> tuple:
+    """Open and join the positives and `{name: source}` distractor sources.
+
+    `revisions` maps "positives" or a source name to a Hub revision. Returns
+    `(NearIDBenchmark, {"positives": provenance, name: provenance, ...})`.
+    """
+    revisions = revisions or {}
+    pos, provenance = open_dataset(positives, split, revisions.get("positives"))
+    opened, provenances = {}, {"positives": provenance}
+    for name, source in sources.items():
+        opened[name], provenances[name] = open_dataset(source, split, revisions.get(name))
+    return join_sources(pos, opened), provenances
+
+
+# --------------------------------------------------------------------------------------------------
+# Split index files
+
+
+def load_split_indices(path, num_rows: int | None = None) -> list:
+    """Row indices from a JSON split file, in file order.
+
+    The file holds a JSON list of ints, or an object `{"indices": [...]}` (room for metadata next to
+    the list). Indices must be non-negative, unique, `< num_rows` when given, and at least one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist; expected a JSON list of row indices")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"split file {path} is not valid JSON ({error}); expected a list of row indices") from error
+    if isinstance(data, dict) and "indices" in data:
+        data = data["indices"]
+    if not isinstance(data, list):
+        raise ValueError(f"split file {path} holds a {type(data).__name__}; expected a JSON list of row "
+                         "indices or an object {\"indices\": [...]}")
+    return check_indices(data, num_rows, f"split file {path}")
+
+
+def check_indices(indices: Sequence, num_rows: int | None, what: str = "indices") -> list:
+    """Validate row indices (ints, >= 0, unique, < num_rows, non-empty); returns them as a list."""
+    indices = list(indices)
+    if not indices:
+        raise ValueError(f"{what} is empty; a split needs at least one row")
+    bad = next((i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0), None)
+    if bad is not None:
+        raise ValueError(f"{what}: row indices must be non-negative integers, found {bad!r}")
+    if num_rows is not None and max(indices) >= num_rows:
+        raise ValueError(f"{what}: row index {max(indices)} is out of range for a dataset of {num_rows} "
+                         "rows; was the split made for another dataset or revision?")
+    if len(set(indices)) != len(indices):
+        seen = set()
+        duplicate = next(i for i in indices if i in seen or seen.add(i))
+        raise ValueError(f"{what}: row index {duplicate} appears more than once")
+    return indices
+
+
+def select_rows(dataset, indices: Sequence[int]):
+    """`dataset.select(indices)` after `check_indices` against its length."""
+    return dataset.select(check_indices(indices, len(dataset)))
+
+
+def check_disjoint(splits: Mapping[str, Sequence[int]]) -> None:
+    """Raise ValueError naming two splits and a shared row if any two splits overlap."""
+    names = list(splits)
+    for a, first in enumerate(names):
+        for second in names[a + 1:]:
+            shared = sorted(set(splits[first]) & set(splits[second]))
+            if shared:
+                raise ValueError(f"splits {first!r} and {second!r} share {len(shared)} rows (first: "
+                                 f"{shared[0]}); split files must be disjoint")
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoded images, hashing, decoding
+
+
+def undecoded(dataset, columns: Sequence[str] | None = None):
+    """`dataset` with image decoding off for `columns` (default: every Image column).
+
+    Cast once before a loop; `image_refs` on the result then reads bytes without any cast.
+    """
+    columns = columns or [c for c, f in dataset.features.items() if isinstance(f, datasets.Image)]
+    for column in columns:
+        if not isinstance(dataset.features.get(column), datasets.Image):
+            raise ValueError(f"column {column!r} is not an image column; image columns: "
+                             f"{[c for c, f in dataset.features.items() if isinstance(f, datasets.Image)]}")
+        if dataset.features[column].decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def image_refs(dataset, column: str, rows: Sequence[int]) -> list:
+    """Encoded images `{"bytes": bytes | None, "path": str | None}` of `rows`, None where missing.
+
+    Nothing is decoded; other columns are not read.
+    """
+    sub = undecoded(dataset.select_columns([column]), [column])
+    return [None if ref is None else {"bytes": ref.get("bytes"), "path": ref.get("path")}
+            for ref in sub[list(rows)][column]]
+
+
+def image_ref(dataset, column: str, row: int):
+    """The encoded image at (`row`, `column`) as in `image_refs`, or None if it is missing."""
+    return image_refs(dataset, column, [row])[0]
+
+
+def _encoded_bytes(ref: dict, where: str) -> bytes:
+    if ref.get("bytes") is not None:
+        return ref["bytes"]
+    if not ref.get("path"):
+        raise ImageReadError(f"image at {where} has neither bytes nor a path")
+    try:
+        return Path(ref["path"]).read_bytes()
+    except OSError as error:
+        raise ImageReadError(f"cannot read image file {ref['path']} at {where}: {error}") from error
+
+
+def content_hash(ref: dict, where: str = "image") -> str:
+    """sha256 hex digest of the encoded image (the file is read when only a path is given)."""
+    if ref is None:
+        raise ValueError(f"{where} is missing (None) and has no content to hash")
+    return hashlib.sha256(_encoded_bytes(ref, where)).hexdigest()
+
+
+def decode_image(ref: dict | None, where: str):
+    """Decode an encoded image with PIL; None (a missing image) stays None.
+
+    `where` names the image for errors, e.g. "positives row 12 column img2". Raises ImageReadError
+    when the bytes or file cannot be decoded.
+    """
+    if ref is None:
+        return None
+    data = _encoded_bytes(ref, where)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # PIL decodes lazily; force it here so corruption surfaces with `where`
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot decode image at {where} ({len(data)} bytes): {error}. The data "
+                             "is corrupt or not an image; fix or drop that row") from error
+    return image
+
+
+# --------------------------------------------------------------------------------------------------
+# DreamBench++ samples layout
+
+
+def dreambench_methods(samples_root) -> list:
+    """Sorted method folders under `samples_root` that hold a `tgt_image` folder."""
+    root = Path(samples_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"DreamBench++ samples folder {root} does not exist; expected "
+                                "<root>/<method>/{src_image,tgt_image}/...")
+    methods = sorted(p.name for p in root.iterdir() if (p / "tgt_image").is_dir())
+    if not methods:
+        raise FileNotFoundError(f"no method folder with a tgt_image folder under {root}; found "
+                                f"{sorted(p.name for p in root.iterdir())[:10]}")
+    return methods
+
+
+def dreambench_pairs(samples_root, method: str) -> list:
+    """`[(key, reference path, generated path)]` of every generated image of `method`, sorted by key.
+
+    Each `<root>/<method>/tgt_image/<rel>` pairs with `<root>/<method>/src_image/<rel>`; the key is
+    `nearid_metrics.dreambench_key(<rel>)`.
+    """
+    base = Path(samples_root) / method
+    tgt_root, src_root = base / "tgt_image", base / "src_image"
+    if not tgt_root.is_dir():
+        raise FileNotFoundError(f"no generated images folder {tgt_root}; methods with one: "
+                                f"{dreambench_methods(samples_root)}")
+    pairs = {}
+    for tgt in sorted(p for p in tgt_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        rel = tgt.relative_to(tgt_root).as_posix()
+        src = src_root / rel
+        if not src.is_file():
+            raise FileNotFoundError(f"generated image {tgt} has no reference image at {src}")
+        key = dreambench_key(rel)
+        if key in pairs:
+            raise ValueError(f"{tgt} and {pairs[key][2]} have the same key {key!r}; keep one of them")
+        pairs[key] = (key, src, tgt)
+    if not pairs:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {tgt_root}")
+    return sorted(pairs.values())

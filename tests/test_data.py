@@ -1,0 +1,370 @@
+"""Tests of nearid_data: opening local and Hub sources, view/distractor columns, the by-index join,
+split files, encoded images (hashing without decoding, clear decode errors), MTG and DreamBench++."""
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict, Features, Image as HFImage, Value, load_from_disk
+from PIL import Image
+
+import nearid_data as nd
+import nearid_synthetic as syn
+from nearid_metrics import dreambench_key
+
+SMALL = ["--num-identities", "6", "--image-size", "32", "--mtg-train", "2", "--mtg-test", "3",
+         "--dreambench-subjects", "2", "--dreambench-prompts", "2", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    syn.main(["--output-dir", str(out), *SMALL])
+    return out
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Parquet loads write an Arrow cache; keep it out of the user's cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_cache")
+
+
+@pytest.fixture(scope="module")
+def positives(root):
+    return load_from_disk(str(root / "positives"))
+
+
+@pytest.fixture(scope="module")
+def sources(root):
+    return {name: load_from_disk(str(root / name)) for name in ("flux", "sdxl")}
+
+
+def png_bytes(colour, size=8):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_dataset(cells, column="img1", ids=None):
+    """A tiny Dataset with one Image column holding raw encoded `cells` (bytes or None)."""
+    ids = ids or [f"r{i}" for i in range(len(cells))]
+    features = Features({"id": Value("string"), column: HFImage()})
+    return Dataset.from_dict({"id": ids, column: [None if c is None else {"bytes": c, "path": None} for c in cells]},
+                             features=features)
+
+
+def ids(dataset):
+    return list(dataset.select_columns(["id"])["id"])
+
+
+# --------------------------------------------------------------------------------------------------
+# open_dataset: local formats
+
+
+def test_open_save_to_disk_dataset(root, positives):
+    dataset, prov = nd.open_dataset(str(root / "positives"))
+    assert ids(dataset) == ids(positives)
+    assert prov == {"kind": "local", "source": str((root / "positives").resolve()), "format": "save_to_disk",
+                    "split": None, "revision": None, "fingerprint": dataset._fingerprint, "num_rows": 6}
+
+
+def test_open_dataset_dict_picks_split_and_names_available(root):
+    test, prov = nd.open_dataset(str(root / "mtg"), split="test")
+    train, _ = nd.open_dataset(str(root / "mtg"), split="train")
+    assert (len(test), len(train), prov["split"]) == (3, 2, "test")
+    with pytest.raises(ValueError, match=r"'validation'.*available splits: \['test', 'train'\]"):
+        nd.open_dataset(str(root / "mtg"), split="validation")
+
+
+def test_open_parquet_file_and_folders(positives, tmp_path):
+    positives.to_parquet(str(tmp_path / "one.parquet"))
+    dataset, prov = nd.open_dataset(str(tmp_path / "one.parquet"))
+    assert ids(dataset) == ids(positives) and prov["format"] == "parquet" and prov["split"] is None
+    assert isinstance(dataset.features["img1"], HFImage)  # features survive the parquet round trip
+    (tmp_path / "flat").mkdir()
+    positives.select(range(3)).to_parquet(str(tmp_path / "flat" / "a.parquet"))
+    positives.select(range(3, 6)).to_parquet(str(tmp_path / "flat" / "b.parquet"))
+    dataset, _ = nd.open_dataset(str(tmp_path / "flat"))
+    assert sorted(ids(dataset)) == sorted(ids(positives))
+    (tmp_path / "hub" / "data").mkdir(parents=True)  # a local clone of a Hub dataset repo
+    positives.select(range(4)).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    positives.select([4, 5]).to_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"))
+    dataset, prov = nd.open_dataset(str(tmp_path / "hub"), split="test")
+    assert ids(dataset) == ids(positives)[4:] and prov["split"] == "test"
+    with pytest.raises(ValueError, match=r"available splits: \['test', 'train'\]"):
+        nd.open_dataset(str(tmp_path / "hub"), split="val")
+
+
+def test_open_dataset_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*save_to_disk folder"):
+        nd.open_dataset(str(tmp_path / "missing" / "positives"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="unknown dataset format.*notes.txt.*not .parquet"):
+        nd.open_dataset(str(tmp_path / "notes.txt"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "image.png").write_bytes(png_bytes("red"))
+    with pytest.raises(ValueError, match=r"unknown dataset format in folder.*\['image.png'\]"):
+        nd.open_dataset(str(tmp_path / "folder"))
+    image_dataset([]).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="has no rows"):
+        nd.open_dataset(str(tmp_path / "empty"))
+    image_dataset([]).to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(ValueError, match="has no rows"):
+        nd.open_dataset(str(tmp_path / "empty.parquet"))
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="fake.parquet is not a readable parquet file"):
+        nd.open_dataset(str(tmp_path / "fake.parquet"))
+
+
+# --------------------------------------------------------------------------------------------------
+# open_dataset: Hub ids (datasets.load_dataset is replaced at the datasets boundary)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return Dataset.from_dict({"id": ["a", "b"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_id_goes_to_load_dataset(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing named like the id exists here
+    dataset, prov = nd.open_dataset("someone/nearid-missing", split="test", revision="abc123")
+    assert fake_hub == [(("someone/nearid-missing",), {"split": "test", "revision": "abc123"})]
+    assert ids(dataset) == ["a", "b"]
+    assert prov == {"kind": "hub", "source": "someone/nearid-missing", "format": "hub", "split": "test",
+                    "revision": "abc123", "fingerprint": dataset._fingerprint, "num_rows": 2}
+
+
+def test_local_paths_never_go_to_the_hub(fake_hub, tmp_path, monkeypatch, positives):
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "nope"), "./nope", "some/deep/nope", "nope.parquet"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            nd.open_dataset(path)
+    positives.save_to_disk(str(tmp_path / "someone" / "nearid"))  # an existing folder wins over the Hub
+    _, prov = nd.open_dataset("someone/nearid")
+    assert prov["kind"] == "local" and fake_hub == []
+
+
+def test_hub_not_found_says_neither_local_nor_hub(monkeypatch, tmp_path):
+    def load_dataset(*args, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'someone/x' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a local path.*doesn't exist on the Hub"):
+        nd.open_dataset("someone/x")
+
+
+# --------------------------------------------------------------------------------------------------
+# Columns and the join
+
+
+def test_view_columns_accepts_both_namings_and_says_which(positives, caplog):
+    with caplog.at_level(logging.INFO, logger="nearid_data"):
+        assert nd.view_columns(positives) == ("img1", "img2", "img3")
+        renamed = positives.rename_columns({f"img{k}": f"images{k}" for k in (1, 2, 3)})
+        assert nd.view_columns(renamed) == ("images1", "images2", "images3")
+    assert "dataset-card naming 'img'" in caplog.text and "reference-code naming 'images'" in caplog.text
+
+
+def test_view_columns_errors_list_the_columns(positives):
+    with pytest.raises(ValueError, match=r"none of.*img1\.\.img3 or images1\.\.images3.*'category'"):
+        nd.view_columns(positives.remove_columns(["img3"]))
+    both = positives.add_column("images1", [None] * 6).add_column("images2", [None] * 6)
+    with pytest.raises(ValueError, match="more than one of"):
+        nd.view_columns(both.add_column("images3", [None] * 6))
+
+
+def test_distractor_columns(sources, positives):
+    assert nd.distractor_columns(sources["flux"]) == ("nimg1", "nimg2", "nimg3")
+    with pytest.raises(ValueError, match=r"nimg1\.\.nimg3.*'img1'"):
+        nd.distractor_columns(positives)
+
+
+def test_join_sources_and_select_keep_alignment(positives, sources):
+    bench = nd.join_sources(positives, sources)
+    assert len(bench) == 6 and bench.view_columns == ("img1", "img2", "img3")
+    assert bench.distractor_columns == {"flux": ("nimg1", "nimg2", "nimg3"), "sdxl": ("nimg1", "nimg2", "nimg3")}
+    picked = bench.select([4, 1])
+    assert ids(picked.positives) == ids(picked.sources["flux"]) == ids(picked.sources["sdxl"])
+    assert ids(picked.positives) == [ids(positives)[4], ids(positives)[1]]
+
+
+def test_join_refuses_id_mismatch_naming_first_bad_row(positives, sources):
+    shuffled = sources["sdxl"].select([0, 1, 3, 2, 5, 4])
+    all_ids = ids(positives)
+    with pytest.raises(ValueError, match=rf"'sdxl'.*row 2: id '{all_ids[3]}' vs positives id '{all_ids[2]}'"):
+        nd.join_sources(positives, {"flux": sources["flux"], "sdxl": shuffled})
+
+
+def test_join_refuses_length_mismatch(positives, sources):
+    with pytest.raises(ValueError, match="'flux' has 5 rows but positives have 6"):
+        nd.join_sources(positives, {"flux": sources["flux"].select(range(5))})
+    with pytest.raises(ValueError, match="at least one"):
+        nd.join_sources(positives, {})
+    with pytest.raises(ValueError, match="no 'id' column"):
+        nd.join_sources(positives, {"flux": sources["flux"].remove_columns(["id"])})
+
+
+def test_join_reads_ids_without_decoding_images(positives, sources):
+    corrupt = image_dataset([b"not an image"] * 6, column="nimg1", ids=ids(positives))
+    corrupt = corrupt.add_column("nimg2", [None] * 6).add_column("nimg3", [None] * 6)
+    assert nd.join_sources(positives, {"broken": corrupt}).distractor_columns["broken"][0] == "nimg1"
+
+
+def test_open_benchmark(root):
+    bench, prov = nd.open_benchmark(str(root / "positives"), {"flux": str(root / "flux")})
+    assert set(prov) == {"positives", "flux"} and prov["flux"]["num_rows"] == len(bench) == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# Split files
+
+
+def test_split_files_of_the_synthetic_build(root, positives):
+    splits = {name: nd.load_split_indices(root / "splits" / f"{name}.json", num_rows=6)
+              for name in ("train", "val", "test")}
+    assert sorted(sum(splits.values(), [])) == list(range(6))
+    nd.check_disjoint(splits)
+    assert ids(nd.select_rows(positives, splits["test"])) == [ids(positives)[i] for i in splits["test"]]
+
+
+def test_split_file_object_form_and_overlap(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({"indices": [3, 0], "note": "kept order"}))
+    assert nd.load_split_indices(tmp_path / "s.json", num_rows=4) == [3, 0]
+    with pytest.raises(ValueError, match="'train' and 'test' share 1 rows.*first: 3"):
+        nd.check_disjoint({"train": [0, 3], "test": [3, 5]})
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2, 1]", "row index 1 appears more than once"),
+    ("[0, 6]", "row index 6 is out of range for a dataset of 6 rows"),
+    ("[]", "is empty"),
+    ('{"rows": [1]}', "holds a dict; expected a JSON list"),
+    ('"0,1"', "holds a str"),
+    ("[0, -1]", "non-negative integers, found -1"),
+    ("[0, 1.0]", "non-negative integers, found 1.0"),
+    ("[true]", "non-negative integers, found True"),
+    ("[0, 1", "not valid JSON"),
+])
+def test_split_file_validation(tmp_path, content, message):
+    (tmp_path / "split.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        nd.load_split_indices(tmp_path / "split.json", num_rows=6)
+
+
+def test_split_file_missing_and_select_rows_range(tmp_path, positives):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        nd.load_split_indices(tmp_path / "none.json")
+    with pytest.raises(ValueError, match="out of range"):
+        nd.select_rows(positives, [0, 6])
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoded images
+
+
+def test_image_refs_are_encoded_and_missing_stays_none(positives):
+    two_view = [i for i, n in enumerate(positives["n_images"]) if n == 2]
+    three_view = [i for i, n in enumerate(positives["n_images"]) if n == 3]
+    assert two_view and three_view
+    refs = nd.image_refs(positives, "img3", [three_view[0], two_view[0], three_view[-1]])
+    assert refs[1] is None and isinstance(refs[0]["bytes"], bytes) and set(refs[0]) == {"bytes", "path"}
+    decoded = nd.decode_image(refs[0], f"positives row {three_view[0]} column img3")
+    expected = positives.select_columns(["img3"])[three_view[0]]["img3"]
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+    assert nd.decode_image(nd.image_ref(positives, "img3", two_view[0]), "x") is None
+
+
+def test_undecoded_turns_off_decoding(positives):
+    raw = nd.undecoded(positives)
+    assert [raw.features[f"img{k}"].decode for k in (1, 2, 3)] == [False] * 3
+    assert positives.features["img1"].decode  # the input is left alone
+    with pytest.raises(ValueError, match="'id' is not an image column"):
+        nd.undecoded(positives, ["id"])
+
+
+def test_content_hash_stable_distinct_and_path_equals_bytes(positives, tmp_path):
+    refs = nd.image_refs(positives, "img1", [0, 1])
+    assert nd.content_hash(refs[0]) == nd.content_hash(nd.image_ref(positives, "img1", 0))
+    assert nd.content_hash(refs[0]) != nd.content_hash(refs[1])
+    assert nd.content_hash(refs[0]) == hashlib.sha256(refs[0]["bytes"]).hexdigest()
+    (tmp_path / "a.png").write_bytes(refs[0]["bytes"])
+    by_path = {"bytes": None, "path": str(tmp_path / "a.png")}
+    assert nd.content_hash(by_path) == nd.content_hash(refs[0])
+    assert np.array_equal(np.asarray(nd.decode_image(by_path, "file")), np.asarray(nd.decode_image(refs[0], "b")))
+    with pytest.raises(ValueError, match="row 3 column img2 is missing"):
+        nd.content_hash(None, "positives row 3 column img2")
+
+
+def test_corrupt_images_hash_but_fail_to_decode_with_location(tmp_path):
+    good = png_bytes("blue")
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noisy, "PNG")
+    truncated = noisy.getvalue()[:-2000]
+    Image.open(io.BytesIO(truncated))  # the header still parses: only decoding the pixels fails
+    broken = image_dataset([good, b"garbage bytes", truncated])
+    refs = nd.image_refs(broken, "img1", [0, 1, 2])  # reading and hashing never decode
+    assert nd.content_hash(refs[1]) == hashlib.sha256(b"garbage bytes").hexdigest()
+    assert nd.decode_image(refs[0], "r0").size == (8, 8)
+    for row in (1, 2):  # unidentifiable, and a truncated PNG that only fails on load()
+        with pytest.raises(nd.ImageReadError, match=f"positives row {row} column img1"):
+            nd.decode_image(refs[row], f"positives row {row} column img1")
+    with pytest.raises(nd.ImageReadError, match="cannot read image file.*flux row 0 column nimg1"):
+        nd.decode_image({"bytes": None, "path": str(tmp_path / "gone.png")}, "flux row 0 column nimg1")
+
+
+# --------------------------------------------------------------------------------------------------
+# MTG and DreamBench++
+
+
+def test_open_mtg_checks_columns(root, tmp_path):
+    assert set(nd.MTG_COLUMNS) == set(syn.MTG_COLUMNS) and len(nd.MTG_COLUMNS) == 8
+    dataset, prov = nd.open_mtg(str(root / "mtg"))
+    assert len(dataset) == 3 and prov["split"] == "test"
+    mtg = load_from_disk(str(root / "mtg"))
+    DatasetDict({"test": mtg["test"].remove_columns(["image_2_part_mask", "image_1_inpainted"])}).save_to_disk(
+        str(tmp_path / "partial"))
+    with pytest.raises(ValueError, match=r"lacks columns \['image_1_inpainted', 'image_2_part_mask'\]"):
+        nd.open_mtg(str(tmp_path / "partial"))
+
+
+def test_dreambench_pairs_match_the_rating_keys(root):
+    samples = root / "dreambench" / "samples"
+    assert nd.dreambench_methods(samples) == ["blip_diffusion", "dreambooth_sd"]
+    pairs = nd.dreambench_pairs(samples, "blip_diffusion")
+    oracle = json.loads((root / "dreambench" / "ratings" / "data_synthetic_oracle_rating" / "blip_diffusion.json")
+                        .read_text())
+    assert [key for key, _, _ in pairs] == sorted(oracle)
+    for key, src, tgt in pairs:
+        rel = tgt.relative_to(samples / "blip_diffusion" / "tgt_image").as_posix()
+        assert src == samples / "blip_diffusion" / "src_image" / rel and key == dreambench_key(rel)
+
+
+def test_dreambench_errors(root, tmp_path):
+    samples = tmp_path / "samples"
+    shutil.copytree(root / "dreambench" / "samples", samples)
+    _, src, tgt = nd.dreambench_pairs(samples, "dreambooth_sd")[1]
+    src.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{tgt}.*no reference image at {src}"):
+        nd.dreambench_pairs(samples, "dreambooth_sd")
+    with pytest.raises(FileNotFoundError, match=r"methods with one: \['blip_diffusion', 'dreambooth_sd'\]"):
+        nd.dreambench_pairs(samples, "unknown_method")
+    _, src, tgt = nd.dreambench_pairs(samples, "blip_diffusion")[0]
+    shutil.copy(tgt, tgt.with_suffix(".jpg"))
+    shutil.copy(src, src.with_suffix(".jpg"))
+    with pytest.raises(ValueError, match="same key"):
+        nd.dreambench_pairs(samples, "blip_diffusion")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        nd.dreambench_methods(tmp_path / "nowhere")
