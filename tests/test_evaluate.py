@@ -1,0 +1,99 @@
+"""evaluate.py end to end on the synthetic benchmark and on the published DreamBench++ score files."""
+
+import csv
+import json
+
+import pytest
+from conftest import REPO_ROOT, make_tiny_nearid, make_tiny_processor
+
+import evaluate
+import nearid_synthetic
+from nearid_hub import export_hub_folder
+
+RATINGS = REPO_ROOT / "tests" / "data" / "dreambench_plus"
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    nearid_synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory):
+    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), tmp_path_factory.mktemp("model") / "repo")
+
+
+def nearid_args(synthetic, tiny_repo, out, cache):
+    return ["nearid", "--model", str(tiny_repo), "--positives", str(synthetic / "positives"),
+            "--source", f"flux={synthetic / 'flux'}", "--source", f"sdxl={synthetic / 'sdxl'}",
+            "--output-dir", str(out), "--cache-dir", str(cache), "--batch-size", "7"]
+
+
+def test_nearid_end_to_end_and_rerun_without_forwards(synthetic, tiny_repo, tmp_path):
+    first = evaluate.main(nearid_args(synthetic, tiny_repo, tmp_path / "a", tmp_path / "cache"))
+    assert first["embedding"]["forward_passes"] > 0
+    assert first["embedding"]["images_embedded"] == first["embedding"]["unique_images"]
+    second = evaluate.main(nearid_args(synthetic, tiny_repo, tmp_path / "b", tmp_path / "cache"))
+    assert second["embedding"]["forward_passes"] == 0 and second["embedding"]["images_embedded"] == 0
+    assert second["per_source"] == first["per_source"]
+
+    out = tmp_path / "b"
+    assert {p.name for p in out.iterdir()} == {"nearid_results.json", "nearid_table.md", "nearid_per_sample.csv",
+                                              "nearid_margins.png", "nearid_ssr_pa.png"}
+    document = json.loads((out / "nearid_results.json").read_text())
+    assert document["provenance"]["extra"]["embedding"]["forward_passes"] == 0
+    assert document["provenance"]["model"]["kind"] == "nearid"
+    with open(out / "nearid_per_sample.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["source"] == "flux"]
+    flux = document["metrics"]["per_source"]["flux"]
+    assert sum(int(r["n_terms"]) for r in rows) == flux["n_terms"]
+    assert sum(int(r["n_wins"]) for r in rows) == flux["n_wins"]
+    assert len(rows) == 10 and flux["n_samples"] == 10
+
+
+def test_nearid_split_file_selects_rows(synthetic, tiny_repo, tmp_path):
+    args = nearid_args(synthetic, tiny_repo, tmp_path / "out", tmp_path / "cache")
+    result = evaluate.main(args + ["--split-file", str(synthetic / "splits" / "train.json")])
+    expected = len(json.loads((synthetic / "splits" / "train.json").read_text()))
+    assert result["per_source"]["flux"]["n_samples"] == expected
+
+
+def test_nearid_mismatched_source_fails_and_writes_nothing(synthetic, tiny_repo, tmp_path):
+    from datasets import load_from_disk
+
+    shuffled = load_from_disk(str(synthetic / "flux")).select(list(range(9, -1, -1)))
+    shuffled.save_to_disk(str(tmp_path / "shuffled"))
+    args = nearid_args(synthetic, tiny_repo, tmp_path / "out", tmp_path / "cache")
+    args[args.index(f"flux={synthetic / 'flux'}")] = f"flux={tmp_path / 'shuffled'}"
+    with pytest.raises(ValueError, match="row 0"):
+        evaluate.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dreambench_mh_from_published_score_files(tmp_path):
+    result = evaluate.main(["dreambench", "--ratings", str(RATINGS), "--scores-from", "data_nearid_rating",
+                            "--output-dir", str(tmp_path)])
+    assert round(result["mh_object"], 3) == 0.545
+    assert "| score files data_nearid_rating |" in (tmp_path / "dreambench_table.md").read_text()
+
+
+def test_dreambench_from_images_writes_published_score_format(synthetic, tiny_repo, tmp_path):
+    samples, ratings = synthetic / "dreambench" / "samples", synthetic / "dreambench" / "ratings"
+    evaluate.main(["dreambench", "--ratings", str(ratings), "--samples", str(samples), "--model", str(tiny_repo),
+                   "--output-dir", str(tmp_path), "--cache-dir", ""])
+    methods = sorted(p.name for p in samples.iterdir())
+    for method in methods:
+        scores = json.loads((tmp_path / "dreambench_scores" / f"{method}.json").read_text())
+        human = json.loads((ratings / "data_human_rating" / "merged_data" / "group1" / f"{method}-cp.json").read_text())
+        assert {k.rsplit("_", 1)[0] for k in scores} == set(human)
+        assert all(-100.0 <= v <= 100.0 for v in scores.values())
+    document = json.loads((tmp_path / "dreambench_results.json").read_text())
+    assert document["scorer"]["embedding"]["forward_passes"] > 0
+
+
+def test_bad_source_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["nearid", "--model", "m", "--positives", "p", "--source", "flux"])
+    assert "NAME=SOURCE" in capsys.readouterr().err
