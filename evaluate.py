@@ -102,7 +102,10 @@ def run_nearid(args, state):
     cache, skipped = embed_table(scorer, table, args, state)
     if not state.is_main_process:
         return None
-    dim = len(next(iter(cache.get(k) for k in table.items if k in cache)))
+    embedded = [k for k in table.items if k in cache]
+    if not embedded:
+        raise ValueError(f"None of the {len(table.items)} images could be embedded; see the skipped list: {skipped[:3]}")
+    dim = len(cache.get(embedded[0]))
     views, view_mask = stacked(cache, view_keys, dim)
     per_source, margins = {}, {}
     for name, keys in source_keys.items():
