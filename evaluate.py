@@ -199,7 +199,7 @@ def run_dreambench(args, state):
     reports.atomic_write_text(out / "dreambench_table.md", table + "\n")
     reports.atomic_write_json(out / "dreambench_results.json", document)
     print(table)
-    print(f"MH per category: " + ", ".join(f"{k[3:]} {v:.4f}" for k, v in result.items() if k.startswith("mh_")))
+    print("MH per category: " + ", ".join(f"{k[3:]} {v:.4f}" for k, v in result.items() if k.startswith("mh_")))
     return result
 
 

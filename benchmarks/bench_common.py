@@ -2,6 +2,7 @@
 
 import datetime
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -26,10 +27,27 @@ def environment_lines() -> list:
     ]
 
 
+def best_time(fn, repeats):
+    """Seconds of the least disturbed of `repeats` timed calls, after one warm-up call."""
+    fn()  # warm-up: allocator, kernels, caches, first-call imports
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def write_results(path, lines):
-    """Print the lines and record them, so the repo keeps the latest measured output."""
+    """Print the lines and record them (unless `path` is None), so the repo keeps the latest output."""
     text = "\n".join(lines) + "\n"
     print(text, end="")
+    if path is None:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

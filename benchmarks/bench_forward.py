@@ -11,13 +11,12 @@ Usage: python benchmarks/bench_forward.py [--batch 4] [--repeats 3]
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, write_results  # noqa: E402
+from bench_common import best_time, environment_lines, write_results  # noqa: E402
 from configuration_nearid import NearIDConfig  # noqa: E402
 from modeling_nearid import NearIDModel  # noqa: E402
 
@@ -29,20 +28,6 @@ def forward_flops(config: NearIDConfig) -> float:
     patch = 2 * tokens * width * v["num_channels"] * v["patch_size"] ** 2
     per_layer = 2 * tokens * width * width * 4 + 2 * 2 * tokens * tokens * width + 2 * 2 * tokens * width * mlp
     return patch + v["num_hidden_layers"] * per_layer
-
-
-def best_time(fn, repeats):
-    fn()  # warm-up: allocator, kernels, caches
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def matmul_rate(tokens, width, mlp, device, dtype, repeats):

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import best_time, cpu_model, write_results  # noqa: E402
 from image_processing_nearid import NearIDImageProcessor  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "image_processor.txt"
@@ -51,17 +52,6 @@ def pin_to_one_core():
     torch.set_num_threads(1)
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def make_images(count, side, seed=0):
     """Smooth gradients plus noise: realistic enough, and deterministic."""
     rng = np.random.default_rng(seed)
@@ -72,16 +62,6 @@ def make_images(count, side, seed=0):
         noise = rng.normal(0, 20, (side, side, 3))
         images.append(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB"))
     return images
-
-
-def best_seconds(run, repeats):
-    run()  # warm-up: first-call imports and allocations are not what we measure
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv=None):
@@ -102,8 +82,8 @@ def main(argv=None):
         raise SystemExit(f"Outputs disagree with the reference: max |diff| {max_diff} > 1e-6")
 
     seconds = {
-        "SiglipImageProcessorPil": best_seconds(lambda: reference(images, return_tensors="pt"), args.repeats),
-        "NearIDImageProcessor": best_seconds(lambda: ours(images), args.repeats),
+        "SiglipImageProcessorPil": best_time(lambda: reference(images, return_tensors="pt"), args.repeats),
+        "NearIDImageProcessor": best_time(lambda: ours(images), args.repeats),
     }
     rate = {name: args.num_images / s for name, s in seconds.items()}
     lines = [
@@ -117,11 +97,7 @@ def main(argv=None):
         *(f"{name:>24}: {rate[name]:8.1f} images/s ({seconds[name] * 1e3:.1f} ms per batch)" for name in seconds),
         f"speed-up: {rate['NearIDImageProcessor'] / rate['SiglipImageProcessorPil']:.2f}x",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report, end="")
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report)
+    write_results(args.output, lines)
     return rate
 
 
