@@ -1,0 +1,311 @@
+"""Model card of an exported repo, and its upload to the Hub.
+
+The upload tests run huggingface_hub's own code down to its HTTP client: the client factory is
+swapped for one whose transport is a fake Hub answering the endpoints a commit needs (create
+repo, create branch, validate README metadata, preupload, commit) and recording every request.
+"""
+
+import base64
+import json
+import math
+import re
+import shlex
+
+import pytest
+import torch
+from conftest import make_tiny_nearid, make_tiny_processor, run_isolated
+from huggingface_hub import ModelCard, constants
+from huggingface_hub.repocard import metadata_load
+from huggingface_hub.utils import set_client_factory
+from huggingface_hub.utils._http import default_client_factory
+from PIL import Image
+
+import nearid_hub
+from nearid_hub import REQUIRED_REPO_FILES, HubPushError, export_hub_folder, push_to_hub, write_model_card
+
+try:
+    import httpx2 as httpx  # the HTTP client of huggingface_hub >= 2
+except ImportError:
+    import httpx  # huggingface_hub 1.x
+
+REPO_ID = "someone/nearid-test"
+TOKEN = "hf_fake_write_token"
+TRAINING_ARGS = {
+    "learning_rate": 1e-4,
+    "weight_decay": 1e-4,
+    "num_epochs": 11,
+    "per_device_batch_size": 128,
+    "mixed_precision": "fp16",
+    "train_sources": ["flux", "sdxl", "qwen"],
+    "resume_from": None,
+}
+EVAL_RESULTS = [
+    dict(task_type="image-feature-extraction", dataset_type="Aleksandar/NearID", dataset_name="NearID",
+         dataset_split="test", metric_type="ssr", metric_name="NearID SSR", metric_value=97.25),
+    dict(task_type="image-feature-extraction", dataset_type="abdo-eldesokey/mtg-dataset", dataset_name="MTG",
+         dataset_split="test", metric_type="pa", metric_name="MTG PA", metric_value=41.5),
+]
+
+
+def card_kwargs(**overrides):
+    return {"repo_id": REPO_ID, "base_model": "google/siglip2-so400m-patch14-384",
+            "datasets": ["Aleksandar/NearID", "Aleksandar/NearID-Flux"], "training_args": TRAINING_ARGS,
+            "eval_results": EVAL_RESULTS, **overrides}
+
+
+def export(folder, **card):
+    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), folder, model_card=card_kwargs(**card))
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return export(tmp_path / "nearid-test")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model card
+
+
+def test_card_front_matter_has_the_hub_metadata_and_results(repo):
+    metadata = metadata_load(repo / "README.md")
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-feature-extraction"
+    assert metadata["license"] == "apache-2.0"
+    assert metadata["base_model"] == "google/siglip2-so400m-patch14-384"
+    assert metadata["datasets"] == ["Aleksandar/NearID", "Aleksandar/NearID-Flux"]
+    assert "custom_code" in metadata["tags"]
+    assert [entry["name"] for entry in metadata["model-index"]] == [REPO_ID]
+
+    card = ModelCard.load(repo / "README.md")
+    found = [{k: getattr(r, k) for k in EVAL_RESULTS[0]} for r in card.data.eval_results]
+    assert found == EVAL_RESULTS
+    assert "arXiv:2604.01973" in card.text and "trust_remote_code=True" in card.text
+
+
+def test_card_lists_every_training_argument(repo):
+    text = (repo / "README.md").read_text()
+    table = text.split("Training arguments:")[1].split("\n## ")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `(.*)` \|$", table, flags=re.MULTILINE))
+    assert list(rows) == list(TRAINING_ARGS)
+    assert float(rows["learning_rate"]) == TRAINING_ARGS["learning_rate"]
+    assert json.loads(rows["train_sources"]) == TRAINING_ARGS["train_sources"]
+    assert rows["mixed_precision"] == "fp16" and rows["resume_from"] == "None"
+
+
+def test_card_model_details_come_from_the_exported_config(repo):
+    config = json.loads((repo / "config.json").read_text())
+    size = json.loads((repo / "preprocessor_config.json").read_text())["size"]
+    text = (repo / "README.md").read_text()
+    assert f"| embedding | {config['embed_dim']}-d" in text
+    assert f"resized to {size['height']}x{size['width']}" in text
+
+
+def test_card_without_evaluation_has_no_model_index(tmp_path):
+    folder = export(tmp_path / "repo", eval_results=None)
+    assert "model-index" not in metadata_load(folder / "README.md")
+    assert "No evaluation was run" in (folder / "README.md").read_text()
+
+
+def test_card_shows_the_summary_table_verbatim(tmp_path):
+    table = "| scorer | NearID SSR |\n|---|---|\n| NearID | 97.25 |\n"
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    write_model_card(folder, **card_kwargs(summary_table=table))
+    evaluation = (folder / "README.md").read_text().split("## Evaluation\n\n")[1]
+    assert evaluation.startswith(table)
+
+
+def test_refused_results_leave_the_readme_as_it_was(repo):
+    before = snapshot(repo)
+    bad = [{**EVAL_RESULTS[0], "metric_value": math.nan}]
+    with pytest.raises(ValueError, match="finite"):
+        write_model_card(repo, **card_kwargs(eval_results=bad))
+    assert snapshot(repo) == before  # README unchanged, no draft left behind
+
+
+def test_export_with_a_card_is_one_complete_folder(repo):
+    assert set(snapshot(repo)) == {*REQUIRED_REPO_FILES, "README.md"}
+    assert [p.name for p in repo.parent.iterdir()] == [repo.name]  # no staging folder left
+
+
+def test_quick_start_of_the_card_scores_two_images(repo, tmp_path):
+    code = (repo / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    assert f'REPO = "{REPO_ID}"' in code
+    code = code.replace(f'"{REPO_ID}"', repr(str(repo)))  # the same files, from the folder
+    images = [Image.new("RGB", (40, 36), (200, 40, 40)), Image.new("RGB", (36, 40), (30, 160, 60))]
+    images[1].paste((240, 240, 240), (4, 4, 20, 20))
+    images[0].save(tmp_path / "reference.jpg")
+    images[1].save(tmp_path / "generated.png")
+
+    out = run_isolated(code, tmp_path)
+
+    score = float(re.search(r"identity score: (\S+)", out).group(1))
+    rounded = make_tiny_nearid()  # the exported weights are fp16
+    rounded.load_state_dict({k: v.half().float() for k, v in rounded.state_dict().items()})
+    loaded = [Image.open(tmp_path / "reference.jpg"), Image.open(tmp_path / "generated.png")]
+    with torch.no_grad():
+        embeds = rounded.eval().get_image_features(**make_tiny_processor()(loaded, return_tensors="pt"))
+    assert score == pytest.approx((embeds[0] @ embeds[1]).item(), abs=2e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Upload, against a fake Hub at huggingface_hub's HTTP boundary
+
+
+class FakeHub:
+    """The Hub endpoints of a commit, answered like the Hub does; every request is recorded."""
+
+    def __init__(self):
+        self.requests = []
+        self.commit_status = 200
+        self.network_down = False
+
+    def __call__(self, request):
+        self.requests.append(request)
+        if self.network_down:
+            raise httpx.ConnectError("connection refused", request=request)
+        path = request.url.path
+        if request.method == "POST" and path == "/api/repos/create":
+            body = json.loads(request.content)
+            return httpx.Response(200, json={"url": f"https://huggingface.co/{body['organization']}/{body['name']}"})
+        if request.method == "POST" and path == "/api/validate-yaml":
+            return httpx.Response(200, json={"errors": [], "warnings": []})
+        if request.method == "POST" and re.fullmatch(r"/api/models/[^/]+/[^/]+/branch/[^/]+", path):
+            return httpx.Response(200, json={})
+        if request.method == "POST" and re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/[^/]+", path):
+            files = json.loads(request.content)["files"]
+            return httpx.Response(200, json={"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/([^/]+)", path)
+        if request.method == "POST" and match:
+            if self.commit_status != 200:
+                return httpx.Response(self.commit_status, json={"error": "Internal Error"})
+            pull_request = f"https://huggingface.co/{match[1]}/discussions/7"
+            return httpx.Response(200, json={"commitUrl": f"https://huggingface.co/{match[1]}/commit/{'c' * 40}",
+                                             "commitOid": "c" * 40, "pullRequestUrl":
+                                             pull_request if request.url.params.get("create_pr") == "1" else None})
+        return httpx.Response(404, json={"error": f"the fake Hub has no {request.method} {path}"})
+
+    def calls(self, kind):
+        return [r for r in self.requests if f"/{kind}" in r.url.path]
+
+
+@pytest.fixture
+def hub():
+    fake = FakeHub()
+    set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(fake), follow_redirects=True))
+    yield fake
+    set_client_factory(default_client_factory)
+
+
+def commit_payload(request):
+    """(header, {repo path: file bytes}) of a commit request's NDJSON body."""
+    lines = [json.loads(line) for line in request.content.decode().splitlines()]
+    header = next(line["value"] for line in lines if line["key"] == "header")
+    files = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
+             for line in lines if line["key"] == "file"}
+    return header, files
+
+
+def test_push_uploads_the_whole_folder_in_one_commit(repo, hub):
+    url = push_to_hub(repo, REPO_ID, private=True, revision="experiment", commit_message="Run 3", token=TOKEN)
+
+    commits = hub.calls("commit/")
+    assert len(commits) == 1
+    assert commits[0].url.path == f"/api/models/{REPO_ID}/commit/experiment"
+    header, files = commit_payload(commits[0])
+    assert header["summary"] == "Run 3"
+    assert files == snapshot(repo)
+    assert url == f"https://huggingface.co/{REPO_ID}/commit/{'c' * 40}"
+
+    created = json.loads(hub.calls("repos/create")[0].content)
+    assert created["visibility"] == "private" or created.get("private") is True  # huggingface_hub 2.x / 1.x
+    assert [r.url.path for r in hub.calls("branch/")] == [f"/api/models/{REPO_ID}/branch/experiment"]
+    repo_calls = [r for r in hub.requests if r.url.path.startswith(("/api/models/", "/api/repos/"))]
+    assert len(repo_calls) == 4  # create repo, create branch, preupload, commit
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in repo_calls)
+
+
+def test_push_to_main_leaves_visibility_to_the_hub(repo, hub):
+    push_to_hub(repo, REPO_ID, token=TOKEN)
+
+    created = json.loads(hub.calls("repos/create")[0].content)
+    assert "visibility" not in created and "private" not in created
+    assert hub.calls("branch/") == []
+    assert [r.url.path for r in hub.calls("commit/")] == [f"/api/models/{REPO_ID}/commit/main"]
+    assert commit_payload(hub.calls("commit/")[0])[0]["summary"] == nearid_hub.DEFAULT_COMMIT_MESSAGE
+
+
+def test_push_as_a_pull_request_returns_its_url(repo, hub):
+    url = push_to_hub(repo, REPO_ID, create_pr=True, token=TOKEN)
+
+    commits = hub.calls("commit/")
+    assert [r.url.params.get("create_pr") for r in commits] == ["1"]
+    assert commit_payload(commits[0])[1] == snapshot(repo)
+    assert url == f"https://huggingface.co/{REPO_ID}/discussions/7"
+
+
+def test_push_without_a_token_says_how_to_log_in_before_any_request(repo, hub, tmp_path, monkeypatch):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_here"))
+
+    with pytest.raises(HubPushError) as error:
+        push_to_hub(repo, REPO_ID, revision="experiment", create_pr=True)
+
+    message = str(error.value)
+    assert "hf auth login" in message and "HF_TOKEN" in message
+    assert f"push {repo} --repo-id {REPO_ID} --create-pr --revision experiment" in message
+    assert hub.requests == []
+
+
+def test_push_refuses_an_incomplete_folder(repo, hub):
+    (repo / "model.safetensors").unlink()
+    (repo / "modeling_nearid.py").unlink()
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors, modeling_nearid.py"):
+        push_to_hub(repo, REPO_ID, token=TOKEN)
+    assert hub.requests == []
+
+
+def test_failed_commit_keeps_the_folder_and_the_retry_command_works(repo, hub, capsys):
+    before = snapshot(repo)
+    hub.commit_status = 500
+
+    with pytest.raises(HubPushError) as error:
+        push_to_hub(repo, REPO_ID, revision="experiment", commit_message="Run 3", token=TOKEN)
+
+    message = str(error.value)
+    assert "500" in message and "intact" in message
+    assert snapshot(repo) == before
+    retry = shlex.split(message.splitlines()[-1])
+    assert retry[:2] == ["python", "nearid_hub.py"] or retry[1].endswith("nearid_hub.py")
+
+    hub.commit_status = 200
+    hub.requests.clear()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_TOKEN", TOKEN)
+        assert nearid_hub.main(retry[2:]) == 0
+    assert capsys.readouterr().out.strip() == f"https://huggingface.co/{REPO_ID}/commit/{'c' * 40}"
+    commits = hub.calls("commit/")
+    assert [r.url.path for r in commits] == [f"/api/models/{REPO_ID}/commit/experiment"]
+    header, files = commit_payload(commits[0])
+    assert header["summary"] == "Run 3" and files == before
+
+
+def test_network_failure_keeps_the_folder(repo, hub):
+    before = snapshot(repo)
+    hub.network_down = True
+    with pytest.raises(HubPushError, match="(?s)ConnectError.*intact.*--repo-id"):
+        push_to_hub(repo, REPO_ID, token=TOKEN)
+    assert snapshot(repo) == before
+    assert hub.calls("commit/") == []
+
+
+def test_cli_reports_a_missing_folder(tmp_path, hub, capsys):
+    assert nearid_hub.main(["push", str(tmp_path / "absent"), "--repo-id", REPO_ID]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    assert hub.requests == []
