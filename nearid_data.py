@@ -15,6 +15,10 @@ Everything that turns a dataset *source* into rows lives here, once:
   into an `ImageReadError` that names where it came from.
 - `dreambench_methods` / `dreambench_pairs` read the DreamBench++ samples layout
   `<root>/<method>/{src_image,tgt_image}/<relative path>`.
+- `mtg_masks` reads one MTG view's object and part masks for the oracle.
+- `score_items_from_layout` / `read_score_metadata` turn users' generated images (a mirrored
+  layout, or a CSV/JSON/JSONL metadata file) into `ScoreItem`s: a generated image, its
+  reference(s), subject and method.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import datasets
+import numpy as np
 from PIL import Image
 
 from nearid_metrics import dreambench_key
@@ -42,6 +47,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # locally is reported as a missing path rather than sent to the Hub.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv")
+_OBJECT_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. "<_io.BytesIO object at 0x7f..>"
 
 
 class ImageReadError(ValueError):
@@ -146,6 +152,24 @@ def open_mtg(source: str, split: str = "test", revision: str | None = None) -> t
     dataset, provenance = open_dataset(source, split, revision)
     require_columns(dataset, MTG_COLUMNS, f"MTG dataset {provenance['source']}")
     return dataset, provenance
+
+
+def mtg_masks(object_ref: dict | None, part_ref: dict | None, where: str) -> tuple:
+    """(object mask, part mask) of one MTG view as [H, W] uint8 arrays (any value > 0 is inside).
+
+    Masks are read as grayscale; a part mask of another size is resized (nearest) to the object
+    mask's, so the oracle's area ratio compares like with like. Raises ImageReadError, naming
+    `where`, for a missing or undecodable mask.
+    """
+    masks = []
+    for ref, kind in ((object_ref, "object"), (part_ref, "part")):
+        if ref is None:
+            raise ImageReadError(f"{kind} mask at {where} is missing; the MTG oracle needs both masks")
+        masks.append(decode_image(ref, f"{where} ({kind} mask)").convert("L"))
+    obj, part = masks
+    if part.size != obj.size:
+        part = part.resize(obj.size, Image.NEAREST)
+    return np.asarray(obj), np.asarray(part)
 
 
 def require_columns(dataset, columns: Sequence[str], what: str) -> None:
@@ -376,7 +400,10 @@ def decode_image(ref: dict | None, where: str):
         image = Image.open(io.BytesIO(data))
         image.load()  # PIL decodes lazily; force it here so corruption surfaces with `where`
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot decode image at {where} ({len(data)} bytes): {error}. The data "
+        # PIL names the stream by its memory address; dropped, so the same bad image gives the same
+        # message (and results file) in every run.
+        detail = _OBJECT_ADDRESS.sub("", str(error))
+        raise ImageReadError(f"cannot decode image at {where} ({len(data)} bytes): {detail}. The data "
                              "is corrupt or not an image; fix or drop that row") from error
     return image
 
@@ -422,3 +449,179 @@ def dreambench_pairs(samples_root, method: str) -> list:
     if not pairs:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {tgt_root}")
     return sorted(pairs.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Users' generated images and their references (`evaluate.py score`)
+
+SCORE_REQUIRED_COLUMNS = ("generated", "reference")
+SCORE_OPTIONAL_COLUMNS = ("subject", "method")
+SCORE_METADATA_SUFFIXES = (".csv", ".json", ".jsonl")
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One generated image and the reference image(s) it is scored against.
+
+    `generated` and `references` are paths as shown in reports, relative to `root` (absolute ones
+    stay absolute); `where` names the place that declared the item, for errors.
+    """
+
+    method: str
+    subject: str
+    generated: str
+    references: tuple
+    root: Path
+    where: str
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+def _mirrored_items(root: Path, base: Path, method: str) -> list:
+    items = []
+    for key, src, tgt in dreambench_pairs(base, method):
+        rel = tgt.relative_to(base / method / "tgt_image")
+        subject = rel.parts[0] if len(rel.parts) > 1 else key  # <subject>/<prompt>.png, else the file itself
+        items.append(ScoreItem(method, subject, tgt.relative_to(root).as_posix(),
+                               (src.relative_to(root).as_posix(),), root, str(tgt)))
+    return items
+
+
+def score_items_from_layout(samples_root, methods: Sequence[str] | None = None) -> list:
+    """`ScoreItem`s of a DreamBench++-style mirrored layout, one per generated image.
+
+    Either one method, `<root>/{src_image,tgt_image}/<rel>` (the method is named after `<root>`),
+    or several, `<root>/<method>/{src_image,tgt_image}/<rel>` (`methods` picks some; default all).
+    Each generated image `tgt_image/<rel>` has one reference, `src_image/<rel>`; its subject is the
+    first folder of `<rel>` (DreamBench++'s `<category>_<NN>_<subject>`), or the key of `<rel>`
+    when the image lies directly in `tgt_image`.
+    """
+    root = Path(samples_root).resolve()
+    if (root / "tgt_image").is_dir():
+        if methods and list(methods) != [root.name]:
+            raise ValueError(f"{root} holds one method ({root.name!r}: src_image/ and tgt_image/ directly), "
+                             f"so --methods {list(methods)} does not apply; drop --methods")
+        return _mirrored_items(root, root.parent, root.name)
+    return [item for method in (methods or dreambench_methods(root)) for item in _mirrored_items(root, root, method)]
+
+
+def read_score_metadata(metadata, images_dir=None) -> list:
+    """`ScoreItem`s from a metadata file mapping generated images to reference images.
+
+    Formats (by suffix): `.csv` with a header line; `.jsonl`, one JSON object per line; `.json`, a
+    list of objects. Columns/keys: `generated` and `reference` (required), `subject` and `method`
+    (optional); nothing else. In JSON a `reference` may be a list of paths; in CSV a generated image
+    with several references takes one line per reference. Lines of the same generated image are
+    merged (their subject and method must agree). Paths are relative to `images_dir` (default: the
+    metadata file's folder) unless absolute. `subject` defaults to the (alphabetically first)
+    reference, `method` to the name of the images folder.
+
+    Raises FileNotFoundError naming the metadata line and the path for a missing image, and
+    ValueError for an empty file, unknown or missing columns, or a repeated (generated, reference).
+    """
+    path = Path(metadata)
+    if not path.is_file():
+        raise FileNotFoundError(f"metadata file {path} does not exist; expected a CSV, JSON or JSONL file "
+                                "with columns generated, reference[, subject, method]")
+    root = Path(images_dir).resolve() if images_dir else path.resolve().parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"images folder {root} does not exist; --images names the folder the "
+                                f"metadata paths are relative to")
+    merged = {}
+    for where, entry in _metadata_entries(path):
+        generated, references, subject, method = _score_entry(entry, where, root)
+        previous = merged.setdefault(generated, {"where": where, "references": [], "subject": subject,
+                                                 "method": method})
+        _merge_entry(previous, references, subject, method, where, generated)
+    if not merged:
+        raise ValueError(f"metadata file {path} lists no images; expected at least one line with a "
+                         "generated and a reference image")
+    return [ScoreItem(m["method"] or root.name, m["subject"] or sorted(m["references"])[0], generated,
+                      tuple(m["references"]), root, m["where"]) for generated, m in merged.items()]
+
+
+def _merge_entry(previous: dict, references: list, subject, method, where: str, generated: str) -> None:
+    for name, value in (("subject", subject), ("method", method)):
+        if value is not None and previous[name] not in (None, value):
+            raise ValueError(f"{where}: {name} {value!r} of generated image {generated!r} disagrees with "
+                             f"{previous[name]!r} at {previous['where']}; give one {name} per generated image")
+        previous[name] = previous[name] or value
+    for reference in references:
+        if reference in previous["references"]:
+            raise ValueError(f"{where}: reference {reference!r} of generated image {generated!r} is listed "
+                             "twice; list each (generated, reference) pair once")
+        previous["references"].append(reference)
+
+
+def _metadata_entries(path: Path) -> list:
+    """[(where, entry)] of a metadata file, `where` naming the file and line (or JSON list entry)."""
+    suffix = path.suffix.lower()
+    if suffix not in SCORE_METADATA_SUFFIXES:
+        raise ValueError(f"metadata file {path} has an unknown format {path.suffix!r}; expected one of "
+                         f"{', '.join(SCORE_METADATA_SUFFIXES)}")
+    text = path.read_text(encoding="utf-8-sig")  # tolerate the BOM spreadsheet programs write
+    if suffix == ".csv":
+        return _csv_entries(path, text)
+    if suffix == ".jsonl":
+        return [(f"{path} line {n}", _json_value(line, f"{path} line {n}"))
+                for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    entries = _json_value(text, str(path)) if text.strip() else []
+    if not isinstance(entries, list):
+        raise ValueError(f"metadata file {path} holds a JSON {type(entries).__name__}; expected a list of "
+                         'objects like {"generated": "gen.png", "reference": ["ref1.png", "ref2.png"]}')
+    return [(f"{path} entry {n}", entry) for n, entry in enumerate(entries, start=1)]
+
+
+def _json_value(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error})") from error
+
+
+def _csv_entries(path: Path, text: str) -> list:
+    import csv
+
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None:
+        return []
+    _check_columns(reader.fieldnames, f"{path} line 1 (header)")
+    entries = []
+    for row in reader:
+        where = f"{path} line {reader.line_num}"
+        if None in row:
+            raise ValueError(f"{where} has more fields than the header {reader.fieldnames}; quote "
+                             "paths that contain commas")
+        entries.append((where, {k: v for k, v in row.items() if v not in (None, "")}))
+    return entries
+
+
+def _check_columns(columns, where: str) -> None:
+    known = SCORE_REQUIRED_COLUMNS + SCORE_OPTIONAL_COLUMNS
+    unknown = [c for c in columns if c not in known]
+    missing = [c for c in SCORE_REQUIRED_COLUMNS if c not in columns]
+    if unknown or missing:
+        found = f"unknown column(s) {unknown}" if unknown else f"missing or empty column(s) {missing}"
+        raise ValueError(f"{where}: {found}; expected columns {list(SCORE_REQUIRED_COLUMNS)} and "
+                         f"optionally {list(SCORE_OPTIONAL_COLUMNS)}, found {list(columns)}")
+
+
+def _score_entry(entry, where: str, root: Path) -> tuple:
+    """(generated, [references], subject or None, method or None) of one entry; files checked."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object with keys generated, reference[, subject, method], "
+                         f"found a {type(entry).__name__}")
+    _check_columns(list(entry), where)
+    references = entry["reference"] if isinstance(entry["reference"], list) else [entry["reference"]]
+    names = [("generated", entry["generated"])] + [("reference", r) for r in references]
+    for column, name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: {column} must be a non-empty path string, found {name!r}")
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"{where}: {column} image {name!r} not found (looked for {root / name}); "
+                                    f"paths are relative to {root}, set another folder with --images")
+    if not references:
+        raise ValueError(f"{where}: reference is an empty list; give at least one reference image")
+    optional = [entry.get(c) for c in SCORE_OPTIONAL_COLUMNS]
+    return (entry["generated"], references, *(None if v is None else str(v) for v in optional))

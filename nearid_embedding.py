@@ -91,25 +91,34 @@ def embed_missing(scorer, refs: dict, cache: EmbeddingCache, decode, batch_size=
 
     `decode(ref)` turns a reference into a PIL image (raising ValueError naming the image on
     failure). `state` is an accelerate `PartialState`; with several processes each embeds a share
-    and all processes receive all embeddings.
+    and all processes receive all embeddings, all skipped images, and scorer counters
+    (`forward_passes`, `images_embedded`) that count the work of every process.
+
+    The missing images are cut into batches *before* they are shared out, so every image is
+    embedded in the same batch whatever the number of processes: a CPU matmul's rounding depends on
+    the batch it runs in, and this keeps the embeddings of a multi-process run bit-identical to a
+    single process's.
     """
-    missing = sorted((k, v) for k, v in refs.items() if k not in cache)
+    missing = sorted((k, v) for k, v in refs.items() if k not in cache)  # the same order on every process
+    batches = [missing[start:start + batch_size] for start in range(0, len(missing), batch_size)]
     if state is not None and state.num_processes > 1:
-        with state.split_between_processes(missing) as share:
-            embedded, skipped = _embed(scorer, share, decode, batch_size, num_workers, skip_errors, progress and state.is_main_process)
-        embedded, skipped = _gather(embedded, skipped)
+        embedded, skipped = _embed_shared(scorer, batches, decode, num_workers, skip_errors, progress, state)
     else:
-        embedded, skipped = _embed(scorer, missing, decode, batch_size, num_workers, skip_errors, progress)
+        embedded, skipped = _embed(scorer, batches, decode, num_workers, skip_errors, progress)
     cache.add(embedded, persist=state is None or state.is_main_process)  # one writer
     return skipped
 
 
-def _embed(scorer, items, decode, batch_size, num_workers, skip_errors, progress):
+def _embed(scorer, batches, decode, num_workers, skip_errors, progress):
     from tqdm.auto import tqdm
 
+    items, batch_indices = [], []
+    for batch in batches:
+        batch_indices.append(list(range(len(items), len(items) + len(batch))))
+        items.extend(batch)
     loader = DataLoader(
         _ImageItems(items, decode, scorer.preprocess, skip_errors),
-        batch_size=batch_size,
+        batch_sampler=batch_indices,  # the given batches, whatever their sizes
         num_workers=num_workers,
         collate_fn=_collate,
     )
@@ -123,13 +132,23 @@ def _embed(scorer, items, decode, batch_size, num_workers, skip_errors, progress
     return embedded, skipped
 
 
-def _gather(embedded, skipped):
+def _embed_shared(scorer, batches, decode, num_workers, skip_errors, progress, state):
+    """`_embed` of this process's share of `batches`, then every process's results merged."""
     from accelerate.utils import gather_object
 
+    passes, images = scorer.forward_passes, scorer.images_embedded
+    with state.split_between_processes(batches) as share:
+        embedded, skipped = _embed(scorer, share, decode, num_workers, skip_errors,
+                                   progress and state.is_main_process)
+    work = (scorer.forward_passes - passes, scorer.images_embedded - images)
+    parts = gather_object([(embedded, skipped, work)])
     merged_embedded, merged_skipped = {}, {}
-    for part in gather_object([(embedded, skipped)]):
-        merged_embedded.update(part[0])
-        merged_skipped.update(part[1])
+    for part_embedded, part_skipped, _ in parts:
+        merged_embedded.update(part_embedded)
+        merged_skipped.update(part_skipped)
+    # The run's stats then read the same as a single process's, whichever process reports them.
+    scorer.forward_passes = passes + sum(part_work[0] for _, _, part_work in parts)
+    scorer.images_embedded = images + sum(part_work[1] for _, _, part_work in parts)
     return merged_embedded, merged_skipped
 
 
