@@ -1,0 +1,24 @@
+"""The main job end to end: the head trained on the synthetic benchmark beats the untrained one."""
+
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+import demo
+from nearid_reports import MTG_SSR, NEARID_PA, NEARID_SSR
+
+
+def test_demo_trains_a_head_that_beats_the_untrained_one(tmp_path, capsys):
+    result = demo.main(["--output-dir", str(tmp_path)])
+    before, after = result["before"], result["after"]
+    assert after[NEARID_SSR] >= before[NEARID_SSR] + 15, (before, after)
+    assert after[NEARID_PA] >= before[NEARID_PA] + 20, (before, after)
+    assert after[MTG_SSR] > before[MTG_SSR], (before, after)
+
+    printed = capsys.readouterr().out
+    assert "NearID head, untrained" in printed and f"{after[NEARID_SSR]:.2f}" in printed
+    assert (tmp_path / "before_after.md").read_text().strip() in printed
+
+    card = ModelCard.load(Path(result["release"]) / "README.md")
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert set(metrics) == {"ssr", "pa"} and card.data.base_model
