@@ -19,7 +19,6 @@ Run `python evaluate.py MODE --help` for each mode's options.
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 import nearid_data as data
 import nearid_metrics as metrics
 import nearid_reports as reports
-from nearid_embedding import EmbeddingCache, embed_missing, embedding_matrix
+from nearid_embedding import EmbeddingCache, embed_missing, embedding_matrix, slot_embeddings
 from nearid_scorers import Scorer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,12 +92,6 @@ def embedding_dim(cache, table, skipped):
     return len(cache.get(embedded))
 
 
-def stacked(cache, slot_keys, dim):
-    """[N, slots, D] embeddings and [N, slots] presence from per-slot key lists."""
-    columns = [embedding_matrix(cache, keys, dim) for keys in slot_keys]
-    return np.stack([m for m, _ in columns], axis=1), np.stack([p for _, p in columns], axis=1)
-
-
 # --- nearid ----------------------------------------------------------------------------------------
 
 
@@ -118,10 +111,10 @@ def run_nearid(args, state):
     if not state.is_main_process:
         return None
     dim = embedding_dim(cache, table, skipped)
-    views, view_mask = stacked(cache, view_keys, dim)
+    views, view_mask = slot_embeddings(cache, view_keys, dim)
     per_source, margins = {}, {}
     for name, keys in source_keys.items():
-        distractors, distractor_mask = stacked(cache, keys, dim)
+        distractors, distractor_mask = slot_embeddings(cache, keys, dim)
         margins[name] = metrics.nearid_margins(views, distractors, view_mask, distractor_mask)
         per_source[name] = metrics.nearid_scores(*margins[name])
     summary = pooled_summary(margins)

@@ -161,3 +161,9 @@ def embedding_matrix(cache, keys, dim):
             matrix[row] = cache.get(key)
             present[row] = True
     return matrix, present
+
+
+def slot_embeddings(cache, slot_keys, dim):
+    """Per-slot key lists -> ([rows, slots, dim] float32 embeddings, [rows, slots] presence)."""
+    columns = [embedding_matrix(cache, keys, dim) for keys in slot_keys]
+    return np.stack([m for m, _ in columns], axis=1), np.stack([p for _, p in columns], axis=1)

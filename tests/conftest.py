@@ -94,3 +94,22 @@ def tiny_nearid():
 @pytest.fixture
 def pixels():
     return random_pixels()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A small synthetic benchmark (nearid_synthetic) with some distractors missing."""
+    import nearid_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    nearid_synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory):
+    """A tiny random NearID exported as a complete Hub repo folder."""
+    from nearid_hub import export_hub_folder
+
+    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), tmp_path_factory.mktemp("model") / "repo")
+

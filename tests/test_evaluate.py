@@ -4,25 +4,11 @@ import csv
 import json
 
 import pytest
-from conftest import REPO_ROOT, make_tiny_nearid, make_tiny_processor
+from conftest import REPO_ROOT
 
 import evaluate
-import nearid_synthetic
-from nearid_hub import export_hub_folder
 
 RATINGS = REPO_ROOT / "tests" / "data" / "dreambench_plus"
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    nearid_synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
-    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), tmp_path_factory.mktemp("model") / "repo")
 
 
 def nearid_args(synthetic, tiny_repo, out, cache):

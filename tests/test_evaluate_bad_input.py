@@ -17,23 +17,10 @@ from conftest import REPO_ROOT, make_tiny_nearid, make_tiny_processor
 
 import evaluate
 import nearid_data
-import nearid_synthetic
 from nearid_hub import export_hub_folder
 from nearid_metrics import NEARID_TERMS
 
 RESULTS = "nearid_results.json"
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    nearid_synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
-    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), tmp_path_factory.mktemp("model") / "repo")
 
 
 @pytest.fixture(scope="module")

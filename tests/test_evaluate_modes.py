@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, make_tiny_nearid, make_tiny_processor
+from conftest import REPO_ROOT
 from PIL import Image
 
 import evaluate
 import nearid_data as data
 import nearid_metrics as metrics
 import nearid_synthetic
-from nearid_hub import export_hub_folder
 
 MTG_TEST_ROWS = 8
 
@@ -33,11 +32,6 @@ def synthetic(tmp_path_factory):
                            "--mtg-test", str(MTG_TEST_ROWS), "--dreambench-subjects", "2",
                            "--dreambench-prompts", "2", "--image-size", "32"])
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
-    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), tmp_path_factory.mktemp("model") / "repo")
 
 
 @pytest.fixture(scope="module")
@@ -428,4 +422,4 @@ def test_every_mode_has_help(mode, capsys):
         evaluate.main([mode, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"usage: ") and f" {mode} " in text and "--output-dir" in text
+    assert text.startswith("usage: ") and f" {mode} " in text and "--output-dir" in text
