@@ -9,8 +9,8 @@ no-grad pass over the images the run will use, stored memory-mapped under --toke
 epochs train the head on them. `--token_cache false` runs the backbone on all six slots at every
 step instead, as the reference implementation does (same losses, far more compute).
 
-Scale out with `accelerate launch --num_processes N train.py ...`: --per_device_batch_size samples
-per process, positives gathered across processes for the loss. Checkpoints land in
+Scale out with `accelerate launch --multi_gpu --num_processes N train.py ...` (on CPUs:
+`torchrun --nproc_per_node N train.py ...`): --per_device_batch_size samples per process, positives gathered across processes for the loss. Checkpoints land in
 OUTPUT_DIR/checkpoints (the last --checkpoints_total_limit kept); `--resume_from_checkpoint latest`
 continues a run exactly. The trained model is exported to OUTPUT_DIR/release as a complete Hub repo
 folder with its model card, and `--push_to_hub REPO_ID` uploads it.
@@ -28,13 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import nearid_data as data
 import nearid_metrics as metrics
-from nearid_embedding import embedding_matrix
+from nearid_embedding import slot_embeddings
 from nearid_loss import nearid_loss
 from nearid_token_cache import TokenCache
 from nearid_training_data import ImageIndex, build_training_set, slot_mask
@@ -267,10 +266,17 @@ def build_token_cache(model, processor, keys, items, args, skip_errors, accelera
     folder = Path(args.token_cache_dir or Path(args.output_dir) / "token_cache")
     autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     fingerprint = backbone_fingerprint(model, processor, args.token_cache_dtype, args.mixed_precision)
-    return TokenCache.build(folder, model, CacheItems(items, keys), PixelLoader(processor), fingerprint,
-                            dtype=args.token_cache_dtype, batch_size=args.embed_batch_size,
-                            num_workers=args.num_workers, skip_errors=skip_errors, device=accelerator.device,
-                            autocast_dtype=autocast, state=accelerator.state, progress=accelerator.is_main_process)
+    try:
+        return TokenCache.build(folder, model, CacheItems(items, keys), PixelLoader(processor), fingerprint,
+                                dtype=args.token_cache_dtype, batch_size=args.embed_batch_size,
+                                num_workers=args.num_workers, skip_errors=skip_errors, device=accelerator.device,
+                                autocast_dtype=autocast, state=accelerator.state,
+                                progress=accelerator.is_main_process)
+    except ValueError as error:
+        if isinstance(error.__cause__, data.ImageReadError):  # point to this script's option, not the cache's
+            raise data.ImageReadError(f"{error.__cause__}, or pass --skip_bad_images true to train without "
+                                      "that image") from error
+        raise
 
 
 def embed_keys(head, provider, keys, batch_size=256):
@@ -293,19 +299,13 @@ def batch_embeddings(head, provider, slots):
     return embeddings[index].view(len(slots), len(slots[0]), -1)
 
 
-def stacked_embeddings(columns, embeddings, dim):
-    """Slot columns of keys -> ([rows, slots, D] embeddings, [rows, slots] presence)."""
-    parts = [embedding_matrix(embeddings, keys, dim) for keys in columns]
-    return np.stack([m for m, _ in parts], axis=1), np.stack([p for _, p in parts], axis=1)
-
-
 def held_out_scores(held, embeddings):
     """SSR/PA per source and pooled over the given sources, with the evaluation's metric functions."""
     dim = len(next(iter(embeddings.values())))
-    views, view_mask = stacked_embeddings(held.views, embeddings, dim)
+    views, view_mask = slot_embeddings(embeddings, held.views, dim)
     margins = {}
     for source, columns in held.distractors.items():
-        distractors, distractor_mask = stacked_embeddings(columns, embeddings, dim)
+        distractors, distractor_mask = slot_embeddings(embeddings, columns, dim)
         margins[source] = metrics.nearid_margins(views, distractors, view_mask, distractor_mask)
     per_source = {source: metrics.nearid_scores(*m) for source, m in margins.items()}
     return {"per_source": per_source, "pooled": metrics.nearid_pooled_scores(margins, sources=list(margins))}
@@ -447,7 +447,15 @@ def make_accelerator(args):
 
     trackers = [t for t in args.report_to.split(",") if t and t != "none"]
     log_with = [jsonl_tracker(Path(args.output_dir) / "logs.jsonl") if t == "jsonl" else t for t in trackers]
-    return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with or None)
+    # Without an accelerator device, accelerate joins the processes of a launch (torchrun, gloo) only
+    # when told to use the CPU; otherwise every process would train alone on the whole data.
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with or None, cpu=not has_accelerator())
+
+
+def has_accelerator():
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, MPS, XPU, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
 def process_share(order, step, run):
@@ -551,11 +559,14 @@ def make_provider(model, processor, training_set, held_out, data_args, args, acc
     keys = sorted(training_set.used_keys(range(args.num_epochs), args.seed)
                   | {k for held in held_out.values() for k in held.items})
     cache, skipped = build_token_cache(model, processor, keys, items, args, data_args.skip_bad_images, accelerator)
+    named = {items[key][1]: reason for key, reason in skipped.items()}  # before the indexes forget the keys
     if skipped:
         training_set.drop_images(set(skipped))
-        for key in skipped:
-            accelerator.print(f"skipped unreadable image {items[key][1]}: {skipped[key]}")
-    return CachedTokens(cache, accelerator.device), {items[k][1]: reason for k, reason in skipped.items()}
+        for held in held_out.values():  # validation scores a skipped image as missing
+            held.items.retain(set(held.items) - set(skipped))
+        for where, reason in named.items():
+            accelerator.print(f"skipped unreadable image {where}: {reason}")
+    return CachedTokens(cache, accelerator.device), named
 
 
 def make_run(data_args, model_args, args, accelerator, training_set, held_out, provider, model):
@@ -598,7 +609,8 @@ def export(run, processor, data_args, model_args, all_args, final):
     args = run.args
     split, scores = final if final else (None, None)
     card = {"repo_id": args.push_to_hub, "base_model": model_args.base_model, "datasets": datasets_used(data_args),
-            "training_args": all_args, "eval_results": eval_results(scores, split) if scores else None}
+            "training_args": all_args, "eval_results": eval_results(scores, split) if scores else None,
+            "model_name": args.push_to_hub or f"nearid-{Path(args.output_dir).resolve().name}"}
     folder = export_hub_folder(run.model, processor, Path(args.output_dir) / "release", overwrite=True,
                                model_card=card)
     print(f"exported {folder}")
@@ -637,11 +649,11 @@ def main(argv=None):
         atomic_write_json(out / "train_args.json", all_args)
     accelerator.init_trackers("nearid", config={k: str(v) for k, v in all_args.items()})
     training_set, held_out, provenance, split_sizes = load_data(data_args)
-    describe = {**training_set.describe(), "splits": split_sizes, "datasets": provenance}
     accelerator.print(f"training data: {json.dumps(training_set.describe(), default=str)}")
     model, processor = build_model(model_args)
     model.to(accelerator.device)
     provider, skipped = make_provider(model, processor, training_set, held_out, data_args, args, accelerator)
+    describe = {**training_set.describe(), "splits": split_sizes, "datasets": provenance}  # counts skipped images
     run = make_run(data_args, model_args, args, accelerator, training_set, held_out, provider, model)
     run.global_step = resume(run)
     last_step = min(run.total_steps, args.max_steps or run.total_steps)

@@ -1,0 +1,126 @@
+"""train.py launched as users launch it: two processes give one process's run; mixed precision on the CPU.
+
+Multi-process runs go through `python -m torch.distributed.run` on the CPU (gloo), as in
+test_evaluate_multiprocess.py (`accelerate launch --cpu` would start a single process). Each run is
+judged by the files it writes: CPU process groups sometimes abort at exit after the work is done.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from safetensors.torch import load_file
+from test_evaluate_multiprocess import launch
+from test_train import base_model, logged_losses, synthetic, train_args  # noqa: F401 (fixtures)
+
+import train
+
+GLOBAL_BATCH = 4
+# float32 tokens and no autocast: the only differences left are the order of float sums.
+EXACT = ("--token_cache_dtype", "float32", "--mixed_precision", "no")
+
+
+def launch_train(num_processes, synthetic, base_model, out, *extra):  # noqa: F811
+    """train.py on `num_processes` CPU processes sharing one global batch; returns the launcher's output."""
+    per_device = str(GLOBAL_BATCH // num_processes)
+    # The later --per_device_batch_size overrides train_args' default.
+    args = [REPO_ROOT / "train.py", *train_args(synthetic, base_model, out, *EXACT, *extra),
+            "--per_device_batch_size", per_device]
+    code, output = launch(num_processes, args, out.parent, f"{out.name}.log")
+    assert (out / "train_results.json").is_file(), f"{num_processes} process(es), exit code {code}:\n{output[-4000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic, base_model, tmp_path_factory):  # noqa: F811
+    """{number of processes: (output folder, launcher output)} of the same training run on one process and on two."""
+    root = tmp_path_factory.mktemp("runs")
+    return {n: (root / f"processes{n}", launch_train(n, synthetic, base_model, root / f"processes{n}")) for n in (1, 2)}
+
+
+def assert_close_weights(a, b, rtol=0.0, atol=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name].float(), b[name].float(), rtol=rtol, atol=atol, msg=name)
+
+
+def cache_index(out):
+    return json.loads((out / "token_cache" / "index.json").read_text())
+
+
+def test_two_processes_train_like_one(runs):
+    (one, _), (two, _) = runs[1], runs[2]
+    one_losses, two_losses = logged_losses(one), logged_losses(two)
+    results = json.loads((two / "train_results.json").read_text())
+    assert results["arguments"]["num_processes"] == 2
+    assert [step for step, _ in two_losses] == list(range(1, results["global_step"] + 1))  # logged once per step
+    assert [step for step, _ in one_losses] == [step for step, _ in two_losses]
+    for (step, expected), (_, loss) in zip(one_losses, two_losses):
+        assert loss == pytest.approx(expected, rel=1e-5), f"step {step}"
+
+    checkpoints = [p.name for p in train.completed_checkpoints(two)]
+    assert checkpoints == [p.name for p in train.completed_checkpoints(one)] and len(checkpoints) == 2
+    for name in checkpoints:
+        assert_close_weights(load_file(one / "checkpoints" / name / "model.safetensors"),
+                             load_file(two / "checkpoints" / name / "model.safetensors"))
+    # The release is float16: one rounding step apart at most.
+    assert_close_weights(load_file(one / "release" / "model.safetensors"),
+                         load_file(two / "release" / "model.safetensors"), rtol=1e-3)
+
+    single = json.loads((one / "train_results.json").read_text())
+    assert results["final"]["pooled"] == pytest.approx(single["final"]["pooled"], abs=1e-5)
+    assert results["data"] == single["data"]
+
+
+def test_two_processes_share_the_token_cache_and_write_outputs_once(runs):
+    (one, _), (two, output) = runs[1], runs[2]
+    shards = cache_index(two)["shards"]
+    assert sorted(shard["file"].split("-")[1] for shard in shards) == ["p000", "p001"]  # each process built a share
+    keys = [key for shard in shards for key in shard["keys"]]
+    assert len(keys) == len(set(keys))  # no image computed twice
+    assert set(keys) == {key for shard in cache_index(one)["shards"] for key in shard["keys"]}
+
+    assert output.count("exported ") == 1 and output.count("training data: ") == 1  # only the main process prints
+    final_logs = [json.loads(line) for line in (two / "logs.jsonl").read_text().splitlines()]
+    assert sum("config" in line for line in final_logs) == 1
+    assert sum("test/ssr" in line for line in final_logs) == 1
+
+
+def test_two_processes_resume_to_the_same_weights(runs, synthetic, base_model, tmp_path):  # noqa: F811
+    """A two-process run stopped at step 9 and resumed ends where the uninterrupted one did."""
+    full, _ = runs[2]
+    out = tmp_path / "resumed"
+    launch_train(2, synthetic, base_model, out, "--checkpointing_steps", "3", "--max_steps", "9")
+    assert train.completed_checkpoints(out)[-1].name == "step-0000009"
+    (out / "train_results.json").unlink()  # judge the resumed run by its own results file
+    launch_train(2, synthetic, base_model, out, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+
+    final = train.completed_checkpoints(full)[-1]
+    resumed = out / "checkpoints" / final.name
+    a, b = load_file(final / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(out)[-1] == logged_losses(full)[-1]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_the_cpu(precision, runs, synthetic, base_model, tmp_path):  # noqa: F811
+    """A few autocast steps in a fresh interpreter (accelerate fixes the precision once per process):
+    finite losses close to the float32 run's, and a checkpoint."""
+    out = tmp_path / precision
+    command = [sys.executable, str(REPO_ROOT / "train.py"),
+               *train_args(synthetic, base_model, out, "--mixed_precision", precision, "--max_steps", "3",
+                           "--export", "false")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    losses, reference = logged_losses(out), logged_losses(runs[1][0])[:3]
+    assert [step for step, _ in losses] == [1, 2, 3]
+    for (step, loss), (_, expected) in zip(losses, reference):
+        assert math.isfinite(loss) and loss == pytest.approx(expected, rel=0.03), f"step {step}"
+    assert [p.name for p in train.completed_checkpoints(out)] == ["step-0000003"]
