@@ -10,10 +10,11 @@ epochs train the head on them. `--token_cache false` runs the backbone on all si
 step instead, as the reference implementation does (same losses, far more compute).
 
 Scale out with `accelerate launch --multi_gpu --num_processes N train.py ...` (on CPUs:
-`torchrun --nproc_per_node N train.py ...`): --per_device_batch_size samples per process, positives gathered across processes for the loss. Checkpoints land in
-OUTPUT_DIR/checkpoints (the last --checkpoints_total_limit kept); `--resume_from_checkpoint latest`
-continues a run exactly. The trained model is exported to OUTPUT_DIR/release as a complete Hub repo
-folder with its model card, and `--push_to_hub REPO_ID` uploads it.
+`torchrun --nproc_per_node N train.py ...`): --per_device_batch_size samples per process,
+positives gathered across processes for the loss. Checkpoints land in OUTPUT_DIR/checkpoints (the
+last --checkpoints_total_limit kept); `--resume_from_checkpoint latest` continues a run exactly. The
+trained model is exported to OUTPUT_DIR/release as a complete Hub repo folder with its model card,
+and `--push_to_hub REPO_ID` uploads it.
 """
 
 import hashlib

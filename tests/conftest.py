@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random SigLIP towers, NearID models built from them, Hub-style folders."""
 
+import json
 import os
 import subprocess
 import sys
@@ -113,3 +114,26 @@ def tiny_repo(tmp_path_factory):
 
     return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), tmp_path_factory.mktemp("model") / "repo")
 
+
+@pytest.fixture(scope="module")
+def train_synthetic(tmp_path_factory):
+    """Synthetic training data: 16 identities, two sources with missing distractors, MTG."""
+    import nearid_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    nearid_synthetic.main(["--output-dir", str(root), "--num-identities", "16", "--image-size", "48",
+                           "--missing-distractor-rate", "0.2", "--mtg-train", "4", "--mtg-test", "2"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A tiny SigLIP checkpoint folder with a SigLIP-style preprocessor config, like a Hub snapshot."""
+    folder = tmp_path_factory.mktemp("base") / "tiny-siglip"
+    make_tiny_siglip().save_pretrained(folder)
+    side = TINY_VISION["image_size"]
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
+        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    return folder

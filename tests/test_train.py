@@ -1,44 +1,21 @@
-"""train.py end to end on the synthetic benchmark: outputs, cache equivalence, exact resume, bad input."""
+"""train.py end to end on the train_synthetic benchmark: outputs, cache equivalence, exact resume, bad input."""
 
 import json
 
 import pytest
 import torch
-from conftest import TINY_VISION, make_tiny_siglip
 from safetensors.torch import load_file
 
-import nearid_synthetic
 import train
 
 HEAD_PREFIX = "backbone.vision_model.head."
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    nearid_synthetic.main(["--output-dir", str(root), "--num-identities", "16", "--image-size", "48",
-                           "--missing-distractor-rate", "0.2", "--mtg-train", "4", "--mtg-test", "2"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    """A tiny SigLIP checkpoint folder with a SigLIP-style preprocessor config, like a Hub snapshot."""
-    folder = tmp_path_factory.mktemp("base") / "tiny-siglip"
-    make_tiny_siglip().save_pretrained(folder)
-    side = TINY_VISION["image_size"]
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
-        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
-    return folder
-
-
-def train_args(synthetic, base_model, out, *extra):
-    return ["--positives", str(synthetic / "positives"), "--source", f"flux={synthetic / 'flux'}",
-            "--source", f"sdxl={synthetic / 'sdxl'}", "--mtg", str(synthetic / "mtg"),
-            "--val_split", str(synthetic / "splits" / "val.json"),
-            "--test_split", str(synthetic / "splits" / "test.json"),
+def train_args(train_synthetic, base_model, out, *extra):
+    return ["--positives", str(train_synthetic / "positives"), "--source", f"flux={train_synthetic / 'flux'}",
+            "--source", f"sdxl={train_synthetic / 'sdxl'}", "--mtg", str(train_synthetic / "mtg"),
+            "--val_split", str(train_synthetic / "splits" / "val.json"),
+            "--test_split", str(train_synthetic / "splits" / "test.json"),
             "--base_model", str(base_model), "--output_dir", str(out), "--per_device_batch_size", "4",
             "--num_epochs", "2", "--warmup_steps", "2", "--learning_rate", "1e-3", "--log_steps", "1",
             "--embed_batch_size", "16", *extra]
@@ -53,9 +30,9 @@ def head_weights(folder):
     return {k: v for k, v in load_file(folder / "model.safetensors").items()}
 
 
-def test_end_to_end_outputs(synthetic, base_model, tmp_path):
+def test_end_to_end_outputs(train_synthetic, base_model, tmp_path):
     out = tmp_path / "run"
-    results = train.main(train_args(synthetic, base_model, out, "--checkpoints_total_limit", "2"))
+    results = train.main(train_args(train_synthetic, base_model, out, "--checkpoints_total_limit", "2"))
     assert {"train_args.json", "logs.jsonl", "train_results.json", "checkpoints", "release", "token_cache"} <= \
         {p.name for p in out.iterdir()}
     assert len(train.completed_checkpoints(out)) == 2  # the newest K kept
@@ -72,21 +49,21 @@ def test_end_to_end_outputs(synthetic, base_model, tmp_path):
     assert moved and all(k.startswith(HEAD_PREFIX) for k in moved)  # only the head trained
 
 
-def test_token_cache_gives_the_reference_loss_curve(synthetic, base_model, tmp_path):
+def test_token_cache_gives_the_reference_loss_curve(train_synthetic, base_model, tmp_path):
     """Training on cached float32 tokens equals running the backbone on every slot at every step."""
     common = ("--num_epochs", "1", "--export", "false", "--token_cache_dtype", "float32")
-    cached = train.main(train_args(synthetic, base_model, tmp_path / "cached", *common))
-    reference = train.main(train_args(synthetic, base_model, tmp_path / "reference", *common, "--token_cache", "false"))
+    cached = train.main(train_args(train_synthetic, base_model, tmp_path / "cached", *common))
+    reference = train.main(train_args(train_synthetic, base_model, tmp_path / "reference", *common, "--token_cache", "false"))
     a, b = logged_losses(tmp_path / "cached"), logged_losses(tmp_path / "reference")
     assert len(a) == len(b) == cached["global_step"] == reference["global_step"]
     for (step_a, loss_a), (step_b, loss_b) in zip(a, b):
         assert step_a == step_b and loss_a == pytest.approx(loss_b, rel=1e-4, abs=1e-5)
 
 
-def test_resume_after_a_kill_ends_with_the_same_weights(synthetic, base_model, tmp_path, monkeypatch):
+def test_resume_after_a_kill_ends_with_the_same_weights(train_synthetic, base_model, tmp_path, monkeypatch):
     common = ("--checkpointing_steps", "3", "--export", "false")
     full = tmp_path / "full"
-    train.main(train_args(synthetic, base_model, full, *common))
+    train.main(train_args(train_synthetic, base_model, full, *common))
 
     interrupted = tmp_path / "interrupted"
     real_step, calls = train.train_step, {"n": 0}
@@ -99,10 +76,10 @@ def test_resume_after_a_kill_ends_with_the_same_weights(synthetic, base_model, t
 
     monkeypatch.setattr(train, "train_step", killed_at_step_7)
     with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(synthetic, base_model, interrupted, *common))
+        train.main(train_args(train_synthetic, base_model, interrupted, *common))
     monkeypatch.setattr(train, "train_step", real_step)
     assert train.completed_checkpoints(interrupted)[-1].name == "step-0000006"
-    train.main(train_args(synthetic, base_model, interrupted, *common, "--resume_from_checkpoint", "latest"))
+    train.main(train_args(train_synthetic, base_model, interrupted, *common, "--resume_from_checkpoint", "latest"))
 
     final_full, final_resumed = train.completed_checkpoints(full)[-1], train.completed_checkpoints(interrupted)[-1]
     assert final_full.name == final_resumed.name
@@ -111,17 +88,17 @@ def test_resume_after_a_kill_ends_with_the_same_weights(synthetic, base_model, t
     assert logged_losses(full)[-1] == logged_losses(interrupted)[-1]
 
 
-def test_test_rows_are_never_trained_on(synthetic, base_model):
-    data_args = train.DataArguments(positives=str(synthetic / "positives"),
-                                    source=[f"flux={synthetic / 'flux'}"],
-                                    test_split=str(synthetic / "splits" / "test.json"))
+def test_test_rows_are_never_trained_on(train_synthetic, base_model):
+    data_args = train.DataArguments(positives=str(train_synthetic / "positives"),
+                                    source=[f"flux={train_synthetic / 'flux'}"],
+                                    test_split=str(train_synthetic / "splits" / "test.json"))
     training_set, held_out, _, sizes = train.load_data(data_args)
     test_images = set(held_out["test"].items)
     assert sizes["test"] > 0 and test_images
     assert not test_images & set(training_set.items)
 
 
-def test_non_finite_loss_stops_with_the_step_named(synthetic, base_model, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_the_step_named(train_synthetic, base_model, tmp_path, monkeypatch):
     real_loss = train.nearid_loss
 
     def poisoned(*args, **kwargs):
@@ -132,27 +109,27 @@ def test_non_finite_loss_stops_with_the_step_named(synthetic, base_model, tmp_pa
     monkeypatch.setattr(train, "nearid_loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"at step 1 \(epoch 0"):
-        train.main(train_args(synthetic, base_model, out))
+        train.main(train_args(train_synthetic, base_model, out))
     assert not train.completed_checkpoints(out) and not (out / "release").exists()
 
 
-def test_existing_run_is_not_overwritten(synthetic, base_model, tmp_path):
+def test_existing_run_is_not_overwritten(train_synthetic, base_model, tmp_path):
     out = tmp_path / "run"
-    train.main(train_args(synthetic, base_model, out, "--max_steps", "2", "--export", "false"))
+    train.main(train_args(train_synthetic, base_model, out, "--max_steps", "2", "--export", "false"))
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
-        train.main(train_args(synthetic, base_model, out, "--max_steps", "2", "--export", "false"))
+        train.main(train_args(train_synthetic, base_model, out, "--max_steps", "2", "--export", "false"))
 
 
-def test_resume_refuses_changed_settings(synthetic, base_model, tmp_path):
+def test_resume_refuses_changed_settings(train_synthetic, base_model, tmp_path):
     out = tmp_path / "run"
-    train.main(train_args(synthetic, base_model, out, "--max_steps", "2", "--export", "false"))
+    train.main(train_args(train_synthetic, base_model, out, "--max_steps", "2", "--export", "false"))
     with pytest.raises(ValueError, match="per_device_batch_size"):
-        train.main(train_args(synthetic, base_model, out, "--max_steps", "2", "--export", "false",
+        train.main(train_args(train_synthetic, base_model, out, "--max_steps", "2", "--export", "false",
                               "--resume_from_checkpoint", "latest", "--per_device_batch_size", "3"))
 
 
-def test_bad_arguments_are_explained(synthetic, base_model, tmp_path):
-    base = train_args(synthetic, base_model, tmp_path / "x")
+def test_bad_arguments_are_explained(train_synthetic, base_model, tmp_path):
+    base = train_args(train_synthetic, base_model, tmp_path / "x")
     with pytest.raises(SystemExit, match="NAME=SRC"):
         train.main(base + ["--source", "no-equals-sign"])
     with pytest.raises(ValueError, match="global batch"):

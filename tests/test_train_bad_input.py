@@ -9,17 +9,17 @@ import re
 import datasets
 import pytest
 from test_evaluate_bad_input import change_id, corrupt_image, drop_column, present, rewrite
-from test_train import base_model, logged_losses, synthetic  # noqa: F401 (fixtures)
+from test_train import logged_losses
 
 import nearid_data
 import train
 
 
-def run_args(synthetic, base_model, out, *extra, flux=None, positives=None):  # noqa: F811
+def run_args(train_synthetic, base_model, out, *extra, flux=None, positives=None):
     """A short run with one distractor source, so that every present distractor is drawn each epoch;
     `flux` and `positives` replace the synthetic datasets."""
-    return ["--positives", str(positives or synthetic / "positives"), "--source", f"flux={flux or synthetic / 'flux'}",
-            "--test_split", str(synthetic / "splits" / "test.json"), "--base_model", str(base_model),
+    return ["--positives", str(positives or train_synthetic / "positives"), "--source", f"flux={flux or train_synthetic / 'flux'}",
+            "--test_split", str(train_synthetic / "splits" / "test.json"), "--base_model", str(base_model),
             "--output_dir", str(out), "--per_device_batch_size", "4", "--num_epochs", "1", "--warmup_steps", "1",
             "--log_steps", "1", "--embed_batch_size", "16", *extra]
 
@@ -31,12 +31,12 @@ def assert_nothing_trained(out):
     assert not (out / "logs.jsonl").exists() or not logged_losses(out)
 
 
-def used_distractor(synthetic, split):
+def used_distractor(train_synthetic, split):
     """(row, column) of a flux distractor that a run uses: its view is present in a row of `split`
     ("train": rows outside the test split) that has at least two views."""
-    positives = datasets.load_from_disk(str(synthetic / "positives"))
-    flux = datasets.load_from_disk(str(synthetic / "flux"))
-    test_rows = set(json.loads((synthetic / "splits" / "test.json").read_text()))
+    positives = datasets.load_from_disk(str(train_synthetic / "positives"))
+    flux = datasets.load_from_disk(str(train_synthetic / "flux"))
+    test_rows = set(json.loads((train_synthetic / "splits" / "test.json").read_text()))
     rows = sorted(test_rows) if split == "test" else [r for r in range(len(positives)) if r not in test_rows]
     views = list(zip(*(present(positives, f"img{k}") for k in (1, 2, 3))))
     distractors = list(zip(*(present(flux, f"nimg{k}") for k in (1, 2, 3))))
@@ -44,46 +44,46 @@ def used_distractor(synthetic, split):
                 for k in range(3) if views[row][k] and distractors[row][k])
 
 
-def corrupt_flux(synthetic, split, target):
+def corrupt_flux(train_synthetic, split, target):
     """A copy of the flux source with one image of `split` corrupt; (copy, row, column)."""
-    row, column = used_distractor(synthetic, split)
-    rewrite(synthetic / "flux", target, lambda d: corrupt_image(d, row, column))
+    row, column = used_distractor(train_synthetic, split)
+    rewrite(train_synthetic / "flux", target, lambda d: corrupt_image(d, row, column))
     return target, row, column
 
 
 @pytest.fixture(scope="module")
-def corrupt_training_image(synthetic, tmp_path_factory):  # noqa: F811
-    return corrupt_flux(synthetic, "train", tmp_path_factory.mktemp("corrupt_train") / "flux")
+def corrupt_training_image(train_synthetic, tmp_path_factory):
+    return corrupt_flux(train_synthetic, "train", tmp_path_factory.mktemp("corrupt_train") / "flux")
 
 
 @pytest.fixture(scope="module")
-def corrupt_test_image(synthetic, tmp_path_factory):  # noqa: F811
-    return corrupt_flux(synthetic, "test", tmp_path_factory.mktemp("corrupt_test") / "flux")
+def corrupt_test_image(train_synthetic, tmp_path_factory):
+    return corrupt_flux(train_synthetic, "test", tmp_path_factory.mktemp("corrupt_test") / "flux")
 
 
 @pytest.fixture(scope="module")
-def clean_run(synthetic, base_model, tmp_path_factory):  # noqa: F811
-    return train.main(run_args(synthetic, base_model, tmp_path_factory.mktemp("clean") / "run",
+def clean_run(train_synthetic, base_model, tmp_path_factory):
+    return train.main(run_args(train_synthetic, base_model, tmp_path_factory.mktemp("clean") / "run",
                                "--skip_bad_images", "true"))
 
 
-def test_corrupt_training_image_stops_before_training(synthetic, base_model, corrupt_training_image,  # noqa: F811
+def test_corrupt_training_image_stops_before_training(train_synthetic, base_model, corrupt_training_image,
                                                       tmp_path):
     flux, row, column = corrupt_training_image
     where = f"source flux row {row} column {column}"
     out = tmp_path / "run"
     with pytest.raises(nearid_data.ImageReadError, match=re.escape(f"cannot decode image at {where} (")) as error:
-        train.main(run_args(synthetic, base_model, out, flux=flux))
+        train.main(run_args(train_synthetic, base_model, out, flux=flux))
     assert "--skip_bad_images true" in str(error.value)
     assert_nothing_trained(out)
 
 
-def test_skip_bad_images_trains_without_the_image(synthetic, base_model, corrupt_training_image,  # noqa: F811
+def test_skip_bad_images_trains_without_the_image(train_synthetic, base_model, corrupt_training_image,
                                                   clean_run, tmp_path):
     flux, row, column = corrupt_training_image
     where = f"source flux row {row} column {column}"
     out = tmp_path / "run"
-    skipped = train.main(run_args(synthetic, base_model, out, "--skip_bad_images", "true", flux=flux))
+    skipped = train.main(run_args(train_synthetic, base_model, out, "--skip_bad_images", "true", flux=flux))
 
     on_disk = json.loads((out / "train_results.json").read_text())
     assert list(on_disk["skipped_images"]) == [where]
@@ -100,11 +100,11 @@ def test_skip_bad_images_trains_without_the_image(synthetic, base_model, corrupt
     assert counts["samples"] == clean_counts["samples"]
 
 
-def test_skipped_held_out_image_is_scored_as_missing(synthetic, base_model, corrupt_test_image, clean_run,  # noqa: F811
+def test_skipped_held_out_image_is_scored_as_missing(train_synthetic, base_model, corrupt_test_image, clean_run,
                                                      tmp_path):
     flux, row, column = corrupt_test_image
     where = f"source flux (test split) row {row} column {column}"
-    results = train.main(run_args(synthetic, base_model, tmp_path / "run", "--skip_bad_images", "true", flux=flux))
+    results = train.main(run_args(train_synthetic, base_model, tmp_path / "run", "--skip_bad_images", "true", flux=flux))
     assert list(results["skipped_images"]) == [where]
     assert results["data"]["dropped_images"] == 0  # not a training image
     final, clean_final = results["final"]["pooled"], clean_run["final"]["pooled"]
@@ -118,9 +118,9 @@ def test_skipped_held_out_image_is_scored_as_missing(synthetic, base_model, corr
     ("flux", drop_column("nimg2"), r"distractor columns: found none of .*nimg1\.\.nimg3"),
     ("positives", drop_column("img3"), r"positives view columns: found none of .*img1\.\.img3"),
 ])
-def test_malformed_dataset_is_a_clear_error(synthetic, base_model, tmp_path, which, change, message):  # noqa: F811
-    changed = rewrite(synthetic / which, tmp_path / which, change)
+def test_malformed_dataset_is_a_clear_error(train_synthetic, base_model, tmp_path, which, change, message):
+    changed = rewrite(train_synthetic / which, tmp_path / which, change)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
-        train.main(run_args(synthetic, base_model, out, **{which: changed}))
+        train.main(run_args(train_synthetic, base_model, out, **{which: changed}))
     assert_nothing_trained(out)

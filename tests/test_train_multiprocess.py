@@ -16,7 +16,7 @@ import torch
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
 from test_evaluate_multiprocess import launch
-from test_train import base_model, logged_losses, synthetic, train_args  # noqa: F401 (fixtures)
+from test_train import logged_losses, train_args
 
 import train
 
@@ -25,11 +25,11 @@ GLOBAL_BATCH = 4
 EXACT = ("--token_cache_dtype", "float32", "--mixed_precision", "no")
 
 
-def launch_train(num_processes, synthetic, base_model, out, *extra):  # noqa: F811
+def launch_train(num_processes, train_synthetic, base_model, out, *extra):
     """train.py on `num_processes` CPU processes sharing one global batch; returns the launcher's output."""
     per_device = str(GLOBAL_BATCH // num_processes)
     # The later --per_device_batch_size overrides train_args' default.
-    args = [REPO_ROOT / "train.py", *train_args(synthetic, base_model, out, *EXACT, *extra),
+    args = [REPO_ROOT / "train.py", *train_args(train_synthetic, base_model, out, *EXACT, *extra),
             "--per_device_batch_size", per_device]
     code, output = launch(num_processes, args, out.parent, f"{out.name}.log")
     assert (out / "train_results.json").is_file(), f"{num_processes} process(es), exit code {code}:\n{output[-4000:]}"
@@ -37,10 +37,10 @@ def launch_train(num_processes, synthetic, base_model, out, *extra):  # noqa: F8
 
 
 @pytest.fixture(scope="module")
-def runs(synthetic, base_model, tmp_path_factory):  # noqa: F811
+def runs(train_synthetic, base_model, tmp_path_factory):
     """{number of processes: (output folder, launcher output)} of the same training run on one process and on two."""
     root = tmp_path_factory.mktemp("runs")
-    return {n: (root / f"processes{n}", launch_train(n, synthetic, base_model, root / f"processes{n}")) for n in (1, 2)}
+    return {n: (root / f"processes{n}", launch_train(n, train_synthetic, base_model, root / f"processes{n}")) for n in (1, 2)}
 
 
 def assert_close_weights(a, b, rtol=0.0, atol=1e-5):
@@ -91,14 +91,14 @@ def test_two_processes_share_the_token_cache_and_write_outputs_once(runs):
     assert sum("test/ssr" in line for line in final_logs) == 1
 
 
-def test_two_processes_resume_to_the_same_weights(runs, synthetic, base_model, tmp_path):  # noqa: F811
+def test_two_processes_resume_to_the_same_weights(runs, train_synthetic, base_model, tmp_path):
     """A two-process run stopped at step 9 and resumed ends where the uninterrupted one did."""
     full, _ = runs[2]
     out = tmp_path / "resumed"
-    launch_train(2, synthetic, base_model, out, "--checkpointing_steps", "3", "--max_steps", "9")
+    launch_train(2, train_synthetic, base_model, out, "--checkpointing_steps", "3", "--max_steps", "9")
     assert train.completed_checkpoints(out)[-1].name == "step-0000009"
     (out / "train_results.json").unlink()  # judge the resumed run by its own results file
-    launch_train(2, synthetic, base_model, out, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+    launch_train(2, train_synthetic, base_model, out, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
 
     final = train.completed_checkpoints(full)[-1]
     resumed = out / "checkpoints" / final.name
@@ -108,12 +108,12 @@ def test_two_processes_resume_to_the_same_weights(runs, synthetic, base_model, t
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_on_the_cpu(precision, runs, synthetic, base_model, tmp_path):  # noqa: F811
+def test_mixed_precision_trains_on_the_cpu(precision, runs, train_synthetic, base_model, tmp_path):
     """A few autocast steps in a fresh interpreter (accelerate fixes the precision once per process):
     finite losses close to the float32 run's, and a checkpoint."""
     out = tmp_path / precision
     command = [sys.executable, str(REPO_ROOT / "train.py"),
-               *train_args(synthetic, base_model, out, "--mixed_precision", precision, "--max_steps", "3",
+               *train_args(train_synthetic, base_model, out, "--mixed_precision", precision, "--max_steps", "3",
                            "--export", "false")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
