@@ -134,11 +134,15 @@ class _TokenFormat:
             return {"tokens": values.cpu().numpy(), "scale": scales.cpu().numpy()}
         return {"tokens": tokens.to(getattr(torch, self.dtype)).cpu().numpy()}
 
-    def decode(self, records: np.ndarray) -> np.ndarray:
-        """Records -> float32 tokens [len(records), T, C]."""
-        tokens = records["tokens"].astype(np.float32)
+    def decode(self, records: np.ndarray, device=None) -> torch.Tensor:
+        """Records -> float32 tokens [len(records), T, C] on `device`.
+
+        The stored values travel to the device as they are (half or a quarter of float32) and are
+        widened there: on a GPU the conversion costs nothing next to a host-side one.
+        """
+        tokens = torch.from_numpy(np.ascontiguousarray(records["tokens"])).to(device).float()
         if self.dtype == "int8":
-            tokens *= records["scale"][..., None]
+            tokens *= torch.from_numpy(np.ascontiguousarray(records["scale"])).to(device).float()[..., None]
         return tokens
 
     def as_meta(self, fingerprint: str) -> dict:
@@ -197,8 +201,8 @@ class TokenCache:
     def __len__(self) -> int:
         return len(self._location)
 
-    def get(self, keys: list) -> torch.Tensor:
-        """Dequantised float32 tokens [len(keys), num_tokens, hidden], rows in the order of `keys`."""
+    def get(self, keys: list, device=None) -> torch.Tensor:
+        """Dequantised float32 tokens [len(keys), num_tokens, hidden] on `device` (default CPU), in key order."""
         try:
             locations = np.array([self._location[key] for key in keys], dtype=np.int64).reshape(-1, 2)
         except KeyError as error:
@@ -206,13 +210,17 @@ class TokenCache:
                 f"Image {error.args[0]!r} is not in the token cache at {self.folder} ({len(self)} images). "
                 "Build the cache with every image the run uses (TokenCache.build computes only missing ones)."
             ) from None
-        out = np.empty((len(keys), self.num_tokens, self.hidden), dtype=np.float32)
         shard_ids, rows = locations[:, 0], locations[:, 1]
+        stored = {"tokens": np.empty((len(keys), self.num_tokens, self.hidden), STORAGE_DTYPES[self.dtype])}
+        if self.dtype == "int8":
+            stored["scale"] = np.empty((len(keys), self.num_tokens), np.float32)
         for shard_id in np.unique(shard_ids):
             positions = np.flatnonzero(shard_ids == shard_id)
             positions = positions[np.argsort(rows[positions], kind="stable")]  # sequential reads
-            out[positions] = self._format.decode(self._shards[shard_id][rows[positions]])
-        return torch.from_numpy(out)
+            records = self._shards[shard_id][rows[positions]]
+            for name, values in stored.items():
+                values[positions] = records[name]
+        return self._format.decode(stored, device)
 
     @classmethod
     def open(cls, folder, fingerprint: str) -> "TokenCache":

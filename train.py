@@ -225,7 +225,7 @@ class CachedTokens:
     def tokens(self, keys):
         keys = [PAD_KEY if k is None else k for k in keys]
         position = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-        tokens = self.cache.get(list(position)).to(self.device)
+        tokens = self.cache.get(list(position), device=self.device)
         return tokens, torch.tensor([position[k] for k in keys], device=self.device)
 
 

@@ -1,0 +1,452 @@
+"""Training compute of an 11-epoch run: backbone token cache vs the reference design.
+
+The reference design runs the frozen backbone on all 6 slots of every sample at every step
+(`train.py --token_cache false`). The default computes each image's backbone tokens once and trains
+the head on them. This script runs `train.main` both ways, one after the other in this process, on
+the same synthetic data and config, and reports:
+
+  - wall time of each run, data preparation and the cache build included,
+  - backbone image-forwards of each run, counted by wrapping `NearIDModel.forward_features`
+    (cache: every image the 11 epochs use, plus one padding image; reference: 6 slots x samples per step x steps),
+  - whether both trained the same thing: the logged losses of every step (the cached run stores
+    float32 tokens, so both feed the head the same numbers),
+  - the analytic compute of the real setting from SPEC numbers, with its assumptions.
+
+The synthetic data keeps the proportions of the real training set: several distractor sources,
+MTG rows entering 4 times per epoch (about half of the samples, as 4 x ~4,750 MTG rows beside
+19,386 NearID rows), about a quarter of the NearID rows with 2 views. The random SigLIP base is small but
+shaped so that the backbone dominates the head, as with so400m.
+
+With --so400m and a CUDA device it also measures, for so400m-size random weights, backbone
+images/s, cache building images/s and head steps/s at the paper's batch.
+
+    python benchmarks/bench_train_compute.py            # writes benchmarks/results/bench_train_compute.txt
+    python benchmarks/bench_train_compute.py --smoke    # 2 epochs on a few rows, writes nothing
+"""
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nearid_synthetic  # noqa: E402
+import train  # noqa: E402
+from bench_common import environment_lines, write_results  # noqa: E402
+from bench_forward import forward_flops  # noqa: E402
+from configuration_nearid import NearIDConfig  # noqa: E402
+from modeling_nearid import NearIDModel  # noqa: E402
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_train_compute.txt"
+SLOTS = 6
+TARGET_RATIO = 5.0
+# A small random SigLIP whose backbone costs ~600x its (folded) head; so400m's costs ~8,000x.
+BENCH_VISION = dict(image_size=96, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=6,
+                    intermediate_size=768)
+SOURCE_NAMES = ("flux", "sdxl", "powerpaint", "qwen", "flux_1024", "sdxl_1024", "qwen_1328", "fluxc", "fluxc_1024")
+
+# The real setting (SPEC sections 2, 3, 5).
+REAL_NEARID_ROWS = 19_386
+REAL_BATCH = 128
+REAL_STEPS_PER_EPOCH = 300
+MTG_REPEATS = 4  # train.py --mtg_repeats: the reference concatenates MTG 4 times
+# Not in the SPEC: inferred from ~300 steps x 128 samples per epoch = 19,386 NearID rows + 4 x MTG rows.
+REAL_MTG_ROWS = round((REAL_STEPS_PER_EPOCH * REAL_BATCH - REAL_NEARID_ROWS) / MTG_REPEATS)
+SO400M_GFLOP = 670  # per image, SPEC section 5
+H200_IMAGES_PER_S = 1_180  # the backbone's physical limit on an H200 (SPEC section 5)
+TRAIN_OVER_FORWARD = 3  # a training step of the head costs ~3 forwards (forward + backward)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=11, help="epochs of each run (the paper's 11)")
+    parser.add_argument("--identities", type=int, default=48, help="NearID rows (one object identity each)")
+    parser.add_argument("--mtg-rows", type=int, default=12, help="MTG train rows (each enters 4 times per epoch)")
+    parser.add_argument("--sources", type=int, default=4, help=f"distractor sources, at most {len(SOURCE_NAMES)}")
+    parser.add_argument("--batch", type=int, default=16, help="samples (6 slots each) per step")
+    parser.add_argument("--data-image-size", type=int, default=96, help="side of the synthetic images in pixels")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 keeps the timings steady on a shared machine, where several "
+                             "threads stall whenever another process takes one of their cores")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep data and runs here (default: a temp folder)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the report")
+    parser.add_argument("--smoke", action="store_true", help="2 epochs on 8 rows, no report file")
+    parser.add_argument("--so400m", action="store_true",
+                        help="with CUDA: also measure so400m-size backbone, cache building and head step rates")
+    parser.add_argument("--so400m-images", type=int, default=4096, help="images cached in the --so400m measurement")
+    parser.add_argument("--gpu-batch", type=int, default=256, help="images per backbone pass with --so400m")
+    args = parser.parse_args(argv)
+    if not 1 <= args.sources <= len(SOURCE_NAMES):
+        parser.error(f"--sources must be between 1 and {len(SOURCE_NAMES)}, got {args.sources}")
+    if args.smoke:
+        args.epochs, args.identities, args.mtg_rows, args.batch, args.output = 2, 8, 2, 4, None
+    return args
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def write_base_model(folder: Path) -> Path:
+    """A random SigLIP vision checkpoint with a SigLIP preprocessor config, like a Hub snapshot."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(**BENCH_VISION)).save_pretrained(folder)
+    side = BENCH_VISION["image_size"]
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
+        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    return folder
+
+
+def write_training_data(folder: Path, args) -> dict:
+    """Positives, one folder per distractor source and MTG; returns the train.py data flags' values."""
+    cfg = nearid_synthetic.SyntheticConfig(output_dir=str(folder), num_identities=args.identities,
+                                           image_size=args.data_image_size, sources=SOURCE_NAMES[:args.sources],
+                                           mtg_train=args.mtg_rows, mtg_test=1)
+    positives, sources = nearid_synthetic.build_benchmark(cfg)
+    positives.save_to_disk(str(folder / "positives"))
+    for name, dataset in sources.items():
+        dataset.save_to_disk(str(folder / name))
+    nearid_synthetic.build_mtg(cfg).save_to_disk(str(folder / "mtg"))
+    return {"positives": folder / "positives", "sources": list(sources), "mtg": folder / "mtg",
+            "views_per_row": list(positives["n_images"])}
+
+
+def samples_per_epoch(data: dict, args) -> int:
+    return len(data["views_per_row"]) + MTG_REPEATS * args.mtg_rows
+
+
+def train_arguments(data: dict, base_model: Path, out: Path, args, *extra) -> list:
+    # The paper warms up for 100 of 3,300 steps; keep that share of this run's steps.
+    warmup = max(1, round(100 / 3300 * args.epochs * (samples_per_epoch(data, args) // args.batch)))
+    argv = ["--positives", str(data["positives"]), "--mtg", str(data["mtg"]), "--base_model", str(base_model),
+            "--output_dir", str(out), "--num_epochs", str(args.epochs), "--per_device_batch_size", str(args.batch),
+            "--warmup_steps", str(warmup), "--log_steps", "1", "--export", "false",
+            "--token_cache_dtype", "float32", *extra]
+    for name in data["sources"]:
+        argv += ["--source", f"{name}={data['positives'].parent / name}"]
+    return argv
+
+
+# --- one measured run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    seconds: float
+    backbone_images: int
+    steps: int
+    losses: list
+
+
+@contextlib.contextmanager
+def counting_backbone_images():
+    """Count the images that go through `NearIDModel.forward_features` (the backbone) while inside."""
+    counter = {"images": 0}
+    original = NearIDModel.forward_features
+
+    def counted(self, pixel_values):
+        counter["images"] += pixel_values.shape[0]
+        return original(self, pixel_values)
+
+    NearIDModel.forward_features = counted
+    try:
+        yield counter
+    finally:
+        NearIDModel.forward_features = original
+
+
+def logged_losses(out: Path) -> list:
+    lines = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+def measure_run(argv: list, out: Path) -> Measured:
+    """Wall time and backbone images of one `train.main` run; its log lines go to OUT.log."""
+    with counting_backbone_images() as counter, open(f"{out}.log", "w") as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        start = time.perf_counter()
+        results = train.main(argv)
+        seconds = time.perf_counter() - start
+    return Measured(seconds, counter["images"], results["global_step"], logged_losses(out))
+
+
+def warm_up_imports():
+    """Import what train.main imports lazily, so neither timed run pays for it."""
+    import accelerate  # noqa: F401
+    from transformers import HfArgumentParser, get_cosine_schedule_with_warmup  # noqa: F401
+
+    import image_processing_nearid  # noqa: F401
+    import nearid_reports  # noqa: F401
+
+
+# --- compute model ----------------------------------------------------------------------------------
+
+
+def expected_distinct(choices: int, draws: int) -> float:
+    """Expected number of different values among `draws` uniform draws from `choices` values."""
+    return choices * (1 - (1 - 1 / choices) ** draws)
+
+
+def expected_cached_images(views_per_row, mtg_rows: int, sources: int, epochs: int) -> float:
+    """Images an `epochs`-long run uses: every view, the distractors its per-epoch draws pick, MTG, the pad.
+
+    Each epoch every present view draws one of `sources` distractors (its own scene's) uniformly, so a
+    view's distractors used over the run are the distinct values among `epochs` draws. An MTG row
+    shows 4 images whatever its repeats. The padding slot is one cached image.
+    """
+    per_view = 1 + expected_distinct(sources, epochs)
+    return sum(views_per_row) * per_view + 4 * mtg_rows + 1
+
+
+def head_forward_flops(config: NearIDConfig) -> float:
+    """FLOPs of this repo's MAP head for one image: the probe folded into the key projection.
+
+    Scores and pooling read the tokens once per attention head; then value and output projections
+    and the MLP act on a single token.
+    """
+    v = config.vision_config
+    tokens, width, heads, mlp = config.num_patches, v["hidden_size"], v["num_attention_heads"], v["intermediate_size"]
+    return 2 * 2 * tokens * width * heads + 2 * 2 * width * width + 2 * 2 * width * mlp
+
+
+def compute_ratio(reference_images, cached_images, head_slots, backbone_flops, head_train_flops) -> float:
+    """(reference compute) / (cached compute); both train the head on every slot of every step."""
+    head = head_slots * head_train_flops
+    return (reference_images * backbone_flops + head) / (cached_images * backbone_flops + head)
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def measured_lines(cached: Measured, reference: Measured, data: dict, args) -> list:
+    config = NearIDConfig(vision_config={**NearIDConfig().vision_config, **BENCH_VISION},
+                          embed_dim=BENCH_VISION["hidden_size"])
+    backbone, head = forward_flops(config), head_forward_flops(config)
+    steps_per_epoch = samples_per_epoch(data, args) // args.batch
+    expected = expected_cached_images(data["views_per_row"], args.mtg_rows, args.sources, args.epochs)
+    wall = reference.seconds / cached.seconds
+    forwards = reference.backbone_images / cached.backbone_images
+    flops = compute_ratio(reference.backbone_images, cached.backbone_images, SLOTS * args.batch * reference.steps,
+                          backbone, TRAIN_OVER_FORWARD * head)
+    two_view = sum(v == 2 for v in data["views_per_row"])
+    return [
+        f"data: {len(data['views_per_row'])} NearID rows ({two_view} with 2 views), {args.sources} distractor "
+        f"sources, {args.mtg_rows} MTG rows x {MTG_REPEATS} = {samples_per_epoch(data, args)} samples/epoch; "
+        f"{args.data_image_size}px images",
+        f"model: random SigLIP {BENCH_VISION}: backbone {backbone / 1e6:.0f} MFLOP/image, "
+        f"head {head / 1e6:.2f} MFLOP/image",
+        f"config: {args.epochs} epochs x {steps_per_epoch} steps x {args.batch} samples "
+        f"({SLOTS} slots); fp32; same seed and arguments, cached run with --token_cache_dtype float32",
+        "",
+        f"{'run':<36}{'wall s':>9}{'backbone images':>17}",
+        f"{'token cache (build + training)':<36}{cached.seconds:>9.1f}{cached.backbone_images:>17,}",
+        f"{'reference (--token_cache false)':<36}{reference.seconds:>9.1f}{reference.backbone_images:>17,}",
+        f"backbone images expected: cache {expected:,.0f} (each view + expected distinct distractor draws + MTG "
+        f"+ 1 pad), reference {SLOTS * steps_per_epoch * args.batch * args.epochs:,} "
+        f"({SLOTS} x {steps_per_epoch * args.batch} samples x {args.epochs} epochs)",
+        f"wall-time ratio reference / cache: {wall:.2f}x ({verdict(wall)})",
+        f"backbone-forward ratio: {forwards:.2f}x ({verdict(forwards)})",
+        f"compute ratio (forwards x backbone FLOPs + {TRAIN_OVER_FORWARD} x head FLOPs per slot and step): "
+        f"{flops:.2f}x ({verdict(flops)})",
+        same_training_line(cached.losses, reference.losses),
+    ]
+
+
+def verdict(ratio: float) -> str:
+    return f">= {TARGET_RATIO:.0f}x: {'yes' if ratio >= TARGET_RATIO else 'NO'}"
+
+
+def same_training_line(cached: list, reference: list, tolerance=1e-4) -> str:
+    """Both runs log the loss of every step; float32 tokens make them equal up to rounding."""
+    if len(cached) != len(reference) or not cached:
+        return f"same training: NO (logged {len(cached)} and {len(reference)} losses)"
+    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(cached, reference))
+    same = worst <= tolerance
+    return (f"same training: {'yes' if same else 'NO'}: final loss {cached[-1]:.6f} (cache) vs {reference[-1]:.6f} "
+            f"(reference); largest relative difference over {len(cached)} steps {worst:.1e} (tolerance {tolerance:g})")
+
+
+def real_setting_lines(epochs: int) -> list:
+    """Analytic compute of the paper's run with and without the cache, for several source counts."""
+    config = NearIDConfig()
+    head, unfolded_head = head_forward_flops(config), 3.9e9  # SPEC: 3.9 GFLOP as nn.MultiheadAttention computes it
+    samples_per_epoch = REAL_STEPS_PER_EPOCH * REAL_BATCH
+    reference_images = epochs * SLOTS * samples_per_epoch
+    lines = [
+        "",
+        f"real setting, analytic (SPEC sections 2, 3, 5), {epochs} epochs. Assumptions:",
+        f"  {REAL_NEARID_ROWS:,} NearID rows, all with 3 views (a 2-view row still costs the reference {SLOTS} slots "
+        "but the cache fewer images: the cache's worst case);",
+        f"  {REAL_MTG_ROWS:,} MTG rows x {MTG_REPEATS} (not in the SPEC: ~{REAL_STEPS_PER_EPOCH} steps x "
+        f"{REAL_BATCH} samples per epoch minus the NearID rows);",
+        f"  backbone {SO400M_GFLOP} GFLOP/image; head training {TRAIN_OVER_FORWARD} x {head / 1e9:.3f} GFLOP per slot "
+        f"and step (this repo's folded head; {TRAIN_OVER_FORWARD} x 3.9 GFLOP unfolded), the same in both designs.",
+        f"  reference: {epochs} x {SLOTS} slots x {samples_per_epoch:,} samples = {reference_images:,} backbone images "
+        f"= {reference_images * SO400M_GFLOP / 1e6:,.0f} PFLOP "
+        f"(+ {reference_images * TRAIN_OVER_FORWARD * head / 1e15:.1f} PFLOP head training)",
+        f"  cache: each view once, plus the distinct distractors among its {epochs} per-epoch draws from S sources: "
+        f"S(1 - (1 - 1/S)^{epochs}) expected; 4 images per MTG row whatever its repeats; 1 pad",
+        f"{'S sources':>11}{'cache images':>14}{'cache PFLOP':>13}{'ratio':>8}{'ratio, unfolded head':>22}"
+        f"{'backbone minutes at 1,180 img/s (H200), ref / cache':>54}",
+    ]
+    for sources in (1, 2, 4, 7, 9):
+        images = expected_cached_images([3] * REAL_NEARID_ROWS, REAL_MTG_ROWS, sources, epochs)
+        backbone = SO400M_GFLOP * 1e9
+        cache_flops = images * backbone + reference_images * TRAIN_OVER_FORWARD * head
+        ratio = compute_ratio(reference_images, images, reference_images, backbone, TRAIN_OVER_FORWARD * head)
+        unfolded = compute_ratio(reference_images, images, reference_images, backbone,
+                                 TRAIN_OVER_FORWARD * unfolded_head)
+        minutes = f"{reference_images / H200_IMAGES_PER_S / 60:.0f} / {images / H200_IMAGES_PER_S / 60:.1f}"
+        lines.append(f"{sources:>11}{images:>14,.0f}{cache_flops / 1e15:>13,.0f}{ratio:>7.1f}x{unfolded:>21.1f}x"
+                     f"{minutes:>54}")
+    lines.append("  (S = 7: the Table-1 settings; S = 9: every published source)")
+    return lines
+
+
+# --- so400m rates on a GPU --------------------------------------------------------------------------
+
+
+class RandomPixels:
+    """item (an int seed) -> a reproducible random pixel tensor in [-1, 1]; picklable for DataLoader workers."""
+
+    def __init__(self, side: int):
+        self.side = side
+
+    def __call__(self, item: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(item)
+        return torch.rand(3, self.side, self.side, generator=generator) * 2 - 1
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+class ResidentTokens:
+    """Head inputs already on the device (one random token set per slot): head steps without cache reads."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.resident = tokens
+
+    def tokens(self, keys):
+        return self.resident[:len(keys)], torch.arange(len(keys), device=self.resident.device)
+
+
+def head_step_rate(model, provider, keys: list, samples_per_step: int, steps: int, autocast) -> float:
+    """Head training steps/s (6-slot samples drawn from `keys`, NearID loss, AdamW) with tokens from `provider`."""
+    from nearid_loss import nearid_loss
+
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(samples_per_step, SLOTS, dtype=torch.bool, device=model.device)
+
+    def step():
+        drawn = torch.randint(len(keys), (samples_per_step, SLOTS), generator=generator).tolist()
+        with autocast:
+            embeddings = train.batch_embeddings(model.head, provider, [[keys[i] for i in row] for row in drawn])
+            loss = nearid_loss(embeddings, mask)
+        loss.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    return steps / timed(lambda: [step() for _ in range(steps)], model.device)
+
+
+def measure_rates(config: NearIDConfig, device, num_images: int, image_batch: int, samples_per_step: int,
+                  head_steps: int, folder: Path) -> dict:
+    """Backbone images/s, cache building images/s (pixels -> stored tokens) and head steps/s on `device`."""
+    from nearid_token_cache import TokenCache
+
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    with device:
+        model = NearIDModel(config).eval().freeze_backbone()
+    autocast = torch.autocast(device.type, torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    side = config.vision_config["image_size"]
+    pixels = torch.rand(image_batch, 3, side, side, device=device) * 2 - 1
+    with torch.no_grad(), autocast:
+        model.forward_features(pixels)  # warm-up
+        backbone_s = timed(lambda: model.forward_features(pixels), device)
+    items = {f"image-{i:07d}": i for i in range(num_images)}
+    build_s = timed(lambda: TokenCache.build(folder, model, items, RandomPixels(side), "bench", dtype="float16",
+                                             batch_size=image_batch, num_workers=8 if on_gpu else 0, device=device,
+                                             autocast_dtype=torch.bfloat16 if on_gpu else None, progress=False),
+                    device)
+    cached = train.CachedTokens(TokenCache.open(folder, "bench"), device)
+    resident = ResidentTokens(torch.randn(samples_per_step * SLOTS, config.num_patches,
+                                          config.vision_config["hidden_size"], device=device))
+    return {"backbone_images_per_s": image_batch / backbone_s, "cache_images_per_s": num_images / build_s,
+            "head_steps_per_s": head_step_rate(model, cached, list(items), samples_per_step, head_steps, autocast),
+            "resident_head_steps_per_s": head_step_rate(model, resident, list(items), samples_per_step, head_steps,
+                                                        autocast)}
+
+
+def so400m_lines(args, epochs: int) -> list:
+    if not args.so400m:
+        return ["", "so400m rates: not measured in this run (pass --so400m on a machine with CUDA)."]
+    if not torch.cuda.is_available():
+        return ["", "so400m rates: --so400m needs a CUDA device; none on this machine, not measured."]
+    with tempfile.TemporaryDirectory() as folder:
+        rates = measure_rates(NearIDConfig(), "cuda", args.so400m_images, args.gpu_batch, REAL_BATCH, 10,
+                              Path(folder) / "cache")
+    steps = epochs * REAL_STEPS_PER_EPOCH
+    images = expected_cached_images([3] * REAL_NEARID_ROWS, REAL_MTG_ROWS, 7, epochs)
+    cache_hours = (images / rates["cache_images_per_s"] + steps / rates["head_steps_per_s"]) / 3600
+    reference_hours = steps * REAL_BATCH * SLOTS / rates["backbone_images_per_s"] / 3600
+    return [
+        "",
+        f"so400m rates on {torch.cuda.get_device_name()} (random weights, bf16 autocast, fp16 cache):",
+        f"  backbone forward, batch {args.gpu_batch}: {rates['backbone_images_per_s']:,.0f} images/s",
+        f"  cache building ({args.so400m_images:,} images, random pixels, 8 loader workers): "
+        f"{rates['cache_images_per_s']:,.0f} images/s",
+        f"  head steps ({REAL_BATCH} samples x {SLOTS} slots, loss, AdamW): {rates['head_steps_per_s']:.2f} steps/s "
+        f"reading the cache as train.py does, {rates['resident_head_steps_per_s']:.2f} steps/s on tokens already "
+        "on the GPU",
+        f"  projected real run (S = 7): cache {cache_hours:.2f} h (build + {steps:,} head steps) vs reference "
+        f">= {reference_hours:.2f} h (backbone alone, image decoding not counted)",
+    ]
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        data = write_training_data(workdir / "data", args)
+        base_model = write_base_model(workdir / "base-model")
+        warm_up_imports()
+        # The cached run goes first: anything a first run pays for once counts against the cache.
+        runs = {}
+        for name, extra in (("cached", ()), ("reference", ("--token_cache", "false"))):
+            out = workdir / name
+            shutil.rmtree(out, ignore_errors=True)  # a token cache left by an earlier run would be reused
+            runs[name] = measure_run(train_arguments(data, base_model, out, args, *extra), out)
+        lines = environment_lines() + measured_lines(runs["cached"], runs["reference"], data, args)
+    lines += real_setting_lines(args.epochs) + so400m_lines(args, args.epochs)
+    write_results(args.output, lines)
+
+
+if __name__ == "__main__":
+    main()
