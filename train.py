@@ -604,8 +604,8 @@ def eval_results(scores, split):
 
 
 def export(run, processor, data_args, model_args, all_args, final):
-    """The release folder: a complete Hub repo with its model card; pushed when asked."""
-    from nearid_hub import export_hub_folder, push_to_hub
+    """The release folder: a complete Hub repo with its model card."""
+    from nearid_hub import export_hub_folder
 
     args = run.args
     split, scores = final if final else (None, None)
@@ -615,15 +615,36 @@ def export(run, processor, data_args, model_args, all_args, final):
     folder = export_hub_folder(run.model, processor, Path(args.output_dir) / "release", overwrite=True,
                                model_card=card)
     print(f"exported {folder}")
-    if args.push_to_hub:
-        url = push_to_hub(folder, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,
-                          commit_message=args.hub_commit_message or "Upload NearID trained with train.py")
-        print(f"pushed to {url}")
     return folder
 
 
+def push(args, folder):
+    """Upload the release folder in one commit; a failure leaves it intact and says how to retry."""
+    from nearid_hub import push_to_hub
+
+    url = push_to_hub(folder, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,
+                      commit_message=args.hub_commit_message or "Upload NearID trained with train.py")
+    print(f"pushed to {url}")
+    return url
+
+
+def check_push_possible(args):
+    """Before hours of training: a push needs the export and a token (the upload itself comes last)."""
+    if not args.push_to_hub:
+        return
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import validate_repo_id
+
+    if not args.export:
+        raise SystemExit("--push_to_hub uploads the release folder, so it needs --export true")
+    validate_repo_id(args.push_to_hub)
+    if not get_token():
+        raise SystemExit("--push_to_hub needs a Hugging Face token with write access: log in with "
+                         "`hf auth login` or set HF_TOKEN, then run again (nothing was trained yet).")
+
+
 def finish(run, processor, data_args, model_args, all_args, skipped, describe):
-    """Final held-out evaluation (test if given, else val), results file, export and push."""
+    """Final held-out evaluation (test if given, else val), export, results file, then the push."""
     from nearid_reports import atomic_write_json
 
     final_split = "test" if "test" in run.held_out else ("val" if "val" in run.held_out else None)
@@ -635,7 +656,11 @@ def finish(run, processor, data_args, model_args, all_args, skipped, describe):
     folder = export(run, processor, data_args, model_args, all_args, (final_split, scores) if scores else None) \
         if run.args.export else None
     results["release"] = str(folder) if folder else None
-    atomic_write_json(Path(run.args.output_dir) / "train_results.json", results)
+    results_path = Path(run.args.output_dir) / "train_results.json"
+    atomic_write_json(results_path, results)  # written before the upload: a failed push loses nothing
+    if run.args.push_to_hub:
+        results["pushed"] = push(run.args, folder)
+        atomic_write_json(results_path, results)
     return results
 
 
@@ -643,6 +668,7 @@ def main(argv=None):
     from nearid_reports import atomic_write_json
 
     data_args, model_args, args = parse_arguments(argv)
+    check_push_possible(args)
     accelerator = make_accelerator(args)
     out = prepare_output_dir(args, accelerator)
     all_args = {**asdict(data_args), **asdict(model_args), **asdict(args), "num_processes": accelerator.num_processes}

@@ -137,3 +137,13 @@ def base_model(tmp_path_factory):
         "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
     return folder
+
+
+@pytest.fixture
+def hub():
+    """huggingface_hub talking to a fake Hub (tests/fake_hub.py) instead of the network."""
+    from fake_hub import use_fake_hub
+
+    with use_fake_hub() as fake:
+        yield fake
+

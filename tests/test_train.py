@@ -138,3 +138,43 @@ def test_bad_arguments_are_explained(train_synthetic, base_model, tmp_path):
     empty.write_text("[]")
     with pytest.raises(ValueError, match="empty"):
         train.main(base + ["--val_split", str(empty)])
+
+
+def test_push_to_hub_uploads_the_release_in_one_commit(train_synthetic, base_model, tmp_path, hub, monkeypatch):
+    from fake_hub import commit_payload
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_write_token")
+    out = tmp_path / "run"
+    results = train.main(train_args(train_synthetic, base_model, out, "--max_steps", "2", "--push_to_hub",
+                                    "someone/nearid-test", "--hub_revision", "exp", "--hub_commit_message", "Run 1"))
+    commits = hub.calls("commit/")
+    assert len(commits) == 1 and commits[0].url.path == "/api/models/someone/nearid-test/commit/exp"
+    header, files = commit_payload(commits[0])
+    release = out / "release"
+    assert header["summary"] == "Run 1"
+    assert files == {p.name: p.read_bytes() for p in release.iterdir()}
+    assert "README.md" in files and b"someone/nearid-test" in files["README.md"]
+    assert results["pushed"].startswith("https://huggingface.co/someone/nearid-test/commit/")
+
+
+def test_failed_push_keeps_the_release_and_results(train_synthetic, base_model, tmp_path, hub, monkeypatch):
+    from nearid_hub import HubPushError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_write_token")
+    hub.commit_status = 500
+    out = tmp_path / "run"
+    with pytest.raises(HubPushError, match="nearid_hub.py push"):
+        train.main(train_args(train_synthetic, base_model, out, "--max_steps", "2", "--push_to_hub", "someone/x"))
+    assert (out / "release" / "model.safetensors").is_file()
+    assert json.loads((out / "train_results.json").read_text())["release"] == str(out / "release")
+
+
+def test_push_without_a_token_stops_before_training(train_synthetic, base_model, tmp_path, hub, monkeypatch):
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_here"))
+    with pytest.raises(SystemExit, match="hf auth login"):
+        train.main(train_args(train_synthetic, base_model, tmp_path / "run", "--push_to_hub", "someone/x"))
+    assert not (tmp_path / "run").exists() and not hub.requests
