@@ -15,10 +15,7 @@ Usage: python demo.py [--output-dir demo_outputs] [--num-identities 200] [--epoc
 """
 
 import argparse
-import json
 from pathlib import Path
-
-import torch
 
 import evaluate
 import nearid_reports as reports
@@ -31,20 +28,6 @@ from nearid_hub import export_hub_folder
 SMALL_SIGLIP = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128)
 SOURCES = ("flux", "sdxl")
-
-
-def save_small_siglip(folder: Path) -> Path:
-    """A random SigLIP vision checkpoint plus the SigLIP-style preprocessor config a Hub snapshot has."""
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    torch.manual_seed(0)
-    SiglipVisionModel(SiglipVisionConfig(**SMALL_SIGLIP)).save_pretrained(folder)
-    side = SMALL_SIGLIP["image_size"]
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
-        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}, indent=2))
-    return folder
 
 
 def export_untrained(base: Path, folder: Path) -> Path:
@@ -80,7 +63,7 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
     data = output_dir / "synthetic"
     nearid_synthetic.main(["--output-dir", str(data), "--num-identities", str(num_identities), "--image-size", "64",
                            "--sources", *SOURCES, "--mtg-train", "40", "--mtg-test", "20", "--overwrite"])
-    base = save_small_siglip(output_dir / "small-siglip")
+    base = nearid_synthetic.save_siglip_checkpoint(output_dir / "small-siglip", SMALL_SIGLIP)
     untrained = export_untrained(base, output_dir / "nearid-untrained")
     before = evaluate_model(untrained, data, output_dir / "eval-untrained")
     trained = train_head(base, data, output_dir / "training", epochs)

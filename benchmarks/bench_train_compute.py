@@ -97,16 +97,7 @@ def parse_args(argv=None):
 
 def write_base_model(folder: Path) -> Path:
     """A random SigLIP vision checkpoint with a SigLIP preprocessor config, like a Hub snapshot."""
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    torch.manual_seed(0)
-    SiglipVisionModel(SiglipVisionConfig(**BENCH_VISION)).save_pretrained(folder)
-    side = BENCH_VISION["image_size"]
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
-        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
-    return folder
+    return nearid_synthetic.save_siglip_checkpoint(folder, BENCH_VISION)
 
 
 def write_training_data(folder: Path, args) -> dict:

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random SigLIP towers, NearID models built from them, Hub-style folders."""
 
-import json
 import os
 import subprocess
 import sys
@@ -129,14 +128,9 @@ def train_synthetic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     """A tiny SigLIP checkpoint folder with a SigLIP-style preprocessor config, like a Hub snapshot."""
-    folder = tmp_path_factory.mktemp("base") / "tiny-siglip"
-    make_tiny_siglip().save_pretrained(folder)
-    side = TINY_VISION["image_size"]
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
-        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
-    return folder
+    import nearid_synthetic
+
+    return nearid_synthetic.save_siglip_checkpoint(tmp_path_factory.mktemp("base") / "tiny-siglip", model=make_tiny_siglip())
 
 
 @pytest.fixture
