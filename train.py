@@ -37,7 +37,7 @@ import nearid_metrics as metrics
 from nearid_embedding import slot_embeddings
 from nearid_loss import nearid_loss
 from nearid_token_cache import TokenCache
-from nearid_training_data import ImageIndex, build_training_set, slot_mask
+from nearid_training_data import ImageIndex, build_training_set, slot_mask, training_rows
 
 PAD_KEY = "pad"  # the token-cache key of a padded slot: an all-zero pixel tensor, as in the reference
 CHECKPOINT_PREFIX = "step-"
@@ -155,10 +155,8 @@ def read_splits(data_args, num_rows):
     """{split: row indices} from the split files; train defaults to every row not held out."""
     files = {"train": data_args.train_split, "val": data_args.val_split, "test": data_args.test_split}
     splits = {name: data.load_split_indices(path, num_rows) for name, path in files.items() if path}
-    if "train" not in splits:
-        held_out = set(splits.get("val", [])) | set(splits.get("test", []))
-        splits["train"] = [row for row in range(num_rows) if row not in held_out]
-    data.check_disjoint(splits)  # test rows are never trained on
+    held_out = {name: rows for name, rows in splits.items() if name != "train"}
+    splits["train"] = training_rows(num_rows, splits.get("train"), held_out)  # test rows are never trained on
     return splits
 
 
@@ -234,11 +232,9 @@ class BackboneEveryStep:
 
     def __init__(self, model, items, loader, device):
         self.model, self.items, self.loader, self.device = model, items, loader, device
-        self.images_embedded = 0
 
     def tokens(self, keys):
         pixels = torch.stack([self.loader(None if k is None else self.items[k]) for k in keys]).to(self.device)
-        self.images_embedded += len(keys)
         with torch.no_grad():
             return self.model.forward_features(pixels), torch.arange(len(keys), device=self.device)
 
@@ -280,24 +276,26 @@ def build_token_cache(model, processor, keys, items, args, skip_errors, accelera
         raise
 
 
+def head_embeddings(head, provider, keys):
+    """Image keys (None = pad) -> L2-normalised head embeddings [len(keys), D], in key order."""
+    tokens, index = provider.tokens(keys)
+    return F.normalize(head(tokens).float(), dim=-1)[index]
+
+
 def embed_keys(head, provider, keys, batch_size=256):
     """{key: normalised embedding} of images through the current head (no grad; for validation)."""
     embeddings = {}
     with torch.no_grad():
         for start in range(0, len(keys), batch_size):
             chunk = keys[start:start + batch_size]
-            tokens, index = provider.tokens(chunk)
-            vectors = F.normalize(head(tokens).float(), dim=-1)[index].cpu().numpy()
-            embeddings.update(zip(chunk, vectors))
+            embeddings.update(zip(chunk, head_embeddings(head, provider, chunk).cpu().numpy()))
     return embeddings
 
 
 def batch_embeddings(head, provider, slots):
     """6-slot samples (lists of keys, None = pad) -> L2-normalised embeddings [B, 6, D]."""
     flat = [key for sample in slots for key in sample]
-    tokens, index = provider.tokens(flat)
-    embeddings = F.normalize(head(tokens).float(), dim=-1)
-    return embeddings[index].view(len(slots), len(slots[0]), -1)
+    return head_embeddings(head, provider, flat).view(len(slots), len(slots[0]), -1)
 
 
 def held_out_scores(held, embeddings):
