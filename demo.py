@@ -18,12 +18,12 @@ import argparse
 from pathlib import Path
 
 import evaluate
-import nearid_reports as reports
-import nearid_synthetic
+from nearid import reports as reports
+from nearid import synthetic
 import train
 from image_processing_nearid import NearIDImageProcessor
 from modeling_nearid import NearIDModel
-from nearid_hub import export_hub_folder
+from nearid.hub import export_hub_folder
 
 SMALL_SIGLIP = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128)
@@ -61,9 +61,9 @@ def train_head(base: Path, data: Path, out: Path, epochs: int) -> dict:
 
 def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
     data = output_dir / "synthetic"
-    nearid_synthetic.main(["--output-dir", str(data), "--num-identities", str(num_identities), "--image-size", "64",
+    synthetic.main(["--output-dir", str(data), "--num-identities", str(num_identities), "--image-size", "64",
                            "--sources", *SOURCES, "--mtg-train", "40", "--mtg-test", "20", "--overwrite"])
-    base = nearid_synthetic.save_siglip_checkpoint(output_dir / "small-siglip", SMALL_SIGLIP)
+    base = synthetic.save_siglip_checkpoint(output_dir / "small-siglip", SMALL_SIGLIP)
     untrained = export_untrained(base, output_dir / "nearid-untrained")
     before = evaluate_model(untrained, data, output_dir / "eval-untrained")
     trained = train_head(base, data, output_dir / "training", epochs)

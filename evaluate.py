@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import nearid_data as data
-import nearid_metrics as metrics
-import nearid_reports as reports
-from nearid_embedding import EmbeddingCache, embed_missing, embedding_matrix, slot_embeddings
-from nearid_scorers import Scorer
+from nearid import data as data
+from nearid import metrics as metrics
+from nearid import reports as reports
+from nearid.embedding import EmbeddingCache, embed_missing, embedding_matrix, slot_embeddings
+from nearid.scorers import Scorer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

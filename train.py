@@ -32,12 +32,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-import nearid_data as data
-import nearid_metrics as metrics
-from nearid_embedding import slot_embeddings
-from nearid_loss import nearid_loss
-from nearid_token_cache import TokenCache
-from nearid_training_data import ImageIndex, build_training_set, slot_mask, training_rows
+from nearid import data as data
+from nearid import metrics as metrics
+from nearid.embedding import slot_embeddings
+from nearid.loss import nearid_loss
+from nearid.token_cache import TokenCache
+from nearid.training_data import ImageIndex, build_training_set, slot_mask, training_rows
 
 PAD_KEY = "pad"  # the token-cache key of a padded slot: an all-zero pixel tensor, as in the reference
 CHECKPOINT_PREFIX = "step-"
@@ -348,7 +348,7 @@ def completed_checkpoints(output_dir):
 
 def save_checkpoint(run):
     """Model, optimizer, scheduler, RNG and data position; written to a staging folder, then renamed."""
-    from nearid_reports import atomic_write_json
+    from nearid.reports import atomic_write_json
 
     root = Path(run.args.output_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{run.global_step:07d}"
@@ -603,7 +603,7 @@ def eval_results(scores, split):
 
 def export(run, processor, data_args, model_args, all_args, final):
     """The release folder: a complete Hub repo with its model card."""
-    from nearid_hub import export_hub_folder
+    from nearid.hub import export_hub_folder
 
     args = run.args
     split, scores = final if final else (None, None)
@@ -618,7 +618,7 @@ def export(run, processor, data_args, model_args, all_args, final):
 
 def push(args, folder):
     """Upload the release folder in one commit; a failure leaves it intact and says how to retry."""
-    from nearid_hub import push_to_hub
+    from nearid.hub import push_to_hub
 
     url = push_to_hub(folder, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,
                       commit_message=args.hub_commit_message or "Upload NearID trained with train.py")
@@ -643,7 +643,7 @@ def check_push_possible(args):
 
 def finish(run, processor, data_args, model_args, all_args, skipped, describe):
     """Final held-out evaluation (test if given, else val), export, results file, then the push."""
-    from nearid_reports import atomic_write_json
+    from nearid.reports import atomic_write_json
 
     final_split = "test" if "test" in run.held_out else ("val" if "val" in run.held_out else None)
     scores = validate(run, final_split) if final_split else None
@@ -663,7 +663,7 @@ def finish(run, processor, data_args, model_args, all_args, skipped, describe):
 
 
 def main(argv=None):
-    from nearid_reports import atomic_write_json
+    from nearid.reports import atomic_write_json
 
     data_args, model_args, args = parse_arguments(argv)
     check_push_possible(args)

@@ -39,7 +39,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import nearid_synthetic  # noqa: E402
+from nearid import synthetic  # noqa: E402
 import train  # noqa: E402
 from bench_common import environment_lines, write_results  # noqa: E402
 from bench_forward import forward_flops  # noqa: E402
@@ -97,19 +97,19 @@ def parse_args(argv=None):
 
 def write_base_model(folder: Path) -> Path:
     """A random SigLIP vision checkpoint with a SigLIP preprocessor config, like a Hub snapshot."""
-    return nearid_synthetic.save_siglip_checkpoint(folder, BENCH_VISION)
+    return synthetic.save_siglip_checkpoint(folder, BENCH_VISION)
 
 
 def write_training_data(folder: Path, args) -> dict:
     """Positives, one folder per distractor source and MTG; returns the train.py data flags' values."""
-    cfg = nearid_synthetic.SyntheticConfig(output_dir=str(folder), num_identities=args.identities,
+    cfg = synthetic.SyntheticConfig(output_dir=str(folder), num_identities=args.identities,
                                            image_size=args.data_image_size, sources=SOURCE_NAMES[:args.sources],
                                            mtg_train=args.mtg_rows, mtg_test=1)
-    positives, sources = nearid_synthetic.build_benchmark(cfg)
+    positives, sources = synthetic.build_benchmark(cfg)
     positives.save_to_disk(str(folder / "positives"))
     for name, dataset in sources.items():
         dataset.save_to_disk(str(folder / name))
-    nearid_synthetic.build_mtg(cfg).save_to_disk(str(folder / "mtg"))
+    synthetic.build_mtg(cfg).save_to_disk(str(folder / "mtg"))
     return {"positives": folder / "positives", "sources": list(sources), "mtg": folder / "mtg",
             "views_per_row": list(positives["n_images"])}
 
@@ -179,7 +179,7 @@ def warm_up_imports():
     from transformers import HfArgumentParser, get_cosine_schedule_with_warmup  # noqa: F401
 
     import image_processing_nearid  # noqa: F401
-    import nearid_reports  # noqa: F401
+    from nearid import reports  # noqa: F401
 
 
 # --- compute model ----------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ class ResidentTokens:
 
 def head_step_rate(model, provider, keys: list, samples_per_step: int, steps: int, autocast) -> float:
     """Head training steps/s (6-slot samples drawn from `keys`, NearID loss, AdamW) with tokens from `provider`."""
-    from nearid_loss import nearid_loss
+    from nearid.loss import nearid_loss
 
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -364,7 +364,7 @@ def head_step_rate(model, provider, keys: list, samples_per_step: int, steps: in
 def measure_rates(config: NearIDConfig, device, num_images: int, image_batch: int, samples_per_step: int,
                   head_steps: int, folder: Path) -> dict:
     """Backbone images/s, cache building images/s (pixels -> stored tokens) and head steps/s on `device`."""
-    from nearid_token_cache import TokenCache
+    from nearid.token_cache import TokenCache
 
     device = torch.device(device)
     on_gpu = device.type == "cuda"

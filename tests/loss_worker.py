@@ -1,6 +1,6 @@
 """One process of the 2-process `nearid_loss` test (run by tests/test_loss.py, not by pytest itself).
 
-Usage: python loss_worker.py RANK WORLD_SIZE STORE_FILE OUT_DIR
+Usage (from the repository root): python -m tests.loss_worker RANK WORLD_SIZE STORE_FILE OUT_DIR
 
 Every process builds the same problem (`make_problem`): a linear head mapping random features to
 embeddings, and one batch of W * B samples. Rank r takes samples [r * B, (r + 1) * B), computes the
@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nearid_loss import nearid_loss  # noqa: E402
+from nearid.loss import nearid_loss
 
 BATCH_PER_RANK = 3
 FEATURES = 12

@@ -13,9 +13,9 @@ import pytest
 from datasets import Dataset, DatasetDict, Features, Image as HFImage, Value, load_from_disk
 from PIL import Image
 
-import nearid_data as nd
-import nearid_synthetic as syn
-from nearid_metrics import dreambench_key
+from nearid import data as nd
+from nearid import synthetic as syn
+from nearid.metrics import dreambench_key
 
 SMALL = ["--num-identities", "6", "--image-size", "32", "--mtg-train", "2", "--mtg-test", "3",
          "--dreambench-subjects", "2", "--dreambench-prompts", "2", "--seed", "5"]
@@ -171,7 +171,7 @@ def test_hub_not_found_says_neither_local_nor_hub(monkeypatch, tmp_path):
 
 
 def test_view_columns_accepts_both_namings_and_says_which(positives, caplog):
-    with caplog.at_level(logging.INFO, logger="nearid_data"):
+    with caplog.at_level(logging.INFO, logger="nearid.data"):
         assert nd.view_columns(positives) == ("img1", "img2", "img3")
         renamed = positives.rename_columns({f"img{k}": f"images{k}" for k in (1, 2, 3)})
         assert nd.view_columns(renamed) == ("images1", "images2", "images3")

@@ -5,7 +5,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 import demo
-from nearid_reports import MTG_SSR, NEARID_PA, NEARID_SSR
+from nearid.reports import MTG_SSR, NEARID_PA, NEARID_SSR
 
 
 def test_demo_trains_a_head_that_beats_the_untrained_one(tmp_path, capsys):

@@ -5,12 +5,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_nearid, make_tiny_processor, make_tiny_siglip
+from tests.helpers import make_tiny_nearid, make_tiny_processor, make_tiny_siglip
 from PIL import Image
 
-from nearid_embedding import EmbeddingCache, embed_missing, embedding_matrix
-from nearid_hub import export_hub_folder
-from nearid_scorers import Scorer, parse_spec
+from nearid.embedding import EmbeddingCache, embed_missing, embedding_matrix
+from nearid.hub import export_hub_folder
+from nearid.scorers import Scorer, parse_spec
 
 
 def png_bytes(color, size=(40, 36)):

@@ -4,7 +4,7 @@ import csv
 import json
 
 import pytest
-from conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 import evaluate
 

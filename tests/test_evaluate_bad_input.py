@@ -13,12 +13,13 @@ import sys
 import datasets
 import pytest
 import torch
-from conftest import REPO_ROOT, make_tiny_nearid, make_tiny_processor
+from tests.helpers import (REPO_ROOT, change_id, corrupt_image, drop_column, make_tiny_nearid, make_tiny_processor,
+                           present, rewrite)
 
 import evaluate
-import nearid_data
-from nearid_hub import export_hub_folder
-from nearid_metrics import NEARID_TERMS
+from nearid import data
+from nearid.hub import export_hub_folder
+from nearid.metrics import NEARID_TERMS
 
 RESULTS = "nearid_results.json"
 
@@ -46,28 +47,6 @@ def clean_sources(synthetic):
 
 def folder_bytes(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def rewrite(dataset_dir, target, change):
-    """Save `change(dataset)` of the save_to_disk folder `dataset_dir` as a new folder `target`."""
-    change(datasets.load_from_disk(str(dataset_dir))).save_to_disk(str(target))
-    return target
-
-
-def corrupt_image(dataset, row, column):
-    """`dataset` with the encoded image at (row, column) replaced by bytes PIL cannot open."""
-
-    def garble(example, index):
-        if index == row:
-            example[column] = {"bytes": b"these bytes are not an image", "path": None}
-        return example
-
-    raw = nearid_data.undecoded(dataset, [column])
-    return raw.map(garble, with_indices=True).cast_column(column, datasets.Image())
-
-
-def present(dataset, column):
-    return [ref is not None for ref in nearid_data.image_refs(dataset, column, range(len(dataset)))]
 
 
 def full_row_and_slot(synthetic):
@@ -119,7 +98,7 @@ def output_with_previous_results(previous_results, tmp_path):
 def test_corrupt_image_stops_the_run_naming_source_row_and_column(synthetic, tiny_repo, corrupt_flux, tmp_path):
     flux, row, _ = corrupt_flux
     sources = {"flux": flux, "sdxl": synthetic / "sdxl"}
-    with pytest.raises(nearid_data.ImageReadError, match=f"source flux row {row} column nimg2") as error:
+    with pytest.raises(data.ImageReadError, match=f"source flux row {row} column nimg2") as error:
         evaluate.main(run_args(synthetic / "positives", sources, tiny_repo, tmp_path / "out"))
     assert "cannot decode" in str(error.value)
     assert not (tmp_path / "out" / RESULTS).exists()
@@ -180,14 +159,6 @@ def test_non_finite_embeddings_fail_at_the_command_line_and_keep_previous_result
 
 
 # --- malformed datasets ----------------------------------------------------------------------------
-
-
-def drop_column(column):
-    return lambda dataset: dataset.remove_columns([column])
-
-
-def change_id(row):
-    return lambda dataset: dataset.map(lambda e, i: {"id": "someone_else" if i == row else e["id"]}, with_indices=True)
 
 
 @pytest.mark.parametrize("which, change, message", [

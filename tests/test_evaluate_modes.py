@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from PIL import Image
 
 import evaluate
-import nearid_data as data
-import nearid_metrics as metrics
-import nearid_synthetic
+from nearid import data as data
+from nearid import metrics as metrics
+import nearid.synthetic
 
 MTG_TEST_ROWS = 8
 
@@ -28,7 +28,7 @@ MTG_TEST_ROWS = 8
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    nearid_synthetic.main(["--output-dir", str(root), "--num-identities", "4", "--mtg-train", "2",
+    nearid.synthetic.main(["--output-dir", str(root), "--num-identities", "4", "--mtg-train", "2",
                            "--mtg-test", str(MTG_TEST_ROWS), "--dreambench-subjects", "2",
                            "--dreambench-prompts", "2", "--image-size", "32"])
     return root

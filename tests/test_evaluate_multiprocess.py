@@ -10,8 +10,6 @@ This file is also the worker script of the embed_missing test (`share_worker`, `
 
 import io
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,34 +17,16 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, make_tiny_nearid, make_tiny_processor, run_isolated
+from tests.helpers import REPO_ROOT, launch, make_tiny_nearid, make_tiny_processor, run_isolated
 from PIL import Image
 
-import nearid_data
-import nearid_synthetic
-from nearid_embedding import EmbeddingCache, embed_missing
-from nearid_hub import export_hub_folder
+from nearid import data
+import nearid.synthetic
+from nearid.embedding import EmbeddingCache, embed_missing
+from nearid.hub import export_hub_folder
 
 RESULTS = "nearid_results.json"
 TABLE_HEADER = "| source | SSR | PA |"
-
-
-def launch(num_processes, script_args, tmp_path, log_name, modules_cache=None):
-    """Run `script_args` (a script and its arguments) on `num_processes` CPU processes.
-
-    One thread per process whatever the process count, so one and two processes do the same
-    arithmetic. `modules_cache` is the remote-code module cache (HF_MODULES_CACHE); give one that
-    already holds the model's code, so that the processes do not all write it at once. Returns the
-    exit code and the combined output.
-    """
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               HF_MODULES_CACHE=str(modules_cache or tmp_path / "hf_modules"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(num_processes), *map(str, script_args)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    (tmp_path / log_name).write_text(output)
-    return result.returncode, output
 
 
 def cache_shards(cache_dir):
@@ -61,9 +41,9 @@ def benchmark(tmp_path_factory):
     """Synthetic positives and two sources, one image of `sdxl` corrupt; a tiny exported model with
     its remote code already in the module cache `<root>/hf_modules`; and the corrupt image's row."""
     root = tmp_path_factory.mktemp("benchmark")
-    nearid_synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
-    sdxl = nearid_data.undecoded(datasets.load_from_disk(str(root / "sdxl")), ["nimg1"])
-    present = [r for r, ref in enumerate(nearid_data.image_refs(sdxl, "nimg1", range(len(sdxl)))) if ref]
+    nearid.synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
+    sdxl = data.undecoded(datasets.load_from_disk(str(root / "sdxl")), ["nimg1"])
+    present = [r for r, ref in enumerate(data.image_refs(sdxl, "nimg1", range(len(sdxl)))) if ref]
     broken_row = present[len(present) // 2]
     garbage = {"bytes": b"not an image", "path": None}
     sdxl = sdxl.map(lambda e, i: {"nimg1": garbage if i == broken_row else e["nimg1"]}, with_indices=True)

@@ -12,14 +12,14 @@ import shlex
 
 import pytest
 import torch
-from conftest import make_tiny_nearid, make_tiny_processor, run_isolated
-from fake_hub import commit_payload
+from tests.helpers import REPO_ROOT, make_tiny_nearid, make_tiny_processor, run_isolated
+from tests.fake_hub import commit_payload
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.repocard import metadata_load
 from PIL import Image
 
-import nearid_hub
-from nearid_hub import REQUIRED_REPO_FILES, HubPushError, export_hub_folder, push_to_hub, write_model_card
+import nearid.hub
+from nearid.hub import REQUIRED_REPO_FILES, HubPushError, export_hub_folder, push_to_hub, write_model_card
 
 REPO_ID = "someone/nearid-test"
 TOKEN = "hf_fake_write_token"
@@ -175,7 +175,7 @@ def test_push_to_main_leaves_visibility_to_the_hub(repo, hub):
     assert "visibility" not in created and "private" not in created
     assert hub.calls("branch/") == []
     assert [r.url.path for r in hub.calls("commit/")] == [f"/api/models/{REPO_ID}/commit/main"]
-    assert commit_payload(hub.calls("commit/")[0])[0]["summary"] == nearid_hub.DEFAULT_COMMIT_MESSAGE
+    assert commit_payload(hub.calls("commit/")[0])[0]["summary"] == nearid.hub.DEFAULT_COMMIT_MESSAGE
 
 
 def test_push_as_a_pull_request_returns_its_url(repo, hub):
@@ -220,13 +220,16 @@ def test_failed_commit_keeps_the_folder_and_the_retry_command_works(repo, hub, c
     assert "500" in message and "intact" in message
     assert snapshot(repo) == before
     retry = shlex.split(message.splitlines()[-1])
-    assert retry[:2] == ["python", "nearid_hub.py"] or retry[1].endswith("nearid_hub.py")
+    if retry[0] == "cd":  # the command says where to run it from, unless the tests run from there
+        assert retry[1] == str(REPO_ROOT) and retry[2] == "&&"
+        retry = retry[3:]
+    assert retry[:4] == ["python", "-m", "nearid.hub", "push"]
 
     hub.commit_status = 200
     hub.requests.clear()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HF_TOKEN", TOKEN)
-        assert nearid_hub.main(retry[2:]) == 0
+        assert nearid.hub.main(retry[3:]) == 0
     assert capsys.readouterr().out.strip() == f"https://huggingface.co/{REPO_ID}/commit/{'c' * 40}"
     commits = hub.calls("commit/")
     assert [r.url.path for r in commits] == [f"/api/models/{REPO_ID}/commit/experiment"]
@@ -244,6 +247,6 @@ def test_network_failure_keeps_the_folder(repo, hub):
 
 
 def test_cli_reports_a_missing_folder(tmp_path, hub, capsys):
-    assert nearid_hub.main(["push", str(tmp_path / "absent"), "--repo-id", REPO_ID]) == 1
+    assert nearid.hub.main(["push", str(tmp_path / "absent"), "--repo-id", REPO_ID]) == 1
     assert "is not a folder" in capsys.readouterr().err
     assert hub.requests == []

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, run_isolated
+from tests.helpers import REPO_ROOT, run_isolated
 from PIL import Image
 from transformers.image_utils import load_image
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil

@@ -5,14 +5,14 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_worker import head_gradients, make_problem
+from tests.helpers import REPO_ROOT
+from tests.loss_worker import head_gradients, make_problem
 
-from nearid_loss import SLOTS, nearid_loss
+from nearid.loss import SLOTS, nearid_loss
 
 T = 0.07
 POSITIVES = (1, 2)
@@ -218,12 +218,12 @@ def test_slot_names():
 def two_process_results(tmp_path_factory):
     """What each of 2 worker processes saved; a process may abort at exit after saving."""
     out = tmp_path_factory.mktemp("loss_ranks")
-    worker = Path(__file__).with_name("loss_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     store = out / "store"  # a file store: no TCP port to find or collide on
     processes = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(rank), "2", str(store), str(out)],
+            [sys.executable, "-m", "tests.loss_worker", str(rank), "2", str(store), str(out)],
+            cwd=REPO_ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nearid_metrics import (
+from nearid.metrics import (
     DREAMBENCH_METHODS,
     NEARID_TABLE1_SOURCES,
     NEARID_TERMS,

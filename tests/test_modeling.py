@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VISION, make_tiny_siglip, random_pixels, siglip_tower
+from tests.helpers import TINY_VISION, make_tiny_siglip, random_pixels, siglip_tower
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -97,7 +97,7 @@ def test_config_defaults_are_so400m_and_round_trip(tmp_path):
 
 
 def test_root_config_json_is_so400m_with_auto_map():
-    from conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     saved = json.loads((REPO_ROOT / "config.json").read_text())
     assert saved["architectures"] == ["NearIDModel"]

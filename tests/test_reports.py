@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-import nearid_reports
-from nearid_metrics import NEARID_TABLE1_SOURCES, nearid_pooled_scores, nearid_scores
-from nearid_reports import (
+from nearid import reports
+from nearid.metrics import NEARID_TABLE1_SOURCES, nearid_pooled_scores, nearid_scores
+from nearid.reports import (
     TABLE1_COLUMNS,
     atomic_write_bytes,
     atomic_write_json,
@@ -59,7 +59,7 @@ def test_atomic_write_failure_midway_removes_temp(tmp_path, monkeypatch):
     def broken_fsync(fd):  # the temp file exists and holds the new bytes when this raises
         raise OSError("disk full")
 
-    monkeypatch.setattr(nearid_reports.os, "fsync", broken_fsync)
+    monkeypatch.setattr(reports.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(path, "new")
     assert path.read_text() == "old"

@@ -10,10 +10,10 @@ from collections import namedtuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, TINY_VISION, make_tiny_nearid, random_pixels
+from tests.helpers import TINY_VISION, load_pixels, make_items, make_tiny_nearid, python_path
 
-import nearid_token_cache
-from nearid_token_cache import (
+from nearid import token_cache
+from nearid.token_cache import (
     CacheMismatchError,
     NotEnoughDiskSpace,
     TokenCache,
@@ -24,23 +24,6 @@ from nearid_token_cache import (
 
 NUM_TOKENS = (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2
 HIDDEN = TINY_VISION["hidden_size"]
-
-
-def load_pixels(item):
-    """The test loader: deterministic pixels per seed, zeros for the pad slot, ValueError for a corrupt item."""
-    if item.get("corrupt"):
-        raise ValueError(f"cannot decode image at {item['where']}: truncated file")
-    if item.get("pad"):
-        return torch.zeros(3, TINY_VISION["image_size"], TINY_VISION["image_size"])
-    return random_pixels(batch=1, seed=item["seed"])[0]
-
-
-def make_items(count, corrupt=()):
-    items = {f"img-{i:02d}": {"seed": 100 + i, "where": f"pairs row {i} column image"} for i in range(count)}
-    items["pad"] = {"pad": True, "where": "padding slot"}
-    for key in corrupt:
-        items[key] = {"corrupt": True, "where": f"pairs row {key} column image"}
-    return items
 
 
 def reference_tokens(model, items, keys):
@@ -225,7 +208,7 @@ def test_tokens_that_cannot_be_stored_are_an_error(model, tmp_path, dtype, scale
 
 def test_not_enough_disk_space_stops_before_computing(model, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(nearid_token_cache.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(token_cache.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     calls = count_forwards(model)
     needed = estimate_cache_bytes(5, NUM_TOKENS, HIDDEN, "float16")
     with pytest.raises(NotEnoughDiskSpace, match=f"needs {needed} bytes .* has 1000 bytes .* free.*dtype='int8'"):
@@ -236,7 +219,7 @@ def test_not_enough_disk_space_stops_before_computing(model, tmp_path, monkeypat
 def test_check_free_space_on_a_folder_not_created_yet(tmp_path, monkeypatch):
     seen = []
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(nearid_token_cache.shutil, "disk_usage", lambda path: seen.append(path) or usage(0, 0, 500))
+    monkeypatch.setattr(token_cache.shutil, "disk_usage", lambda path: seen.append(path) or usage(0, 0, 500))
     check_free_space(tmp_path / "a" / "b", 500)
     with pytest.raises(NotEnoughDiskSpace) as raised:
         check_free_space(tmp_path / "a" / "b", 501)
@@ -301,11 +284,9 @@ def test_build_restores_training_mode(model, tmp_path):
 TWO_PROCESS_SCRIPT = """
 import json, sys
 import torch
-sys.path[:0] = [{repo!r}, {tests!r}]
 from accelerate import PartialState
-from conftest import make_tiny_nearid
-from test_token_cache import load_pixels, make_items
-from nearid_token_cache import TokenCache
+from tests.helpers import load_pixels, make_items, make_tiny_nearid
+from nearid.token_cache import TokenCache
 
 state = PartialState(cpu=True)
 folder = sys.argv[1]
@@ -313,17 +294,17 @@ items = make_items(9, corrupt=["broken"])
 cache, skipped = TokenCache.build(folder, make_tiny_nearid(), items, load_pixels, "tiny-fp", dtype="float32",
                                   shard_size=2, batch_size=2, skip_errors=True, state=state, progress=False)
 keys = sorted(key for key in items if key in cache)
-torch.save({{"keys": keys, "tokens": cache.get(keys)}}, f"{{folder}}/tokens-seen-by-{{state.process_index}}.pt")
-with open(f"{{folder}}/result-{{state.process_index}}.json", "w") as stream:
-    json.dump({{"num_processes": state.num_processes, "len": len(cache), "skipped": skipped}}, stream)
+torch.save({"keys": keys, "tokens": cache.get(keys)}, f"{folder}/tokens-seen-by-{state.process_index}.pt")
+with open(f"{folder}/result-{state.process_index}.json", "w") as stream:
+    json.dump({"num_processes": state.num_processes, "len": len(cache), "skipped": skipped}, stream)
 """
 
 
 def test_two_process_build(model, tmp_path):
     script = tmp_path / "build_two.py"
-    script.write_text(TWO_PROCESS_SCRIPT.format(repo=str(REPO_ROOT), tests=str(REPO_ROOT / "tests")))
+    script.write_text(TWO_PROCESS_SCRIPT)
     folder = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path()}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(script), str(folder)]
     # Judged by the files the processes wrote: gloo runs sometimes abort at exit after finishing.

@@ -7,23 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from tests.helpers import logged_losses, train_args
 
 HEAD_PREFIX = "backbone.vision_model.head."
-
-
-def train_args(train_synthetic, base_model, out, *extra):
-    return ["--positives", str(train_synthetic / "positives"), "--source", f"flux={train_synthetic / 'flux'}",
-            "--source", f"sdxl={train_synthetic / 'sdxl'}", "--mtg", str(train_synthetic / "mtg"),
-            "--val_split", str(train_synthetic / "splits" / "val.json"),
-            "--test_split", str(train_synthetic / "splits" / "test.json"),
-            "--base_model", str(base_model), "--output_dir", str(out), "--per_device_batch_size", "4",
-            "--num_epochs", "2", "--warmup_steps", "2", "--learning_rate", "1e-3", "--log_steps", "1",
-            "--embed_batch_size", "16", *extra]
-
-
-def logged_losses(out):
-    lines = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
-    return [(line["step"], line["loss"]) for line in lines if "loss" in line]
 
 
 def head_weights(folder):
@@ -141,7 +127,7 @@ def test_bad_arguments_are_explained(train_synthetic, base_model, tmp_path):
 
 
 def test_push_to_hub_uploads_the_release_in_one_commit(train_synthetic, base_model, tmp_path, hub, monkeypatch):
-    from fake_hub import commit_payload
+    from tests.fake_hub import commit_payload
 
     monkeypatch.setenv("HF_TOKEN", "hf_fake_write_token")
     out = tmp_path / "run"
@@ -158,12 +144,12 @@ def test_push_to_hub_uploads_the_release_in_one_commit(train_synthetic, base_mod
 
 
 def test_failed_push_keeps_the_release_and_results(train_synthetic, base_model, tmp_path, hub, monkeypatch):
-    from nearid_hub import HubPushError
+    from nearid.hub import HubPushError
 
     monkeypatch.setenv("HF_TOKEN", "hf_fake_write_token")
     hub.commit_status = 500
     out = tmp_path / "run"
-    with pytest.raises(HubPushError, match="nearid_hub.py push"):
+    with pytest.raises(HubPushError, match="nearid.hub push"):
         train.main(train_args(train_synthetic, base_model, out, "--max_steps", "2", "--push_to_hub", "someone/x"))
     assert (out / "release" / "model.safetensors").is_file()
     assert json.loads((out / "train_results.json").read_text())["release"] == str(out / "release")

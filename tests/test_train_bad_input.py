@@ -8,10 +8,10 @@ import re
 
 import datasets
 import pytest
-from test_evaluate_bad_input import change_id, corrupt_image, drop_column, present, rewrite
-from test_train import logged_losses
+from tests.helpers import change_id, corrupt_image, drop_column, present, rewrite
+from tests.helpers import logged_losses
 
-import nearid_data
+from nearid import data
 import train
 
 
@@ -72,7 +72,7 @@ def test_corrupt_training_image_stops_before_training(train_synthetic, base_mode
     flux, row, column = corrupt_training_image
     where = f"source flux row {row} column {column}"
     out = tmp_path / "run"
-    with pytest.raises(nearid_data.ImageReadError, match=re.escape(f"cannot decode image at {where} (")) as error:
+    with pytest.raises(data.ImageReadError, match=re.escape(f"cannot decode image at {where} (")) as error:
         train.main(run_args(train_synthetic, base_model, out, flux=flux))
     assert "--skip_bad_images true" in str(error.value)
     assert_nothing_trained(out)

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from safetensors.torch import load_file
-from test_evaluate_multiprocess import launch
-from test_train import logged_losses, train_args
+from tests.helpers import launch
+from tests.helpers import logged_losses, train_args
 
 import train
 

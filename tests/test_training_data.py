@@ -15,9 +15,9 @@ import PIL.Image
 import pytest
 from datasets import Dataset, Features, Image as HFImage, Value, load_from_disk
 
-import nearid_data as nd
-import nearid_synthetic as syn
-import nearid_training_data as td
+from nearid import data as nd
+from nearid import synthetic as syn
+from nearid import training_data as td
 
 SOURCES = ("flux", "sdxl", "qwen")
 SYNTHETIC = ["--num-identities", "14", "--image-size", "16", "--seed", "3", "--sources", *SOURCES,

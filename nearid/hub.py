@@ -8,7 +8,7 @@ A folder written here loads with `AutoModel.from_pretrained(folder, trust_remote
 - `write_model_card`: the README.md model card (front matter with `model-index`, quick start,
   training arguments, evaluation, citation).
 - `push_to_hub`: upload a complete folder to the Hub in one commit. Also a command:
-  `python nearid_hub.py push FOLDER --repo-id ID [--private] [--revision R] [--commit-message M]`.
+  `python -m nearid.hub push FOLDER --repo-id ID [--private] [--revision R] [--commit-message M]`.
 """
 
 import argparse
@@ -25,9 +25,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from nearid_reports import atomic_write_text, update_model_card
+from nearid.reports import atomic_write_text, update_model_card
 
-REPO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the remote-code files live at the repository root
 REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
 REQUIRED_REPO_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *REMOTE_CODE_FILES)
 AUTO_MAP = {
@@ -125,9 +125,9 @@ def write_model_card(folder, *, repo_id: str | None = None, base_model: str, dat
         datasets: the training datasets (Hub ids or paths).
         training_args: argument name -> value, shown as a table in this order (for a dataclass of
             arguments, pass `dataclasses.asdict(args)`).
-        eval_results: dicts of `huggingface_hub.EvalResult` fields, as `nearid_reports.update_model_card`
+        eval_results: dicts of `huggingface_hub.EvalResult` fields, as `reports.update_model_card`
             takes; they become the front matter's `model-index`. None or empty: no evaluation.
-        summary_table: markdown shown under "Evaluation" (e.g. `nearid_reports.table1_markdown`);
+        summary_table: markdown shown under "Evaluation" (e.g. `reports.table1_markdown`);
             without it, `eval_results` are listed there.
         model_name: the card's title and `model-index` name; default `repo_id`, else the folder's name.
 
@@ -336,7 +336,7 @@ def repo_files(folder) -> list[str]:
         raise FileNotFoundError(
             f"{folder} is not a complete NearID repo folder: missing {', '.join(missing)} (a complete one "
             f"has {', '.join(REQUIRED_REPO_FILES)}). Export it again with "
-            "nearid_hub.export_hub_folder(model, processor, folder), then push.")
+            "hub.export_hub_folder(model, processor, folder), then push.")
     return paths
 
 
@@ -348,12 +348,7 @@ def _additions(folder, paths):
 
 def push_command(folder, repo_id, *, private=False, revision=None, commit_message=None, create_pr=False) -> str:
     """The shell command that runs `push_to_hub` with these arguments (the token is never part of it)."""
-    script = Path(__file__).resolve()
-    try:
-        script = script.relative_to(Path.cwd().resolve())
-    except ValueError:
-        pass  # run from elsewhere: keep the absolute path
-    args = ["python", str(script), "push", str(folder), "--repo-id", repo_id]
+    args = ["python", "-m", "nearid.hub", "push", str(Path(folder).resolve()), "--repo-id", repo_id]
     if private:
         args.append("--private")
     if create_pr:
@@ -362,7 +357,9 @@ def push_command(folder, repo_id, *, private=False, revision=None, commit_messag
         args += ["--revision", revision]
     if commit_message is not None:
         args += ["--commit-message", commit_message]
-    return shlex.join(args)
+    command = shlex.join(args)
+    # `-m nearid.hub` finds the package from the repository root.
+    return command if Path.cwd().resolve() == REPO_ROOT else f"cd {shlex.quote(str(REPO_ROOT))} && {command}"
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from nearid_metrics import dreambench_key
+from nearid.metrics import dreambench_key
 
 logger = logging.getLogger(__name__)
 
@@ -429,7 +429,7 @@ def dreambench_pairs(samples_root, method: str) -> list:
     """`[(key, reference path, generated path)]` of every generated image of `method`, sorted by key.
 
     Each `<root>/<method>/tgt_image/<rel>` pairs with `<root>/<method>/src_image/<rel>`; the key is
-    `nearid_metrics.dreambench_key(<rel>)`.
+    `metrics.dreambench_key(<rel>)`.
     """
     base = Path(samples_root) / method
     tgt_root, src_root = base / "tgt_image", base / "src_image"

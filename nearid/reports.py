@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from nearid_metrics import NEARID_TABLE1_SOURCES
+from nearid.metrics import NEARID_TABLE1_SOURCES
 
 # Keys of one Table-1 row (`table1_row` builds them from the metric dicts), with the column header
 # and the decimals the paper prints. SSR/PA are percentages; MO and MH are correlations.
@@ -52,7 +52,7 @@ MISSING = "\u2013"  # en dash, for a value that was not evaluated
 # Packages whose versions go into every results file (distribution names, PIL is "pillow").
 PROVENANCE_PACKAGES = {"torch": "torch", "transformers": "transformers", "datasets": "datasets",
                        "huggingface_hub": "huggingface_hub", "numpy": "numpy", "PIL": "pillow"}
-REPO_DIR = Path(__file__).resolve().parent
+REPO_DIR = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""Helpers shared by the tests: tiny random models, isolated interpreters, multi-process launches,
+dataset corruption, training arguments. Fixtures built on them live in conftest.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+
+from nearid import data
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+TINY_VISION = dict(
+    image_size=30,
+    patch_size=2,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+)
+
+
+def make_tiny_siglip(seed=0, **overrides):
+    """A randomly initialised transformers `SiglipVisionModel` (with its MAP head), in eval mode."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(SiglipVisionConfig(**{**TINY_VISION, **overrides})).eval()
+    # SigLIP initialises the head's in_proj bias to zero; make it non-trivial so tests see it.
+    with torch.no_grad():
+        siglip_tower(model).head.attention.in_proj_bias.normal_(std=0.1)
+    return model
+
+
+def siglip_tower(siglip_vision_model):
+    """The module holding embeddings/encoder/head: nested as `.vision_model` in transformers 4.x only."""
+    return getattr(siglip_vision_model, "vision_model", siglip_vision_model)
+
+
+def make_tiny_nearid(seed=0):
+    from modeling_nearid import NearIDModel
+
+    return NearIDModel.from_siglip(make_tiny_siglip(seed)).eval()
+
+
+def make_tiny_processor(resample=2):
+    from image_processing_nearid import NearIDImageProcessor
+
+    size = TINY_VISION["image_size"]
+    return NearIDImageProcessor(size={"height": size, "width": size}, resample=resample)
+
+
+def random_pixels(batch=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    size = TINY_VISION["image_size"]
+    return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+
+
+def python_path():
+    """PYTHONPATH for a subprocess running a script outside the repository: the repository first."""
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def run_isolated(code, tmp_path, extra_env=None, timeout=300):
+    """Run python `code` in a fresh interpreter with an empty remote-code cache and the Hub offline.
+
+    This is how a user meets the repo: transformers copies the remote code into HF_MODULES_CACHE
+    and imports it from there, never from this checkout.
+    """
+    env = dict(os.environ)  # PYTHONPATH may select the transformers under test; the checkout is not on it
+    env.update(
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    env.update(extra_env or {})
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def rewrite(dataset_dir, target, change):
+    """Save `change(dataset)` of the save_to_disk folder `dataset_dir` as a new folder `target`."""
+    change(datasets.load_from_disk(str(dataset_dir))).save_to_disk(str(target))
+    return target
+
+
+def corrupt_image(dataset, row, column):
+    """`dataset` with the encoded image at (row, column) replaced by bytes PIL cannot open."""
+
+    def garble(example, index):
+        if index == row:
+            example[column] = {"bytes": b"these bytes are not an image", "path": None}
+        return example
+
+    raw = data.undecoded(dataset, [column])
+    return raw.map(garble, with_indices=True).cast_column(column, datasets.Image())
+
+
+def present(dataset, column):
+    return [ref is not None for ref in data.image_refs(dataset, column, range(len(dataset)))]
+
+
+def drop_column(column):
+    return lambda dataset: dataset.remove_columns([column])
+
+
+def change_id(row):
+    return lambda dataset: dataset.map(lambda e, i: {"id": "someone_else" if i == row else e["id"]}, with_indices=True)
+
+
+def launch(num_processes, script_args, tmp_path, log_name, modules_cache=None):
+    """Run `script_args` (a script and its arguments) on `num_processes` CPU processes.
+
+    One thread per process whatever the process count, so one and two processes do the same
+    arithmetic. `modules_cache` is the remote-code module cache (HF_MODULES_CACHE); give one that
+    already holds the model's code, so that the processes do not all write it at once. Returns the
+    exit code and the combined output.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=python_path(),
+               HF_MODULES_CACHE=str(modules_cache or tmp_path / "hf_modules"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(num_processes), *map(str, script_args)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    (tmp_path / log_name).write_text(output)
+    return result.returncode, output
+
+
+def train_args(train_synthetic, base_model, out, *extra):
+    return ["--positives", str(train_synthetic / "positives"), "--source", f"flux={train_synthetic / 'flux'}",
+            "--source", f"sdxl={train_synthetic / 'sdxl'}", "--mtg", str(train_synthetic / "mtg"),
+            "--val_split", str(train_synthetic / "splits" / "val.json"),
+            "--test_split", str(train_synthetic / "splits" / "test.json"),
+            "--base_model", str(base_model), "--output_dir", str(out), "--per_device_batch_size", "4",
+            "--num_epochs", "2", "--warmup_steps", "2", "--learning_rate", "1e-3", "--log_steps", "1",
+            "--embed_batch_size", "16", *extra]
+
+
+def logged_losses(out):
+    lines = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    return [(line["step"], line["loss"]) for line in lines if "loss" in line]
+
+
+def load_pixels(item):
+    """The test loader: deterministic pixels per seed, zeros for the pad slot, ValueError for a corrupt item."""
+    if item.get("corrupt"):
+        raise ValueError(f"cannot decode image at {item['where']}: truncated file")
+    if item.get("pad"):
+        return torch.zeros(3, TINY_VISION["image_size"], TINY_VISION["image_size"])
+    return random_pixels(batch=1, seed=item["seed"])[0]
+
+
+def make_items(count, corrupt=()):
+    items = {f"img-{i:02d}": {"seed": 100 + i, "where": f"pairs row {i} column image"} for i in range(count)}
+    items["pad"] = {"pad": True, "where": "padding slot"}
+    for key in corrupt:
+        items[key] = {"corrupt": True, "where": f"pairs row {key} column image"}
+    return items
