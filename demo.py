@@ -18,12 +18,14 @@ import argparse
 from pathlib import Path
 
 import evaluate
-from nearid import reports as reports
+from nearid import reports
+from nearid.io import atomic_write_text
 from nearid import synthetic
 import train
 from image_processing_nearid import NearIDImageProcessor
 from modeling_nearid import NearIDModel
 from nearid.hub import export_hub_folder
+from nearid.models import save_siglip_checkpoint
 
 SMALL_SIGLIP = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128)
@@ -63,14 +65,14 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
     data = output_dir / "synthetic"
     synthetic.main(["--output-dir", str(data), "--num-identities", str(num_identities), "--image-size", "64",
                            "--sources", *SOURCES, "--mtg-train", "40", "--mtg-test", "20", "--overwrite"])
-    base = synthetic.save_siglip_checkpoint(output_dir / "small-siglip", SMALL_SIGLIP)
+    base = save_siglip_checkpoint(output_dir / "small-siglip", SMALL_SIGLIP)
     untrained = export_untrained(base, output_dir / "nearid-untrained")
     before = evaluate_model(untrained, data, output_dir / "eval-untrained")
     trained = train_head(base, data, output_dir / "training", epochs)
     after = evaluate_model(Path(trained["release"]), data, output_dir / "eval-trained")
     table = reports.table1_markdown({"NearID head, untrained (= SigLIP MAP head)": before,
                                      f"NearID head, trained {epochs} epochs": after})
-    reports.atomic_write_text(output_dir / "before_after.md", table + "\n")
+    atomic_write_text(output_dir / "before_after.md", table + "\n")
     print(f"\nSynthetic benchmark, test split ({num_identities} identities, sources {', '.join(SOURCES)}):\n")
     print(table)
     print(f"\nRelease folder with model card: {trained['release']}")

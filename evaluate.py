@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nearid import data as data
-from nearid import metrics as metrics
-from nearid import reports as reports
+from nearid import data
+from nearid import metrics
+from nearid import reports
+from nearid.io import atomic_write_bytes, atomic_write_json, atomic_write_text, write_csv
 from nearid.embedding import EmbeddingCache, embed_missing, embedding_matrix, slot_embeddings
 from nearid.scorers import Scorer
 
@@ -158,12 +159,12 @@ def write_nearid_outputs(args, scorer, bench, per_source, margins, summary, skip
     # The results file vouches for the files beside it: drop a previous run's before replacing them,
     # so a failure part-way leaves no results file rather than old results over a mix of files.
     (out / "nearid_results.json").unlink(missing_ok=True)
-    reports.write_per_sample_csv(out / "nearid_per_sample.csv", nearid_rows(bench, margins))
+    write_csv(out / "nearid_per_sample.csv", nearid_rows(bench, margins))
     reports.plot_margin_histograms(out / "nearid_margins.png",
                                    {n: m[v] for n, (m, v) in margins.items()})
     reports.plot_ssr_pa(out / "nearid_ssr_pa.png", per_source)
-    reports.atomic_write_text(out / "nearid_table.md", table + "\n")
-    reports.atomic_write_json(out / "nearid_results.json", document)  # last: its presence means complete
+    atomic_write_text(out / "nearid_table.md", table + "\n")
+    atomic_write_json(out / "nearid_results.json", document)  # last: its presence means complete
     print(table)
 
 
@@ -299,7 +300,7 @@ def plot_mtg_similarity_vs_oracle(path, sims, oracles, scores):
                  f"(MO {scores['mo']:.3f}, MOpair {scores['mo_pair']:.3f})", fontsize=11)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    return reports.atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_provenance, stats):
@@ -309,11 +310,11 @@ def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_prov
     table = mtg_markdown(scorer.spec, scores)
     scored = mtg_scored_rows(sims, oracles)
     (out / "mtg_results.json").unlink(missing_ok=True)  # as in nearid: no old results over new files
-    reports.write_per_sample_csv(out / "mtg_per_sample.csv", mtg_rows(sims, oracles))
+    write_csv(out / "mtg_per_sample.csv", mtg_rows(sims, oracles))
     plot_mtg_similarity_vs_oracle(out / "mtg_similarity_vs_oracle.png", {k: v[scored] for k, v in sims.items()},
                                   oracles[scored], scores)
-    reports.atomic_write_text(out / "mtg_table.md", table)
-    reports.atomic_write_json(out / "mtg_results.json", document)  # last: its presence means complete
+    atomic_write_text(out / "mtg_table.md", table)
+    atomic_write_json(out / "mtg_results.json", document)  # last: its presence means complete
     print(table)
 
 
@@ -340,25 +341,25 @@ def dreambench_scores_from_images(args, state):
 def run_dreambench(args, state):
     if args.scores_from:
         methods = args.methods or list(metrics.DREAMBENCH_METHODS)
-        scores = metrics.load_dreambench_scores(args.ratings, args.scores_from, methods)
+        scores = data.load_dreambench_scores(args.ratings, args.scores_from, methods)
         scorer, skipped = {"spec": f"score files {args.scores_from}"}, []
     else:
         scores, scorer, skipped = dreambench_scores_from_images(args, state)
         methods = list(scores)
     if not state.is_main_process:
         return None
-    human = metrics.load_dreambench_human(args.ratings, methods)
+    human = data.load_dreambench_human(args.ratings, methods)
     result = metrics.dreambench_mh(scores, human, methods, scorer=scorer["spec"])
     out = Path(args.output_dir)
     (out / "dreambench_results.json").unlink(missing_ok=True)  # as in write_nearid_outputs
     if not args.scores_from:
         for method, method_scores in scores.items():  # the published per-image score format
-            reports.atomic_write_json(out / "dreambench_scores" / f"{method}.json", method_scores)
+            atomic_write_json(out / "dreambench_scores" / f"{method}.json", method_scores)
     prov = reports.provenance(scorer, [{"kind": "local", "path": str(args.ratings)}])
     document = reports.results_document("dreambench", scorer, result, prov, skipped)
     table = reports.table1_markdown({scorer["spec"]: reports.table1_row(dreambench=result)})
-    reports.atomic_write_text(out / "dreambench_table.md", table + "\n")
-    reports.atomic_write_json(out / "dreambench_results.json", document)
+    atomic_write_text(out / "dreambench_table.md", table + "\n")
+    atomic_write_json(out / "dreambench_results.json", document)
     print(table)
     print("MH per category: " + ", ".join(f"{k[3:]} {v:.4f}" for k, v in result.items() if k.startswith("mh_")))
     write_model_index(args, "dreambench", result, None, scorer["spec"])
@@ -462,11 +463,11 @@ def write_score_outputs(args, scorer, records, summary, skipped, source, stats):
     document = reports.results_document("score", scorer.provenance(), summary, prov, skipped)
     markdown = score_markdown(summary)
     (out / "score_results.json").unlink(missing_ok=True)  # as in nearid: no old results over new files
-    reports.write_per_sample_csv(out / "score_per_image.csv",
+    write_csv(out / "score_per_image.csv",
                                  [{k: v for k, v in r.items() if k != "references"} for r in records])
-    reports.atomic_write_json(out / "score_per_image.json", records)
-    reports.atomic_write_text(out / "score_summary.md", markdown)
-    reports.atomic_write_json(out / "score_results.json", document)  # last: its presence means complete
+    atomic_write_json(out / "score_per_image.json", records)
+    atomic_write_text(out / "score_summary.md", markdown)
+    atomic_write_json(out / "score_results.json", document)  # last: its presence means complete
     print(markdown)
 
 

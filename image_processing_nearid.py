@@ -10,15 +10,29 @@ float64/float32 arithmetic, written straight into one preallocated float32 batch
 through numpy, which backs large arrays with huge pages). The output is bit-identical to the
 reference and more than twice as fast on one core (benchmarks/bench_image_processor.py).
 
-It also refuses oversized images (decompression bombs) before decoding their pixels, and names
-the file when one cannot be read.
+Every image input goes through one decode, `load_image`, also used by the NearID package for
+evaluation, training and search, so the same file gives the same pixels however it enters:
+
+- encoded images (a file path, bytes, a `datasets` image dict) are decoded with their EXIF
+  orientation applied, as a phone or camera displays them;
+- a PIL image handed in is used as given (no EXIF rotation: the caller decoded it);
+- transparency (RGBA, LA, a palette or grayscale image with a transparent colour) is composited
+  onto white, and every other mode (P, L, 1, CMYK, I;16, ...) is converted with PIL's RGB rule;
+- the pixel count is checked before any pixel is decoded (decompression bombs), without touching
+  Pillow's process-wide limit;
+- errors name the image: the file, or the place the caller gives (dataset, row and column).
+
+16-bit images (mode I;16) follow PIL's RGB conversion, as transformers does: values are clipped at
+255, so a typical 16-bit photo comes out almost white. Scale such images to 8 bits first, e.g.
+`Image.fromarray((np.asarray(img, dtype=np.float32) / 257).round().astype(np.uint8))`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
-import threading
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,8 +59,9 @@ _CONFIG_KEYS = (
     "image_std",
     "max_image_pixels",
 )
-# Image.MAX_IMAGE_PIXELS is process-global; serialise our brief lifts of it.
-_PIL_LIMIT_LOCK = threading.Lock()
+# Names a change of the decode rules: part of every cache fingerprint, so cached pixels never mix rules.
+DECODE_RULES = "exif-transpose+alpha-on-white/1"
+_OBJECT_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. "<_io.BytesIO object at 0x7f..>"
 
 
 class ImageLoadError(ValueError):
@@ -58,53 +73,116 @@ class ImageTooLargeError(ValueError):
 
 
 def _check_pixels(width: int, height: int, limit: int | None, source: str) -> None:
+    if width < 1 or height < 1:
+        raise ValueError(f"{source} is {width}x{height}: it has no pixels. Pass an image of at least 1x1.")
     if limit is not None and width * height > limit:
         raise ImageTooLargeError(
             f"{source} is {width}x{height} = {width * height:,} pixels, above the limit of "
             f"{limit:,} (max_image_pixels). Decoding it could exhaust memory (decompression bomb). "
             "If you trust the image, raise the limit, e.g. "
             "NearIDImageProcessor.from_pretrained(..., max_image_pixels=N), or pass "
-            "max_image_pixels=None to disable the check."
+            "max_image_pixels=None to leave the check to Pillow's own limit."
         )
 
 
-def _open_lazily(path: str) -> Image.Image:
-    """Open `path` reading only its header, whatever Pillow's global limit says."""
-    with warnings.catch_warnings():
-        # Our own check (with the size and the fix) replaces Pillow's warning.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            return Image.open(path)
-        except Image.DecompressionBombError:
-            pass
-    # Pillow refused before we could read the size; reopen with its limit lifted so that
-    # `max_image_pixels` alone decides. Only the header is parsed here, no pixels.
-    with _PIL_LIMIT_LOCK:
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-
-
-def _load_file(path: str | os.PathLike, limit: int | None) -> Image.Image:
-    """Decode a file the way transformers' `load_image` does: EXIF rotation, then plain RGB."""
-    path = os.fspath(path)
+def _encoded_bytes(image: Any, name: str) -> bytes:
+    """The encoded bytes of a path, bytes or `datasets` image dict; the file is read once, here."""
+    if isinstance(image, Mapping):
+        if image.get("bytes") is not None:
+            return bytes(image["bytes"])
+        if not image.get("path"):
+            raise ImageLoadError(f"{name} has neither bytes nor a path: nothing to decode.")
+        image = image["path"]
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    path = os.fspath(image)
     if path.startswith(("http://", "https://")):
-        raise ValueError(f"Got the URL {path!r}; this processor does not download. Download it first.")
+        raise ValueError(f"Got the URL {path!r}; NearID does not download images. Download it first.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image file not found: {path!r}. Pass an existing file, a PIL image or an array.")
+        raise FileNotFoundError(f"{name}: no such image file {path!r}. Pass an existing file, a PIL image or an array.")
+    with open(path, "rb") as stream:
+        return stream.read()
+
+
+def _decode(data: bytes, name: str, limit: int | None) -> Image.Image:
+    """Decode encoded bytes: size check from the header first, then pixels, then EXIF orientation."""
     try:
-        with _open_lazily(path) as image:
-            _check_pixels(*image.size, limit, f"Image file {path!r}")
-            image.load()  # decode inside the try so truncation errors name the file
-            # load_image drops alpha with convert("RGB") (no white background); we match it.
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as err:  # Pillow uses all of these
-        raise ImageLoadError(
-            f"Could not decode image file {path!r}: {err}. The file is corrupt, truncated or not an "
-            "image; re-download or re-encode it, or drop it from the inputs."
+        with Image.open(io.BytesIO(data)) as image:
+            _check_pixels(*image.size, limit, name)
+            image.load()  # decode inside the try so truncation errors name the image
+            return ImageOps.exif_transpose(image)
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as err:
+        # Pillow's own process-wide limit (Image.MAX_IMAGE_PIXELS) refused it; that setting is the
+        # caller's to change, not ours, so say which limit it is.
+        raise ImageTooLargeError(
+            f"{name} is refused by Pillow's process-wide decompression-bomb limit ({err}). If you trust the "
+            "image, raise PIL.Image.MAX_IMAGE_PIXELS in your program, and max_image_pixels if needed."
         ) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError) as err:  # Pillow uses all of these
+        detail = _OBJECT_ADDRESS.sub("", str(err))  # the same bad image gives the same message in every run
+        raise ImageLoadError(
+            f"Could not decode {name} ({len(data)} bytes): {detail}. The data is corrupt, truncated or not an "
+            "image; re-encode or replace it, or leave it out."
+        ) from err
+
+
+def _describe(image: Any, index: int | None = None) -> str:
+    """How errors name an image the caller did not name."""
+    if isinstance(image, (str, pathlib.PurePath)):
+        return f"image file {os.fspath(image)!r}"
+    if isinstance(image, Mapping) and not image.get("bytes") and image.get("path"):
+        return f"image file {image['path']!r}"
+    prefix = "image" if index is None else f"image {index}"
+    if isinstance(image, Image.Image):
+        return f"{prefix} (PIL, mode {image.mode}, {image.size[0]}x{image.size[1]})"
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return f"{prefix} (array of shape {tuple(image.shape)})"
+    return f"{prefix} ({type(image).__name__})"
+
+
+def load_image(
+    image: Any,
+    name: str | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    input_data_format: str | None = None,
+    do_convert_rgb: bool = True,
+) -> Image.Image:
+    """Turn any image input into an RGB PIL image: the one decode of NearID (see the module docstring).
+
+    Args:
+        image: a file path (str or pathlib.Path), encoded bytes, a `datasets` image dict
+            `{"bytes": ..., "path": ...}`, a PIL image, or a uint8 array / tensor of shape (H, W),
+            (H, W, C) or (C, H, W).
+        name: how errors name the image, e.g. "positives row 12 column img2"; default: the file or
+            a short description.
+        max_image_pixels: refuse images with more pixels than this, before decoding them; None: no
+            limit of our own (Pillow's process-wide limit still applies to encoded images).
+        input_data_format: "channels_first" or "channels_last" for 3-D arrays whose layout is ambiguous.
+        do_convert_rgb: False refuses non-RGB inputs instead of converting them.
+    """
+    name = name or _describe(image)
+    if isinstance(image, (str, pathlib.PurePath, bytes, bytearray, memoryview, Mapping)):
+        decoded = _decode(_encoded_bytes(image, name), name, max_image_pixels)
+    elif isinstance(image, Image.Image):
+        _check_pixels(*image.size, max_image_pixels, name)
+        decoded = image
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+        array = _array_to_hwc(array, input_data_format, name)
+        _check_pixels(array.shape[1], array.shape[0], max_image_pixels, name)
+        return Image.fromarray(np.ascontiguousarray(_hwc_to_rgb(array, do_convert_rgb)))
+    else:
+        raise TypeError(
+            f"{name} has unsupported type {type(image).__name__}; expected a file path (str or pathlib.Path), "
+            "encoded bytes, a datasets image dict, a PIL image, or a uint8 numpy array or torch tensor."
+        )
+    if not do_convert_rgb:
+        if decoded.mode != "RGB":
+            raise ValueError(f"{name} has mode {decoded.mode!r} and do_convert_rgb=False; pass RGB or enable it.")
+        return decoded
+    return _pil_to_rgb(decoded)
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -117,36 +195,43 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _channels_first(shape: tuple[int, ...], input_data_format: str | None) -> bool:
-    """Channel axis of a 3-D array, by transformers' rule: ambiguous shapes are channels-first."""
+def _channels_first(shape: tuple[int, ...], input_data_format: str | None, name: str) -> bool:
+    """Channel axis of a 3-D array, by transformers' rule: ambiguous shapes are channels-first (with a warning)."""
     if input_data_format is not None:
         if input_data_format not in ("channels_first", "channels_last"):
             raise ValueError(
                 f"input_data_format must be 'channels_first' or 'channels_last', got {input_data_format!r}."
             )
         return input_data_format == "channels_first"
-    if shape[0] in (1, 3, 4):
-        return True
-    if shape[-1] in (1, 3, 4):
-        return False
+    first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
+    if first and last:
+        warnings.warn(
+            f"{name}: the channel axis is ambiguous (both the first and the last axis could hold channels); "
+            "reading it as channels first (C, H, W), as transformers does. Pass "
+            "input_data_format='channels_last' (or 'channels_first') to say which.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if first or last:
+        return first
     raise ValueError(
-        f"Cannot find the channel axis of an array of shape {shape}: expected 1, 3 or 4 channels "
+        f"Cannot find the channel axis of {name}: expected 1, 3 or 4 channels "
         "first (C,H,W) or last (H,W,C). Pass a PIL image or an array in one of those layouts."
     )
 
 
-def _array_to_hwc(array: np.ndarray, input_data_format: str | None) -> np.ndarray:
+def _array_to_hwc(array: np.ndarray, input_data_format: str | None, name: str) -> np.ndarray:
     """Validate a single uint8 image array and return it as (H, W, C)."""
     if array.dtype != np.uint8:
         raise TypeError(
-            f"Image arrays must be uint8 with values 0-255, got dtype {array.dtype}. For floats in "
+            f"{name}: image arrays must be uint8 with values 0-255, got dtype {array.dtype}. For floats in "
             "[0, 1] pass (x * 255).round().astype(np.uint8), or pass a PIL image."
         )
     if array.ndim == 2:
         return array[:, :, None]
     if array.ndim != 3:
         raise ValueError(f"Expected an image array of shape (H,W), (H,W,C) or (C,H,W), got shape {array.shape}.")
-    if _channels_first(array.shape, input_data_format):
+    if _channels_first(array.shape, input_data_format, name):
         array = np.moveaxis(array, 0, -1)
     if array.shape[-1] not in (1, 3, 4):
         raise ValueError(f"Expected 1, 3 or 4 channels, got an array of shape {array.shape}.")
@@ -249,10 +334,11 @@ class NearIDImageProcessor(BaseImageProcessor):
     r"""SigLIP preprocessing for NearID: RGB, resize (aspect not kept), rescale, normalise.
 
     Gives the same `pixel_values` as transformers' `SiglipImageProcessorPil` with the same
-    settings. Inputs: PIL images, uint8 arrays or tensors ((H,W), (H,W,C) or (C,H,W)), or file
-    paths, alone or in a list of mixed kinds and sizes. Files are decoded as transformers'
-    `load_image` does (EXIF rotation applied, then `convert("RGB")`, which drops alpha rather than
-    compositing it), so a path gives what the reference gives for the same path.
+    settings on PIL images and arrays. Inputs: PIL images, uint8 arrays or tensors ((H,W), (H,W,C)
+    or (C,H,W)), file paths, encoded bytes or `datasets` image dicts, alone or in a list of mixed
+    kinds and sizes, all decoded by `load_image`: EXIF orientation applied to files and bytes,
+    transparency composited onto white (for files too, where transformers' `load_image` would drop
+    the alpha channel), so a file and the PIL image a viewer shows for it give the same pixels.
 
     Args:
         do_convert_rgb: convert to RGB, compositing transparency onto white.
@@ -354,29 +440,9 @@ class NearIDImageProcessor(BaseImageProcessor):
         return batch
 
     def _to_rgb_image(self, item: Any, index: int, cfg: dict[str, Any], input_data_format: str | None) -> Image.Image:
-        """Any supported input -> RGB PIL image, as the reference converts it before resizing."""
-        limit = cfg["max_image_pixels"]
-        if isinstance(item, (str, pathlib.PurePath)):
-            return _load_file(item, limit)
-        if isinstance(item, Image.Image):
-            _check_pixels(*item.size, limit, f"Image {index} (PIL, mode {item.mode})")
-            if cfg["do_convert_rgb"]:
-                return _pil_to_rgb(item)
-            if item.mode != "RGB":
-                raise ValueError(
-                    f"Image {index} has mode {item.mode!r} and do_convert_rgb=False; pass RGB or enable it."
-                )
-            return item
-        if isinstance(item, torch.Tensor):
-            item = item.detach().cpu().numpy()
-        if isinstance(item, np.ndarray):
-            array = _array_to_hwc(item, input_data_format)
-            _check_pixels(array.shape[1], array.shape[0], limit, f"Image {index} (array of shape {item.shape})")
-            return Image.fromarray(np.ascontiguousarray(_hwc_to_rgb(array, cfg["do_convert_rgb"])))
-        raise TypeError(
-            f"Image {index} has unsupported type {type(item).__name__}; expected a PIL image, a uint8 "
-            "numpy array or torch tensor, or a file path (str or pathlib.Path)."
-        )
+        """Any supported input -> RGB PIL image, through the one decode (`load_image`)."""
+        return load_image(item, _describe(item, index), cfg["max_image_pixels"], input_data_format, cfg["do_convert_rgb"])
 
 
-__all__ = ["NearIDImageProcessor", "ImageLoadError", "ImageTooLargeError", "DEFAULT_MAX_IMAGE_PIXELS"]
+__all__ = ["NearIDImageProcessor", "load_image", "ImageLoadError", "ImageTooLargeError", "DEFAULT_MAX_IMAGE_PIXELS",
+           "DECODE_RULES"]

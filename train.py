@@ -32,10 +32,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from nearid import data as data
-from nearid import metrics as metrics
+from nearid import data
+from nearid import metrics
 from nearid.embedding import slot_embeddings
 from nearid.loss import nearid_loss
+from nearid.models import nearid_from_siglip
 from nearid.token_cache import TokenCache
 from nearid.training_data import ImageIndex, build_training_set, slot_mask, training_rows
 
@@ -174,17 +175,6 @@ def load_data(data_args):
 
 
 # --- model and backbone tokens ---------------------------------------------------------------------
-
-
-def build_model(model_args):
-    """NearID from a SigLIP checkpoint (pretrained MAP head copied in), backbone frozen."""
-    from image_processing_nearid import NearIDImageProcessor
-    from modeling_nearid import NearIDModel
-
-    revision = {"revision": model_args.base_revision} if model_args.base_revision else {}
-    model = NearIDModel.from_siglip(model_args.base_model, **revision).float().freeze_backbone()
-    processor = NearIDImageProcessor.from_pretrained(model_args.base_model, **revision)
-    return model, processor
 
 
 class PixelLoader:
@@ -348,7 +338,7 @@ def completed_checkpoints(output_dir):
 
 def save_checkpoint(run):
     """Model, optimizer, scheduler, RNG and data position; written to a staging folder, then renamed."""
-    from nearid.reports import atomic_write_json
+    from nearid.io import atomic_write_json
 
     root = Path(run.args.output_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{run.global_step:07d}"
@@ -643,7 +633,7 @@ def check_push_possible(args):
 
 def finish(run, processor, data_args, model_args, all_args, skipped, describe):
     """Final held-out evaluation (test if given, else val), export, results file, then the push."""
-    from nearid.reports import atomic_write_json
+    from nearid.io import atomic_write_json
 
     final_split = "test" if "test" in run.held_out else ("val" if "val" in run.held_out else None)
     scores = validate(run, final_split) if final_split else None
@@ -663,7 +653,7 @@ def finish(run, processor, data_args, model_args, all_args, skipped, describe):
 
 
 def main(argv=None):
-    from nearid.reports import atomic_write_json
+    from nearid.io import atomic_write_json
 
     data_args, model_args, args = parse_arguments(argv)
     check_push_possible(args)
@@ -675,7 +665,7 @@ def main(argv=None):
     accelerator.init_trackers("nearid", config={k: str(v) for k, v in all_args.items()})
     training_set, held_out, provenance, split_sizes = load_data(data_args)
     accelerator.print(f"training data: {json.dumps(training_set.describe(), default=str)}")
-    model, processor = build_model(model_args)
+    model, processor = nearid_from_siglip(model_args.base_model, model_args.base_revision)
     model.to(accelerator.device)
     provider, skipped = make_provider(model, processor, training_set, held_out, data_args, args, accelerator)
     describe = {**training_set.describe(), "splits": split_sizes, "datasets": provenance}  # counts skipped images

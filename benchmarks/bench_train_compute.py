@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nearid import synthetic  # noqa: E402
+from nearid.models import save_siglip_checkpoint  # noqa: E402
 import train  # noqa: E402
 from bench_common import environment_lines, write_results  # noqa: E402
 from bench_forward import forward_flops  # noqa: E402
@@ -97,7 +98,7 @@ def parse_args(argv=None):
 
 def write_base_model(folder: Path) -> Path:
     """A random SigLIP vision checkpoint with a SigLIP preprocessor config, like a Hub snapshot."""
-    return synthetic.save_siglip_checkpoint(folder, BENCH_VISION)
+    return save_siglip_checkpoint(folder, BENCH_VISION)
 
 
 def write_training_data(folder: Path, args) -> dict:

@@ -36,7 +36,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from nearid.metrics import dreambench_key
+from nearid.metrics import (DREAMBENCH_METHODS, canonicalize_dreambench_scores, dreambench_key,
+                            dreambench_mh)
 
 logger = logging.getLogger(__name__)
 
@@ -625,3 +626,40 @@ def _score_entry(entry, where: str, root: Path) -> tuple:
         raise ValueError(f"{where}: reference is an empty list; give at least one reference image")
     optional = [entry.get(c) for c in SCORE_OPTIONAL_COLUMNS]
     return (entry["generated"], references, *(None if v is None else str(v) for v in optional))
+
+
+# --------------------------------------------------------------------------------------------------
+# DreamBench++ rating files (published per-image scores and human ratings)
+
+
+def _read_rating_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing rating file {path}; expected the DreamBench++ ratings "
+                                "layout (see tests/data/dreambench_plus/PROVENANCE.md)")
+    return _json_value(path.read_text(), f"rating file {path}")
+
+
+def load_dreambench_scores(root, scorer: str, methods: Sequence[str] = DREAMBENCH_METHODS) -> dict:
+    """Read `<root>/<scorer>/<method>.json` for each method -> {method: {canonical key: score}}.
+
+    `scorer` is a folder name such as "data_nearid_rating" (or a nested one,
+    "data_gpt_rating/concept_preservation_full").
+    """
+    root = Path(root)
+    return {m: canonicalize_dreambench_scores(_read_rating_file(root / scorer / f"{m}.json"),
+                                              f"{scorer}/{m}.json") for m in methods}
+
+
+def load_dreambench_human(root, methods: Sequence[str] = DREAMBENCH_METHODS) -> dict:
+    """Read `<root>/data_human_rating/merged_data/group{1,2}/<method>-cp.json` -> {method: (g1, g2)}."""
+    base = Path(root) / "data_human_rating" / "merged_data"
+    return {m: tuple(canonicalize_dreambench_scores(_read_rating_file(base / g / f"{m}-cp.json"),
+                                                    f"data_human_rating/merged_data/{g}/{m}-cp.json")
+                     for g in ("group1", "group2")) for m in methods}
+
+
+def dreambench_mh_from_files(root, scorer: str, methods: Sequence[str] = DREAMBENCH_METHODS) -> dict:
+    """`dreambench_mh` of a scorer folder against the human ratings, both under `root`."""
+    scores = load_dreambench_scores(root, scorer, methods)
+    human = load_dreambench_human(root, methods)
+    return dreambench_mh(scores, human, methods, scorer=scorer)

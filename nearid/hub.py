@@ -25,7 +25,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from nearid.reports import atomic_write_text, update_model_card
+from nearid.io import atomic_write_text
+from nearid.reports import update_model_card
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the remote-code files live at the repository root
 REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")

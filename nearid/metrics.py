@@ -9,13 +9,12 @@ without pulling in anything heavy.
 - MTG (part-level): `mtg_oracle`, `mtg_scores`.
 - Correlations: `pearson`, `fisher_z_mean`.
 - DreamBench++ metric-to-human (MH): `canonical_dreambench_key`, `canonicalize_dreambench_scores`,
-  `metric_to_human`, `human_agreement`, `dreambench_mh`, `dreambench_human_ceiling`,
-  `load_dreambench_scores`, `load_dreambench_human`, `dreambench_mh_from_files`.
+  `metric_to_human`, `human_agreement`, `dreambench_mh`, `dreambench_human_ceiling`. The rating
+  files are read by `nearid.data` (`load_dreambench_scores`, `load_dreambench_human`).
 """
 
-import json
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -390,36 +389,3 @@ def dreambench_human_ceiling(human_by_method: Mapping[str, tuple],
     if missing:
         raise ValueError(f"no human ratings for methods {missing}")
     return _aggregate({m: human_agreement(*human_by_method[m], name=m) for m in methods})
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing rating file {path}; expected the DreamBench++ ratings "
-                                "layout (see tests/data/dreambench_plus/PROVENANCE.md)")
-    return json.loads(path.read_text())
-
-
-def load_dreambench_scores(root, scorer: str, methods: Sequence[str] = DREAMBENCH_METHODS) -> dict:
-    """Read `<root>/<scorer>/<method>.json` for each method -> {method: {canonical key: score}}.
-
-    `scorer` is a folder name such as "data_nearid_rating" (or a nested one,
-    "data_gpt_rating/concept_preservation_full").
-    """
-    root = Path(root)
-    return {m: canonicalize_dreambench_scores(_read_json(root / scorer / f"{m}.json"),
-                                              f"{scorer}/{m}.json") for m in methods}
-
-
-def load_dreambench_human(root, methods: Sequence[str] = DREAMBENCH_METHODS) -> dict:
-    """Read `<root>/data_human_rating/merged_data/group{1,2}/<method>-cp.json` -> {method: (g1, g2)}."""
-    base = Path(root) / "data_human_rating" / "merged_data"
-    return {m: tuple(canonicalize_dreambench_scores(_read_json(base / g / f"{m}-cp.json"),
-                                                    f"data_human_rating/merged_data/{g}/{m}-cp.json")
-                     for g in ("group1", "group2")) for m in methods}
-
-
-def dreambench_mh_from_files(root, scorer: str, methods: Sequence[str] = DREAMBENCH_METHODS) -> dict:
-    """`dreambench_mh` of a scorer folder against the human ratings, both under `root`."""
-    scores = load_dreambench_scores(root, scorer, methods)
-    human = load_dreambench_human(root, methods)
-    return dreambench_mh(scores, human, methods, scorer=scorer)

@@ -1,37 +1,29 @@
 """Reports of NearID evaluations: results files, markdown tables, CSV, plots and the model card.
 
-Everything here takes the flat metric dicts of `nearid_metrics` and writes them out; nothing
-computes a metric. Files are written atomically (a temp file in the same folder, then
-`os.replace`), so an interrupted run leaves either the old file or the new one, never a partial
-one. matplotlib (plots) and huggingface_hub (model card) are imported inside the functions that
-need them, so `evaluate.py` imports this module cheaply.
+Everything here takes the flat metric dicts of `nearid.metrics` and writes them out; nothing
+computes a metric. Files are written atomically through `nearid.io`. matplotlib (plots) and
+huggingface_hub (model card) are imported inside the functions that need them, so `evaluate.py`
+imports this module cheaply.
 
-- Files: `atomic_write_text`, `atomic_write_bytes`, `atomic_write_json`, `write_per_sample_csv`.
 - Results JSON: `provenance`, `results_document`.
 - Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`.
 - Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`.
 - Model card: `update_model_card` (the README's `model-index`).
 """
 
-import csv
 import datetime
 import hashlib
-import io
-import json
 import math
-import os
 import platform
-import secrets
-import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from nearid.io import atomic_path, atomic_write_bytes
 from nearid.metrics import NEARID_TABLE1_SOURCES
 
 # Keys of one Table-1 row (`table1_row` builds them from the metric dicts), with the column header
@@ -53,80 +45,6 @@ MISSING = "\u2013"  # en dash, for a value that was not evaluated
 PROVENANCE_PACKAGES = {"torch": "torch", "transformers": "transformers", "datasets": "datasets",
                        "huggingface_hub": "huggingface_hub", "numpy": "numpy", "PIL": "pillow"}
 REPO_DIR = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-@contextmanager
-def _atomic_path(path):
-    """Yield a temp path beside `path` (not yet created); on success it replaces `path` (keeping
-    an existing file's mode), on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 mode would stick to the result; this name gets the umask's mode.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        yield tmp
-        if path.exists():
-            shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (parents created). Returns the path."""
-    with _atomic_path(path) as tmp:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    return Path(path)
-
-
-def atomic_write_text(path, text: str) -> Path:
-    """Write UTF-8 `text` to `path` atomically, newlines untranslated. Returns the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _jsonable(obj):
-    """numpy scalars/arrays and paths to plain Python; non-finite floats to None (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def atomic_write_json(path, obj) -> Path:
-    """Write `obj` as indented, strict JSON (NaN/inf -> null, numpy -> Python) atomically.
-
-    The whole text is serialised before the file is touched, so an unserialisable object raises
-    TypeError and leaves any existing file as it was.
-    """
-    text = json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    return atomic_write_text(path, text)
-
-
-def write_per_sample_csv(path, rows: Sequence[Mapping]) -> Path:
-    """One CSV row per dict; columns are the union of keys in first-seen order (missing -> empty)."""
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +241,7 @@ def _new_figure(width: float, height: float):
 
 
 def _save_png(fig, path) -> Path:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
 

@@ -658,28 +658,6 @@ def _readme(manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_siglip_checkpoint(folder, vision_config: dict | None = None, model=None, seed: int = 0) -> Path:
-    """A SigLIP vision checkpoint folder like a Hub snapshot: weights plus a SigLIP preprocessor config.
-
-    Saves `model` (a transformers SigLIP vision model), or a randomly initialised one built from
-    `vision_config` with `seed`: a stand-in base model for training and tests without downloads.
-    """
-    import torch
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    folder = Path(folder)
-    if model is None:
-        torch.manual_seed(seed)
-        model = SiglipVisionModel(SiglipVisionConfig(**vision_config))
-    model.save_pretrained(folder)
-    side = model.config.image_size
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
-        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}, indent=2))
-    return folder
-
-
 def main(argv=None) -> dict:
     """CLI entry point; returns the manifest (also written to `<output_dir>/manifest.json`)."""
     from datasets.utils.logging import disable_progress_bar

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nearid.reports import atomic_write_json
+from nearid.io import atomic_write_json
 
 FORMAT_VERSION = 1
 META_FILE = "cache.json"

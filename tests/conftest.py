@@ -51,9 +51,9 @@ def train_synthetic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     """A tiny SigLIP checkpoint folder with a SigLIP-style preprocessor config, like a Hub snapshot."""
-    import nearid.synthetic
+    from nearid.models import save_siglip_checkpoint
 
-    return nearid.synthetic.save_siglip_checkpoint(tmp_path_factory.mktemp("base") / "tiny-siglip", model=make_tiny_siglip())
+    return save_siglip_checkpoint(tmp_path_factory.mktemp("base") / "tiny-siglip", model=make_tiny_siglip())
 
 
 @pytest.fixture

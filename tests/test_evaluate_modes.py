@@ -18,8 +18,8 @@ from tests.helpers import REPO_ROOT
 from PIL import Image
 
 import evaluate
-from nearid import data as data
-from nearid import metrics as metrics
+from nearid import data
+from nearid import metrics
 import nearid.synthetic
 
 MTG_TEST_ROWS = 8

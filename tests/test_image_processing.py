@@ -2,15 +2,17 @@
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from tests.helpers import REPO_ROOT, run_isolated
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_utils import load_image
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -148,13 +150,17 @@ def test_ambiguous_array_layout_can_be_stated():
     assert_same(got, expected)
 
 
-def test_file_paths_match_reference_load_image(tmp_path):
+def test_file_paths_give_what_a_viewer_shows_transparency_on_white(tmp_path):
     png = tmp_path / "rgba.png"
     Image.fromarray(noise(30, 50, 4, seed=15)).save(png)
     ref, processor = reference(), ours()
-    expected = ref_pixels(ref, load_image(str(png)))  # load_image drops alpha, as we do for files
+    expected = ref_pixels(ref, Image.open(png))  # the reference composites a PIL image's alpha onto white
     assert_same(processor(str(png))["pixel_values"], expected)
     assert_same(processor(png)["pixel_values"], expected)  # pathlib.Path
+    assert_same(processor(png.read_bytes())["pixel_values"], expected)  # encoded bytes
+    assert_same(processor({"bytes": None, "path": str(png)})["pixel_values"], expected)  # a datasets image dict
+    dropped_alpha = ref_pixels(ref, load_image(str(png)))  # transformers' load_image drops alpha instead
+    assert (processor(png)["pixel_values"] - dropped_alpha).abs().max() > 0.1
 
 
 def test_jpeg_exif_orientation_is_applied(tmp_path):
@@ -217,9 +223,12 @@ def test_missing_file_and_url_are_refused(tmp_path):
 
 
 def header_only_png(path, width, height):
-    """A PNG whose header says width x height but whose pixel data is cut off."""
-    Image.fromarray(noise(height, width, seed=22)).save(path)
-    path.write_bytes(path.read_bytes()[:60])  # signature + IHDR survive, IDAT does not
+    """A PNG whose header says width x height but which holds no pixel data (cheap at any size)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
 
 
 def test_decompression_bomb_refused_before_decoding(tmp_path):
@@ -236,18 +245,43 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
     assert ours(max_image_pixels=400)(Image.fromarray(noise(20, 20)))["pixel_values"].shape[0] == 1
 
 
-def test_our_limit_replaces_pillows(tmp_path, monkeypatch):
-    """Pillow's own bomb warning/error never surfaces: our limit decides and says how to raise it."""
+def test_pillows_process_wide_limit_is_respected_and_never_changed(tmp_path, monkeypatch):
+    """Our limit is checked on the header; Pillow's own (a global the caller owns) is never lifted."""
     path = tmp_path / "big.png"
     Image.fromarray(noise(20, 20)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow would refuse 400 > 2 * 50 pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with pytest.raises(ImageTooLargeError, match="big.png"):
-            ours(max_image_pixels=100)(path)
-        got = ours(max_image_pixels=None)(path)["pixel_values"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow refuses 400 > 2 * 50 pixels
+    for limit in (None, 10**6):  # ours would allow it: Pillow's applies, and the message says which it is
+        with pytest.raises(ImageTooLargeError, match=r"big\.png.*PIL\.Image\.MAX_IMAGE_PIXELS"):
+            ours(max_image_pixels=limit)(path)
+    assert Image.MAX_IMAGE_PIXELS == 50
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageTooLargeError, match=r"big\.png.*20x20 = 400 pixels.*max_image_pixels"):
+        ours(max_image_pixels=100)(path)  # ours is the stricter one
+    got = ours(max_image_pixels=None)(path)["pixel_values"]
     assert_same(got, ref_pixels(reference(), Image.fromarray(noise(20, 20))))
-    assert Image.MAX_IMAGE_PIXELS == 50  # restored after the lifted reopen
+
+
+class _WatchedModule(type(Image)):
+    """A module type that records every assignment to Image.MAX_IMAGE_PIXELS."""
+
+    assignments = []
+
+    def __setattr__(self, name, value):
+        if name == "MAX_IMAGE_PIXELS":
+            _WatchedModule.assignments.append(value)
+        super().__setattr__(name, value)
+
+
+def test_decoding_a_bomb_never_touches_pillows_global_limit(tmp_path, monkeypatch):
+    """Another thread's Image.open must always see Pillow's guard: we never lift it, even briefly."""
+    bomb = tmp_path / "bomb.png"
+    header_only_png(bomb, 20000, 20000)  # 400 M pixels: above Pillow's default hard limit
+    monkeypatch.setattr(Image, "__class__", _WatchedModule)
+    _WatchedModule.assignments.clear()
+    for limit in (None, 10**12, 100):
+        with pytest.raises(ImageTooLargeError):
+            ours(max_image_pixels=limit)(bomb)
+    assert _WatchedModule.assignments == []
 
 
 @pytest.mark.parametrize(
@@ -345,3 +379,59 @@ def test_benchmark_smoke_mode_checks_agreement():
     assert result.returncode == 0, result.stderr
     assert "outputs agree: max |diff| = 0" in result.stdout
     assert "speed-up:" in result.stdout
+
+
+# Files that keep each mode the decode must handle, and an EXIF-rotated JPEG.
+def _exif_jpeg(path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(noise(24, 40, seed=30)).save(path, exif=exif, quality=95)
+
+
+ENCODED_KINDS = {
+    "exif.jpg": _exif_jpeg,
+    "rgba.png": lambda path: IMAGE_KINDS["RGBA"]().save(path),
+    "p_transparency.png": lambda path: IMAGE_KINDS["P+transparency"]().save(path),
+    "la.png": lambda path: IMAGE_KINDS["LA"]().save(path),
+    "i16.png": lambda path: IMAGE_KINDS["I;16"]().save(path),
+    "cmyk.jpg": lambda path: IMAGE_KINDS["CMYK"]().save(path, quality=95),
+}
+
+
+@pytest.mark.parametrize("name", list(ENCODED_KINDS))
+def test_every_encoded_form_gives_the_pixels_a_viewer_shows(tmp_path, name):
+    path = tmp_path / name
+    ENCODED_KINDS[name](path)
+    with Image.open(path) as shown:  # what a viewer shows: EXIF orientation applied
+        expected = ref_pixels(reference(), ImageOps.exif_transpose(shown))
+    processor = ours()
+    for form in (path, str(path), path.read_bytes(), {"bytes": path.read_bytes(), "path": None},
+                 {"bytes": None, "path": str(path)}):
+        assert_same(processor(form)["pixel_values"], expected)
+
+
+def test_exif_rotation_applies_to_encoded_images_only(tmp_path):
+    path = tmp_path / "exif.jpg"
+    _exif_jpeg(path)
+    with Image.open(path) as raw:
+        raw.load()
+        as_given = ours()(raw)["pixel_values"]  # a PIL image is used as given, like transformers
+        assert_same(as_given, ref_pixels(reference(), raw))
+    assert (ours()(path)["pixel_values"] - as_given).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 10, 3), np.uint8), np.zeros((10, 0), np.uint8)])
+def test_an_image_without_pixels_is_refused(empty):
+    with pytest.raises(ValueError, match="no pixels"):
+        ours()(empty)
+
+
+def test_an_ambiguous_array_layout_warns_and_names_input_data_format():
+    strip = noise(4, 300, seed=31)[..., :3].reshape(4, 300, 3)  # 4 rows of RGB, or 4 channels?
+    with pytest.warns(UserWarning, match="input_data_format"):
+        first = ours()(strip)["pixel_values"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        last = ours()(strip, input_data_format="channels_last")["pixel_values"]
+    assert_same(last, ref_pixels(reference(), Image.fromarray(strip)))
+    assert (first - last).abs().max() > 0.1

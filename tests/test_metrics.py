@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from nearid.data import dreambench_mh_from_files, load_dreambench_human
 from nearid.metrics import (
     DREAMBENCH_METHODS,
     NEARID_TABLE1_SOURCES,
@@ -17,10 +18,8 @@ from nearid.metrics import (
     dreambench_human_ceiling,
     dreambench_key,
     dreambench_mh,
-    dreambench_mh_from_files,
     fisher_z_mean,
     human_agreement,
-    load_dreambench_human,
     metric_to_human,
     mtg_oracle,
     mtg_scores,

@@ -1,6 +1,5 @@
-"""Reports: atomic files, provenance, results layout, markdown tables, CSV, PNG plots, model card."""
+"""Reports: provenance, results layout, markdown tables, CSV, PNG plots, model card."""
 
-import csv
 import hashlib
 import json
 import math
@@ -16,13 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from nearid import reports
 from nearid.metrics import NEARID_TABLE1_SOURCES, nearid_pooled_scores, nearid_scores
 from nearid.reports import (
     TABLE1_COLUMNS,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
     per_source_markdown,
     plot_margin_histograms,
     plot_ssr_pa,
@@ -31,60 +26,10 @@ from nearid.reports import (
     table1_markdown,
     table1_row,
     update_model_card,
-    write_per_sample_csv,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def test_atomic_json_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
-    path = tmp_path / "results.json"
-    atomic_write_json(path, {"ssr": 1.0})
-    before = path.read_bytes()
-    with pytest.raises(TypeError):
-        atomic_write_json(path, {"ssr": 2.0, "bad": object()})
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["results.json"]
-
-
-def test_atomic_write_failure_midway_removes_temp(tmp_path, monkeypatch):
-    path = tmp_path / "out.txt"
-    atomic_write_text(path, "old")
-
-    def broken_fsync(fd):  # the temp file exists and holds the new bytes when this raises
-        raise OSError("disk full")
-
-    monkeypatch.setattr(reports.os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(path, "new")
-    assert path.read_text() == "old"
-    assert os.listdir(tmp_path) == ["out.txt"]
-
-
-def test_atomic_writes_create_parents_and_strict_json(tmp_path):
-    path = tmp_path / "a" / "b" / "r.json"
-    atomic_write_json(path, {"x": np.float32(0.5), "n": np.int64(3), "nan": float("nan"),
-                             "arr": np.arange(2), "p": Path("x/y")})
-    text = path.read_text()
-    assert "NaN" not in text
-    assert json.loads(text) == {"x": 0.5, "n": 3, "nan": None, "arr": [0, 1], "p": "x/y"}
-    atomic_write_bytes(tmp_path / "c" / "raw.bin", b"\x00\x01")
-    assert (tmp_path / "c" / "raw.bin").read_bytes() == b"\x00\x01"
-    atomic_write_text(tmp_path / "t.txt", "a\r\nb")  # newlines untranslated
-    assert (tmp_path / "t.txt").read_bytes() == b"a\r\nb"
-
-
-def test_atomic_write_keeps_mode_of_existing_file(tmp_path):
-    path = tmp_path / "f.txt"
-    path.write_text("old")
-    path.chmod(0o640)
-    atomic_write_text(path, "new")
-    assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o640
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,22 +149,6 @@ def test_per_source_markdown_without_all_table1_sources_has_no_average():
 
 # --------------------------------------------------------------------------------------------------
 # CSV
-
-
-def test_per_sample_csv_round_trip(tmp_path):
-    rows = [{"sample": "a/1", "source": "flux", "margin": 0.125, "win": True},
-            {"sample": "b,2", "source": "sdxl", "margin": -0.5, "win": False, "note": 'said "hi"'}]
-    path = write_per_sample_csv(tmp_path / "sub" / "per_sample.csv", rows)
-    with open(path, newline="") as f:
-        back = list(csv.DictReader(f))
-    assert list(back[0]) == ["sample", "source", "margin", "win", "note"]
-    assert back == [{k: str(r.get(k, "")) for k in back[0]} for r in rows]
-    assert float(back[1]["margin"]) == -0.5
-    assert os.listdir(path.parent) == ["per_sample.csv"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Plots (matplotlib is a requirement: no skip)
 
 
 def _png_size(path):

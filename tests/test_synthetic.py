@@ -10,7 +10,8 @@ from datasets import DatasetDict, Image as HFImage, Value, load_from_disk
 from PIL import Image
 
 from nearid import synthetic as syn
-from nearid.metrics import canonical_dreambench_key, dreambench_key, dreambench_mh_from_files
+from nearid.data import dreambench_mh_from_files
+from nearid.metrics import canonical_dreambench_key, dreambench_key
 
 SIZE = 48
 SMALL = ["--num-identities", "10", "--image-size", str(SIZE), "--mtg-train", "4", "--mtg-test", "8",

@@ -1,0 +1,134 @@
+"""Small file utilities shared by every part of NearID: atomic writes, strict JSON, CSV, disk errors.
+
+A file written here is complete or absent: it is written to a temporary name beside its
+destination and renamed (`os.replace`), so an interrupted run leaves the old file or the new one,
+never a partial one. Temporary files get the normal permissions of the user's umask (not the 0600
+of `tempfile.mkstemp`), and an existing file keeps its mode when replaced.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import math
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` (not yet created); on success it replaces `path`,
+    on any error it is removed. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise explain_disk_error(error, path) from error
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (fsynced before the rename). Returns the path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically, newlines untranslated. Returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(obj):
+    """numpy scalars/arrays and paths to plain Python; non-finite floats to None (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path, obj) -> Path:
+    """Write `obj` as indented, strict JSON (NaN/inf -> null, numpy -> Python) atomically.
+
+    The whole text is serialised before the file is touched, so an unserialisable object raises
+    TypeError and leaves any existing file as it was.
+    """
+    text = json.dumps(jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def read_json(path, what: str):
+    """Parse a JSON file written by NearID; a clear error naming `what` and the file when it is broken."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error}); it is damaged. Delete or restore it.") from None
+
+
+def write_csv(path, rows: Sequence[Mapping]) -> Path:
+    """One CSV row per dict; columns are the union of keys in first-seen order (missing -> empty)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for the ways a full disk (or quota) surfaces: OSError ENOSPC/EDQUOT, or torch's writer."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos".
+    return isinstance(error, RuntimeError) and "inline_container" in str(error) and "unexpected pos" in str(error)
+
+
+def explain_disk_error(error: BaseException, path) -> OSError:
+    """An OSError saying the disk holding `path` is full, with its free space and what to do."""
+    free = disk_free_bytes(path)
+    return OSError(errno.ENOSPC, f"The disk is full while writing {path} ({human_bytes(free)} free on that disk; "
+                   f"{type(error).__name__}: {error}). Free some space or write to another disk, then run again; "
+                   "files written before this one are complete.")
+
+
+def disk_free_bytes(path) -> int:
+    """Free bytes on the disk holding `path` (or its nearest existing parent folder)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def human_bytes(num_bytes: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{num_bytes} bytes"
