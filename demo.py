@@ -14,17 +14,17 @@ identity over background on this data, not NearID's accuracy on the real benchma
 Usage: python demo.py [--output-dir demo_outputs] [--num-identities 200] [--epochs 20]
 """
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate
-from nearid import reports
-from nearid.io import atomic_write_text
-from nearid import synthetic
 import train
 from image_processing_nearid import NearIDImageProcessor
 from modeling_nearid import NearIDModel
+from nearid import reports, synthetic
+from nearid.cli import build_parser, option, parse, user_errors
 from nearid.hub import export_hub_folder
+from nearid.io import atomic_write_text
 from nearid.models import save_siglip_checkpoint
 
 SMALL_SIGLIP = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -43,7 +43,7 @@ def evaluate_model(model: Path, data: Path, out: Path) -> dict:
     sources = [arg for name in SOURCES for arg in ("--source", f"{name}={data / name}")]
     nearid = evaluate.main(["nearid", *common, "--positives", str(data / "positives"), *sources,
                             "--split-file", str(data / "splits" / "test.json"), "--output-dir", str(out / "nearid")])
-    mtg = evaluate.main(["mtg", *common, "--dataset", str(data / "mtg"), "--split", "test",
+    mtg = evaluate.main(["mtg", *common, "--mtg", str(data / "mtg"), "--split", "test",
                          "--output-dir", str(out / "mtg")])
     dreambench = evaluate.main(["dreambench", *common, "--ratings", str(data / "dreambench" / "ratings"),
                                 "--samples", str(data / "dreambench" / "samples"), "--output-dir", str(out / "dreambench")])
@@ -53,11 +53,11 @@ def evaluate_model(model: Path, data: Path, out: Path) -> dict:
 def train_head(base: Path, data: Path, out: Path, epochs: int) -> dict:
     return train.main([
         "--positives", str(data / "positives"), "--source", *(f"{n}={data / n}" for n in SOURCES),
-        "--mtg", str(data / "mtg"), "--train_split", str(data / "splits" / "train.json"),
-        "--val_split", str(data / "splits" / "val.json"), "--test_split", str(data / "splits" / "test.json"),
-        "--base_model", str(base), "--output_dir", str(out), "--overwrite_output_dir", "true",
-        "--num_epochs", str(epochs), "--per_device_batch_size", "8", "--learning_rate", "3e-3",
-        "--warmup_steps", "20", "--log_steps", "100", "--report_to", "jsonl",
+        "--mtg", str(data / "mtg"), "--train-split", str(data / "splits" / "train.json"),
+        "--val-split", str(data / "splits" / "val.json"), "--test-split", str(data / "splits" / "test.json"),
+        "--base-model", str(base), "--output-dir", str(out), "--overwrite-output-dir",
+        "--num-epochs", str(epochs), "--per-device-batch-size", "8", "--learning-rate", "3e-3",
+        "--warmup-steps", "20", "--log-steps", "100", "--report-to", "jsonl",
     ])
 
 
@@ -79,13 +79,21 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
     return {"before": before, "after": after, "release": trained["release"]}
 
 
+@dataclass
+class DemoArguments:
+    """The main job"""
+
+    output_dir: str = option("demo_outputs", "where data, runs and results are written")
+    num_identities: int = option(200, "synthetic identities (rows of positives)", min=10)
+    epochs: int = option(20, "training epochs of the head", min=1)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="demo_outputs", help="where data, runs and results are written")
-    parser.add_argument("--num-identities", type=int, default=200, help="synthetic identities (rows of positives)")
-    parser.add_argument("--epochs", type=int, default=20, help="training epochs of the head")
-    args = parser.parse_args(argv)
-    return run(Path(args.output_dir), args.num_identities, args.epochs)
+    parser = build_parser("demo.py", __doc__, groups=(DemoArguments,))
+    _, groups, debug = parse(parser, (DemoArguments,), argv)
+    args = groups[DemoArguments]
+    with user_errors(debug):
+        return run(Path(args.output_dir), args.num_identities, args.epochs)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,12 @@ def _check_pixels(width: int, height: int, limit: int | None, source: str) -> No
         )
 
 
-def _encoded_bytes(image: Any, name: str) -> bytes:
-    """The encoded bytes of a path, bytes or `datasets` image dict; the file is read once, here."""
+def read_image_bytes(image: Any, name: str) -> bytes:
+    """The encoded bytes of a path, bytes or `datasets` image dict (nothing is decoded).
+
+    Raises FileNotFoundError for a missing file and ImageLoadError, naming `name`, for anything else
+    that cannot be read.
+    """
     if isinstance(image, Mapping):
         if image.get("bytes") is not None:
             return bytes(image["bytes"])
@@ -100,8 +104,11 @@ def _encoded_bytes(image: Any, name: str) -> bytes:
         raise ValueError(f"Got the URL {path!r}; NearID does not download images. Download it first.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no such image file {path!r}. Pass an existing file, a PIL image or an array.")
-    with open(path, "rb") as stream:
-        return stream.read()
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as err:
+        raise ImageLoadError(f"{name}: cannot read image file {path!r} ({err.strerror or err}).") from None
 
 
 def _decode(data: bytes, name: str, limit: int | None) -> Image.Image:
@@ -164,7 +171,7 @@ def load_image(
     """
     name = name or _describe(image)
     if isinstance(image, (str, pathlib.PurePath, bytes, bytearray, memoryview, Mapping)):
-        decoded = _decode(_encoded_bytes(image, name), name, max_image_pixels)
+        decoded = _decode(read_image_bytes(image, name), name, max_image_pixels)
     elif isinstance(image, Image.Image):
         _check_pixels(*image.size, max_image_pixels, name)
         decoded = image
@@ -444,5 +451,5 @@ class NearIDImageProcessor(BaseImageProcessor):
         return load_image(item, _describe(item, index), cfg["max_image_pixels"], input_data_format, cfg["do_convert_rgb"])
 
 
-__all__ = ["NearIDImageProcessor", "load_image", "ImageLoadError", "ImageTooLargeError", "DEFAULT_MAX_IMAGE_PIXELS",
+__all__ = ["NearIDImageProcessor", "load_image", "read_image_bytes", "ImageLoadError", "ImageTooLargeError", "DEFAULT_MAX_IMAGE_PIXELS",
            "DECODE_RULES"]

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import best_time, environment_lines, write_results  # noqa: E402
+
 from configuration_nearid import NearIDConfig  # noqa: E402
 from modeling_nearid import NearIDModel  # noqa: E402
 

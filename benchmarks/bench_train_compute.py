@@ -39,13 +39,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nearid import synthetic  # noqa: E402
-from nearid.models import save_siglip_checkpoint  # noqa: E402
-import train  # noqa: E402
 from bench_common import environment_lines, write_results  # noqa: E402
 from bench_forward import forward_flops  # noqa: E402
+
+import train  # noqa: E402
 from configuration_nearid import NearIDConfig  # noqa: E402
 from modeling_nearid import NearIDModel  # noqa: E402
+from nearid import synthetic  # noqa: E402
+from nearid.models import save_siglip_checkpoint  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_train_compute.txt"
 SLOTS = 6
@@ -122,10 +123,10 @@ def samples_per_epoch(data: dict, args) -> int:
 def train_arguments(data: dict, base_model: Path, out: Path, args, *extra) -> list:
     # The paper warms up for 100 of 3,300 steps; keep that share of this run's steps.
     warmup = max(1, round(100 / 3300 * args.epochs * (samples_per_epoch(data, args) // args.batch)))
-    argv = ["--positives", str(data["positives"]), "--mtg", str(data["mtg"]), "--base_model", str(base_model),
-            "--output_dir", str(out), "--num_epochs", str(args.epochs), "--per_device_batch_size", str(args.batch),
-            "--warmup_steps", str(warmup), "--log_steps", "1", "--export", "false",
-            "--token_cache_dtype", "float32", *extra]
+    argv = ["--positives", str(data["positives"]), "--mtg", str(data["mtg"]), "--base-model", str(base_model),
+            "--output-dir", str(out), "--num-epochs", str(args.epochs), "--per-device-batch-size", str(args.batch),
+            "--warmup-steps", str(warmup), "--log-steps", "1", "--no-export",
+            "--cache-dtype", "float32", *extra]
     for name in data["sources"]:
         argv += ["--source", f"{name}={data['positives'].parent / name}"]
     return argv
@@ -431,7 +432,7 @@ def main(argv=None):
         warm_up_imports()
         # The cached run goes first: anything a first run pays for once counts against the cache.
         runs = {}
-        for name, extra in (("cached", ()), ("reference", ("--token_cache", "false"))):
+        for name, extra in (("cached", ()), ("reference", ("--no-token-cache"))):
             out = workdir / name
             shutil.rmtree(out, ignore_errors=True)  # a token cache left by an earlier run would be reused
             runs[name] = measure_run(train_arguments(data, base_model, out, args, *extra), out)

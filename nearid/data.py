@@ -10,9 +10,8 @@ Everything that turns a dataset *source* into rows lives here, once:
   and refuses to pair when lengths or `id`s disagree. `open_benchmark` does all three.
 - `load_split_indices` / `select_rows` / `check_disjoint` read and apply split index files.
 - Images are read *encoded* (`image_refs`, `image_ref`): `{"bytes": ..., "path": ...}` or None for
-  a missing image (slots are never compacted). `content_hash` keys an embedding cache on the
-  encoded bytes without decoding; `decode_image` decodes on a cache miss and turns a corrupt image
-  into an `ImageReadError` that names where it came from.
+  a missing image (slots are never compacted); `nearid.store.ImageIndex` keys them by content and
+  `nearid.images.load_image` decodes them.
 - `dreambench_methods` / `dreambench_pairs` read the DreamBench++ samples layout
   `<root>/<method>/{src_image,tgt_image}/<relative path>`.
 - `mtg_masks` reads one MTG view's object and part masks for the oracle.
@@ -23,7 +22,6 @@ Everything that turns a dataset *source* into rows lives here, once:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -36,57 +34,54 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from nearid.metrics import (DREAMBENCH_METHODS, canonicalize_dreambench_scores, dreambench_key,
-                            dreambench_mh)
+from nearid.images import ImageLoadError, find_images, load_image
+from nearid.metrics import DREAMBENCH_METHODS, canonicalize_dreambench_scores, dreambench_key, dreambench_mh
 
 logger = logging.getLogger(__name__)
 
 MTG_COLUMNS = tuple(f"image_{v}_{kind}" for v in (1, 2)
                     for kind in ("original", "inpainted", "object_mask", "part_mask"))
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # `name` or `owner/name`: what a Hub dataset id can look like. Anything else that does not exist
 # locally is reported as a missing path rather than sent to the Hub.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv")
-_OBJECT_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. "<_io.BytesIO object at 0x7f..>"
-
-
-class ImageReadError(ValueError):
-    """An encoded image that PIL cannot open; the message names the dataset, row and column."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Opening datasets
 
 
-def open_dataset(source: str, split: str = "train", revision: str | None = None) -> tuple:
+def open_dataset(source, split: str = "train", revision: str | None = None) -> tuple:
     """Open `source` and return `(Dataset, provenance)`.
 
-    `source` is tried as a local path first:
+    `source` is a string or a `nearid.cli.DatasetSource` (which may carry a Hub revision), tried as
+    a local path first:
     - a `save_to_disk` folder of a Dataset (taken whole) or of a DatasetDict (`split` is picked);
     - a `.parquet` file (taken whole; `split` is not applied and recorded as None);
     - a folder of parquet files (splits inferred from file names as on the Hub, e.g.
       `data/test-00000-of-00001.parquet`; files without a split name form `train`).
     A source that does not exist locally and looks like a Hub id (`owner/name`) is loaded with
-    `datasets.load_dataset(source, split=split, revision=revision)`. `revision` applies to Hub ids
-    only.
+    `datasets.load_dataset(source, split=split, revision=revision)`; a revision pins it to a branch,
+    tag or commit, and applies to Hub ids only.
 
     Provenance (flat, stable keys): kind ("local" or "hub"), source (absolute path or Hub id),
     format, split, revision (as requested), fingerprint (`Dataset._fingerprint`), num_rows.
     """
-    path = Path(source).expanduser()
+    location = getattr(source, "location", source)
+    revision = getattr(source, "revision", None) or revision
+    path = Path(location).expanduser()
     if path.exists():
         if revision is not None:
-            logger.warning("revision %r ignored: %s is a local path", revision, path)
+            raise ValueError(f"revision {revision!r} applies to Hub datasets, but {location} is a local path; "
+                             "drop the @revision or give the Hub id")
         dataset, fmt, split = _open_local(path.resolve(), split)
         kind, where = "local", str(path.resolve())
-    elif _looks_like_hub_id(source):
-        dataset, fmt, kind, where = _open_hub(source, split, revision), "hub", "hub", source
+    elif _looks_like_hub_id(location):
+        dataset, fmt, kind, where = _open_hub(location, split, revision), "hub", "hub", location
     else:
         raise FileNotFoundError(
-            f"dataset source {source!r} does not exist (looked for {path.resolve()}) and is not a Hub "
-            "dataset id. Give a save_to_disk folder, a parquet file or folder, or an id like "
-            "'Aleksandar/NearID'")
+            f"no such dataset {location!r}: nothing at {path.resolve()}, and it is not a Hub dataset id. Give a "
+            "save_to_disk folder, a parquet file or folder, or an id like 'Aleksandar/NearID'")
     if len(dataset) == 0:
         raise ValueError(f"dataset {where} (split {split}) has no rows; check the source and split")
     provenance = {"kind": kind, "source": where, "format": fmt, "split": split, "revision": revision,
@@ -101,10 +96,13 @@ def _looks_like_hub_id(source: str) -> bool:
 def _open_hub(source: str, split: str, revision: str | None):
     try:
         return datasets.load_dataset(source, split=split, revision=revision)
-    except FileNotFoundError as error:  # includes datasets' DatasetNotFoundError
+    except (FileNotFoundError, ConnectionError) as error:  # includes DatasetNotFoundError and offline mode
         raise FileNotFoundError(
-            f"{source!r} is not a local path (nothing at {Path(source).resolve()}) and loading it from "
-            f"the Hub failed: {error}. Check the id and revision, or pass a local folder") from error
+            f"cannot load the dataset {source!r} (revision {revision or 'main'}): there is no local folder "
+            f"{str(Path(source).resolve())!r} and the Hugging Face Hub did not provide it ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Check the id and revision, pass a local copy "
+            "(a save_to_disk folder or parquet), or run with HF_HUB_OFFLINE=1 to use datasets already in the "
+            "cache.") from None
 
 
 def _open_local(path: Path, split: str) -> tuple:
@@ -148,7 +146,7 @@ def _check_parquet_rows(files: Sequence[Path]) -> None:
                          "check the source")
 
 
-def open_mtg(source: str, split: str = "test", revision: str | None = None) -> tuple:
+def open_mtg(source, split: str = "test", revision: str | None = None) -> tuple:
     """`open_dataset` for the MTG benchmark, checking the 8 `MTG_COLUMNS` are there."""
     dataset, provenance = open_dataset(source, split, revision)
     require_columns(dataset, MTG_COLUMNS, f"MTG dataset {provenance['source']}")
@@ -158,15 +156,15 @@ def open_mtg(source: str, split: str = "test", revision: str | None = None) -> t
 def mtg_masks(object_ref: dict | None, part_ref: dict | None, where: str) -> tuple:
     """(object mask, part mask) of one MTG view as [H, W] uint8 arrays (any value > 0 is inside).
 
-    Masks are read as grayscale; a part mask of another size is resized (nearest) to the object
-    mask's, so the oracle's area ratio compares like with like. Raises ImageReadError, naming
-    `where`, for a missing or undecodable mask.
+    Masks are decoded like every image (`load_image`), then read as grayscale; a part mask of
+    another size is resized (nearest) to the object mask's, so the oracle's area ratio compares like
+    with like. Raises ImageLoadError, naming `where`, for a missing or undecodable mask.
     """
     masks = []
     for ref, kind in ((object_ref, "object"), (part_ref, "part")):
         if ref is None:
-            raise ImageReadError(f"{kind} mask at {where} is missing; the MTG oracle needs both masks")
-        masks.append(decode_image(ref, f"{where} ({kind} mask)").convert("L"))
+            raise ImageLoadError(f"{kind} mask at {where} is missing; the MTG oracle needs both masks")
+        masks.append(load_image(ref, name=f"{where} ({kind} mask)").convert("L"))
     obj, part = masks
     if part.size != obj.size:
         part = part.resize(obj.size, Image.NEAREST)
@@ -262,18 +260,16 @@ def join_sources(positives, sources: Mapping[str, datasets.Dataset]) -> NearIDBe
     return NearIDBenchmark(positives, dict(sources), views, distractors)
 
 
-def open_benchmark(positives: str, sources: Mapping[str, str], split: str = "train",
-                   revisions: Mapping[str, str] | None = None) -> tuple:
-    """Open and join the positives and `{name: source}` distractor sources.
+def open_benchmark(positives, sources: Mapping, split: str = "train") -> tuple:
+    """Open and join the positives and the `{name: source}` distractor sources.
 
-    `revisions` maps "positives" or a source name to a Hub revision. Returns
+    Sources are strings or `nearid.cli.DatasetSource`s (which may pin a Hub revision). Returns
     `(NearIDBenchmark, {"positives": provenance, name: provenance, ...})`.
     """
-    revisions = revisions or {}
-    pos, provenance = open_dataset(positives, split, revisions.get("positives"))
+    pos, provenance = open_dataset(positives, split)
     opened, provenances = {}, {"positives": provenance}
     for name, source in sources.items():
-        opened[name], provenances[name] = open_dataset(source, split, revisions.get(name))
+        opened[name], provenances[name] = open_dataset(source, split)
     return join_sources(pos, opened), provenances
 
 
@@ -370,45 +366,6 @@ def image_ref(dataset, column: str, row: int):
     return image_refs(dataset, column, [row])[0]
 
 
-def _encoded_bytes(ref: dict, where: str) -> bytes:
-    if ref.get("bytes") is not None:
-        return ref["bytes"]
-    if not ref.get("path"):
-        raise ImageReadError(f"image at {where} has neither bytes nor a path")
-    try:
-        return Path(ref["path"]).read_bytes()
-    except OSError as error:
-        raise ImageReadError(f"cannot read image file {ref['path']} at {where}: {error}") from error
-
-
-def content_hash(ref: dict, where: str = "image") -> str:
-    """sha256 hex digest of the encoded image (the file is read when only a path is given)."""
-    if ref is None:
-        raise ValueError(f"{where} is missing (None) and has no content to hash")
-    return hashlib.sha256(_encoded_bytes(ref, where)).hexdigest()
-
-
-def decode_image(ref: dict | None, where: str):
-    """Decode an encoded image with PIL; None (a missing image) stays None.
-
-    `where` names the image for errors, e.g. "positives row 12 column img2". Raises ImageReadError
-    when the bytes or file cannot be decoded.
-    """
-    if ref is None:
-        return None
-    data = _encoded_bytes(ref, where)
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # PIL decodes lazily; force it here so corruption surfaces with `where`
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        # PIL names the stream by its memory address; dropped, so the same bad image gives the same
-        # message (and results file) in every run.
-        detail = _OBJECT_ADDRESS.sub("", str(error))
-        raise ImageReadError(f"cannot decode image at {where} ({len(data)} bytes): {detail}. The data "
-                             "is corrupt or not an image; fix or drop that row") from error
-    return image
-
-
 # --------------------------------------------------------------------------------------------------
 # DreamBench++ samples layout
 
@@ -438,7 +395,8 @@ def dreambench_pairs(samples_root, method: str) -> list:
         raise FileNotFoundError(f"no generated images folder {tgt_root}; methods with one: "
                                 f"{dreambench_methods(samples_root)}")
     pairs = {}
-    for tgt in sorted(p for p in tgt_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    generated, _ = find_images(tgt_root)
+    for tgt in generated:
         rel = tgt.relative_to(tgt_root).as_posix()
         src = src_root / rel
         if not src.is_file():
@@ -448,7 +406,7 @@ def dreambench_pairs(samples_root, method: str) -> list:
             raise ValueError(f"{tgt} and {pairs[key][2]} have the same key {key!r}; keep one of them")
         pairs[key] = (key, src, tgt)
     if not pairs:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {tgt_root}")
+        raise FileNotFoundError(f"no image files under {tgt_root}")
     return sorted(pairs.values())
 
 
@@ -479,24 +437,26 @@ class ScoreItem:
         return self.root / name
 
 
-def _mirrored_items(root: Path, base: Path, method: str) -> list:
+def _mirrored_items(root: Path, base: Path, method: str) -> tuple:
+    """(ScoreItems of one method's folder, [(file, reason)] of files under its tgt_image that are not images)."""
     items = []
     for key, src, tgt in dreambench_pairs(base, method):
         rel = tgt.relative_to(base / method / "tgt_image")
         subject = rel.parts[0] if len(rel.parts) > 1 else key  # <subject>/<prompt>.png, else the file itself
         items.append(ScoreItem(method, subject, tgt.relative_to(root).as_posix(),
                                (src.relative_to(root).as_posix(),), root, str(tgt)))
-    return items
+    return items, find_images(base / method / "tgt_image")[1]
 
 
-def score_items_from_layout(samples_root, methods: Sequence[str] | None = None) -> list:
-    """`ScoreItem`s of a DreamBench++-style mirrored layout, one per generated image.
+def score_items_from_layout(samples_root, methods: Sequence[str] | None = None) -> tuple:
+    """(`ScoreItem`s of a DreamBench++-style mirrored layout, one per generated image, and the
+    `[(file, reason)]` of files that were left out because they are not images Pillow reads).
 
     Either one method, `<root>/{src_image,tgt_image}/<rel>` (the method is named after `<root>`),
     or several, `<root>/<method>/{src_image,tgt_image}/<rel>` (`methods` picks some; default all).
-    Each generated image `tgt_image/<rel>` has one reference, `src_image/<rel>`; its subject is the
-    first folder of `<rel>` (DreamBench++'s `<category>_<NN>_<subject>`), or the key of `<rel>`
-    when the image lies directly in `tgt_image`.
+    Each generated image `tgt_image/<rel>` (any format Pillow decodes) has one reference,
+    `src_image/<rel>`; its subject is the first folder of `<rel>` (DreamBench++'s
+    `<category>_<NN>_<subject>`), or the key of `<rel>` when the image lies directly in `tgt_image`.
     """
     root = Path(samples_root).resolve()
     if (root / "tgt_image").is_dir():
@@ -504,7 +464,12 @@ def score_items_from_layout(samples_root, methods: Sequence[str] | None = None) 
             raise ValueError(f"{root} holds one method ({root.name!r}: src_image/ and tgt_image/ directly), "
                              f"so --methods {list(methods)} does not apply; drop --methods")
         return _mirrored_items(root, root.parent, root.name)
-    return [item for method in (methods or dreambench_methods(root)) for item in _mirrored_items(root, root, method)]
+    items, ignored = [], []
+    for method in methods or dreambench_methods(root):
+        method_items, method_ignored = _mirrored_items(root, root, method)
+        items += method_items
+        ignored += method_ignored
+    return items, ignored
 
 
 def read_score_metadata(metadata, images_dir=None) -> list:

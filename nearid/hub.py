@@ -5,8 +5,6 @@ A folder written here loads with `AutoModel.from_pretrained(folder, trust_remote
 
 - `export_hub_folder`: weights, configs and the remote code, plus optionally the model card, moved
   into place in one step.
-- `write_model_card`: the README.md model card (front matter with `model-index`, quick start,
-  training arguments, evaluation, citation).
 - `push_to_hub`: upload a complete folder to the Hub in one commit. Also a command:
   `python -m nearid.hub push FOLDER --repo-id ID [--private] [--revision R] [--commit-message M]`.
 """
@@ -14,19 +12,15 @@ A folder written here loads with `AutoModel.from_pretrained(folder, trust_remote
 import argparse
 import json
 import os
-import re
-import secrets
 import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
-from nearid.io import atomic_write_text
-from nearid.reports import update_model_card
+from nearid.card import write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the remote-code files live at the repository root
 REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
@@ -38,19 +32,9 @@ AUTO_MAP = {
 }
 PROCESSOR_AUTO_MAP = {"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]}
 
-LICENSE = "apache-2.0"
-CARD_TAGS = ("identity", "image-similarity", "personalization", "siglip2", "custom_code")
-PAPER_URL = "https://arxiv.org/abs/2604.01973"
-CITATION = """\
-@article{nearid2026,
-  title   = {NearID: Identity Representation Learning via Near-identity Distractors},
-  journal = {arXiv preprint arXiv:2604.01973},
-  year    = {2026}
-}"""
 DEFAULT_COMMIT_MESSAGE = "Upload NearID model"
 # Folders the Hub refuses in a commit; upload_folder skips them too.
 SKIPPED_FOLDERS = {".git", ".cache"}
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # namespace/name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,8 +45,8 @@ def export_hub_folder(model, image_processor, folder, dtype=torch.float16, overw
                       model_card: dict | None = None):
     """Save `model` (weights cast to `dtype`, published key layout) and `image_processor` as a Hub repo.
 
-    model_card: keyword arguments of `write_model_card` (base_model, datasets, training_args, ...);
-    when given, the folder also gets its README.md model card.
+    model_card: keyword arguments of `nearid.card.write_model_card` (base_model, datasets,
+    training_args, results, ...); when given, the folder also gets its README.md model card.
 
     The folder is assembled next to its destination and moved into place at the end, so an
     interrupted export never leaves a half-written repo where a complete one is expected.
@@ -109,162 +93,10 @@ def _patch_json(path, updates):
 
 
 # --------------------------------------------------------------------------------------------------
-# Model card
-
-
-def write_model_card(folder, *, repo_id: str | None = None, base_model: str, datasets: Sequence[str],
-                     training_args: Mapping, eval_results: Sequence[Mapping] | None = None,
-                     summary_table: str | None = None, model_name: str | None = None) -> Path:
-    """Write `folder/README.md`, the model card of an exported NearID repo.
-
-    Args:
-        folder: the repo folder; its config.json and preprocessor_config.json, when present, give
-            the embedding size and input resolution shown in the card.
-        repo_id: the Hub id the folder is published as, used in the quick start (without it the
-            quick start loads from a placeholder folder path).
-        base_model: the SigLIP checkpoint the backbone and the initial head come from.
-        datasets: the training datasets (Hub ids or paths).
-        training_args: argument name -> value, shown as a table in this order (for a dataclass of
-            arguments, pass `dataclasses.asdict(args)`).
-        eval_results: dicts of `huggingface_hub.EvalResult` fields, as `reports.update_model_card`
-            takes; they become the front matter's `model-index`. None or empty: no evaluation.
-        summary_table: markdown shown under "Evaluation" (e.g. `reports.table1_markdown`);
-            without it, `eval_results` are listed there.
-        model_name: the card's title and `model-index` name; default `repo_id`, else the folder's name.
-
-    README.md is replaced in one step, complete with its `model-index`, or left as it was when an
-    argument is refused. Returns its path.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder. write_model_card writes README.md into an exported "
-                                "repo folder: export one first with export_hub_folder(model, processor, folder).")
-    if not isinstance(training_args, Mapping):
-        raise TypeError(f"training_args must be a dict of argument name -> value, got a "
-                        f"{type(training_args).__name__}; for a dataclass pass dataclasses.asdict(args).")
-    datasets = [str(datasets)] if isinstance(datasets, (str, Path)) else [str(d) for d in datasets]
-    name = model_name or repo_id or folder.name
-    text = _card_text(folder, name, repo_id, str(base_model), datasets, training_args, eval_results or [],
-                      summary_table)
-    readme = folder / "README.md"
-    # update_model_card edits a card on disk: edit a draft, so README.md only ever changes once, complete.
-    draft = folder / f".README.md.{secrets.token_hex(4)}.draft"
-    try:
-        atomic_write_text(draft, text)
-        if eval_results:
-            update_model_card(draft, name, eval_results)
-        os.replace(draft, readme)
-    finally:
-        draft.unlink(missing_ok=True)
-    return readme
-
-
-def _card_text(folder, name, repo_id, base_model, datasets, training_args, eval_results, summary_table) -> str:
-    from huggingface_hub.utils import yaml_dump
-
-    metadata = {"library_name": "transformers", "pipeline_tag": "image-feature-extraction", "license": LICENSE,
-                "base_model": base_model, "datasets": datasets, "tags": list(CARD_TAGS)}
-    sections = [
-        f"---\n{yaml_dump(metadata, sort_keys=False)}---",
-        f"# {name}\n\n"
-        "NearID scores whether two images show the **same object instance**, not just a similar scene: a "
-        "frozen SigLIP2 vision encoder with a trained attention-pooling head, learned with near-identity "
-        "distractors (a similar but different object inpainted into exactly the same background; "
-        f"[arXiv 2604.01973]({PAPER_URL})). Use it to score identity preservation of personalized "
-        "generation, or to retrieve and cluster images by identity.",
-        _quick_start(repo_id),
-        "## Model details\n\n" + _markdown_table(["", ""], _model_facts(folder, base_model)),
-        "## Training\n\nDatasets:\n\n" + "".join(f"- {_hub_link(d, 'datasets/')}\n" for d in datasets)
-        + "\nTraining arguments:\n\n"
-        + _markdown_table(["argument", "value"], [(f"`{k}`", _code(v)) for k, v in training_args.items()]),
-        "## Evaluation\n\n" + _evaluation_text(eval_results, summary_table),
-        "## Limitations\n\n"
-        "- The model judges object identity; it was trained on object-centric data and is not a face or "
-        "person re-identification model.\n"
-        "- Inputs are resized to a square without keeping the aspect ratio, as in training.\n"
-        "- Scores are cosine similarities: compare them within one model, not across models.",
-        f"## Citation\n\n```bibtex\n{CITATION}\n```",
-    ]
-    return "\n\n".join(sections) + "\n"
-
-
-def _quick_start(repo_id) -> str:
-    repo = json.dumps(repo_id or "path/to/this/folder")
-    return f"""## Quick start
-
-```python
-import torch
-from PIL import Image
-from transformers import AutoImageProcessor, AutoModel
-
-REPO = {repo}  # a Hub id or a local folder with these files
-REVISION = "main"  # pin a commit hash for reproducible scores
-
-model = AutoModel.from_pretrained(REPO, revision=REVISION, trust_remote_code=True, dtype=torch.float32).eval()
-processor = AutoImageProcessor.from_pretrained(REPO, revision=REVISION, trust_remote_code=True)
-
-images = [Image.open("reference.jpg"), Image.open("generated.png")]
-with torch.no_grad():
-    embeds = model.get_image_features(**processor(images, return_tensors="pt"))  # L2-normalised
-score = (embeds[0] @ embeds[1]).item()  # cosine similarity: higher means the same object instance
-print(f"identity score: {{score:.4f}}")
-```"""
-
-
-def _model_facts(folder, base_model) -> list:
-    rows = [("base model", f"{_hub_link(base_model)}: the frozen vision encoder; the trained head starts "
-                           "as a copy of its attention-pooling head"),
-            ("architecture", "SigLIP vision transformer (frozen) + multi-head attention-pooling (MAP) head "
-                             "(trained)")]
-    config = _read_json(folder / "config.json")
-    if "embed_dim" in config:
-        rows.append(("embedding", f"{config['embed_dim']}-d, L2-normalised; similarity is the dot product"))
-    size = _read_json(folder / "preprocessor_config.json").get("size", {})
-    if "height" in size and "width" in size:
-        rows.append(("input", f"RGB resized to {size['height']}x{size['width']}, scaled to [-1, 1]"))
-    return rows
-
-
-def _evaluation_text(eval_results, summary_table) -> str:
-    if summary_table:
-        return summary_table.strip()
-    if not eval_results:
-        return "No evaluation was run for this export."
-    rows = [(r.get("dataset_name", r.get("dataset_type", "")), r.get("dataset_split", ""),
-             r.get("metric_name") or r.get("metric_type", ""), str(r.get("metric_value", "")))
-            for r in eval_results]
-    return _markdown_table(["dataset", "split", "metric", "value"], rows)
-
-
-def _read_json(path) -> dict:
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
-
-
-def _hub_link(repo_id: str, prefix: str = "") -> str:
-    """A link to the Hub page of `repo_id` (prefix "datasets/" for a dataset); a local path stays plain code."""
-    if HUB_ID.fullmatch(repo_id) and not Path(repo_id).exists():
-        return f"[{repo_id}](https://huggingface.co/{prefix}{repo_id})"
-    return _code(repo_id)
-
-
-def _code(value) -> str:
-    """`value` as inline code that is safe inside a markdown table cell."""
-    text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
-def _markdown_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
 # Upload
 
 
-class HubPushError(RuntimeError):
+class HubPushError(OSError):
     """The folder was not (completely) uploaded; the message says why and how to retry."""
 
 
@@ -315,7 +147,7 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | 
     # the folder is intact and the same command retries; the original error is chained.
     except Exception as e:
         raise HubPushError(
-            f"Uploading {folder} to {repo_id} failed: {type(e).__name__}: {e}\n"
+            f"Uploading {folder} to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"The local folder {folder} is intact (nothing in it was changed). Once the cause is fixed, "
             f"retry the upload with:\n  {retry}") from e
     return info.pr_url if create_pr and info.pr_url else info.commit_url

@@ -1,18 +1,18 @@
 """Reports of NearID evaluations: results files, markdown tables, CSV, plots and the model card.
 
 Everything here takes the flat metric dicts of `nearid.metrics` and writes them out; nothing
-computes a metric. Files are written atomically through `nearid.io`. matplotlib (plots) and
-huggingface_hub (model card) are imported inside the functions that need them, so `evaluate.py`
-imports this module cheaply.
+computes a metric. Files are written atomically through `nearid.io`. matplotlib is imported inside
+the plotting functions, so `evaluate.py` imports this module cheaply; model cards are `nearid.card`'s.
 
 - Results JSON: `provenance`, `results_document`.
 - Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`.
 - Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`.
-- Model card: `update_model_card` (the README's `model-index`).
+- A run's files: `RunOutputs` (stale files of the previous run removed, results JSON last).
 """
 
 import datetime
 import hashlib
+import json
 import math
 import platform
 import subprocess
@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from nearid.io import atomic_path, atomic_write_bytes
+from nearid.io import atomic_path, atomic_write_json
 from nearid.metrics import NEARID_TABLE1_SOURCES
 
 # Keys of one Table-1 row (`table1_row` builds them from the metric dicts), with the column header
@@ -246,11 +246,12 @@ def _save_png(fig, path) -> Path:
     return Path(path)
 
 
-def plot_margin_histograms(path, margins_by_source: Mapping[str, np.ndarray], bins: int = 40) -> Path:
+def plot_margin_histograms(path, margins_by_source: Mapping[str, np.ndarray], model: str, bins: int = 40) -> Path:
     """Histogram of NearID margins per source, one panel each, on a shared x range.
 
     margins_by_source: source -> margins (any shape; NaN, i.e. absent terms, are dropped). A term
     wins when its margin is > 0 (right of the dashed line); each title gives the winning share.
+    model: the scorer, named in the figure's title.
     """
     data = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in margins_by_source.items()}
     data = {k: v[np.isfinite(v)] for k, v in data.items()}
@@ -276,11 +277,11 @@ def plot_margin_histograms(path, margins_by_source: Mapping[str, np.ndarray], bi
     for ax in list(axes.flat)[len(data):]:
         ax.set_visible(False)
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside upper right", fontsize=8)
-    fig.suptitle("NearID margins per distractor source", fontsize=12)
+    fig.suptitle(f"NearID margins per distractor source\n{model}", fontsize=12)
     return _save_png(fig, path)
 
 
-def plot_ssr_pa(path, per_source: Mapping[str, Mapping]) -> Path:
+def plot_ssr_pa(path, per_source: Mapping[str, Mapping], model: str) -> Path:
     """Grouped bars of SSR and PA (%) per source, each bar labelled with its value.
 
     per_source: source -> dict with "ssr" and "pa" (e.g. `nearid_scores`); order is kept.
@@ -300,123 +301,139 @@ def plot_ssr_pa(path, per_source: Mapping[str, Mapping]) -> Path:
     ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
     ax.set_ylim(0, 112)
     ax.set_ylabel("%")
-    ax.set_title("NearID SSR and PA per distractor source")
+    ax.set_title(f"NearID SSR and PA per distractor source\n{model}", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return _save_png(fig, path)
 
 
+def plot_score_distributions(path, records: Sequence[Mapping], model: str) -> Path:
+    """Per method, the distribution of generated images' `score_mean` (violin) with each subject's
+    mean as a dot: how methods compare, and how much subjects differ within a method."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    if not methods:
+        raise ValueError("plot_score_distributions needs at least one scored image")
+    fig = _new_figure(max(5.0, 1.3 * len(methods) + 2), 4.4)
+    ax = fig.subplots()
+    values = [[r["score_mean"] for r in records if r["method"] == m] for m in methods]
+    ax.violinplot(values, positions=range(len(methods)), showmedians=True)
+    for x, method in enumerate(methods):
+        subjects = sorted({r["subject"] for r in records if r["method"] == method})
+        means = [np.mean([r["score_mean"] for r in records if r["method"] == method and r["subject"] == s])
+                 for s in subjects]
+        ax.scatter(np.full(len(means), x) + np.linspace(-0.12, 0.12, len(means)), means, s=16, color="black",
+                   zorder=3, label="subject mean" if x == 0 else None)
+    ax.set_xticks(range(len(methods)), methods, rotation=30 if len(methods) > 3 else 0,
+                  ha="right" if len(methods) > 3 else "center")
+    ax.set_ylabel("identity score (cosine, mean over references)")
+    ax.set_title(f"Score distribution per method\n{model}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_png(fig, path)
+
+
+def plot_training_loss(path, history: Mapping, model: str) -> Path:
+    """The logged training loss by step, and the validation SSR/PA on a second axis when there are any."""
+    losses = history.get("loss", [])
+    if not losses:
+        raise ValueError("no training loss was logged")
+    fig = _new_figure(7, 4)
+    ax = fig.subplots()
+    steps, values = zip(*losses)
+    ax.plot(steps, values, color="tab:blue", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (Tier 1 + alpha Tier 2)")
+    ax.grid(alpha=0.3)
+    validation = [v for v in history.get("validation", []) if v.get("split") == "val"]
+    if validation:
+        right = ax.twinx()
+        right.plot([v["step"] for v in validation], [v["pooled"]["ssr"] for v in validation], "o-",
+                   color="tab:green", label="val SSR")
+        right.plot([v["step"] for v in validation], [v["pooled"]["pa"] for v in validation], "s-",
+                   color="tab:orange", label="val PA")
+        right.set_ylabel("%")
+        right.legend(loc="center right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"Training the NearID head\nbase model {model}", fontsize=10)
+    return _save_png(fig, path)
+
+
 # --------------------------------------------------------------------------------------------------
-# Model card
+# MTG
 
 
-def _front_matter(text: str, readme_path) -> tuple:
-    """(match of huggingface_hub's front matter regex, parsed dict); clear errors otherwise."""
-    import yaml
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
-
-    match = REGEX_YAML_BLOCK.search(text)
-    if match is None:
-        raise ValueError(f"{readme_path} has no YAML front matter: expected the file to start with a "
-                         f"'---' line, metadata, and a closing '---' line; found {text[:60]!r}. Add "
-                         "front matter (at least 'library_name: transformers') and run again.")
-    try:
-        data = yaml.safe_load(match.group(2))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{readme_path}: the front matter is not valid YAML ({e}). Fix the YAML "
-                         "between the '---' lines and run again.") from None
-    if data is not None and not isinstance(data, dict):
-        raise ValueError(f"{readme_path}: the front matter must be a YAML mapping (key: value), "
-                         f"found a {type(data).__name__}. Fix it and run again.")
-    return match, data or {}
+def mtg_markdown(scorer_spec: str, scores: Mapping, correlations: Sequence) -> str:
+    """Table-1 row of the MTG columns, then the 4 correlations behind MO."""
+    lines = ["| similarity | oracle | Pearson r |", "|---|---|---|"]
+    lines += [f"| {name} | oracle{view} | {scores[f'r_{name}_oracle{view}']:.4f} |" for name, view in correlations]
+    return (table1_markdown({scorer_spec: table1_row(mtg=scores)}) + "\n"
+            + "\n".join(lines) + f"\n\n{scores['n_rows']} of {scores['n_rows_dataset']} rows scored.\n")
 
 
-def _result_key(r) -> tuple:
-    return (r.task_type, r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type)
+def plot_mtg_similarity_vs_oracle(path, sims: Mapping, oracles: np.ndarray, scores: Mapping, model: str,
+                                  similarities: Sequence, correlations: Sequence) -> Path:
+    """2x2 scatter of each similarity behind MO against its oracle (scored rows), r in the titles."""
+    fig = _new_figure(8, 7)
+    images = {name: (a, b) for name, a, b in similarities}
+    for ax, (name, view) in zip(fig.subplots(2, 2).flat, correlations):
+        ax.scatter(oracles[:, view - 1], sims[name], s=14, alpha=0.7)
+        ax.set_title(f"{name} vs oracle{view}: r = {scores[f'r_{name}_oracle{view}']:.3f}", fontsize=10)
+        ax.set_xlabel(f"oracle{view}: share of object {view} left unchanged", fontsize=8)
+        ax.set_ylabel(f"{name} = cos({images[name][0]}, {images[name][1]})", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"MTG: similarity vs oracle, {scores['n_rows']} rows "
+                 f"(MO {scores['mo']:.3f}, MOpair {scores['mo_pair']:.3f})\n{model}", fontsize=11)
+    return _save_png(fig, path)
 
 
-def _eval_result(d: Mapping):
-    from huggingface_hub.repocard_data import EvalResult
-
-    d = dict(d)
-    value = d.get("metric_value")
-    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
-        raise ValueError(f"metric_value must be finite for the model card, got {value} in {d}")
-    if isinstance(value, np.generic):
-        d["metric_value"] = value.item()
-    try:
-        return EvalResult(**d)
-    except TypeError as e:
-        raise ValueError(f"bad model-card result {d}: {e}. Give task_type, dataset_type, "
-                         "dataset_name, metric_type, metric_value (and optionally dataset_split, "
-                         "metric_name, ...) as in huggingface_hub.EvalResult.") from None
+# --------------------------------------------------------------------------------------------------
+# The files of one run
 
 
-def _replace_model_index(yaml_text: str, block: str, nl: str) -> str:
-    """Swap the top-level `model-index:` entry of `yaml_text` for `block`, or append it.
+class RunOutputs:
+    """The files one run writes into a folder, so that the folder never mixes two runs unnoticed.
 
-    The entry is its key line plus the following indented, sequence ('-') and blank lines; every
-    other line is kept as it was.
+    On creation, the previous run's results file of the same name is removed first (it vouches for
+    the files beside it), then every file it listed, so no stale output survives a rerun (say, a
+    method no longer evaluated). Files are written atomically. Optional steps (plots, a model-card
+    update) that fail become warnings instead of failing the run: the metrics are never lost. The
+    results JSON, written last by `finish`, lists every file the run wrote and every warning; its
+    presence means the run finished.
     """
-    lines = yaml_text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.startswith("model-index:")), None)
-    if start is None:
-        sep = "" if not lines or lines[-1].endswith(("\n", "\r")) else nl
-        return yaml_text + sep + block.rstrip("\r\n")
-    end = start + 1
-    while end < len(lines) and (lines[end][:1] in (" ", "\t", "-") or not lines[end].strip()):
-        end += 1
-    while end > start + 1 and not lines[end - 1].strip():  # blank lines before the next key stay
-        end -= 1
-    sep = nl if lines[end - 1].endswith(("\n", "\r")) else ""  # the last line has no newline
-    return "".join(lines[:start]) + block.rstrip("\r\n") + sep + "".join(lines[end:])
 
+    def __init__(self, folder, results_name: str):
+        self.folder, self.results_name = Path(folder), results_name
+        self.files, self.warnings = [], []
+        previous = self.folder / results_name
+        listed = []
+        if previous.is_file():
+            try:
+                listed = json.loads(previous.read_text(encoding="utf-8")).get("files", [])
+            except (ValueError, AttributeError):
+                listed = []
+            previous.unlink()
+        for name in listed:
+            path = (self.folder / name).resolve()
+            if path.is_relative_to(self.folder.resolve()) and path.is_file():
+                path.unlink()
 
-def update_model_card(readme_path, model_name: str, results: Sequence[Mapping]) -> Path:
-    """Write evaluation results into the `model-index` of a README's YAML front matter.
+    def path(self, name: str) -> Path:
+        """Where output `name` goes, recorded as one of this run's files."""
+        self.files.append(name)
+        return self.folder / name
 
-    Args:
-        readme_path: the model card (README.md) with YAML front matter.
-        model_name: the model-index `name`.
-        results: dicts of `huggingface_hub.EvalResult` fields, at least task_type, dataset_type,
-            dataset_name, metric_type, metric_value; usually also dataset_split and metric_name.
+    def optional(self, what: str, step, *args) -> bool:
+        """Run `step(*args)`; on any failure record and print a warning naming `what`, and go on."""
+        try:
+            step(*args)
+            return True
+        except Exception as error:  # a plot or card failure must not cost the computed results
+            warning = f"{what} failed ({type(error).__name__}: {error}); the results are written without it"
+            self.warnings.append(warning)
+            print(f"warning: {warning}", file=sys.stderr)
+            return False
 
-    A result with the same (task_type, dataset_type, dataset_config, dataset_split, metric_type) as
-    an existing one replaces it in place; others are kept, new ones appended. Only the
-    `model-index` entry of the front matter is rewritten: other keys, comments and the whole
-    markdown body stay byte-identical. The file is replaced atomically. Raises ValueError when the
-    front matter is missing or invalid, or the existing model-index cannot be parsed.
-    """
-    import yaml
-    from huggingface_hub import ModelCard
-    from huggingface_hub.repocard_data import eval_results_to_model_index
-    from huggingface_hub.utils import yaml_dump
-
-    readme_path = Path(readme_path)
-    text = readme_path.read_bytes().decode("utf-8")
-    match, data = _front_matter(text, readme_path)
-    try:
-        card = ModelCard(text)
-    except ValueError as e:
-        raise ValueError(f"{readme_path}: the existing front matter cannot be read as a model card "
-                         f"({e}). Fix or remove its 'model-index' and run again.") from None
-    merged = list(card.data.eval_results or [])
-    index = {_result_key(r): i for i, r in enumerate(merged)}
-    for new in map(_eval_result, results):
-        if _result_key(new) in index:
-            merged[index[_result_key(new)]] = new
-        else:
-            index[_result_key(new)] = len(merged)
-            merged.append(new)
-    model_index = eval_results_to_model_index(model_name, merged)
-
-    nl = match.group(1)[len(match.group(1).rstrip("\r\n")):]
-    block = yaml_dump({"model-index": model_index}, sort_keys=False, line_break=nl)
-    new_yaml = _replace_model_index(match.group(2), block, nl)
-    if yaml.safe_load(new_yaml) != {**data, "model-index": model_index}:
-        raise ValueError(f"{readme_path}: could not replace the 'model-index' entry of the front matter "
-                         "in place (unusual layout?). Move 'model-index' to the end of the front matter "
-                         "in block style, or delete it, and run again.")
-    new_text = text[:match.start(2)] + new_yaml + text[match.end(2):]
-    atomic_write_bytes(readme_path, new_text.encode("utf-8"))
-    return readme_path
+    def finish(self, document: dict) -> Path:
+        """Write the results JSON last, with this run's files and warnings."""
+        document = {**document, "files": list(dict.fromkeys(self.files)), "warnings": list(self.warnings)}
+        return atomic_write_json(self.folder / self.results_name, document)

@@ -33,23 +33,24 @@ On-disk layout written by `build_all` (see `layout_description` for the same tex
   dreambench/ratings/data_synthetic_oracle_rating/<method>.json
   splits/{train,val,test}.json, manifest.json, README.md
 
-CLI: python nearid_synthetic.py --output-dir DIR [--num-identities N] [--seed S] [--image-size PX]
+CLI: python -m nearid.synthetic --output-dir DIR [--num-identities N] [--seed S] [--image-size PX]
 """
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import dataclasses
 import hashlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from nearid.cli import REQUIRED, build_parser, option, parse, user_errors
 
 SUPERSAMPLE = 4
 # category -> description; the body polygon is built in `_body_polygon`.
@@ -77,38 +78,33 @@ _IDENTITY, _VIEW, _DISTRACTOR, _MTG, _DREAMBENCH, _SPLIT = range(6)
 
 @dataclass
 class SyntheticConfig:
-    """What `build_all` generates. Every field is a CLI flag (`--num-identities`, ...)."""
+    """What `build_all` generates (every field is a flag of `python -m nearid.synthetic`)"""
 
-    output_dir: str = field(metadata={"help": "Folder to write everything into."})
-    num_identities: int = field(default=24, metadata={"help": "Rows of positives/ (one identity each)."})
-    seed: int = field(default=0, metadata={"help": "Master seed; the same seed gives byte-identical files."})
-    image_size: int = field(default=64, metadata={"help": "Side of every square image, in pixels."})
-    two_view_fraction: float = field(
-        default=0.25, metadata={"help": "Share of positives rows with only 2 views (img3 missing)."})
-    sources: tuple = field(
-        default=("flux", "sdxl"),
-        metadata={"help": "Distractor source folders, NAME or NAME=VARIATION with VARIATION in "
-                          f"{VARIATIONS}; without '=' the i-th source gets the i-th (cyclically)."})
-    image_columns: str = field(
-        default="img", metadata={"help": "Positives image column prefix: 'img' (img1..3, the dataset "
-                                         "card) or 'images' (images1..3, the reference code).",
-                                 "choices": ("img", "images")})
-    missing_distractor_rate: float = field(
-        default=0.0, metadata={"help": "Chance that a present distractor is dropped (None) to exercise "
-                                       "slot alignment; each row keeps at least one."})
-    mtg_train: int = field(default=24, metadata={"help": "Rows of the MTG train split."})
-    mtg_test: int = field(default=16, metadata={"help": "Rows of the MTG test split."})
-    dreambench_methods: tuple = field(
-        default=("dreambooth_sd", "blip_diffusion"),
-        metadata={"help": "DreamBench++ method folders (at least 2); earlier ones are more faithful."})
-    dreambench_categories: tuple = field(
-        default=("object", "live_subject_animal"),
-        metadata={"help": f"DreamBench++ categories, from {DREAMBENCH_CATEGORIES}."})
-    dreambench_subjects: int = field(default=4, metadata={"help": "DreamBench++ subjects per category."})
-    dreambench_prompts: int = field(default=5, metadata={"help": "DreamBench++ prompts per subject."})
-    val_fraction: float = field(default=0.15, metadata={"help": "Share of positives rows in splits/val.json."})
-    test_fraction: float = field(default=0.15, metadata={"help": "Share of positives rows in splits/test.json."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output folder."})
+    output_dir: str = option(REQUIRED, "folder to write everything into")
+    num_identities: int = option(24, "rows of positives/ (one identity each)", min=3)
+    seed: int = option(0, "master seed; the same seed gives byte-identical files", min=0)
+    image_size: int = option(64, "side of every square image, in pixels", min=16)
+    two_view_fraction: float = option(0.25, "share of positives rows with only 2 views (img3 missing)", min=0.0,
+                                      max=1.0)
+    sources: list[str] = option(["flux", "sdxl"], "distractor source folders, NAME or NAME=VARIATION with VARIATION "
+                                                  f"in {VARIATIONS}; without '=' the i-th source gets the i-th "
+                                                  "(cyclically)")
+    image_columns: str = option("img", "positives image column prefix: 'img' (img1..3, the dataset card) or "
+                                       "'images' (images1..3, the reference code)", choices=("img", "images"))
+    missing_distractor_rate: float = option(0.0, "chance that a present distractor is dropped (None) to exercise "
+                                                 "slot alignment; each row keeps at least one", min=0.0, max=1.0)
+    mtg_train: int = option(24, "rows of the MTG train split", min=0)
+    mtg_test: int = option(16, "rows of the MTG test split", min=0)
+    dreambench_methods: list[str] = option(["dreambooth_sd", "blip_diffusion"], "DreamBench++ method folders (at "
+                                                                                 "least 2); earlier ones are more "
+                                                                                 "faithful")
+    dreambench_categories: list[str] = option(["object", "live_subject_animal"],
+                                              f"DreamBench++ categories, from {DREAMBENCH_CATEGORIES}")
+    dreambench_subjects: int = option(4, "DreamBench++ subjects per category", min=1)
+    dreambench_prompts: int = option(5, "DreamBench++ prompts per subject", min=1)
+    val_fraction: float = option(0.15, "share of positives rows in splits/val.json", min=0.0, max=1.0)
+    test_fraction: float = option(0.15, "share of positives rows in splits/test.json", min=0.0, max=1.0)
+    overwrite: bool = option(False, "replace a non-empty output folder")
 
     def __post_init__(self):
         self.sources, self.dreambench_methods = tuple(self.sources), tuple(self.dreambench_methods)
@@ -126,21 +122,11 @@ class SyntheticConfig:
         source_variations(self.sources)  # validates NAME=VARIATION
 
 
-def parse_args(argv=None) -> SyntheticConfig:
-    """Build the argparse CLI from `SyntheticConfig`'s fields (help on every flag)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(SyntheticConfig):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"])
-        elif f.type == "tuple":
-            parser.add_argument(flag, nargs="+", default=list(f.default), help=meta["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            required = f.default is dataclasses.MISSING
-            parser.add_argument(flag, type=kind, required=required, choices=meta.get("choices"),
-                                default=None if required else f.default, help=meta["help"])
-    return SyntheticConfig(**vars(parser.parse_args(argv)))
+def parse_args(argv=None) -> tuple:
+    """(SyntheticConfig, debug) from the command line."""
+    parser = build_parser("python -m nearid.synthetic", __doc__.split("\n\n")[0], groups=(SyntheticConfig,))
+    _, groups, debug = parse(parser, (SyntheticConfig,), argv)
+    return groups[SyntheticConfig], debug
 
 
 def source_variations(sources) -> dict:
@@ -365,7 +351,8 @@ def describe(spec: ObjectSpec) -> str:
 
 
 def positives_features(image_columns: str = "img"):
-    from datasets import Features, Image as HFImage, Value
+    from datasets import Features, Value
+    from datasets import Image as HFImage
 
     cols = {"id": Value("string"), "category": Value("string"), "category_description": Value("string")}
     cols.update({f"{image_columns}{k}": HFImage() for k in (1, 2, 3)})
@@ -376,7 +363,8 @@ def positives_features(image_columns: str = "img"):
 
 
 def source_features():
-    from datasets import Features, Image as HFImage, Value
+    from datasets import Features, Value
+    from datasets import Image as HFImage
 
     cols = {"id": Value("string")}
     cols.update({f"nimg{k}": HFImage() for k in (1, 2, 3)})
@@ -489,7 +477,8 @@ def mtg_row(cfg: SyntheticConfig, split: int, r: int) -> dict:
 
 def build_mtg(cfg: SyntheticConfig):
     """DatasetDict with splits `train` and `test` and the 8 `MTG_COLUMNS` (masks are L images)."""
-    from datasets import DatasetDict, Features, Image as HFImage
+    from datasets import DatasetDict, Features
+    from datasets import Image as HFImage
 
     features = Features({c: HFImage() for c in MTG_COLUMNS})
     return DatasetDict({name: _dataset([mtg_row(cfg, s, r) for r in range(n)], features)
@@ -662,15 +651,13 @@ def main(argv=None) -> dict:
     """CLI entry point; returns the manifest (also written to `<output_dir>/manifest.json`)."""
     from datasets.utils.logging import disable_progress_bar
 
-    cfg = parse_args(argv)
-    disable_progress_bar()  # a few tiny saves; the bars would only clutter the summary line
-    manifest = build_all(cfg)
+    cfg, debug = parse_args(argv)
+    with user_errors(debug):
+        disable_progress_bar()  # a few tiny saves; the bars would only clutter the summary line
+        manifest = build_all(cfg)
     print(json.dumps({"output_dir": manifest["config"]["output_dir"], **manifest["counts"]}))
     return manifest
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileExistsError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    main(sys.argv[1:])

@@ -33,7 +33,8 @@ from typing import Iterable, Sequence
 import datasets
 import numpy as np
 
-from nearid.data import check_disjoint, check_indices, content_hash, require_columns, undecoded
+from nearid.data import check_disjoint, check_indices, require_columns
+from nearid.store import ImageIndex
 
 logger = logging.getLogger(__name__)
 
@@ -42,68 +43,10 @@ SLOT_NAMES = ("anchor", "pos1", "pos2", "neg_a", "neg_p1", "neg_p2")
 MTG_VIEW_COLUMNS = ("image_1_original", "image_2_original")
 MTG_NEGATIVE_COLUMNS = ("image_1_inpainted", "image_2_inpainted")
 POSITIVE_SLOTS = 3
-# Rows are read in chunks: one Arrow slice per chunk instead of one per image, while the encoded
-# bytes in memory stay bounded (a chunk of 1024-px PNGs is a few hundred MB at most).
-_READ_CHUNK = 256
 # Leading tags of the seed entropy. SeedSequence pads short entropy with zeros, so streams for
 # different purposes differ in their first word rather than in their length.
 _SLOT_STREAM, _ORDER_STREAM = 1, 2
 _KIND_IDS = {"nearid": 0, "mtg": 1}
-
-
-def _where(dataset_name: str, row: int, column: str) -> str:
-    return f"{dataset_name} row {row} column {column}"
-
-
-class ImageIndex(Mapping):
-    """Read-only `{image key: (encoded ref, where)}` of every image a training set can use.
-
-    Only the place of each image (dataset, row, column) is stored; the encoded ref
-    `{"bytes": ..., "path": ...}` is read from the dataset on access, so the index stays small
-    however large the images are. `where` names the place for error messages. An image whose
-    bytes occur in several places is listed once, at the first place seen.
-    """
-
-    def __init__(self):
-        self._columns = {}  # (dataset name, column) -> undecoded one-column Dataset
-        self._places = {}   # key -> (dataset name, row, column)
-
-    def add_column(self, dataset_name: str, dataset, column: str, rows: Sequence[int]) -> list:
-        """Hash `column` at `rows` (encoded bytes, no decoding) and register each image.
-
-        Returns one key per row, None where the image is missing.
-        """
-        part = undecoded(dataset.select_columns([column]), [column])
-        self._columns[(dataset_name, column)] = part
-        keys = []
-        for start in range(0, len(rows), _READ_CHUNK):
-            chunk = list(rows[start:start + _READ_CHUNK])
-            for row, ref in zip(chunk, part[chunk][column]):
-                keys.append(None if ref is None else self._register(dataset_name, row, column, ref))
-        return keys
-
-    def _register(self, dataset_name: str, row: int, column: str, ref: dict) -> str:
-        key = content_hash(ref, _where(dataset_name, row, column))
-        self._places.setdefault(key, (dataset_name, row, column))
-        return key
-
-    def retain(self, keys: set) -> None:
-        """Forget every image not in `keys`."""
-        self._places = {key: place for key, place in self._places.items() if key in keys}
-
-    def __getitem__(self, key: str) -> tuple:
-        dataset_name, row, column = self._places[key]
-        ref = self._columns[(dataset_name, column)][row][column]
-        return {"bytes": ref.get("bytes"), "path": ref.get("path")}, _where(dataset_name, row, column)
-
-    def __iter__(self):
-        return iter(self._places)
-
-    def __len__(self) -> int:
-        return len(self._places)
-
-    def __contains__(self, key) -> bool:  # Mapping's default would read the image
-        return key in self._places
 
 
 @dataclass(frozen=True)
@@ -263,18 +206,21 @@ def training_rows(num_rows: int, train: Sequence[int] | None = None,
 
 
 def build_training_set(benchmark, rows: Sequence[int] | None = None, mtg=None,
-                       mtg_rows: Sequence[int] | None = None, mtg_repeats: int = 4) -> TrainingSet:
+                       mtg_rows: Sequence[int] | None = None, mtg_repeats: int = 4,
+                       skip_errors: bool = False) -> TrainingSet:
     """Index the images of the training rows and lay out the samples.
 
     `benchmark`: a `data.NearIDBenchmark` (positives joined with the training distractor
     sources). `rows`: its rows to train on (default all; see `training_rows`). `mtg`: the MTG train
     split as a Dataset, or None; `mtg_rows` its rows (default all); `mtg_repeats`: samples per MTG
-    row per epoch. Rows with fewer than 2 views are excluded (counted in `describe()`).
+    row per epoch. Rows with fewer than 2 views are excluded (counted in `describe()`). An image file
+    that cannot be read (a path-based dataset) is an error, or with `skip_errors` missing, and
+    listed in `items.unreadable`.
     """
     if isinstance(mtg_repeats, bool) or not isinstance(mtg_repeats, int) or mtg_repeats < 0:
         raise ValueError(f"mtg_repeats must be a non-negative integer (samples per MTG row per epoch), "
                          f"got {mtg_repeats!r}")
-    items = ImageIndex()
+    items = ImageIndex(skip_errors)
     rows = check_indices(range(len(benchmark)) if rows is None else rows, len(benchmark), "NearID training rows")
     nearid, nearid_excluded = _nearid_samples(benchmark, rows, items)
     mtg_samples, mtg_excluded = [], 0

@@ -2,7 +2,8 @@
 
 import pytest
 
-from tests.helpers import make_tiny_nearid, make_tiny_processor, make_tiny_siglip, random_pixels
+from tests.helpers import export_with_card, make_tiny_nearid, make_tiny_processor, make_tiny_siglip, random_pixels
+
 
 @pytest.fixture
 def tiny_siglip():
@@ -64,3 +65,8 @@ def hub():
     with use_fake_hub() as fake:
         yield fake
 
+
+@pytest.fixture
+def repo(tmp_path):
+    """A tiny random NearID exported with its model card (tests/helpers.py `card_kwargs`)."""
+    return export_with_card(tmp_path / "nearid-test")

@@ -11,6 +11,7 @@ import datasets
 import torch
 
 from nearid import data
+from nearid.hub import export_hub_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,11 +140,11 @@ def launch(num_processes, script_args, tmp_path, log_name, modules_cache=None):
 def train_args(train_synthetic, base_model, out, *extra):
     return ["--positives", str(train_synthetic / "positives"), "--source", f"flux={train_synthetic / 'flux'}",
             "--source", f"sdxl={train_synthetic / 'sdxl'}", "--mtg", str(train_synthetic / "mtg"),
-            "--val_split", str(train_synthetic / "splits" / "val.json"),
-            "--test_split", str(train_synthetic / "splits" / "test.json"),
-            "--base_model", str(base_model), "--output_dir", str(out), "--per_device_batch_size", "4",
-            "--num_epochs", "2", "--warmup_steps", "2", "--learning_rate", "1e-3", "--log_steps", "1",
-            "--embed_batch_size", "16", *extra]
+            "--val-split", str(train_synthetic / "splits" / "val.json"),
+            "--test-split", str(train_synthetic / "splits" / "test.json"),
+            "--base-model", str(base_model), "--output-dir", str(out), "--per-device-batch-size", "4",
+            "--num-epochs", "2", "--warmup-steps", "2", "--learning-rate", "1e-3", "--log-steps", "1",
+            "--batch-size", "16", *extra]
 
 
 def logged_losses(out):
@@ -166,3 +167,54 @@ def make_items(count, corrupt=()):
     for key in corrupt:
         items[key] = {"corrupt": True, "where": f"pairs row {key} column image"}
     return items
+
+
+def user_error(capsys, main, argv, status=1):
+    """Run a command's `main(argv)` expecting a user mistake: exit status `status`, no traceback, a message
+    of a few lines on stderr. Returns that message."""
+    import pytest
+
+    capsys.readouterr()  # drop earlier output
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    output = capsys.readouterr().err
+    assert exit_.value.code == status, output
+    assert "Traceback" not in output, output
+    # Progress bars may come before it; the error itself is the last few lines, from "error:" on.
+    start = output.rfind("error: ")
+    message = output[start:]
+    assert start >= 0 and 0 < len(message.strip().splitlines()) <= 4, output
+    return message
+
+
+# Model cards: what an exported repo's card is built from in the card and hub tests.
+REPO_ID = "someone/nearid-test"
+TRAINING_ARGS = {
+    "learning_rate": 1e-4,
+    "weight_decay": 1e-4,
+    "num_epochs": 11,
+    "per_device_batch_size": 128,
+    "mixed_precision": "fp16",
+    "train_sources": ["flux", "sdxl", "qwen"],
+    "resume_from": None,
+}
+EVAL_RESULTS = [
+    dict(task_type="image-feature-extraction", dataset_type="Aleksandar/NearID", dataset_name="NearID",
+         dataset_split="test", metric_type="ssr", metric_name="NearID SSR", metric_value=97.25),
+    dict(task_type="image-feature-extraction", dataset_type="abdo-eldesokey/mtg-dataset", dataset_name="MTG",
+         dataset_split="test", metric_type="pa", metric_name="MTG PA", metric_value=41.5),
+]
+
+
+def card_kwargs(**overrides):
+    return {"repo_id": REPO_ID, "base_model": "google/siglip2-so400m-patch14-384",
+            "datasets": ["Aleksandar/NearID", "Aleksandar/NearID-Flux"], "training_args": TRAINING_ARGS,
+            "results": EVAL_RESULTS, **overrides}
+
+
+def export_with_card(folder, **overrides):
+    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), folder, model_card=card_kwargs(**overrides))
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,7 +1,6 @@
 """Tests of nearid_data: opening local and Hub sources, view/distractor columns, the by-index join,
 split files, encoded images (hashing without decoding, clear decode errors), MTG and DreamBench++."""
 
-import hashlib
 import io
 import json
 import logging
@@ -10,11 +9,14 @@ import shutil
 import datasets
 import numpy as np
 import pytest
-from datasets import Dataset, DatasetDict, Features, Image as HFImage, Value, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Value, load_from_disk
+from datasets import Image as HFImage
 from PIL import Image
 
 from nearid import data as nd
 from nearid import synthetic as syn
+from nearid.cli import DatasetSource
+from nearid.images import load_image
 from nearid.metrics import dreambench_key
 
 SMALL = ["--num-identities", "6", "--image-size", "32", "--mtg-train", "2", "--mtg-test", "3",
@@ -101,7 +103,7 @@ def test_open_parquet_file_and_folders(positives, tmp_path):
 
 
 def test_open_dataset_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist.*save_to_disk folder"):
+    with pytest.raises(FileNotFoundError, match="no such dataset.*save_to_disk folder"):
         nd.open_dataset(str(tmp_path / "missing" / "positives"))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="unknown dataset format.*notes.txt.*not .parquet"):
@@ -149,7 +151,7 @@ def test_hub_id_goes_to_load_dataset(fake_hub, tmp_path, monkeypatch):
 def test_local_paths_never_go_to_the_hub(fake_hub, tmp_path, monkeypatch, positives):
     monkeypatch.chdir(tmp_path)
     for path in (str(tmp_path / "nope"), "./nope", "some/deep/nope", "nope.parquet"):
-        with pytest.raises(FileNotFoundError, match="does not exist"):
+        with pytest.raises(FileNotFoundError, match="no such dataset"):
             nd.open_dataset(path)
     positives.save_to_disk(str(tmp_path / "someone" / "nearid"))  # an existing folder wins over the Hub
     _, prov = nd.open_dataset("someone/nearid")
@@ -162,8 +164,30 @@ def test_hub_not_found_says_neither_local_nor_hub(monkeypatch, tmp_path):
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a local path.*doesn't exist on the Hub"):
+    with pytest.raises(FileNotFoundError, match="no local folder.*doesn't exist on the Hub.*HF_HUB_OFFLINE"):
         nd.open_dataset("someone/x")
+
+
+def test_an_unreachable_hub_says_so_and_names_local_copies(monkeypatch, tmp_path):
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/x' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Couldn't reach.*local copy.*HF_HUB_OFFLINE=1"):
+        nd.open_dataset("someone/x")
+
+
+def test_a_revision_pins_a_hub_dataset_and_is_refused_for_a_local_path(fake_hub, tmp_path, monkeypatch, positives):
+    monkeypatch.chdir(tmp_path)
+    nd.open_dataset(DatasetSource.parse("someone/nearid@v1.0"), split="train")
+    assert fake_hub[-1] == (("someone/nearid",), {"split": "train", "revision": "v1.0"})
+    positives.save_to_disk(str(tmp_path / "local"))
+    with pytest.raises(ValueError, match="applies to Hub datasets.*local path"):
+        nd.open_dataset(str(tmp_path / "local"), revision="v1.0")
+    at_sign = tmp_path / "copy@2"  # an existing folder keeps its '@'
+    positives.save_to_disk(str(at_sign))
+    assert DatasetSource.parse(str(at_sign)) == DatasetSource(str(at_sign))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,10 +305,10 @@ def test_image_refs_are_encoded_and_missing_stays_none(positives):
     assert two_view and three_view
     refs = nd.image_refs(positives, "img3", [three_view[0], two_view[0], three_view[-1]])
     assert refs[1] is None and isinstance(refs[0]["bytes"], bytes) and set(refs[0]) == {"bytes", "path"}
-    decoded = nd.decode_image(refs[0], f"positives row {three_view[0]} column img3")
+    decoded = load_image(refs[0], name=f"positives row {three_view[0]} column img3")
     expected = positives.select_columns(["img3"])[three_view[0]]["img3"]
-    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
-    assert nd.decode_image(nd.image_ref(positives, "img3", two_view[0]), "x") is None
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected.convert("RGB")))
+    assert nd.image_ref(positives, "img3", two_view[0]) is None
 
 
 def test_undecoded_turns_off_decoding(positives):
@@ -293,36 +317,6 @@ def test_undecoded_turns_off_decoding(positives):
     assert positives.features["img1"].decode  # the input is left alone
     with pytest.raises(ValueError, match="'id' is not an image column"):
         nd.undecoded(positives, ["id"])
-
-
-def test_content_hash_stable_distinct_and_path_equals_bytes(positives, tmp_path):
-    refs = nd.image_refs(positives, "img1", [0, 1])
-    assert nd.content_hash(refs[0]) == nd.content_hash(nd.image_ref(positives, "img1", 0))
-    assert nd.content_hash(refs[0]) != nd.content_hash(refs[1])
-    assert nd.content_hash(refs[0]) == hashlib.sha256(refs[0]["bytes"]).hexdigest()
-    (tmp_path / "a.png").write_bytes(refs[0]["bytes"])
-    by_path = {"bytes": None, "path": str(tmp_path / "a.png")}
-    assert nd.content_hash(by_path) == nd.content_hash(refs[0])
-    assert np.array_equal(np.asarray(nd.decode_image(by_path, "file")), np.asarray(nd.decode_image(refs[0], "b")))
-    with pytest.raises(ValueError, match="row 3 column img2 is missing"):
-        nd.content_hash(None, "positives row 3 column img2")
-
-
-def test_corrupt_images_hash_but_fail_to_decode_with_location(tmp_path):
-    good = png_bytes("blue")
-    noisy = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noisy, "PNG")
-    truncated = noisy.getvalue()[:-2000]
-    Image.open(io.BytesIO(truncated))  # the header still parses: only decoding the pixels fails
-    broken = image_dataset([good, b"garbage bytes", truncated])
-    refs = nd.image_refs(broken, "img1", [0, 1, 2])  # reading and hashing never decode
-    assert nd.content_hash(refs[1]) == hashlib.sha256(b"garbage bytes").hexdigest()
-    assert nd.decode_image(refs[0], "r0").size == (8, 8)
-    for row in (1, 2):  # unidentifiable, and a truncated PNG that only fails on load()
-        with pytest.raises(nd.ImageReadError, match=f"positives row {row} column img1"):
-            nd.decode_image(refs[row], f"positives row {row} column img1")
-    with pytest.raises(nd.ImageReadError, match="cannot read image file.*flux row 0 column nimg1"):
-        nd.decode_image({"bytes": None, "path": str(tmp_path / "gone.png")}, "flux row 0 column nimg1")
 
 
 # --------------------------------------------------------------------------------------------------

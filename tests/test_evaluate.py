@@ -3,10 +3,8 @@
 import csv
 import json
 
-import pytest
-from tests.helpers import REPO_ROOT
-
 import evaluate
+from tests.helpers import REPO_ROOT, user_error
 
 RATINGS = REPO_ROOT / "tests" / "data" / "dreambench_plus"
 
@@ -26,9 +24,13 @@ def test_nearid_end_to_end_and_rerun_without_forwards(synthetic, tiny_repo, tmp_
     assert second["per_source"] == first["per_source"]
 
     out = tmp_path / "b"
-    assert {p.name for p in out.iterdir()} == {"nearid_results.json", "nearid_table.md", "nearid_per_sample.csv",
-                                              "nearid_margins.png", "nearid_ssr_pa.png"}
+    files = {"nearid_args.json", "nearid_table.md", "nearid_per_sample.csv", "nearid_margins.png", "nearid_ssr_pa.png"}
+    assert {p.name for p in out.iterdir()} == files | {"nearid_results.json"}
     document = json.loads((out / "nearid_results.json").read_text())
+    assert set(document["files"]) == files and document["warnings"] == []
+    arguments = json.loads((out / "nearid_args.json").read_text())
+    assert arguments["command"] == "evaluate.py nearid" and arguments["batch_size"] == 7
+    assert arguments["source"] == [f"flux={synthetic / 'flux'}", f"sdxl={synthetic / 'sdxl'}"]
     assert document["provenance"]["extra"]["embedding"]["forward_passes"] == 0
     assert document["provenance"]["model"]["kind"] == "nearid"
     with open(out / "nearid_per_sample.csv") as handle:
@@ -46,15 +48,14 @@ def test_nearid_split_file_selects_rows(synthetic, tiny_repo, tmp_path):
     assert result["per_source"]["flux"]["n_samples"] == expected
 
 
-def test_nearid_mismatched_source_fails_and_writes_nothing(synthetic, tiny_repo, tmp_path):
+def test_nearid_mismatched_source_fails_and_writes_nothing(synthetic, tiny_repo, tmp_path, capsys):
     from datasets import load_from_disk
 
     shuffled = load_from_disk(str(synthetic / "flux")).select(list(range(9, -1, -1)))
     shuffled.save_to_disk(str(tmp_path / "shuffled"))
     args = nearid_args(synthetic, tiny_repo, tmp_path / "out", tmp_path / "cache")
     args[args.index(f"flux={synthetic / 'flux'}")] = f"flux={tmp_path / 'shuffled'}"
-    with pytest.raises(ValueError, match="row 0"):
-        evaluate.main(args)
+    assert "does not match the positives at row 0" in user_error(capsys, evaluate.main, args)
     assert not (tmp_path / "out").exists()
 
 
@@ -68,7 +69,7 @@ def test_dreambench_mh_from_published_score_files(tmp_path):
 def test_dreambench_from_images_writes_published_score_format(synthetic, tiny_repo, tmp_path):
     samples, ratings = synthetic / "dreambench" / "samples", synthetic / "dreambench" / "ratings"
     evaluate.main(["dreambench", "--ratings", str(ratings), "--samples", str(samples), "--model", str(tiny_repo),
-                   "--output-dir", str(tmp_path), "--cache-dir", ""])
+                   "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
     methods = sorted(p.name for p in samples.iterdir())
     for method in methods:
         scores = json.loads((tmp_path / "dreambench_scores" / f"{method}.json").read_text())
@@ -79,7 +80,8 @@ def test_dreambench_from_images_writes_published_score_format(synthetic, tiny_re
     assert document["scorer"]["embedding"]["forward_passes"] > 0
 
 
-def test_bad_source_argument_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit):
-        evaluate.main(["nearid", "--model", "m", "--positives", "p", "--source", "flux"])
-    assert "NAME=SOURCE" in capsys.readouterr().err
+def test_bad_or_repeated_source_arguments_are_refused(capsys):
+    base = ["nearid", "--model", "m", "--positives", "p"]
+    assert "NAME=SRC" in user_error(capsys, evaluate.main, base + ["--source", "flux"])
+    message = user_error(capsys, evaluate.main, base + ["--source", "flux=A", "--source", "flux=B"])
+    assert "names 'flux' twice" in message

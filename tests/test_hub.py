@@ -1,4 +1,4 @@
-"""Model card of an exported repo, and its upload to the Hub.
+"""An exported repo folder, and its upload to the Hub.
 
 The upload tests run huggingface_hub's own code down to its HTTP client: the client factory is
 swapped for one whose transport is a fake Hub answering the endpoints a commit needs (create
@@ -6,118 +6,24 @@ repo, create branch, validate README metadata, preupload, commit) and recording 
 """
 
 import json
-import math
 import re
 import shlex
 
 import pytest
 import torch
-from tests.helpers import REPO_ROOT, make_tiny_nearid, make_tiny_processor, run_isolated
-from tests.fake_hub import commit_payload
-from huggingface_hub import ModelCard, constants
-from huggingface_hub.repocard import metadata_load
+from huggingface_hub import constants
 from PIL import Image
 
 import nearid.hub
-from nearid.hub import REQUIRED_REPO_FILES, HubPushError, export_hub_folder, push_to_hub, write_model_card
+from nearid.hub import REQUIRED_REPO_FILES, HubPushError, push_to_hub
+from tests.fake_hub import commit_payload
+from tests.helpers import REPO_ID, REPO_ROOT, make_tiny_nearid, make_tiny_processor, run_isolated, snapshot
 
-REPO_ID = "someone/nearid-test"
 TOKEN = "hf_fake_write_token"
-TRAINING_ARGS = {
-    "learning_rate": 1e-4,
-    "weight_decay": 1e-4,
-    "num_epochs": 11,
-    "per_device_batch_size": 128,
-    "mixed_precision": "fp16",
-    "train_sources": ["flux", "sdxl", "qwen"],
-    "resume_from": None,
-}
-EVAL_RESULTS = [
-    dict(task_type="image-feature-extraction", dataset_type="Aleksandar/NearID", dataset_name="NearID",
-         dataset_split="test", metric_type="ssr", metric_name="NearID SSR", metric_value=97.25),
-    dict(task_type="image-feature-extraction", dataset_type="abdo-eldesokey/mtg-dataset", dataset_name="MTG",
-         dataset_split="test", metric_type="pa", metric_name="MTG PA", metric_value=41.5),
-]
-
-
-def card_kwargs(**overrides):
-    return {"repo_id": REPO_ID, "base_model": "google/siglip2-so400m-patch14-384",
-            "datasets": ["Aleksandar/NearID", "Aleksandar/NearID-Flux"], "training_args": TRAINING_ARGS,
-            "eval_results": EVAL_RESULTS, **overrides}
-
-
-def export(folder, **card):
-    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), folder, model_card=card_kwargs(**card))
-
-
-def snapshot(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def repo(tmp_path):
-    return export(tmp_path / "nearid-test")
 
 
 # --------------------------------------------------------------------------------------------------
-# Model card
-
-
-def test_card_front_matter_has_the_hub_metadata_and_results(repo):
-    metadata = metadata_load(repo / "README.md")
-    assert metadata["library_name"] == "transformers"
-    assert metadata["pipeline_tag"] == "image-feature-extraction"
-    assert metadata["license"] == "apache-2.0"
-    assert metadata["base_model"] == "google/siglip2-so400m-patch14-384"
-    assert metadata["datasets"] == ["Aleksandar/NearID", "Aleksandar/NearID-Flux"]
-    assert "custom_code" in metadata["tags"]
-    assert [entry["name"] for entry in metadata["model-index"]] == [REPO_ID]
-
-    card = ModelCard.load(repo / "README.md")
-    found = [{k: getattr(r, k) for k in EVAL_RESULTS[0]} for r in card.data.eval_results]
-    assert found == EVAL_RESULTS
-    assert "arXiv:2604.01973" in card.text and "trust_remote_code=True" in card.text
-
-
-def test_card_lists_every_training_argument(repo):
-    text = (repo / "README.md").read_text()
-    table = text.split("Training arguments:")[1].split("\n## ")[0]
-    rows = dict(re.findall(r"^\| `(\w+)` \| `(.*)` \|$", table, flags=re.MULTILINE))
-    assert list(rows) == list(TRAINING_ARGS)
-    assert float(rows["learning_rate"]) == TRAINING_ARGS["learning_rate"]
-    assert json.loads(rows["train_sources"]) == TRAINING_ARGS["train_sources"]
-    assert rows["mixed_precision"] == "fp16" and rows["resume_from"] == "None"
-
-
-def test_card_model_details_come_from_the_exported_config(repo):
-    config = json.loads((repo / "config.json").read_text())
-    size = json.loads((repo / "preprocessor_config.json").read_text())["size"]
-    text = (repo / "README.md").read_text()
-    assert f"| embedding | {config['embed_dim']}-d" in text
-    assert f"resized to {size['height']}x{size['width']}" in text
-
-
-def test_card_without_evaluation_has_no_model_index(tmp_path):
-    folder = export(tmp_path / "repo", eval_results=None)
-    assert "model-index" not in metadata_load(folder / "README.md")
-    assert "No evaluation was run" in (folder / "README.md").read_text()
-
-
-def test_card_shows_the_summary_table_verbatim(tmp_path):
-    table = "| scorer | NearID SSR |\n|---|---|\n| NearID | 97.25 |\n"
-    folder = tmp_path / "repo"
-    folder.mkdir()
-    write_model_card(folder, **card_kwargs(summary_table=table))
-    evaluation = (folder / "README.md").read_text().split("## Evaluation\n\n")[1]
-    assert evaluation.startswith(table)
-
-
-def test_refused_results_leave_the_readme_as_it_was(repo):
-    before = snapshot(repo)
-    bad = [{**EVAL_RESULTS[0], "metric_value": math.nan}]
-    with pytest.raises(ValueError, match="finite"):
-        write_model_card(repo, **card_kwargs(eval_results=bad))
-    assert snapshot(repo) == before  # README unchanged, no draft left behind
+# Export
 
 
 def test_export_with_a_card_is_one_complete_folder(repo):

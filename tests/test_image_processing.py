@@ -11,7 +11,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from tests.helpers import REPO_ROOT, run_isolated
 from PIL import Image, ImageOps
 from transformers.image_utils import load_image
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -22,6 +21,7 @@ from image_processing_nearid import (
     ImageTooLargeError,
     NearIDImageProcessor,
 )
+from tests.helpers import REPO_ROOT, run_isolated
 
 # Not square, so a swapped height/width cannot pass.
 SIZE = {"height": 40, "width": 56}

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 import nearid.io
-from nearid.io import atomic_write_bytes, atomic_write_json, atomic_write_text, explain_disk_error, is_disk_full, write_csv
+from nearid.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    explain_disk_error,
+    is_disk_full,
+    write_csv,
+)
 
 
 def test_atomic_json_failure_keeps_old_file_and_leaves_no_temp(tmp_path):

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import REPO_ROOT
-from tests.loss_worker import head_gradients, make_problem
 
 from nearid.loss import SLOTS, nearid_loss
+from tests.helpers import REPO_ROOT
+from tests.loss_worker import head_gradients, make_problem
 
 T = 0.07
 POSITIVES = (1, 2)

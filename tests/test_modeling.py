@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import TINY_VISION, make_tiny_siglip, random_pixels, siglip_tower
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -13,6 +12,7 @@ from torch import nn
 import modeling_nearid
 from configuration_nearid import NearIDConfig
 from modeling_nearid import NearIDModel
+from tests.helpers import TINY_VISION, make_tiny_siglip, random_pixels, siglip_tower
 
 PUBLISHED_HEAD_KEYS = {
     "probe",

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from tests.helpers import TINY_VISION, make_tiny_nearid, make_tiny_processor, random_pixels, run_isolated
 from PIL import Image
 from safetensors import safe_open
 
 from nearid.hub import REMOTE_CODE_FILES, export_hub_folder
+from tests.helpers import TINY_VISION, make_tiny_nearid, make_tiny_processor, random_pixels, run_isolated
 
 
 @pytest.fixture

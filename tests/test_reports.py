@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import math
 import os
 import re
 import socket
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
+from nearid import reports
 from nearid.metrics import NEARID_TABLE1_SOURCES, nearid_pooled_scores, nearid_scores
 from nearid.reports import (
     TABLE1_COLUMNS,
@@ -25,7 +24,6 @@ from nearid.reports import (
     results_document,
     table1_markdown,
     table1_row,
-    update_model_card,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -162,126 +160,64 @@ def test_plot_margin_histograms_png(tmp_path):
     rng = np.random.default_rng(0)
     margins = {s: rng.normal(0.05, 0.1, (30, 6)) for s in NEARID_TABLE1_SOURCES}
     margins["flux"][0, 3:] = np.nan  # absent terms are dropped
-    path = plot_margin_histograms(tmp_path / "plots" / "margins.png", margins)
+    path = plot_margin_histograms(tmp_path / "plots" / "margins.png", margins, "tiny-model")
     width, height = _png_size(path)
     assert width > height > 200  # 2 rows of 4 panels
-    single = plot_margin_histograms(tmp_path / "one.png", {"flux": rng.normal(size=10), "empty": []})
+    single = plot_margin_histograms(tmp_path / "one.png", {"flux": rng.normal(size=10), "empty": []}, "m")
     _png_size(single)
     assert sorted(os.listdir(tmp_path)) == ["one.png", "plots"]
     with pytest.raises(ValueError, match="at least one source"):
-        plot_margin_histograms(tmp_path / "none.png", {})
+        plot_margin_histograms(tmp_path / "none.png", {}, "m")
 
 
 def test_plot_ssr_pa_png(tmp_path):
     per_source = {s: {"ssr": 10.0 * i, "pa": 12.5 * i} for i, s in enumerate(NEARID_TABLE1_SOURCES)}
-    path = plot_ssr_pa(tmp_path / "ssr_pa.png", per_source)
+    path = plot_ssr_pa(tmp_path / "ssr_pa.png", per_source, "tiny-model")
     width, height = _png_size(path)
     assert width > 400 and height > 300
     assert os.listdir(tmp_path) == ["ssr_pa.png"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Model card
+# The files of one run
 
 
-def _split(text):
-    m = re.match(r"---\n(.*?\n)---\n", text, re.S)
-    assert m, "no front matter"
-    return m.group(1), text[m.end():]
+def test_run_outputs_remove_the_previous_runs_files_and_list_their_own(tmp_path):
+    first = reports.RunOutputs(tmp_path, "x_results.json")
+    for name in ("a.csv", "scores/old_method.json"):
+        first.path(name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("first run")
+    first.finish({"metrics": 1})
+    (tmp_path / "mine.txt").write_text("not a run output")  # the user's file stays
+    second = reports.RunOutputs(tmp_path, "x_results.json")
+    assert not (tmp_path / "x_results.json").exists()  # nothing vouches for a half-written run
+    assert not (tmp_path / "scores" / "old_method.json").exists() and not (tmp_path / "a.csv").exists()
+    second.path("a.csv").write_text("second run")
+    document = json.loads(second.finish({"metrics": 2}).read_text())
+    assert document["files"] == ["a.csv"] and document["warnings"] == []
+    assert (tmp_path / "mine.txt").read_text() == "not a run output"
 
 
-def _result(metric, value, name=None, dataset="Aleksandar/NearID", split="test"):
-    return dict(task_type="image-feature-extraction", dataset_name=dataset.split("/")[-1],
-                dataset_type=dataset, dataset_split=split, metric_type=metric,
-                metric_name=name or metric, metric_value=value)
+def test_a_failing_optional_step_is_a_warning_and_the_results_are_still_written(tmp_path, capsys):
+    outputs = reports.RunOutputs(tmp_path, "x_results.json")
+
+    def broken_plot(path):
+        raise ImportError("No module named 'matplotlib'")
+
+    assert not outputs.optional("plotting x.png", broken_plot, outputs.path("x.png"))
+    document = json.loads(outputs.finish({"metrics": {"ssr": 50.0}}).read_text())
+    assert document["metrics"] == {"ssr": 50.0}
+    assert document["warnings"] == ["plotting x.png failed (ImportError: No module named 'matplotlib'); the results "
+                                    "are written without it"]
+    assert "warning: plotting x.png failed" in capsys.readouterr().err
 
 
-def _metrics(text):
-    """(front matter dict, {(dataset type, split, metric type): value}); fails on duplicates."""
-    meta = yaml.safe_load(_split(text)[0])
-    out = {}
-    for entry in meta.get("model-index", []):
-        for r in entry["results"]:
-            for m in r["metrics"]:
-                key = (r["dataset"]["type"], r["dataset"].get("split"), m["type"])
-                assert key not in out, f"duplicate result {key}"
-                out[key] = m["value"]
-    return meta, out
-
-
-def _without_model_index(front_matter):
-    """The front-matter lines outside the top-level `model-index:` entry, verbatim."""
-    kept, inside = [], False
-    for line in front_matter.splitlines(keepends=True):
-        inside = line.startswith("model-index:") or (inside and line[:1] in (" ", "-"))
-        if not inside:
-            kept.append(line)
-    return "".join(kept)
-
-
-def test_update_model_card_on_real_readme(tmp_path):
-    original = (REPO_ROOT / "README.md").read_text()
-    ofm, obody = _split(original)
-    ometa, existing = _metrics(original)  # the README may already carry results: they must survive
-    others = {k: v for k, v in ometa.items() if k != "model-index"}
-    readme = tmp_path / "README.md"
-    readme.write_text(original)
-    nearid, mtg = ("Aleksandar/NearID", "test"), ("abdo-eldesokey/mtg-dataset", "test")
-
-    update_model_card(readme, "NearID", [_result("ssr", 12.5, "NearID SSR"),
-                                         _result("mo", np.float64(0.25), dataset=mtg[0])])
-    fm, body = _split(readme.read_text())
-    assert body == obody
-    assert _without_model_index(fm) == _without_model_index(ofm)  # other lines byte-identical
-    meta, values = _metrics(readme.read_text())
-    assert {k: v for k, v in meta.items() if k != "model-index"} == others
-    assert values == {**existing, (*nearid, "ssr"): 12.5, (*mtg, "mo"): 0.25}
-    assert [e["name"] for e in meta["model-index"]] == ["NearID"]
-
-    update_model_card(readme, "NearID", [_result("ssr", 99.5, "NearID SSR"),
-                                         _result("pa", 99.71, "NearID PA")])
-    fm2, body2 = _split(readme.read_text())
-    assert body2 == obody and _without_model_index(fm2) == _without_model_index(ofm)
-    meta2, values2 = _metrics(readme.read_text())
-    assert values2 == {**existing, (*nearid, "ssr"): 99.5, (*mtg, "mo"): 0.25, (*nearid, "pa"): 99.71}
-    assert {k: v for k, v in meta2.items() if k != "model-index"} == others
-
-    from huggingface_hub import ModelCard  # the Hub's own parser reads it back
-    card = ModelCard.load(readme)
-    assert card.data.model_name == "NearID" and len(card.data.eval_results) == len(values2)
-    assert card.text == obody
-
-
-def test_update_model_card_replaces_model_index_in_the_middle(tmp_path):
-    readme = tmp_path / "README.md"
-    head = "---\nlicense: apache-2.0\nmodel-index:\n- name: old\n  results: []\n"
-    tail = "# a comment that stays\ntags:\n  - identity\n---\n\n# Title\n\nBody with --- and ``` inside.\n"
-    readme.write_text(head + tail)
-    update_model_card(readme, "NearID", [_result("ssr", 50.0)])
-    text = readme.read_text()
-    assert text.startswith("---\nlicense: apache-2.0\nmodel-index:\n- name: NearID\n")
-    assert text.endswith(tail)
-    meta = yaml.safe_load(_split(text)[0])
-    assert meta["tags"] == ["identity"] and meta["license"] == "apache-2.0"
-    assert meta["model-index"][0]["results"][0]["metrics"] == [{"type": "ssr", "value": 50.0, "name": "ssr"}]
-
-
-def test_update_model_card_errors_leave_file_unchanged(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# Just markdown\n\nNo metadata here.\n")
-    with pytest.raises(ValueError, match="no YAML front matter.*found '# Just markdown"):
-        update_model_card(readme, "NearID", [_result("ssr", 1.0)])
-    assert readme.read_text() == "# Just markdown\n\nNo metadata here.\n"
-
-    readme.write_text("---\nlicense: [apache\n---\n# body\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
-        update_model_card(readme, "NearID", [_result("ssr", 1.0)])
-    assert readme.read_text() == "---\nlicense: [apache\n---\n# body\n"
-
-    readme.write_text("---\nlicense: mit\n---\n# body\n")
-    with pytest.raises(ValueError, match="finite"):
-        update_model_card(readme, "NearID", [_result("ssr", math.nan)])
-    with pytest.raises(ValueError, match="bad model-card result"):
-        update_model_card(readme, "NearID", [{"metric_type": "ssr", "metric_value": 1.0}])
-    assert readme.read_text() == "---\nlicense: mit\n---\n# body\n"
-    assert os.listdir(tmp_path) == ["README.md"]
+def test_training_loss_and_score_plots_name_the_model(tmp_path):
+    history = {"loss": [[1, 3.0], [2, 2.5], [3, 2.0]],
+               "validation": [{"step": 3, "split": "val", "pooled": {"ssr": 40.0, "pa": 60.0}}]}
+    assert _png_size(reports.plot_training_loss(tmp_path / "loss.png", history, "tiny-model"))[0] > 300
+    records = [{"method": m, "subject": s, "score_mean": v} for m, s, v in
+               [("a", "cat", 0.5), ("a", "cat", 0.6), ("a", "dog", 0.2), ("b", "cat", 0.9), ("b", "dog", 0.8)]]
+    assert _png_size(reports.plot_score_distributions(tmp_path / "scores.png", records, "tiny-model"))[0] > 300
+    with pytest.raises(ValueError, match="no training loss"):
+        reports.plot_training_loss(tmp_path / "none.png", {"loss": []}, "m")

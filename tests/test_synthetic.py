@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datasets import DatasetDict, Image as HFImage, Value, load_from_disk
+from datasets import DatasetDict, Value, load_from_disk
+from datasets import Image as HFImage
 from PIL import Image
 
 from nearid import synthetic as syn
 from nearid.data import dreambench_mh_from_files
 from nearid.metrics import canonical_dreambench_key, dreambench_key
+from tests.helpers import user_error
 
 SIZE = 48
 SMALL = ["--num-identities", "10", "--image-size", str(SIZE), "--mtg-train", "4", "--mtg-test", "8",
@@ -55,10 +57,9 @@ def test_cli_writes_every_output(built):
     assert on_disk["counts"]["mtg_test"] == 8 and on_disk["counts"]["dreambench_images_per_method"] == 2 * 3 * 4
 
 
-def test_cli_refuses_non_empty_output_unless_overwrite(built, tmp_path):
+def test_cli_refuses_non_empty_output_unless_overwrite(built, tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        syn.main(["--output-dir", str(tmp_path), *SMALL])
+    assert "--overwrite" in user_error(capsys, syn.main, ["--output-dir", str(tmp_path), *SMALL])
     syn.main(["--output-dir", str(tmp_path), "--overwrite", *SMALL])
     assert not (tmp_path / "keep.txt").exists() and (tmp_path / "positives").is_dir()
 
@@ -70,10 +71,12 @@ def test_every_flag_has_help_and_bad_values_are_refused(tmp_path, capsys):
     flags = ["--" + f.name.replace("_", "-") for f in syn.dataclasses.fields(syn.SyntheticConfig)]
     assert all(flag in text for flag in flags)
     assert all(f.metadata.get("help") for f in syn.dataclasses.fields(syn.SyntheticConfig))
-    with pytest.raises(ValueError, match="unknown variation"):
-        syn.parse_args(["--output-dir", str(tmp_path), "--sources", "flux=hat"])
-    with pytest.raises(ValueError, match="categories"):
-        syn.parse_args(["--output-dir", str(tmp_path), "--dreambench-categories", "cars"])
+    assert "unknown variation" in user_error(capsys, syn.main, ["--output-dir", str(tmp_path), "--sources", "flux=hat"],
+                                             status=2)
+    assert "categories" in user_error(capsys, syn.main, ["--output-dir", str(tmp_path), "--dreambench-categories",
+                                                         "cars"], status=2)
+    assert "at least 16" in user_error(capsys, syn.main, ["--output-dir", str(tmp_path), "--image-size", "8"],
+                                       status=2)
 
 
 def test_positives_schema(positives):

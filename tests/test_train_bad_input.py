@@ -8,24 +8,23 @@ import re
 
 import datasets
 import pytest
-from tests.helpers import change_id, corrupt_image, drop_column, present, rewrite
-from tests.helpers import logged_losses
 
-from nearid import data
 import train
+from nearid import checkpoints
+from tests.helpers import change_id, corrupt_image, drop_column, logged_losses, present, rewrite, user_error
 
 
 def run_args(train_synthetic, base_model, out, *extra, flux=None, positives=None):
     """A short run with one distractor source, so that every present distractor is drawn each epoch;
     `flux` and `positives` replace the synthetic datasets."""
     return ["--positives", str(positives or train_synthetic / "positives"), "--source", f"flux={flux or train_synthetic / 'flux'}",
-            "--test_split", str(train_synthetic / "splits" / "test.json"), "--base_model", str(base_model),
-            "--output_dir", str(out), "--per_device_batch_size", "4", "--num_epochs", "1", "--warmup_steps", "1",
-            "--log_steps", "1", "--embed_batch_size", "16", *extra]
+            "--test-split", str(train_synthetic / "splits" / "test.json"), "--base-model", str(base_model),
+            "--output-dir", str(out), "--per-device-batch-size", "4", "--num-epochs", "1", "--warmup-steps", "1",
+            "--log-steps", "1", "--batch-size", "16", *extra]
 
 
 def assert_nothing_trained(out):
-    assert not train.completed_checkpoints(out)
+    assert not checkpoints.completed(out)
     assert not (out / "checkpoints").exists() and not (out / "release").exists()
     assert not (out / "train_results.json").exists()
     assert not (out / "logs.jsonl").exists() or not logged_losses(out)
@@ -64,17 +63,16 @@ def corrupt_test_image(train_synthetic, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean_run(train_synthetic, base_model, tmp_path_factory):
     return train.main(run_args(train_synthetic, base_model, tmp_path_factory.mktemp("clean") / "run",
-                               "--skip_bad_images", "true"))
+                               "--skip-bad-images"))
 
 
 def test_corrupt_training_image_stops_before_training(train_synthetic, base_model, corrupt_training_image,
-                                                      tmp_path):
+                                                      tmp_path, capsys):
     flux, row, column = corrupt_training_image
     where = f"source flux row {row} column {column}"
     out = tmp_path / "run"
-    with pytest.raises(data.ImageReadError, match=re.escape(f"cannot decode image at {where} (")) as error:
-        train.main(run_args(train_synthetic, base_model, out, flux=flux))
-    assert "--skip_bad_images true" in str(error.value)
+    message = user_error(capsys, train.main, run_args(train_synthetic, base_model, out, flux=flux))
+    assert f"Could not decode {where} (" in message and "--skip-bad-images" in message
     assert_nothing_trained(out)
 
 
@@ -83,11 +81,11 @@ def test_skip_bad_images_trains_without_the_image(train_synthetic, base_model, c
     flux, row, column = corrupt_training_image
     where = f"source flux row {row} column {column}"
     out = tmp_path / "run"
-    skipped = train.main(run_args(train_synthetic, base_model, out, "--skip_bad_images", "true", flux=flux))
+    skipped = train.main(run_args(train_synthetic, base_model, out, "--skip-bad-images", flux=flux))
 
     on_disk = json.loads((out / "train_results.json").read_text())
     assert list(on_disk["skipped_images"]) == [where]
-    assert "cannot decode" in on_disk["skipped_images"][where]
+    assert "Could not decode" in on_disk["skipped_images"][where]
     assert clean_run["skipped_images"] == {}
     assert skipped["global_step"] == clean_run["global_step"] > 0
     assert (out / "release" / "model.safetensors").is_file()
@@ -104,7 +102,7 @@ def test_skipped_held_out_image_is_scored_as_missing(train_synthetic, base_model
                                                      tmp_path):
     flux, row, column = corrupt_test_image
     where = f"source flux (test split) row {row} column {column}"
-    results = train.main(run_args(train_synthetic, base_model, tmp_path / "run", "--skip_bad_images", "true", flux=flux))
+    results = train.main(run_args(train_synthetic, base_model, tmp_path / "run", "--skip-bad-images", flux=flux))
     assert list(results["skipped_images"]) == [where]
     assert results["data"]["dropped_images"] == 0  # not a training image
     final, clean_final = results["final"]["pooled"], clean_run["final"]["pooled"]
@@ -118,9 +116,9 @@ def test_skipped_held_out_image_is_scored_as_missing(train_synthetic, base_model
     ("flux", drop_column("nimg2"), r"distractor columns: found none of .*nimg1\.\.nimg3"),
     ("positives", drop_column("img3"), r"positives view columns: found none of .*img1\.\.img3"),
 ])
-def test_malformed_dataset_is_a_clear_error(train_synthetic, base_model, tmp_path, which, change, message):
+def test_malformed_dataset_is_a_clear_error(train_synthetic, base_model, tmp_path, which, change, message, capsys):
     changed = rewrite(train_synthetic / which, tmp_path / which, change)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=message):
-        train.main(run_args(train_synthetic, base_model, out, **{which: changed}))
+    assert re.search(message, user_error(capsys, train.main, run_args(train_synthetic, base_model, out,
+                                                                      **{which: changed})))
     assert_nothing_trained(out)

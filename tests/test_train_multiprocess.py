@@ -13,16 +13,14 @@ import sys
 
 import pytest
 import torch
-from tests.helpers import REPO_ROOT
 from safetensors.torch import load_file
-from tests.helpers import launch
-from tests.helpers import logged_losses, train_args
 
-import train
+from nearid import checkpoints
+from tests.helpers import REPO_ROOT, launch, logged_losses, train_args
 
 GLOBAL_BATCH = 4
 # float32 tokens and no autocast: the only differences left are the order of float sums.
-EXACT = ("--token_cache_dtype", "float32", "--mixed_precision", "no")
+EXACT = ("--cache-dtype", "float32", "--mixed-precision", "no")
 
 
 def launch_train(num_processes, train_synthetic, base_model, out, *extra):
@@ -30,7 +28,7 @@ def launch_train(num_processes, train_synthetic, base_model, out, *extra):
     per_device = str(GLOBAL_BATCH // num_processes)
     # The later --per_device_batch_size overrides train_args' default.
     args = [REPO_ROOT / "train.py", *train_args(train_synthetic, base_model, out, *EXACT, *extra),
-            "--per_device_batch_size", per_device]
+            "--per-device-batch-size", per_device]
     code, output = launch(num_processes, args, out.parent, f"{out.name}.log")
     assert (out / "train_results.json").is_file(), f"{num_processes} process(es), exit code {code}:\n{output[-4000:]}"
     return output
@@ -50,7 +48,8 @@ def assert_close_weights(a, b, rtol=0.0, atol=1e-5):
 
 
 def cache_index(out):
-    return json.loads((out / "token_cache" / "index.json").read_text())
+    [store] = [p for p in (out / "token_cache").iterdir() if p.is_dir()]  # the one store of the run's fingerprint
+    return json.loads((store / "index.json").read_text())
 
 
 def test_two_processes_train_like_one(runs):
@@ -63,11 +62,11 @@ def test_two_processes_train_like_one(runs):
     for (step, expected), (_, loss) in zip(one_losses, two_losses):
         assert loss == pytest.approx(expected, rel=1e-5), f"step {step}"
 
-    checkpoints = [p.name for p in train.completed_checkpoints(two)]
-    assert checkpoints == [p.name for p in train.completed_checkpoints(one)] and len(checkpoints) == 2
-    for name in checkpoints:
-        assert_close_weights(load_file(one / "checkpoints" / name / "model.safetensors"),
-                             load_file(two / "checkpoints" / name / "model.safetensors"))
+    saved = [p.name for p in checkpoints.completed(two)]
+    assert saved == [p.name for p in checkpoints.completed(one)] and len(saved) == 2
+    for name in saved:
+        assert_close_weights(load_file(one / "checkpoints" / name / "head.safetensors"),
+                             load_file(two / "checkpoints" / name / "head.safetensors"))
     # The release is float16: one rounding step apart at most.
     assert_close_weights(load_file(one / "release" / "model.safetensors"),
                          load_file(two / "release" / "model.safetensors"), rtol=1e-3)
@@ -95,14 +94,14 @@ def test_two_processes_resume_to_the_same_weights(runs, train_synthetic, base_mo
     """A two-process run stopped at step 9 and resumed ends where the uninterrupted one did."""
     full, _ = runs[2]
     out = tmp_path / "resumed"
-    launch_train(2, train_synthetic, base_model, out, "--checkpointing_steps", "3", "--max_steps", "9")
-    assert train.completed_checkpoints(out)[-1].name == "step-0000009"
+    launch_train(2, train_synthetic, base_model, out, "--checkpointing-steps", "3", "--max-steps", "9")
+    assert checkpoints.completed(out)[-1].name == "step-0000009"
     (out / "train_results.json").unlink()  # judge the resumed run by its own results file
-    launch_train(2, train_synthetic, base_model, out, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+    launch_train(2, train_synthetic, base_model, out, "--checkpointing-steps", "3", "--resume-from-checkpoint", "latest")
 
-    final = train.completed_checkpoints(full)[-1]
+    final = checkpoints.completed(full)[-1]
     resumed = out / "checkpoints" / final.name
-    a, b = load_file(final / "model.safetensors"), load_file(resumed / "model.safetensors")
+    a, b = load_file(final / "head.safetensors"), load_file(resumed / "head.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert logged_losses(out)[-1] == logged_losses(full)[-1]
 
@@ -113,8 +112,8 @@ def test_mixed_precision_trains_on_the_cpu(precision, runs, train_synthetic, bas
     finite losses close to the float32 run's, and a checkpoint."""
     out = tmp_path / precision
     command = [sys.executable, str(REPO_ROOT / "train.py"),
-               *train_args(train_synthetic, base_model, out, "--mixed_precision", precision, "--max_steps", "3",
-                           "--export", "false")]
+               *train_args(train_synthetic, base_model, out, "--mixed-precision", precision, "--max-steps", "3",
+                           "--no-export")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -123,4 +122,4 @@ def test_mixed_precision_trains_on_the_cpu(precision, runs, train_synthetic, bas
     assert [step for step, _ in losses] == [1, 2, 3]
     for (step, loss), (_, expected) in zip(losses, reference):
         assert math.isfinite(loss) and loss == pytest.approx(expected, rel=0.03), f"step {step}"
-    assert [p.name for p in train.completed_checkpoints(out)] == ["step-0000003"]
+    assert [p.name for p in checkpoints.completed(out)] == ["step-0000003"]

@@ -13,7 +13,8 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
-from datasets import Dataset, Features, Image as HFImage, Value, load_from_disk
+from datasets import Dataset, Features, Value, load_from_disk
+from datasets import Image as HFImage
 
 from nearid import data as nd
 from nearid import synthetic as syn

@@ -1,0 +1,155 @@
+"""Training checkpoints without pickle: loading one can never run code.
+
+A checkpoint is a folder `OUTPUT_DIR/checkpoints/step-NNNNNNN/` with
+
+    head.safetensors        the trained head's weights
+    optimizer.safetensors   the optimizer's per-parameter state (AdamW: step, exp_avg, exp_avg_sq)
+    optimizer.json          its hyperparameters (param_groups)
+    scheduler.json          the learning-rate schedule's position
+    scaler.json             the fp16 loss scaler's state (fp16 mixed precision only)
+    position.json           the global step, the settings the run must keep, the validation history
+
+Only safetensors and JSON are read back, never pickle; there are no RNG states to restore because
+every random draw of the data follows from (seed, epoch, sample) and the head has no dropout. The
+folder is written under a staging name and renamed when complete, so a crash while saving leaves
+the previous checkpoint as the latest. A damaged file is named on resume, with the previous
+checkpoint offered instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from nearid.io import atomic_path, atomic_write_json, explain_disk_error, is_disk_full, read_json
+
+PREFIX = "step-"
+FILES = ("head.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "position.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from; the message names the file and what to do."""
+
+
+def completed(output_dir) -> list:
+    """Checkpoint folders that finished writing, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / "position.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve(output_dir, wanted: str | None) -> Path | None:
+    """The checkpoint folder `--resume-from-checkpoint` names ('latest', a folder, or step-N), checked
+    before anything expensive runs; None when not resuming."""
+    if not wanted:
+        return None
+    found = completed(output_dir)
+    if wanted == "latest":
+        if not found:
+            raise FileNotFoundError(f"--resume-from-checkpoint latest: there is no completed checkpoint under "
+                                    f"{Path(output_dir) / 'checkpoints'}; start without it")
+        return found[-1]
+    path = Path(wanted)
+    if not path.is_dir() and (Path(output_dir) / "checkpoints" / wanted).is_dir():
+        path = Path(output_dir) / "checkpoints" / wanted
+    if not (path / "position.json").is_file():
+        names = ", ".join(p.name for p in found[-3:]) or "none"
+        raise FileNotFoundError(f"{path} is not a completed checkpoint (no position.json); pass 'latest' or one of "
+                                f"the checkpoints under {Path(output_dir) / 'checkpoints'} (newest: {names})")
+    return path
+
+
+def save(folder, head, optimizer, scheduler, scaler, position: dict, keep: int) -> Path:
+    """Write a checkpoint of the (unwrapped) `head` into `folder` (staging, then rename); keep the newest `keep`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    staging = folder.parent / f".{folder.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        tensors, groups = _optimizer_parts(optimizer)
+        with atomic_path(staging / "head.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+        with atomic_path(staging / "optimizer.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_json(staging / "optimizer.json", groups)
+        atomic_write_json(staging / "scheduler.json", scheduler.state_dict())
+        if scaler is not None:
+            atomic_write_json(staging / "scaler.json", scaler.state_dict())
+        atomic_write_json(staging / "position.json", position)  # last: its presence means complete
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error) and not isinstance(error, OSError):
+            raise explain_disk_error(error, staging) from error
+        raise
+    for old in completed(folder.parent.parent)[:-keep]:
+        shutil.rmtree(old)
+    return folder
+
+
+def _optimizer_parts(optimizer) -> tuple:
+    """(safetensors-ready per-parameter state, JSON-ready param_groups) of an optimizer's state_dict."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for param_id, values in state["state"].items():
+        for name, value in values.items():
+            tensors[f"{param_id}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()} for group in state["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def load(folder, head, optimizer, scheduler, scaler) -> dict:
+    """Load a checkpoint into the (unwrapped) head, optimizer, scheduler and scaler; return its position."""
+    folder = Path(folder)
+    position = _read(folder, "position.json", lambda: read_json(folder / "position.json", "checkpoint position"))
+    _read(folder, "head.safetensors", lambda: head.load_state_dict(_load_tensors(folder / "head.safetensors")))
+    groups = _read(folder, "optimizer.json",
+                   lambda: read_json(folder / "optimizer.json", "optimizer state")["param_groups"])
+    _read(folder, "optimizer.safetensors", lambda: optimizer.load_state_dict(
+        {"state": _per_parameter(_load_tensors(folder / "optimizer.safetensors")),
+         "param_groups": [_restore_tuples(group) for group in groups]}))
+    _read(folder, "scheduler.json", lambda: scheduler.load_state_dict(read_json(folder / "scheduler.json", "scheduler")))
+    if scaler is not None:
+        _read(folder, "scaler.json", lambda: scaler.load_state_dict(read_json(folder / "scaler.json", "loss scaler")))
+    return position
+
+
+def _read(folder: Path, name: str, step):
+    """`step()`, with any failure turned into a CheckpointError naming the file and the way out."""
+    from safetensors import SafetensorError
+
+    try:
+        return step()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
+        detail = "is missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
+        older = [p.name for p in completed(folder.parent.parent) if p.name < folder.name]
+        way_out = (f"Resume from the previous checkpoint with --resume-from-checkpoint {older[-1]}"
+                   if older else "No earlier checkpoint exists; start the run again without resuming")
+        raise CheckpointError(f"the checkpoint file {folder / name} {detail}: the checkpoint is damaged. "
+                              f"{way_out}, or delete {folder}.") from None
+
+
+def _load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return load_file(str(path))
+
+
+def _per_parameter(tensors: dict) -> dict:
+    state = {}
+    for key, value in tensors.items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    return state
+
+
+def _restore_tuples(group: dict) -> dict:
+    return {k: (tuple(v) if k == "betas" else v) for k, v in group.items()}

@@ -1,0 +1,89 @@
+"""nearid.images: content keys (hashing never decodes), decoding with the image's location in errors,
+the pixel loader of DataLoader workers, and finding image files."""
+
+import hashlib
+import io
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nearid.data import image_ref, image_refs
+from nearid.images import ImageLoadError, PixelLoader, content_hash, find_images, image_suffixes, load_image
+from tests.helpers import make_tiny_processor
+
+
+def png_bytes(color, size=(8, 8)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_dataset(images):
+    return datasets.Dataset.from_dict({"img1": [{"bytes": b, "path": None} for b in images]},
+                                      features=datasets.Features({"img1": datasets.Image()}))
+
+
+@pytest.fixture(scope="module")
+def positives(tmp_path_factory):
+    return image_dataset([png_bytes("red"), png_bytes("green"), png_bytes("blue")])
+
+
+def test_content_hash_stable_distinct_and_path_equals_bytes(positives, tmp_path):
+    refs = image_refs(positives, "img1", [0, 1])
+    assert content_hash(refs[0]) == content_hash(image_ref(positives, "img1", 0))
+    assert content_hash(refs[0]) != content_hash(refs[1])
+    assert content_hash(refs[0]) == hashlib.sha256(refs[0]["bytes"]).hexdigest()
+    (tmp_path / "a.png").write_bytes(refs[0]["bytes"])
+    by_path = {"bytes": None, "path": str(tmp_path / "a.png")}
+    assert content_hash(by_path) == content_hash(refs[0])
+    assert np.array_equal(np.asarray(load_image(by_path)), np.asarray(load_image(refs[0])))
+    with pytest.raises(ValueError, match="row 3 column img2 is missing"):
+        content_hash(None, "positives row 3 column img2")
+
+
+def test_corrupt_images_hash_but_fail_to_decode_with_location(tmp_path):
+    good = png_bytes("blue")
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noisy, "PNG")
+    truncated = noisy.getvalue()[:-2000]
+    Image.open(io.BytesIO(truncated))  # the header still parses: only decoding the pixels fails
+    broken = image_dataset([good, b"garbage bytes", truncated])
+    refs = image_refs(broken, "img1", [0, 1, 2])  # reading and hashing never decode
+    assert content_hash(refs[1]) == hashlib.sha256(b"garbage bytes").hexdigest()
+    assert load_image(refs[0], name="r0").size == (8, 8)
+    for row in (1, 2):  # unidentifiable, and a truncated PNG that only fails on load()
+        with pytest.raises(ImageLoadError, match=f"positives row {row} column img1"):
+            load_image(refs[row], name=f"positives row {row} column img1")
+    with pytest.raises(ImageLoadError, match="flux row 0 column nimg1: no such image file"):
+        content_hash({"bytes": None, "path": str(tmp_path / "gone.png")}, "flux row 0 column nimg1")
+
+
+def test_pixel_loader_decodes_then_preprocesses_and_pads_with_zeros(tmp_path):
+    processor = make_tiny_processor()
+    loader = PixelLoader(processor)
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes("red", (20, 12)))
+    pixels = loader(({"bytes": None, "path": str(path)}, "a file"))
+    torch.testing.assert_close(pixels, processor(str(path))["pixel_values"][0], rtol=0, atol=0)
+    assert torch.equal(loader(None), torch.zeros(3, 30, 30))
+    with pytest.raises(ImageLoadError, match="the corrupt one"):
+        loader(({"bytes": b"junk", "path": None}, "the corrupt one"))
+
+
+def test_every_format_pillow_reads_is_an_image_and_other_files_are_listed(tmp_path):
+    assert {".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff", ".webp", ".bmp"} <= image_suffixes()
+    for name in ("a.png", "b.gif", "c.tiff", "sub/d.JPG"):
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4), "red").save(path, format={"png": "PNG", "gif": "GIF", "tiff": "TIFF",
+                                                           "JPG": "JPEG"}[name.rsplit(".", 1)[1]])
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden.png").write_bytes(b"x")
+    images, others = find_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["a.png", "b.gif", "c.tiff", "sub/d.JPG"]
+    assert [(p.name, "suffix '.txt'" in reason) for p, reason in others] == [("notes.txt", True)]
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        find_images(tmp_path / "absent")

@@ -1,0 +1,178 @@
+"""Scorers: right embeddings through the store (once per image, ever), whose code is trusted, and
+what a wrong model argument says."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nearid.evaluation import embed_images
+from nearid.images import ImageLoadError
+from nearid.scorers import Scorer, check_remote_code, parse_spec, resolve_device, resolve_model_folder
+from nearid.store import FillOptions, ImageIndex
+from tests.helpers import make_tiny_siglip
+
+
+def png(path, color, size=(40, 36)):
+    image = Image.new("RGB", size, color)
+    image.paste((255 - color[0], color[1], 90), (4, 4, 20, 18))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def nearid_scorer(tiny_repo):
+    return Scorer(f"nearid:{tiny_repo}")
+
+
+@pytest.fixture
+def files(tmp_path):
+    return [png(tmp_path / f"img{i}.png", (30 * i, 200 - 20 * i, 60)) for i in range(5)]
+
+
+def index_of(paths, skip_errors=False):
+    index = ImageIndex(skip_errors)
+    index.add_files(paths)
+    return index
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("clip:openai/clip-vit-large-patch14", ("clip", "openai/clip-vit-large-patch14")),
+        ("siglip-mean:google/siglip2-so400m-patch14-384", ("siglip-mean", "google/siglip2-so400m-patch14-384")),
+        ("dinov3:facebook/dinov3-vitl16-pretrain-lvd1689m", ("dinov3", "facebook/dinov3-vitl16-pretrain-lvd1689m")),
+        ("Aleksandar/nearid-siglip2", ("nearid", "Aleksandar/nearid-siglip2")),
+        ("/models/nearid", ("nearid", "/models/nearid")),
+    ],
+)
+def test_parse_spec(spec, expected):
+    assert parse_spec(spec) == expected
+
+
+def test_parse_spec_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown scorer kind 'vitx'.*clip"):
+        parse_spec("vitx:some/model")
+
+
+def test_nearid_scorer_matches_the_model(nearid_scorer, files):
+    pixels = torch.stack([nearid_scorer.preprocess(path) for path in files])
+    expected = nearid_scorer.model.get_image_features(pixels)
+    torch.testing.assert_close(nearid_scorer.encode(pixels), expected, atol=1e-6, rtol=0)
+    provenance = nearid_scorer.provenance()
+    assert provenance["kind"] == "nearid" and provenance["device"] == "cpu" and len(nearid_scorer.fingerprint) == 32
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip-mean"])
+def test_siglip_baselines(tmp_path, kind, files):
+    from transformers import SiglipImageProcessorPil
+
+    siglip = make_tiny_siglip()
+    siglip.save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessorPil(size={"height": 30, "width": 30}).save_pretrained(tmp_path / "siglip")
+    scorer = Scorer(f"{kind}:{tmp_path / 'siglip'}")
+    pixels = torch.stack([scorer.preprocess(path) for path in files])
+    with torch.no_grad():
+        output = siglip(pixel_values=pixels)
+    raw = output.pooler_output if kind == "siglip" else output.last_hidden_state.mean(1)
+    torch.testing.assert_close(scorer.encode(pixels), torch.nn.functional.normalize(raw, dim=-1), atol=1e-6, rtol=0)
+    assert scorer.format.shape == (raw.shape[1],)
+
+
+def test_a_second_run_embeds_nothing_and_reads_the_same_vectors(nearid_scorer, files, tmp_path):
+    options = FillOptions(batch_size=2, progress=False)
+    first = embed_images(nearid_scorer, index_of(files), tmp_path, options)
+    assert first.stats == {"unique_images": 5, "images_embedded": 5, "forward_passes": 3}
+    second = embed_images(nearid_scorer, index_of(files), tmp_path, options)
+    assert second.stats["images_embedded"] == 0 and second.stats["forward_passes"] == 0
+    np.testing.assert_array_equal(second.vectors.matrix, first.vectors.matrix)
+    third = embed_images(nearid_scorer, index_of(files + [png(tmp_path / "new.png", (1, 2, 3))]), tmp_path, options)
+    assert third.stats["images_embedded"] == 1
+
+
+def test_an_unreadable_image_stops_or_is_skipped_and_listed(nearid_scorer, files, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths = files + [tmp_path / "bad.png", tmp_path / "missing.png"]
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        embed_images(nearid_scorer, index_of(paths), tmp_path / "cache", FillOptions(progress=False))
+    with pytest.raises(ImageLoadError, match="bad.png"):
+        embed_images(nearid_scorer, index_of(paths[:-1]), tmp_path / "cache", FillOptions(progress=False))
+    embedded = embed_images(nearid_scorer, index_of(paths, skip_errors=True), tmp_path / "cache",
+                            FillOptions(progress=False, skip_errors=True))
+    assert sorted(s["image"] for s in embedded.skipped) == [f"image file {str(tmp_path / 'bad.png')!r}",
+                                                             f"image file {str(tmp_path / 'missing.png')!r}"]
+    assert len(embedded.vectors) == len(files)
+
+
+def test_non_finite_embeddings_are_an_error(tiny_repo, tmp_path):
+    scorer = Scorer(str(tiny_repo))
+    with torch.no_grad():
+        scorer.model.backbone.vision_model.head.probe.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        scorer.encode(torch.zeros(1, 3, 30, 30))
+
+
+# --------------------------------------------------------------------------------------------------
+# Whose code runs
+
+
+def test_only_a_nearid_config_gets_its_code_trusted(tiny_repo, tmp_path):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_repo, foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**config, "model_type": "evil"}))
+    executed = tmp_path / "ran"
+    (foreign / "modeling_nearid.py").write_text(f"open({str(executed)!r}, 'w').write('x')\n")
+    with pytest.raises(ValueError, match="not a NearID model.*model_type 'evil'.*--trust-remote-code"):
+        Scorer(str(foreign))
+    assert not executed.exists()  # refused on the config alone, before any code was imported
+    check_remote_code(foreign, trust_remote_code=True)  # an explicit opt-in is accepted
+
+
+def test_a_config_without_auto_map_says_what_is_missing(tiny_repo, tmp_path):
+    broken = tmp_path / "no_auto_map"
+    shutil.copytree(tiny_repo, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config.pop("auto_map")
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no auto_map entry for AutoModel.*export_hub_folder"):
+        Scorer(str(broken))
+
+
+def test_a_wrong_local_path_says_no_such_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for typo in ("./models/neard", str(tmp_path / "nope"), "~/not-here"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            resolve_model_folder(typo)
+
+
+def test_an_unreachable_hub_names_offline_mode_and_local_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="Hub is not reachable.*HF_HUB_OFFLINE.*local folder"):
+        resolve_model_folder("someone/nearid-not-cached")
+
+
+def test_a_revision_for_a_local_folder_is_refused(tiny_repo):
+    with pytest.raises(ValueError, match="applies to Hub ids"):
+        resolve_model_folder(str(tiny_repo), revision="v1")
+
+
+def test_an_unavailable_device_is_an_error():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda is not available"):
+            resolve_device("cuda")
+
+
+def test_bytes_of_an_image_decode_like_its_file(nearid_scorer, files):
+    data = files[0].read_bytes()
+    torch.testing.assert_close(nearid_scorer.preprocess(data), nearid_scorer.preprocess(files[0]), rtol=0, atol=0)
+    torch.testing.assert_close(nearid_scorer.preprocess(Image.open(io.BytesIO(data))),
+                               nearid_scorer.preprocess(files[0]), rtol=0, atol=0)

@@ -1,0 +1,413 @@
+"""The embed-once store: both payloads (backbone tokens, pooled embeddings) computed once, stored
+exactly or within their storage error, resumed, split across processes, and checked when read."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nearid.io
+from nearid.store import (
+    EmbeddingStore,
+    FillOptions,
+    NotEnoughDiskSpace,
+    StoreCorruptError,
+    StoreFormat,
+    StoreMismatchError,
+    check_free_space,
+    fill,
+    quantize_int8,
+)
+from nearid.tokens import BackboneTokens
+from tests.helpers import (
+    TINY_VISION,
+    load_pixels,
+    make_items,
+    make_tiny_nearid,
+    make_tiny_processor,
+    python_path,
+)
+
+NUM_TOKENS = (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2
+HIDDEN = TINY_VISION["hidden_size"]
+
+
+class Counting:
+    """An encoder around `model.forward_features` that counts images (and can fail on a later batch)."""
+
+    def __init__(self, model, fail_after_batches=None):
+        self.model, self.fail_after_batches = model, fail_after_batches
+        self.images = self.batches = 0
+
+    def encode(self, pixels):
+        if self.fail_after_batches is not None and self.batches == self.fail_after_batches:
+            raise RuntimeError("simulated interruption")
+        self.images += len(pixels)
+        self.batches += 1
+        with torch.no_grad():
+            return self.model.forward_features(pixels)
+
+
+def build(folder, encoder, items, dtype="float32", fingerprint="tiny-fp", **options):
+    options = {"shard_size": 4, "batch_size": 3, "progress": False, **options}
+    return fill(folder, fingerprint, StoreFormat((NUM_TOKENS, HIDDEN), dtype), items, load_pixels, encoder,
+                FillOptions(**options))
+
+
+def reference_tokens(model, items, keys):
+    with torch.no_grad():
+        return model.forward_features(torch.stack([load_pixels(items[key]) for key in keys]))
+
+
+@pytest.fixture
+def model():
+    return make_tiny_nearid()
+
+
+def shuffled_keys(items):
+    keys = list(items)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(0)).tolist()
+    return [keys[i] for i in order] + keys[:2]  # random order, with repeats
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone tokens
+
+
+def test_float32_tokens_equal_forward_features(model, tmp_path):
+    items = make_items(9)
+    store, report = build(tmp_path / "store", Counting(model), items)
+    assert report.skipped == {} and report.images_computed == len(items) and report.forward_passes == 4
+    assert len(store) == len(items) and all(key in store for key in items) and "unknown" not in store
+    keys = shuffled_keys(items)
+    tokens = store.get(keys)
+    assert tokens.dtype == torch.float32 and tokens.shape == (len(keys), NUM_TOKENS, HIDDEN)
+    torch.testing.assert_close(tokens, reference_tokens(model, items, keys), rtol=1e-5, atol=1e-5)
+    assert len(list((tmp_path / "store").glob("shard-p000-*.npy"))) == 3  # 10 images in shards of 4
+
+
+def test_reopened_store_serves_the_same_tokens(model, tmp_path):
+    items = make_items(5)
+    store, _ = build(tmp_path, Counting(model), items, dtype="float16")
+    reopened = EmbeddingStore.open(tmp_path, "tiny-fp")
+    assert len(reopened) == len(store) and reopened.format == store.format
+    assert torch.equal(reopened.get(list(items)), store.get(list(items)))
+
+
+def test_float16_within_float16_rounding(model, tmp_path):
+    items = make_items(6)
+    store, _ = build(tmp_path, Counting(model), items, dtype="float16")
+    keys = shuffled_keys(items)
+    expected = reference_tokens(model, items, keys)
+    tokens = store.get(keys)
+    torch.testing.assert_close(tokens, expected, rtol=2**-10, atol=1e-5)
+    assert not torch.equal(tokens, expected)  # really stored in half precision
+
+
+def test_int8_within_quantisation_error(model, tmp_path):
+    items = make_items(6)
+    store, _ = build(tmp_path, Counting(model), items, dtype="int8")
+    keys = list(items)
+    expected = reference_tokens(model, items, keys)
+    error = store.get(keys) - expected
+    scales = expected.abs().amax(dim=-1) / 127
+    assert (error.abs().amax(dim=-1) <= scales / 2 + 1e-5).all()
+    assert (error.norm(dim=-1) / expected.norm(dim=-1)).max() < 0.01
+
+
+def test_quantize_int8_round_trip():
+    tokens = torch.randn(2, 5, 64) * torch.tensor([0.01, 1.0, 30.0, 1.0, 1.0])[None, :, None]
+    tokens[1, 3] = 0  # an all-zero token must not divide by zero
+    values, scales = quantize_int8(tokens)
+    assert values.dtype == torch.int8 and scales.shape == (2, 5)
+    assert values.abs().amax(dim=-1).tolist() == [[127] * 5, [127, 127, 127, 0, 127]]
+    restored = values.float() * scales[..., None]
+    assert (restored - tokens).abs().le(scales[..., None] / 2 + 1e-7).all()
+    assert torch.equal(restored[1, 3], torch.zeros(64))
+
+
+def test_head_on_stored_tokens_equals_image_features(model, tmp_path):
+    items = make_items(5)
+    store, _ = build(tmp_path, Counting(model), items)
+    keys = list(items)
+    with torch.no_grad():
+        from_store = F.normalize(model.forward_head(store.get(keys)), dim=-1)
+        live = model.get_image_features(torch.stack([load_pixels(items[key]) for key in keys]))
+    torch.testing.assert_close(from_store, live, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_tokens_encoder_restores_training_mode_and_keys_on_the_backbone(model):
+    encoder = BackboneTokens(model, make_tiny_processor(), "float16")
+    model.train()
+    tokens = encoder.encode(load_pixels(make_items(1)["img-00"])[None])
+    assert model.training and tokens.shape == (1, NUM_TOKENS, HIDDEN)
+    assert encoder.format == StoreFormat((NUM_TOKENS, HIDDEN), "float16")
+    with torch.no_grad():
+        model.head.probe.add_(1.0)  # the head does not change the tokens, nor their key
+    assert BackboneTokens(model, make_tiny_processor(), "float16").fingerprint == encoder.fingerprint
+    assert BackboneTokens(model, make_tiny_processor(), "int8").fingerprint != encoder.fingerprint
+    assert BackboneTokens(model, make_tiny_processor(resample=3), "float16").fingerprint != encoder.fingerprint
+    with torch.no_grad():
+        model.vision_model.post_layernorm.bias.add_(1.0)
+    assert BackboneTokens(model, make_tiny_processor(), "float16").fingerprint != encoder.fingerprint
+
+
+# --------------------------------------------------------------------------------------------------
+# Computing each image once, resuming
+
+
+def test_refill_computes_only_missing_images(model, tmp_path):
+    items = make_items(7)
+    build(tmp_path, Counting(model), items)
+    encoder = Counting(model)
+    store, report = build(tmp_path, encoder, items)
+    assert encoder.images == 0 and len(store) == len(items) and report.forward_passes == 0
+    more = {**items, **{f"new-{i}": {"seed": 500 + i, "where": f"new {i}"} for i in range(3)}}
+    store, report = build(tmp_path, encoder, more)
+    assert encoder.images == 3 == report.images_computed and len(store) == len(more)
+    torch.testing.assert_close(store.get(list(more)), reference_tokens(model, more, list(more)), rtol=1e-5, atol=1e-5)
+
+
+def test_interrupted_fill_resumes_with_the_rest(model, tmp_path):
+    items = make_items(10)  # 11 images, batches of 2, shards of 4
+    encoder = Counting(model, fail_after_batches=3)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        build(tmp_path / "store", encoder, items, batch_size=2)
+    assert encoder.images == 6
+    kept = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "store").glob("shard-*.npy")}
+    assert len(kept) == 2  # the full shard of 4 and the 2 rows computed before the interruption
+    assert not list((tmp_path / "store").glob(".*.tmp"))
+
+    encoder = Counting(make_tiny_nearid())  # as a new process would: same weights, no interruption
+    resumed, _ = build(tmp_path / "store", encoder, items, batch_size=2)
+    assert encoder.images == len(items) - 6
+    assert kept == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("shard-*.npy") if p.name in kept}
+    uninterrupted, _ = build(tmp_path / "reference", Counting(make_tiny_nearid()), items, batch_size=2)
+    torch.testing.assert_close(resumed.get(list(items)), uninterrupted.get(list(items)), rtol=1e-6, atol=1e-6)
+
+
+def test_deleted_shard_is_recomputed_under_a_new_name(model, tmp_path):
+    items = make_items(9)  # 10 images in shards of 4, 4, 2
+    build(tmp_path, Counting(model), items)
+    (tmp_path / "shard-p000-000002.npy").unlink()
+    encoder = Counting(model)
+    store, _ = build(tmp_path, encoder, items)
+    assert encoder.images == 2 and len(store) == len(items)
+    index = {shard["file"]: shard["keys"] for shard in json.loads((tmp_path / "index.json").read_text())["shards"]}
+    assert sorted(index["shard-p000-000002.npy"]) == sorted(list(items)[8:])  # the new file's own keys
+    torch.testing.assert_close(store.get(list(items)), reference_tokens(model, items, list(items)), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_another_fingerprint_or_format_is_refused(model, tmp_path):
+    build(tmp_path, Counting(model), make_items(3), fingerprint="fp-a")
+    with pytest.raises(StoreMismatchError, match="built for fingerprint fp-a, not fp-b"):
+        EmbeddingStore.open(tmp_path, "fp-b")
+    encoder = Counting(model)
+    with pytest.raises(StoreMismatchError, match="Use another folder"):
+        build(tmp_path, encoder, make_items(4), fingerprint="fp-b")
+    with pytest.raises(StoreMismatchError, match="holds .*float32.* this run computes .*int8"):
+        build(tmp_path, encoder, make_items(2), dtype="int8", fingerprint="fp-a")
+    assert encoder.images == 0
+
+
+@pytest.mark.parametrize("dtype, scale", [("float16", 1e6), ("int8", float("nan"))])
+def test_values_that_cannot_be_stored_are_an_error(model, tmp_path, dtype, scale):
+    class Scaled(Counting):
+        def encode(self, pixels):
+            return super().encode(pixels) * scale
+
+    with pytest.raises(FloatingPointError, match=rf"\['img-00'.* not finite when stored as {dtype}"):
+        build(tmp_path, Scaled(model), make_items(2), dtype=dtype)
+
+
+def test_not_enough_disk_space_stops_before_computing_and_names_the_options(model, tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(nearid.io.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    encoder = Counting(model)
+    with pytest.raises(NotEnoughDiskSpace, match=r"needs .* for 5 images .* 1.00 kB free.*int8.*fewer sources"):
+        build(tmp_path / "store", encoder, make_items(4))
+    assert encoder.images == 0 and not list((tmp_path / "store").glob("shard-*"))
+
+
+def test_check_free_space_on_a_folder_not_created_yet(tmp_path, monkeypatch):
+    seen = []
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(nearid.io.shutil, "disk_usage", lambda path: seen.append(path) or usage(0, 0, 500))
+    check_free_space(tmp_path / "a" / "b", 500, "x")
+    with pytest.raises(NotEnoughDiskSpace) as raised:
+        check_free_space(tmp_path / "a" / "b", 501, "x")
+    assert isinstance(raised.value, OSError) and "needs 501 bytes" in str(raised.value)
+    assert seen == [tmp_path, tmp_path]
+
+
+def test_an_unreadable_item_stops_the_fill_naming_it(model, tmp_path):
+    from nearid.images import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match="pairs row broken column image"):
+        build(tmp_path, Counting(model), make_items(4, corrupt=["broken"]))
+
+
+def test_skip_errors_leaves_the_image_out_and_reports_it(model, tmp_path):
+    items = make_items(4, corrupt=["broken"])
+    store, report = build(tmp_path, Counting(model), items, skip_errors=True, num_workers=2)
+    assert list(report.skipped) == ["broken"] and "pairs row broken column image" in report.skipped["broken"]
+    assert "broken" not in store and len(store) == len(items) - 1
+    good = [key for key in items if key != "broken"]
+    torch.testing.assert_close(store.get(good), reference_tokens(model, items, good), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="'broken' is not in the store"):
+        store.get(["img-00", "broken"])
+    encoder = Counting(model)
+    _, again = build(tmp_path, encoder, items, skip_errors=True)  # retried: the file may have been fixed
+    assert encoder.images == 0 and list(again.skipped) == ["broken"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_bytes_per_item_matches_the_size_on_disk(model, tmp_path, dtype):
+    items = make_items(9)
+    build(tmp_path, Counting(model), items, dtype=dtype)
+    estimate = len(items) * StoreFormat((NUM_TOKENS, HIDDEN), dtype).bytes_per_item
+    shards = list(tmp_path.glob("shard-*.npy"))
+    shard_bytes = sum(path.stat().st_size for path in shards)
+    assert estimate <= shard_bytes <= estimate + len(items) * max(map(len, items)) + 512 * len(shards)
+    assert sum(path.stat().st_size for path in tmp_path.iterdir()) <= 1.05 * estimate
+
+
+def test_so400m_sizes():
+    assert StoreFormat((729, 1152), "float16").bytes_per_item == 729 * 1152 * 2  # 1.68 MB per image
+    assert StoreFormat((729, 1152), "int8").bytes_per_item == 729 * (1152 + 4)
+    assert StoreFormat((1152,), "float32").bytes_per_item == 1152 * 4
+    with pytest.raises(ValueError, match="must be one of.*'bfloat16'"):
+        StoreFormat((1152,), "bfloat16")
+
+
+def test_opening_a_folder_without_a_store_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no embedding store"):
+        EmbeddingStore.open(tmp_path, "tiny-fp")
+
+
+def test_files_are_written_with_normal_permissions(model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        build(tmp_path, Counting(model), make_items(2))
+    finally:
+        os.umask(old)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+# --------------------------------------------------------------------------------------------------
+# What is read is checked
+
+
+def _poison(shard, value=np.nan):
+    records = np.load(shard)
+    records["values"][0].flat[0] = value
+    np.save(shard, records)
+
+
+def test_a_shard_with_nan_values_is_named_when_read(model, tmp_path):
+    items = make_items(9)
+    build(tmp_path, Counting(model), items)
+    _poison(tmp_path / "shard-p000-000001.npy")
+    store = EmbeddingStore.open(tmp_path, "tiny-fp")  # large shards are checked as they are read
+    with pytest.raises(StoreCorruptError, match=r"shard-p000-000001\.npy holds non-finite values.*Delete it"):
+        store.get(list(items))
+
+
+def test_a_damaged_shard_is_dropped_and_recomputed_by_the_next_fill(model, tmp_path, caplog):
+    items = make_items(9)
+    build(tmp_path, Counting(model), items)
+    _poison(tmp_path / "shard-p000-000000.npy")
+    truncated = tmp_path / "shard-p000-000001.npy"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(StoreCorruptError, match=r"shard-p000-000001\.npy cannot be read.*damaged"):
+        EmbeddingStore.open(tmp_path, "tiny-fp")
+    encoder = Counting(model)
+    with caplog.at_level("WARNING", logger="nearid.store"):
+        store, _ = build(tmp_path, encoder, items)
+    assert encoder.images == 8  # the images of both damaged shards, and only those
+    assert "shard-p000-000000.npy holds non-finite values" in caplog.text
+    assert "shard-p000-000001.npy cannot be read" in caplog.text
+    torch.testing.assert_close(store.get(list(items)), reference_tokens(model, items, list(items)), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_shard_of_another_layout_is_refused(model, tmp_path):
+    build(tmp_path, Counting(model), make_items(2))
+    np.save(tmp_path / "shard-p000-000000.npy", np.zeros(3, dtype=[("key", "S4"), ("values", "<f4", (2,))]))
+    with pytest.raises(StoreCorruptError, match="does not belong here"):
+        EmbeddingStore.open(tmp_path, "tiny-fp")
+
+
+def test_a_damaged_index_is_rebuilt_from_the_shards(model, tmp_path):
+    items = make_items(5)
+    build(tmp_path, Counting(model), items)
+    (tmp_path / "index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="index.json is not valid JSON"):
+        EmbeddingStore.open(tmp_path, "tiny-fp")
+    encoder = Counting(model)
+    store, _ = build(tmp_path, encoder, items)
+    assert encoder.images == 0 and len(store) == len(items)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+import torch
+from accelerate import PartialState
+from nearid.store import FillOptions, StoreFormat, fill
+from tests.helpers import load_pixels, make_items, make_tiny_nearid
+from tests.test_store import Counting, HIDDEN, NUM_TOKENS
+
+state = PartialState(cpu=True)
+folder = sys.argv[1]
+items = make_items(9, corrupt=["broken"])
+encoder = Counting(make_tiny_nearid())
+store, report = fill(folder, "tiny-fp", StoreFormat((NUM_TOKENS, HIDDEN), "float32"), items, load_pixels, encoder,
+                     FillOptions(batch_size=2, shard_size=2, skip_errors=True, progress=False), state)
+keys = sorted(key for key in items if key in store)
+torch.save({"keys": keys, "tokens": store.get(keys)}, f"{folder}/seen-by-{state.process_index}.pt")
+with open(f"{folder}/result-{state.process_index}.json", "w") as stream:
+    json.dump({"num_processes": state.num_processes, "len": len(store), "skipped": report.skipped,
+               "computed_here": encoder.images, "computed_in_all": report.images_computed}, stream)
+"""
+
+
+def test_two_processes_fill_one_store(model, tmp_path):
+    script = tmp_path / "fill_two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    folder = tmp_path / "store"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(folder)]
+    # Judged by the files the processes wrote: gloo runs sometimes abort at exit after finishing.
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    logs = textwrap.shorten(finished.stdout + finished.stderr, 4000)
+    items = make_items(9, corrupt=["broken"])
+    good = sorted(key for key in items if key != "broken")
+    computed = []
+    for rank in (0, 1):
+        assert (folder / f"result-{rank}.json").exists(), logs
+        result = json.loads((folder / f"result-{rank}.json").read_text())
+        assert result["num_processes"] == 2 and result["len"] == len(good)
+        assert list(result["skipped"]) == ["broken"] and result["computed_in_all"] == len(good)
+        computed.append(result["computed_here"])
+        seen = torch.load(folder / f"seen-by-{rank}.pt")
+        assert seen["keys"] == good
+        torch.testing.assert_close(seen["tokens"], reference_tokens(model, items, good), rtol=1e-5, atol=1e-5)
+    assert sum(computed) == len(good) and min(computed) > 0  # each image computed by one process only
+    assert {path.name.split("-")[1] for path in folder.glob("shard-p*.npy")} == {"p000", "p001"}
+    index = json.loads((folder / "index.json").read_text())
+    assert sorted(key for shard in index["shards"] for key in shard["keys"]) == good
+    assert not list(folder.glob("report-p*.json"))
