@@ -1,8 +1,8 @@
 # Two entry points: `make demo` (main job) and `make test` (test suite). Both set up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The oldest transformers release the model code supports; `make test` checks it too.
-OLDEST_TRANSFORMERS ?= 4.57.6
+# The oldest transformers release requirements.txt allows (5.10.0 is not on PyPI); `make test` checks it too.
+OLDEST_TRANSFORMERS ?= 5.10.1
 OLDEST_DIR := .cache/transformers-$(OLDEST_TRANSFORMERS)
 
 .PHONY: demo test test-oldest-transformers benchmarks clean
@@ -28,7 +28,8 @@ $(VENV)/.ready: requirements.txt requirements-dev.txt scripts/setup_env.sh
 	touch $@
 
 $(OLDEST_DIR)/.ready: $(VENV)/.ready
-	$(PY) -m pip install --quiet --disable-pip-version-check --target $(OLDEST_DIR) "transformers==$(OLDEST_TRANSFORMERS)"
+	# transformers is installed with the `kernels` release it supports: the venv's newer one breaks its import.
+	$(PY) -m pip install --quiet --disable-pip-version-check --target $(OLDEST_DIR) "transformers[kernels]==$(OLDEST_TRANSFORMERS)"
 	touch $@
 
 clean:

@@ -17,6 +17,7 @@ every user of the Hub repo.
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,8 +34,13 @@ try:  # loaded as Hub remote code (a package) or from a checkout (plain modules)
 except ImportError:
     from configuration_nearid import NearIDConfig
 
-SUPPORTED_TRANSFORMERS = ((4, 57), (6, 0))  # [lower, upper)
+SUPPORTED_TRANSFORMERS = ((4, 57), (6, 0))  # [lower, upper): the releases this code runs on
 SUPPORTED_TRANSFORMERS_TEXT = ">=4.57,<6"
+# Releases before this one carry advisories that matter to anyone loading models by Hub id:
+# GHSA-29pf-2h5f-8g72 / CVE-2026-4372 (< 5.3.0: a crafted config.json makes from_pretrained run code
+# without trust_remote_code) and CVE-2026-9856 / GHSA-xrqw-3rrv-vx5w (< 5.10.0: path traversal in
+# processor save_pretrained). NearID still loads on them, with a warning.
+SAFE_TRANSFORMERS = (5, 10)
 
 
 def _check_transformers_version(version):
@@ -44,6 +50,15 @@ def _check_transformers_version(version):
         raise ImportError(
             f"NearID supports transformers {SUPPORTED_TRANSFORMERS_TEXT}, but transformers {version} is installed. "
             f"Install a supported version: pip install 'transformers{SUPPORTED_TRANSFORMERS_TEXT}'."
+        )
+    if major_minor < SAFE_TRANSFORMERS:
+        warnings.warn(
+            f"transformers {version} is affected by GHSA-29pf-2h5f-8g72 (CVE-2026-4372: a crafted config.json can "
+            "run code in from_pretrained without trust_remote_code) and CVE-2026-9856 (path traversal in processor "
+            "save_pretrained). Loading models from untrusted repos with it is risky; upgrade with "
+            "pip install 'transformers>=5.10,<6'.",
+            UserWarning,
+            stacklevel=2,
         )
 
 
@@ -255,15 +270,42 @@ class NearIDPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["NearIDEncoderLayer", "NearIDAttentionPoolingHead"]
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info=False, **kwargs):
+        """transformers' `from_pretrained`, strict: the published layout is exact, so a checkpoint with
+        missing, unexpected or mis-shaped weights is an error naming them, never a partly random model."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {name: sorted(map(str, info.get(key) or ())) for name, key in
+                    (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                     ("mis-shaped", "mismatched_keys"))}
+        if any(problems.values()):
+            found = "; ".join(f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                              for name, keys in problems.items() if keys)
+            raise ValueError(
+                f"The checkpoint does not match the NearID weight layout ({found}). NearID checkpoints hold exactly "
+                "the backbone.vision_model.* weights of the published layout; re-export the model with "
+                "nearid.hub.export_hub_folder, or fix the weight names."
+            )
+        return (model, info) if output_loading_info else model
+
     @torch.no_grad()
     def _init_weights(self, module):
-        """SigLIP's initialisation, for models built from a config (weights normally come from a checkpoint)."""
+        """SigLIP's initialisation, for models built from a config (weights normally come from a checkpoint).
+
+        Every parameter has a rule here, whichever module transformers hands in (the tower's embeddings
+        module or the position-embedding table itself), so no parameter is ever left uninitialised.
+        """
         if isinstance(module, NearIDVisionEmbeddings):
             nn.init.normal_(module.position_embedding.weight, std=module.position_embedding.weight.shape[1] ** -0.5)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=module.weight.shape[1] ** -0.5)
         elif isinstance(module, NearIDAttentionPoolingHead):
             nn.init.xavier_uniform_(module.probe)
             nn.init.xavier_uniform_(module.attention.in_proj_weight)
             nn.init.zeros_(module.attention.in_proj_bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            nn.init.xavier_uniform_(module.in_proj_weight)
+            nn.init.zeros_(module.in_proj_bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:

@@ -6,21 +6,22 @@ A folder written here loads with `AutoModel.from_pretrained(folder, trust_remote
 - `export_hub_folder`: weights, configs and the remote code, plus optionally the model card, moved
   into place in one step.
 - `push_to_hub`: upload a complete folder to the Hub in one commit. Also a command:
-  `python -m nearid.hub push FOLDER --repo-id ID [--private] [--revision R] [--commit-message M]`.
+  `python -m nearid.hub push --folder F --repo-id ID [--private] [--revision R] [--commit-message M]`.
 """
 
-import argparse
 import json
 import os
 import shlex
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nearid.card import write_model_card
+from nearid.cli import REQUIRED, build_parser, option, parse, user_errors
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the remote-code files live at the repository root
 REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
@@ -181,7 +182,7 @@ def _additions(folder, paths):
 
 def push_command(folder, repo_id, *, private=False, revision=None, commit_message=None, create_pr=False) -> str:
     """The shell command that runs `push_to_hub` with these arguments (the token is never part of it)."""
-    args = ["python", "-m", "nearid.hub", "push", str(Path(folder).resolve()), "--repo-id", repo_id]
+    args = ["python", "-m", "nearid.hub", "push", "--folder", str(Path(folder).resolve()), "--repo-id", repo_id]
     if private:
         args.append("--private")
     if create_pr:
@@ -195,23 +196,27 @@ def push_command(folder, repo_id, *, private=False, revision=None, commit_messag
     return command if Path.cwd().resolve() == REPO_ROOT else f"cd {shlex.quote(str(REPO_ROOT))} && {command}"
 
 
+@dataclass
+class PushArguments:
+    """Upload"""
+
+    folder: str = option(REQUIRED, "the exported repo folder (train.py writes OUTPUT_DIR/release)")
+    repo_id: str = option(REQUIRED, "Hub model repo, namespace/name (created if missing)")
+    private: bool = option(False, "create the repo as private")
+    revision: str | None = option(None, "branch to commit to (created if missing; default main)")
+    commit_message: str | None = option(None, f"the commit's title (default {DEFAULT_COMMIT_MESSAGE!r})")
+    create_pr: bool = option(False, "open a pull request instead of committing")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    push = commands.add_parser("push", help="upload a complete repo folder to the Hub in one commit")
-    push.add_argument("folder", help="the exported repo folder")
-    push.add_argument("--repo-id", required=True, help="Hub model repo, namespace/name (created if missing)")
-    push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
-    push.add_argument("--commit-message", default=None, help=f"default: {DEFAULT_COMMIT_MESSAGE!r}")
-    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    args = parser.parse_args(argv)
-    try:
+    """`python -m nearid.hub push --folder F --repo-id ID`: prints the commit URL; exit status 1 on failure."""
+    commands = {"push": ("upload a complete repo folder to the Hub in one commit", None, (PushArguments,))}
+    parser = build_parser("python -m nearid.hub", __doc__.splitlines()[0], commands=commands)
+    _, groups, debug = parse(parser, {"push": (PushArguments,)}, argv)
+    args = groups[PushArguments]
+    with user_errors(debug):
         url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
                           commit_message=args.commit_message, create_pr=args.create_pr)
-    except (HubPushError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     print(url)
     return 0
 

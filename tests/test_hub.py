@@ -17,7 +17,7 @@ from PIL import Image
 import nearid.hub
 from nearid.hub import REQUIRED_REPO_FILES, HubPushError, push_to_hub
 from tests.fake_hub import commit_payload
-from tests.helpers import REPO_ID, REPO_ROOT, make_tiny_nearid, make_tiny_processor, run_isolated, snapshot
+from tests.helpers import REPO_ID, REPO_ROOT, make_tiny_nearid, make_tiny_processor, run_isolated, snapshot, user_error
 
 TOKEN = "hf_fake_write_token"
 
@@ -103,7 +103,7 @@ def test_push_without_a_token_says_how_to_log_in_before_any_request(repo, hub, t
 
     message = str(error.value)
     assert "hf auth login" in message and "HF_TOKEN" in message
-    assert f"push {repo} --repo-id {REPO_ID} --create-pr --revision experiment" in message
+    assert f"push --folder {repo} --repo-id {REPO_ID} --create-pr --revision experiment" in message
     assert hub.requests == []
 
 
@@ -153,6 +153,6 @@ def test_network_failure_keeps_the_folder(repo, hub):
 
 
 def test_cli_reports_a_missing_folder(tmp_path, hub, capsys):
-    assert nearid.hub.main(["push", str(tmp_path / "absent"), "--repo-id", REPO_ID]) == 1
-    assert "is not a folder" in capsys.readouterr().err
+    message = user_error(capsys, nearid.hub.main, ["push", "--folder", str(tmp_path / "absent"), "--repo-id", REPO_ID])
+    assert "is not a folder" in message
     assert hub.requests == []

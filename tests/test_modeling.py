@@ -1,6 +1,7 @@
 """NearIDModel: checkpoint layout, equivalence with SigLIP, the split forward, dtypes and freezing."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -112,6 +113,15 @@ def test_unsupported_transformers_version_fails_naming_the_range():
             modeling_nearid._check_transformers_version(version)
 
 
+def test_releases_with_loading_advisories_still_load_but_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        modeling_nearid._check_transformers_version("5.10.1")
+    for version in ("4.57.6", "5.2.0", "5.9.0"):
+        with pytest.warns(UserWarning, match=r"CVE-2026-4372.*CVE-2026-9856.*transformers>=5\.10"):
+            modeling_nearid._check_transformers_version(version)
+
+
 # --- checkpoint layout ---------------------------------------------------------------------------
 
 
@@ -166,6 +176,35 @@ def test_our_checkpoint_loads_strictly_into_published_module_layout(tmp_path, ti
     with torch.no_grad():
         expected = F.normalize(tower.eval()(pixel_values=pixels).pooler_output, dim=-1)
         torch.testing.assert_close(tiny_nearid(pixels).image_embeds, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda w: w.update({"backbone.vision_model.head.probes": w.pop("backbone.vision_model.head.probe")}),
+     r"missing: backbone\.vision_model\.head\.probe.*unexpected: backbone\.vision_model\.head\.probes"),
+    (lambda w: w.pop("backbone.vision_model.embeddings.position_embedding.weight"),
+     r"missing: backbone\.vision_model\.embeddings\.position_embedding\.weight"),
+    (lambda w: w.update({"backbone.vision_model.encoder.layers.0.mlp.fc1.weights":
+                         w.pop("backbone.vision_model.encoder.layers.0.mlp.fc1.weight")}),
+     r"missing: backbone\.vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight"),
+])
+def test_a_checkpoint_off_the_layout_is_refused_naming_the_keys(tmp_path, tiny_nearid, change, named):
+    from safetensors.torch import load_file, save_file
+
+    tiny_nearid.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=named):
+        NearIDModel.from_pretrained(tmp_path)
+
+
+def test_every_parameter_has_an_initialisation_rule(tiny_nearid):
+    for name, module in tiny_nearid.named_modules():
+        for parameter in module.parameters(recurse=False):
+            with torch.no_grad():
+                parameter.fill_(float("nan"))
+            tiny_nearid._init_weights(module)
+            assert torch.isfinite(parameter).all(), f"{name} has no initialisation rule"
 
 
 # --- building from SigLIP ------------------------------------------------------------------------

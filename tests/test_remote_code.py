@@ -4,7 +4,9 @@ Each load runs in a fresh interpreter with an empty HF_MODULES_CACHE and HF_HUB_
 remote code is the copy in the folder, imported the way transformers imports it from the Hub.
 """
 
+import ast
 import json
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from nearid.hub import REMOTE_CODE_FILES, export_hub_folder
-from tests.helpers import TINY_VISION, make_tiny_nearid, make_tiny_processor, random_pixels, run_isolated
+from tests.helpers import REPO_ROOT, TINY_VISION, make_tiny_nearid, make_tiny_processor, random_pixels, run_isolated
 
 
 @pytest.fixture
@@ -25,10 +27,29 @@ def hub_repo(tmp_path):
     return folder, rounded.eval()
 
 
-def test_export_writes_a_complete_fp16_repo(hub_repo):
+# What the remote code may import: every import becomes a requirement of every Hub user.
+ALLOWED_IMPORTS = {"torch", "transformers", "PIL", "numpy", *(name.removesuffix(".py") for name in REMOTE_CODE_FILES)}
+
+
+@pytest.mark.parametrize("name", REMOTE_CODE_FILES)
+def test_remote_code_imports_only_torch_transformers_pil_numpy_and_the_standard_library(name):
+    tree = ast.parse((REPO_ROOT / name).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):  # a relative import: one of the other remote-code files
+            assert node.module in ALLOWED_IMPORTS, (name, node.module)
+    outside = sorted(imported - ALLOWED_IMPORTS - set(sys.stdlib_module_names))
+    assert not outside, f"{name} imports {outside}: Hub users would need them too"
+
+
+def test_export_writes_exactly_the_files_a_hub_user_needs(hub_repo):
     folder, model = hub_repo
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "preprocessor_config.json", "model.safetensors", *REMOTE_CODE_FILES} <= names
+    assert names == {"config.json", "preprocessor_config.json", "model.safetensors", *REMOTE_CODE_FILES}
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert {f.get_tensor(k).dtype for k in keys} == {torch.float16}

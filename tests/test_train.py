@@ -163,3 +163,28 @@ def test_push_without_a_token_stops_before_training(train_synthetic, base_model,
     assert "hf auth login" in user_error(capsys, train.main, train_args(train_synthetic, base_model, tmp_path / "run",
                                                                         "--push-to-hub", "someone/x"))
     assert not (tmp_path / "run").exists() and not hub.requests
+
+
+def test_evaluating_a_release_with_model_index_replaces_its_entries(train_synthetic, base_model, tmp_path):
+    """One card builder: the release's own NearID entries are replaced by evaluate.py, not duplicated."""
+    from huggingface_hub import ModelCard
+
+    import evaluate
+
+    out = tmp_path / "run"
+    train.main(train_args(train_synthetic, base_model, out, "--max-steps", "2"))
+    readme = out / "release" / "README.md"
+    before_text = readme.read_text()
+    before = ModelCard.load(readme).data.eval_results
+    assert [(r.dataset_type, r.dataset_split, r.metric_type) for r in before] == [
+        ("Aleksandar/NearID", "test", "ssr"), ("Aleksandar/NearID", "test", "pa")]
+
+    result = evaluate.main(["nearid", "--model", str(out / "release"), "--positives", str(train_synthetic / "positives"),
+                            "--source", f"flux={train_synthetic / 'flux'}", "--source", f"sdxl={train_synthetic / 'sdxl'}",
+                            "--split-file", str(train_synthetic / "splits" / "test.json"), "--model-index", str(readme),
+                            "--output-dir", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")])
+    after = ModelCard.load(readme).data.eval_results
+    assert [(r.dataset_type, r.dataset_split, r.metric_type) for r in after] == [
+        (r.dataset_type, r.dataset_split, r.metric_type) for r in before]
+    assert [r.metric_value for r in after] == [round(result["pooled_given"][k], 4) for k in ("ssr", "pa")]
+    assert readme.read_text().split("\n---\n", 1)[1] == before_text.split("\n---\n", 1)[1]  # the body is kept

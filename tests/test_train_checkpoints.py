@@ -1,0 +1,176 @@
+"""Checkpoints and output folders of train.py: nothing executed from a checkpoint, damaged files named with
+the way out, a full disk said plainly, runs never mixed, the validation history kept across a resume."""
+
+import errno
+import json
+import pickle
+
+import pytest
+from safetensors.torch import load_file
+
+import train
+from nearid import checkpoints
+from tests.helpers import train_args, user_error
+
+STEPS = ("--checkpointing-steps", "2", "--no-export")
+
+
+class Payload:
+    """A pickle that runs code when loaded: it writes a file."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.fixture
+def run(train_synthetic, base_model, tmp_path):
+    """A run stopped after 4 steps with checkpoints at steps 2 and 4; returns (args maker, output folder)."""
+    out = tmp_path / "run"
+
+    def args(*extra):
+        return train_args(train_synthetic, base_model, out, *STEPS, *extra)
+
+    train.main(args("--max-steps", "4"))
+    assert [p.name for p in checkpoints.completed(out)] == ["step-0000002", "step-0000004"]
+    return args, out
+
+
+def test_a_checkpoint_holds_only_safetensors_and_json(run):
+    _, out = run
+    names = {p.name for p in checkpoints.completed(out)[-1].iterdir()}
+    assert names == set(checkpoints.FILES)  # no pickle, no RNG state
+
+
+def test_pickles_in_a_checkpoint_are_never_loaded(run, tmp_path):
+    args, out = run
+    latest = checkpoints.completed(out)[-1]
+    ran = tmp_path / "code_ran"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
+        (latest / name).write_bytes(pickle.dumps(Payload(ran)))
+    train.main(args("--resume-from-checkpoint", "latest", "--max-steps", "6"))
+    assert not ran.exists()
+    assert checkpoints.completed(out)[-1].name == "step-0000006"
+
+
+def test_a_pickle_in_place_of_a_checkpoint_file_is_refused_unread(run, tmp_path, capsys):
+    args, out = run
+    latest = checkpoints.completed(out)[-1]
+    ran = tmp_path / "code_ran"
+    (latest / "optimizer.safetensors").write_bytes(pickle.dumps(Payload(ran)))
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
+    assert "optimizer.safetensors cannot be read" in message and "--resume-from-checkpoint step-0000002" in message
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("name, damage, says", [
+    ("head.safetensors", "truncate", "head.safetensors cannot be read"),
+    ("optimizer.safetensors", "truncate", "optimizer.safetensors cannot be read"),
+    ("head.safetensors", "delete", "head.safetensors is missing"),
+    ("position.json", "garble", "position.json cannot be read"),
+    ("scheduler.json", "garble", "scheduler.json cannot be read"),
+])
+def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint_offered(run, capsys, name, damage, says):
+    args, out = run
+    path = checkpoints.completed(out)[-1] / name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:20])
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_text("{this is not json")
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
+    assert says in message and "--resume-from-checkpoint step-0000002" in message, message
+    assert "step-0000004" in message  # the damaged checkpoint is named too
+
+
+def test_the_previous_checkpoint_then_resumes(run):
+    args, out = run
+    (checkpoints.completed(out)[-1] / "head.safetensors").unlink()
+    train.main(args("--resume-from-checkpoint", "step-0000002", "--max-steps", "6"))
+    assert checkpoints.completed(out)[-1].name == "step-0000006"
+
+
+def test_a_full_disk_while_saving_says_so_and_keeps_the_last_checkpoint(run, monkeypatch, capsys):
+    args, out = run
+
+    def full_disk(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4032 vs 3936")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest", "--max-steps", "6"))
+    assert "disk is full while writing" in message and "checkpoints" in message
+    assert [p.name for p in checkpoints.completed(out)] == ["step-0000002", "step-0000004"]
+    assert not list((out / "checkpoints").glob(".*partial"))
+
+
+def test_resume_latest_without_a_checkpoint_fails_before_any_work(train_synthetic, base_model, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    message = user_error(capsys, train.main, train_args(train_synthetic, base_model, out, "--resume-from-checkpoint",
+                                                        "latest"))
+    assert "no completed checkpoint" in message
+    assert not (out / "token_cache").exists()  # failed before the (hours-long, for so400m) token pass
+
+
+def test_repeated_source_names_are_refused(train_synthetic, base_model, tmp_path, capsys):
+    args = train_args(train_synthetic, base_model, tmp_path / "run", "--source", f"flux={train_synthetic / 'sdxl'}")
+    assert "names 'flux' twice" in user_error(capsys, train.main, args)
+
+
+def test_overwrite_then_a_crash_leaves_nothing_of_the_old_run(train_synthetic, base_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(train_args(train_synthetic, base_model, out, "--max-steps", "2"))
+    assert (out / "train_results.json").is_file() and (out / "release").is_dir()
+    real_step, calls = train.train_step, {"n": 0}
+
+    def killed_at_step_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(train_synthetic, base_model, out, "--overwrite-output-dir", "--checkpointing-steps", "1"))
+    left = {p.name for p in out.iterdir()}
+    assert "train_results.json" not in left and "release" not in left
+    assert [p.name for p in checkpoints.completed(out)] == ["step-0000001"]  # only the new run's work
+
+
+def test_the_validation_history_survives_two_kills(train_synthetic, base_model, tmp_path, monkeypatch):
+    common = ("--validation-steps", "1", "--checkpointing-steps", "2", "--no-export")
+    full = train.main(train_args(train_synthetic, base_model, tmp_path / "full", *common))
+    out = tmp_path / "killed"
+    real_step = train.train_step
+    for kill_at in (3, 3):  # the first run dies at its 3rd step, the resumed one at its 3rd too
+        calls = {"n": 0}
+
+        def killed(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                raise KeyboardInterrupt("simulated kill")
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(train, "train_step", killed)
+        resume = ("--resume-from-checkpoint", "latest") if checkpoints.completed(out) else ()
+        with pytest.raises(KeyboardInterrupt):
+            train.main(train_args(train_synthetic, base_model, out, *common, *resume))
+    monkeypatch.setattr(train, "train_step", real_step)
+    resumed = train.main(train_args(train_synthetic, base_model, out, *common, "--resume-from-checkpoint", "latest"))
+    assert [(v["step"], v["split"]) for v in resumed["history"]] == [(v["step"], v["split"]) for v in full["history"]]
+    on_disk = json.loads((out / "train_results.json").read_text())
+    validations = [v["step"] for v in on_disk["history"] if v["split"] == "val"]
+    assert validations == list(range(1, full["global_step"] + 1))  # every step's validation, none lost
+    final_full = load_file(checkpoints.completed(tmp_path / "full")[-1] / "head.safetensors")
+    final_killed = load_file(checkpoints.completed(out)[-1] / "head.safetensors")
+    assert all((final_full[k] == final_killed[k]).all() for k in final_full)
+
+
+def test_disk_full_errors_are_recognised():
+    from nearid.io import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4032 vs 3936"))
+    assert not is_disk_full(RuntimeError("CUDA out of memory"))
