@@ -1,12 +1,12 @@
 """Evaluate identity scorers on the NearID, MTG and DreamBench++ benchmarks of the paper, or score
 your own generated images against their references.
 
-    python evaluate.py nearid --model SPEC --positives SRC --source flux=SRC [--source ...] [--split-file F]
-    python evaluate.py mtg --model SPEC [--mtg SRC] [--split test]
-    python evaluate.py dreambench --ratings DIR (--scores-from FOLDER | --model SPEC --samples DIR)
-    python evaluate.py score --model SPEC (--samples DIR | --metadata FILE [--images DIR])
+    python evaluate.py nearid --model SCORER --positives SRC --source flux=SRC [--source ...] [--split-file F]
+    python evaluate.py mtg --model SCORER [--mtg SRC] [--split test]
+    python evaluate.py dreambench --ratings DIR (--scores-from FOLDER | --model SCORER --samples DIR)
+    python evaluate.py score --model SCORER (--samples DIR | --metadata FILE [--images DIR])
 
-SPEC is a scorer: a NearID model (Hub id or folder) or a baseline as KIND:MODEL (clip, dinov2,
+SCORER is a scorer: a NearID model (Hub id or folder) or a baseline as KIND:MODEL (clip, dinov2,
 dinov3, siglip, siglip-mean). SRC is a Hub dataset id (pin one with SRC@REVISION), a
 `save_to_disk` folder or parquet. Every unique image is decoded and embedded once and kept in the
 embed-once store (--cache-dir), so a second run of the same scorer embeds nothing. Runs under
@@ -189,7 +189,7 @@ def parse_arguments(argv=None) -> tuple:
 def check_arguments(args: Arguments) -> None:
     """Combinations a parser cannot express, explained."""
     if args.mode == "dreambench" and not args.scores_from and not (args.model and args.samples):
-        raise ValueError("dreambench needs either --scores-from FOLDER, or --model SPEC and --samples DIR")
+        raise ValueError("dreambench needs either --scores-from FOLDER, or --model SCORER and --samples DIR")
     if args.mode == "score":
         if bool(args.samples) == bool(args.metadata):
             raise ValueError("score needs exactly one input: --samples DIR (a mirrored layout) or --metadata FILE")

@@ -10,7 +10,7 @@ the same synthetic data and config, and reports:
     (cache: every image the 11 epochs use, plus one padding image; reference: 6 slots x samples per step x steps),
   - whether both trained the same thing: the logged losses of every step (the cached run stores
     float32 tokens, so both feed the head the same numbers),
-  - the analytic compute of the real setting from SPEC numbers, with its assumptions.
+  - the analytic compute of the real setting from the numbers in docs/method.md, with its assumptions.
 
 The synthetic data keeps the proportions of the real training set: several distractor sources,
 MTG rows entering 4 times per epoch (about half of the samples, as 4 x ~4,750 MTG rows beside
@@ -56,15 +56,15 @@ BENCH_VISION = dict(image_size=96, patch_size=8, hidden_size=192, num_hidden_lay
                     intermediate_size=768)
 SOURCE_NAMES = ("flux", "sdxl", "powerpaint", "qwen", "flux_1024", "sdxl_1024", "qwen_1328", "fluxc", "fluxc_1024")
 
-# The real setting (SPEC sections 2, 3, 5).
+# The real setting (docs/method.md sections 2, 3, 5).
 REAL_NEARID_ROWS = 19_386
 REAL_BATCH = 128
 REAL_STEPS_PER_EPOCH = 300
 MTG_REPEATS = 4  # train.py --mtg_repeats: the reference concatenates MTG 4 times
-# Not in the SPEC: inferred from ~300 steps x 128 samples per epoch = 19,386 NearID rows + 4 x MTG rows.
+# Not in docs/method.md: inferred from ~300 steps x 128 samples per epoch = 19,386 NearID rows + 4 x MTG rows.
 REAL_MTG_ROWS = round((REAL_STEPS_PER_EPOCH * REAL_BATCH - REAL_NEARID_ROWS) / MTG_REPEATS)
-SO400M_GFLOP = 670  # per image, SPEC section 5
-H200_IMAGES_PER_S = 1_180  # the backbone's physical limit on an H200 (SPEC section 5)
+SO400M_GFLOP = 670  # per image, docs/method.md section 5
+H200_IMAGES_PER_S = 1_180  # the backbone's physical limit on an H200 (docs/method.md section 5)
 TRAIN_OVER_FORWARD = 3  # a training step of the head costs ~3 forwards (forward + backward)
 
 
@@ -274,15 +274,15 @@ def same_training_line(cached: list, reference: list, tolerance=1e-4) -> str:
 def real_setting_lines(epochs: int) -> list:
     """Analytic compute of the paper's run with and without the cache, for several source counts."""
     config = NearIDConfig()
-    head, unfolded_head = head_forward_flops(config), 3.9e9  # SPEC: 3.9 GFLOP as nn.MultiheadAttention computes it
+    head, unfolded_head = head_forward_flops(config), 3.9e9  # docs/method.md: 3.9 GFLOP as nn.MultiheadAttention computes it
     samples_per_epoch = REAL_STEPS_PER_EPOCH * REAL_BATCH
     reference_images = epochs * SLOTS * samples_per_epoch
     lines = [
         "",
-        f"real setting, analytic (SPEC sections 2, 3, 5), {epochs} epochs. Assumptions:",
+        f"real setting, analytic (docs/method.md sections 2, 3, 5), {epochs} epochs. Assumptions:",
         f"  {REAL_NEARID_ROWS:,} NearID rows, all with 3 views (a 2-view row still costs the reference {SLOTS} slots "
         "but the cache fewer images: the cache's worst case);",
-        f"  {REAL_MTG_ROWS:,} MTG rows x {MTG_REPEATS} (not in the SPEC: ~{REAL_STEPS_PER_EPOCH} steps x "
+        f"  {REAL_MTG_ROWS:,} MTG rows x {MTG_REPEATS} (not in docs/method.md: ~{REAL_STEPS_PER_EPOCH} steps x "
         f"{REAL_BATCH} samples per epoch minus the NearID rows);",
         f"  backbone {SO400M_GFLOP} GFLOP/image; head training {TRAIN_OVER_FORWARD} x {head / 1e9:.3f} GFLOP per slot "
         f"and step (this repo's folded head; {TRAIN_OVER_FORWARD} x 3.9 GFLOP unfolded), the same in both designs.",

@@ -1,4 +1,4 @@
-"""Dataset readers shared by `evaluate.py` and `train.py` (SPEC sections 3 and 4).
+"""Dataset readers shared by `evaluate.py` and `train.py` (docs/method.md sections 3 and 4).
 
 Everything that turns a dataset *source* into rows lives here, once:
 

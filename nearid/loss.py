@@ -1,4 +1,4 @@
-"""The two-tier NearID training loss as a pure function of embeddings (SPEC section 2).
+"""The two-tier NearID training loss as a pure function of embeddings (docs/method.md section 2).
 
 Each sample holds 6 image slots in `SLOTS` order: an anchor, P = 2 positives (other views of the
 same object instance) and K = 3 hard negatives, where `neg_s` is the near-identity distractor

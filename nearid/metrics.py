@@ -1,4 +1,4 @@
-"""Evaluation metrics of NearID as pure functions (SPEC section 4).
+"""Evaluation metrics of NearID as pure functions (docs/method.md section 4).
 
 Arrays in (numpy, or torch tensors on any device), flat dicts with stable keys out. Percentages are
 in [0, 100]. No model, dataset or plotting code lives here, so `evaluate.py` and the tests import it

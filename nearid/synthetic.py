@@ -1,4 +1,4 @@
-"""Deterministic synthetic NearID benchmarks with exactly the Hub schemas (SPEC section 3 and 4).
+"""Deterministic synthetic NearID benchmarks with exactly the Hub schemas (docs/method.md sections 3 and 4).
 
 Tests, the demo, evaluation and training smoke runs need data shaped like the real Hub datasets
 (`Aleksandar/NearID`, `Aleksandar/NearID-<Source>`, `abdo-eldesokey/mtg-dataset`, DreamBench++)

@@ -1,4 +1,4 @@
-"""Training samples of the NearID recipe: which 6 images each sample shows in each epoch (SPEC 2, 3).
+"""Training samples of the NearID recipe: which 6 images each sample shows in each epoch (docs/method.md 2, 3).
 
 A sample is 6 image slots `[anchor, pos1, pos2, neg_a, neg_p1, neg_p2]`, where `neg_s` is the
 distractor inpainted into the *same scene* as positive slot s, and `PAD` (None) marks an empty slot.

@@ -1,4 +1,4 @@
-"""nearid_loss: equal to a per-sample loop written from SPEC section 2, known answers, the padded-slot
+"""nearid_loss: equal to a per-sample loop written from docs/method.md section 2, known answers, the padded-slot
 quirk, input errors, and 2 processes equal to 1 process on the concatenated batch."""
 
 import math
@@ -20,7 +20,7 @@ NEGATIVES = (3, 4, 5)
 
 
 def naive_nearid_loss(embeddings, slot_mask, temperature=T, alpha=0.5, mask_padded=False):
-    """SPEC section 2 for one process, one sample and one logit at a time: (tier1, tier2, total)."""
+    """docs/method.md section 2 for one process, one sample and one logit at a time: (tier1, tier2, total)."""
     batch = len(embeddings)
     pool = [(b, slot) for b in range(batch) for slot in POSITIVES]
     zero = embeddings.sum() * 0
