@@ -63,17 +63,20 @@ def train_head(base: Path, data: Path, out: Path, epochs: int) -> dict:
 
 def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
     data = output_dir / "synthetic"
-    synthetic.main(["--output-dir", str(data), "--num-identities", str(num_identities), "--image-size", "64",
-                           "--sources", *SOURCES, "--mtg-train", "40", "--mtg-test", "20", "--overwrite"])
+    manifest = synthetic.main(["--output-dir", str(data), "--num-identities", str(num_identities), "--image-size",
+                               "64", "--sources", *SOURCES, "--mtg-train", "40", "--mtg-test", "20", "--overwrite"])
     base = save_siglip_checkpoint(output_dir / "small-siglip", SMALL_SIGLIP)
     untrained = export_untrained(base, output_dir / "nearid-untrained")
     before = evaluate_model(untrained, data, output_dir / "eval-untrained")
     trained = train_head(base, data, output_dir / "training", epochs)
     after = evaluate_model(Path(trained["release"]), data, output_dir / "eval-trained")
     table = reports.table1_markdown({"NearID head, untrained (= SigLIP MAP head)": before,
-                                     f"NearID head, trained {epochs} epochs": after})
+                                     f"NearID head, trained {epochs} epochs": after}, nearid_sources=SOURCES)
     atomic_write_text(output_dir / "before_after.md", table + "\n")
-    print(f"\nSynthetic benchmark, test split ({num_identities} identities, sources {', '.join(SOURCES)}):\n")
+    counts = manifest["counts"]
+    print(f"\nSynthetic benchmark, Table-1 format: NearID on the test split ({counts['split_test']} of "
+          f"{counts['positives']} identities), MTG on its test split ({counts['mtg_test']} rows), DreamBench++ "
+          f"on {counts['dreambench_images_per_method']} generations per method:\n")
     print(table)
     print(f"\nRelease folder with model card: {trained['release']}")
     return {"before": before, "after": after, "release": trained["release"]}

@@ -4,7 +4,8 @@ your own generated images against their references.
     python evaluate.py nearid --model SCORER --positives SRC --source flux=SRC [--source ...] [--split-file F]
     python evaluate.py mtg --model SCORER [--mtg SRC] [--split test]
     python evaluate.py dreambench --ratings DIR (--scores-from FOLDER | --model SCORER --samples DIR)
-    python evaluate.py score --model SCORER (--samples DIR | --metadata FILE [--images DIR])
+    python evaluate.py score --model SCORER (--references DIR --generations DIR | --samples DIR | --metadata FILE)
+    python evaluate.py table1 --model SCORER [--split-file F] [--ratings DIR --samples DIR]
 
 SCORER is a scorer: a NearID model (Hub id or folder) or a baseline as KIND:MODEL (clip, dinov2,
 dinov3, siglip, siglip-mean). SRC is a Hub dataset id (pin one with SRC@REVISION), a
@@ -131,12 +132,20 @@ class ScoreArguments:
     metadata: str | None = option(None, "CSV, JSON or JSONL file with columns generated, reference[, subject, "
                                         "method]")
     images: str | None = option(None, "with --metadata: the folder its paths are relative to (default: its folder)")
-    methods: list[str] = option([], "with --samples: method folders to score (default: all)")
+    references: str | None = option(None, "DreamBooth layout: references/<subject>/<image>, several per subject "
+                                          "(with --generations)")
+    generations: str | None = option(None, "DreamBooth layout: generations/<method>/<subject>/<image>, or "
+                                           "generations/<subject>/<image> for one method (with --references)")
+    methods: list[str] = option([], "with --samples or --generations: method folders to score (default: all)")
 
 
 SCORE_DESCRIPTION = """Score your own generated images against reference images.
 
 Inputs, one of:
+  --references DIR --generations DIR
+                    the DreamBooth layout: references/<subject>/<image> (several references per
+                    subject) and generations/<method>/<subject>/<image> (or <subject>/<image> for one
+                    method). Every generated image is scored against all references of its subject.
   --samples DIR     mirrored layout, as DreamBench++: DIR/src_image/<rel> is the reference of the
                     generated image DIR/tgt_image/<rel>; or several methods, DIR/<method>/{src_image,
                     tgt_image}/<rel>. The subject of an image is the first folder of <rel>.
@@ -149,6 +158,24 @@ Per image: cosine similarity to each reference, their mean and max. Per method a
 skipped count, mean, median, std, min, max. Outputs: score_per_image.csv, score_per_image.json,
 score_summary.md, score_distributions.png, score_results.json (written last).
 """
+@dataclass
+class Table1Arguments:
+    """The benchmarks of Table 1 (defaults: the published datasets on the Hub)"""
+
+    positives: str = option("Aleksandar/NearID", "NearID positives (Hub id, folder or parquet; SRC@REVISION pins one)")
+    source: list[str] = option([f"{name}={hub_id}" for name, hub_id in metrics.NEARID_TABLE1_HUB_SOURCES.items()],
+                               "distractor sources NAME=SRC[@REVISION]; Table 1 pools these 7 settings",
+                               metavar="NAME=SRC")
+    split_file: str | None = option(None, "JSON list of the NearID rows to evaluate. The paper's NearID columns "
+                                          "use the authors' test split, which is not published: without it every "
+                                          "row is evaluated, rows the published model was trained on included")
+    mtg: str = option("abdo-eldesokey/mtg-dataset", "MTG dataset (its --mtg-split is evaluated)")
+    mtg_split: str = option("test", "MTG split")
+    ratings: str | None = option(None, "DreamBench++ ratings folder; without it (and --samples) the DB++ column "
+                                       "stays empty")
+    samples: str | None = option(None, "DreamBench++ samples folder: <method>/{src_image,tgt_image}/...")
+
+
 COMMON = (ModelArguments, EmbeddingArguments, OutputArguments)
 MODES = {
     "nearid": ("NearID benchmark: SSR and PA per distractor source",
@@ -168,6 +195,11 @@ MODES = {
     "score": ("score your own generated images against references",
               SCORE_DESCRIPTION,
               (ScoreArguments, *COMMON)),
+    "table1": ("every Table-1 benchmark for one model, its row beside the paper's",
+               "Runs the nearid, mtg and dreambench modes for --model (each into its own folder under "
+               "--output-dir) and prints the model's Table-1 row beside the paper's. Writes table1.md and "
+               "table1_results.json (last).",
+               (Table1Arguments, *COMMON)),
 }
 
 
@@ -191,19 +223,29 @@ def check_arguments(args: Arguments) -> None:
     if args.mode == "dreambench" and not args.scores_from and not (args.model and args.samples):
         raise ValueError("dreambench needs either --scores-from FOLDER, or --model SCORER and --samples DIR")
     if args.mode == "score":
-        if bool(args.samples) == bool(args.metadata):
-            raise ValueError("score needs exactly one input: --samples DIR (a mirrored layout) or --metadata FILE")
-        if args.images and not args.metadata:
-            raise ValueError("score: --images goes with --metadata (the folder its paths are relative to)")
-        if args.methods and not args.samples:
-            raise ValueError("score: --methods picks method folders of --samples; with --metadata, use its method "
-                             "column")
+        check_score_inputs(args)
     if not args.cache_dir:
         raise ValueError("--cache-dir needs a folder: every image is embedded once into it (it may be a temporary "
                          "folder)")
     if getattr(args, "model_index", None) and not Path(args.model_index).is_file():
         raise FileNotFoundError(f"--model-index {args.model_index}: no such file; give the model card (README.md) "
                                 "to record the results in")
+
+
+def check_score_inputs(args: Arguments) -> None:
+    folders = (args.references, args.generations)
+    inputs = [bool(args.samples), bool(args.metadata), any(folders)]
+    if sum(inputs) != 1:
+        raise ValueError("score needs exactly one input: --references DIR --generations DIR (the DreamBooth "
+                         "layout), --samples DIR (a mirrored layout) or --metadata FILE")
+    if any(folders) and not all(folders):
+        raise ValueError("score: --references and --generations go together (references/<subject>/<image>, "
+                         "generations/<method>/<subject>/<image>)")
+    if args.images and not args.metadata:
+        raise ValueError("score: --images goes with --metadata (the folder its paths are relative to)")
+    if args.methods and args.metadata:
+        raise ValueError("score: --methods picks method folders of --samples or --generations; with --metadata, "
+                         "use its method column")
 
 
 # --- shared steps ----------------------------------------------------------------------------------
@@ -381,14 +423,16 @@ def write_dreambench_outputs(args, scorer, scores, result, skipped):
 
 
 def run_score(args, state):
-    if args.samples:
+    if args.references:
+        items, ignored = data.score_items_from_subject_folders(args.references, args.generations, args.methods or None)
+        source = args.generations
+    elif args.samples:
         items, ignored = data.score_items_from_layout(args.samples, args.methods or None)
         source = args.samples
     else:
         items, ignored, source = data.read_score_metadata(args.metadata, args.images), [], args.metadata
     index = ImageIndex(args.skip_bad_images)
-    generated = index.add_files([item.path(item.generated) for item in items])
-    references = [index.add_files([item.path(r) for r in item.references]) for item in items]
+    generated, references = scoring.index_items(items, index)
     scorer = load_scorer(args, state)
     embedded = embed(scorer, index, args, state)
     if not state.is_main_process:
@@ -422,9 +466,56 @@ def write_score_outputs(args, scorer, records, summary, skipped, source, stats):
     print(markdown)
 
 
+# --- table1 ----------------------------------------------------------------------------------------
+
+
+def run_table1(args, state):
+    """The nearid, mtg and dreambench modes for one model, then its Table-1 row beside the paper's."""
+    common = {ModelArguments: args.groups[ModelArguments], EmbeddingArguments: args.groups[EmbeddingArguments],
+              ModelIndexArguments: ModelIndexArguments()}
+    out = Path(args.output_dir)
+
+    def mode(name, group):
+        groups = {type(group): group, **common, OutputArguments: OutputArguments(str(out / name))}
+        return RUNS[name](Arguments(name, groups), state)
+
+    nearid = mode("nearid", NearIDArguments(positives=args.positives, source=args.source,
+                                            split_file=args.split_file))
+    mtg = mode("mtg", MTGArguments(mtg=args.mtg, split=args.mtg_split))
+    dreambench = None
+    if args.ratings and args.samples:
+        dreambench = mode("dreambench", DreamBenchArguments(ratings=args.ratings, samples=args.samples))
+    if not state.is_main_process:
+        return None
+    headline = nearid.get("table1_average", nearid.get("pooled_given"))
+    row = reports.table1_row(nearid=headline, mtg=mtg, dreambench=dreambench)
+    write_table1_outputs(args, row, list(named_sources(args.source)))
+    return row
+
+
+def write_table1_outputs(args, row, sources):
+    outputs = reports.RunOutputs(args.output_dir, "table1_results.json")
+    save_arguments(outputs.path("table1_args.json"), "evaluate.py table1", *args.groups.values())
+    rows = {f"{args.model} (this run)": row,
+            **{name: dict(zip((k for _, k, _ in reports.TABLE1_COLUMNS), values))
+               for name, values in reports.PAPER_TABLE1.items()}}
+    table = reports.table1_markdown(rows, nearid_sources=sources)
+    notes = ["NearID columns: " + (f"the rows of {args.split_file}." if args.split_file else
+                                   "every row of the positives (no --split-file): the paper evaluates the authors' "
+                                   "unpublished test split, and the published model was trained on every row, so "
+                                   "these numbers are not comparable to the paper's."),
+             "DB++ column: " + ("the object category of the DreamBench++ samples scored here." if args.samples else
+                                "not evaluated (give --ratings and --samples).")]
+    text = table + "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+    atomic_write_text(outputs.path("table1.md"), text)
+    outputs.finish({"benchmark": "table1", "model": args.model, "row": row, "notes": notes,
+                    "outputs": {name: str(Path(args.output_dir) / name) for name in ("nearid", "mtg", "dreambench")}})
+    print(text)
+
+
 # --- command line ----------------------------------------------------------------------------------
 
-RUNS = {"nearid": run_nearid, "mtg": run_mtg, "dreambench": run_dreambench, "score": run_score}
+RUNS = {"nearid": run_nearid, "mtg": run_mtg, "dreambench": run_dreambench, "score": run_score, "table1": run_table1}
 HINTS = {ImageLoadError: "Pass --skip-bad-images to leave unreadable images out; they are listed in the results."}
 
 

@@ -1,7 +1,7 @@
 """Train NearID's pooling head with the paper's recipe (docs/method.md sections 2 and 3) on cached
 backbone tokens.
 
-    python train.py --positives SRC --source flux=SRC [--source ...] [--mtg SRC] \
+    python train.py --positives SRC --source flux=SRC [--source ...] [--mtg SRC]
         [--train-split F --val-split F --test-split F] --output-dir runs/nearid
 
 SRC is a Hub dataset id (SRC@REVISION pins a revision), a `save_to_disk` folder or parquet. The

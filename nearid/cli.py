@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser, group_class) -> None:
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, **kwargs)
+            action = group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, **kwargs)
+            action.help = kwargs["help"]  # Python 3.11's action appends a second "(default: ...)" of its own
             continue
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]

@@ -15,8 +15,9 @@ Everything that turns a dataset *source* into rows lives here, once:
 - `dreambench_methods` / `dreambench_pairs` read the DreamBench++ samples layout
   `<root>/<method>/{src_image,tgt_image}/<relative path>`.
 - `mtg_masks` reads one MTG view's object and part masks for the oracle.
-- `score_items_from_layout` / `read_score_metadata` turn users' generated images (a mirrored
-  layout, or a CSV/JSON/JSONL metadata file) into `ScoreItem`s: a generated image, its
+- `score_items_from_layout` / `score_items_from_subject_folders` / `read_score_metadata` turn users'
+  generated images (a mirrored layout, the DreamBooth layout of reference and generation folders per
+  subject, or a CSV/JSON/JSONL metadata file) into `ScoreItem`s: a generated image, its
   reference(s), subject and method.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,6 +472,79 @@ def score_items_from_layout(samples_root, methods: Sequence[str] | None = None) 
         items += method_items
         ignored += method_ignored
     return items, ignored
+
+
+def score_items_from_subject_folders(references, generations, methods: Sequence[str] | None = None) -> tuple:
+    """(`ScoreItem`s, left-out list) of the DreamBooth layout: several references per subject, shared by
+    every generation of that subject.
+
+        references/<subject>/<image>                    the reference images of each subject
+        generations/<method>/<subject>/<image>          several methods side by side, or
+        generations/<subject>/<image>                   one method (named after the generations folder)
+
+    Every generated image (any format Pillow reads, in any subfolder of its subject) is scored
+    against all references of its subject. Generations of a subject without references are an error
+    naming them; a subject whose references no method generated, and files that are not images, are
+    returned as left out `[(place, reason)]`.
+    """
+    ref_root, gen_root = Path(references).resolve(), Path(generations).resolve()
+    for root, flag, shape in ((ref_root, "--references", "<subject>/<image>"),
+                              (gen_root, "--generations", "<method>/<subject>/<image> or <subject>/<image>")):
+        if not root.is_dir():
+            raise FileNotFoundError(f"{flag} {root}: no such folder; expected a folder of {shape}")
+    subject_refs, left_out = _subject_images(ref_root, "references")
+    if not subject_refs:
+        raise ValueError(f"--references {ref_root} has no <subject>/ folders with images; expected "
+                         "references/<subject>/<image>")
+    folders = _method_folders(gen_root, set(subject_refs), methods)
+    root = Path(os.path.commonpath([ref_root, gen_root]))
+    items, orphans = [], []
+    for method, folder in folders.items():
+        generated, ignored = _subject_images(folder, f"generations of {method}")
+        left_out += ignored
+        orphans += [f"{method}/{subject}" for subject in generated if subject not in subject_refs]
+        left_out += [(str(ref_root / subject), f"references but no generations of method {method}")
+                     for subject in subject_refs if subject not in generated]
+        for subject, images in generated.items():
+            refs = tuple(path.relative_to(root).as_posix() for path in subject_refs.get(subject, ()))
+            items += [ScoreItem(method, subject, image.relative_to(root).as_posix(), refs, root, str(image))
+                      for image in images]
+    if orphans:
+        raise ValueError(f"generations without references: {', '.join(orphans[:5])}"
+                         f"{f' and {len(orphans) - 5} more' if len(orphans) > 5 else ''}; every subject needs "
+                         f"{ref_root}/<subject>/ with its reference images (subject folder names must match)")
+    if not items:
+        raise ValueError(f"no generated images under {gen_root}; expected <method>/<subject>/<image> or "
+                         "<subject>/<image>")
+    return items, left_out
+
+
+def _subject_images(root: Path, what: str) -> tuple:
+    """({subject folder: sorted image files in it, any depth}, [(file, reason)] of other files)."""
+    images, left_out = {}, []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found, others = find_images(folder)
+        left_out += [(str(path), reason) for path, reason in others]
+        if found:
+            images[folder.name] = found
+    stray = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    left_out += [(str(path), f"not in a <subject>/ folder of the {what}") for path in sorted(stray)]
+    return images, left_out
+
+
+def _method_folders(gen_root: Path, subjects: set, methods: Sequence[str] | None) -> dict:
+    """{method: folder of its subject folders}: one method when generations/ holds subject folders."""
+    children = sorted(p for p in gen_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if any(child.name in subjects for child in children):
+        if methods and list(methods) != [gen_root.name]:
+            raise ValueError(f"{gen_root} holds subject folders directly (one method, {gen_root.name!r}), so "
+                             f"--methods {list(methods)} does not apply; drop --methods")
+        return {gen_root.name: gen_root}
+    found = {child.name: child for child in children}
+    unknown = [m for m in methods or () if m not in found]
+    if unknown:
+        raise ValueError(f"--methods {unknown} not found under {gen_root}; methods there: {sorted(found)}")
+    return {m: found[m] for m in (methods or found)}
 
 
 def read_score_metadata(metadata, images_dir=None) -> list:

@@ -24,6 +24,12 @@ import numpy as np
 NEARID_TERMS = ((0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 2), (1, 2, 1), (1, 2, 2))
 # Distractor sources averaged (pooled) in Table 1; `fluxc` is reported separately.
 NEARID_TABLE1_SOURCES = ("flux", "flux_1024", "powerpaint", "sdxl", "sdxl_1024", "qwen", "qwen_1328")
+# Their published datasets on the Hub.
+NEARID_TABLE1_HUB_SOURCES = {
+    "flux": "Aleksandar/NearID-Flux", "flux_1024": "Aleksandar/NearID-Flux_1024",
+    "powerpaint": "Aleksandar/NearID-PowerPaint", "sdxl": "Aleksandar/NearID-SDXL",
+    "sdxl_1024": "Aleksandar/NearID-SDXL_1024", "qwen": "Aleksandar/NearID-Qwen", "qwen_1328": "Aleksandar/NearID-Qwen_1328",
+}
 
 
 def _np(x, dtype=np.float64) -> np.ndarray:

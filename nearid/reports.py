@@ -41,6 +41,14 @@ TABLE1_COLUMNS = (
     ("DB++ MH", DREAMBENCH_MH, 3),
 )
 MISSING = "\u2013"  # en dash, for a value that was not evaluated
+# Table 1 of the paper (arXiv 2604.01973), as `table1_row` keys: what `evaluate.py table1` prints beside a row.
+PAPER_TABLE1 = {
+    "CLIP ViT-L/14 (paper)": (10.31, 20.92, 0.239, 0.484, 0.0, 0.0, 0.493),
+    "DINOv2 ViT-L/14 (paper)": (20.43, 34.55, 0.324, 0.519, 0.0, 0.0, 0.492),
+    "SigLIP2, frozen (paper)": (30.74, 48.81, 0.180, 0.366, 0.0, 0.0, 0.516),
+    "VSM (paper)": (32.13, 46.70, 0.394, 0.445, 7.0, 24.5, 0.190),
+    "NearID (paper)": (99.17, 99.71, 0.465, 0.486, 35.0, 46.5, 0.545),
+}
 # Packages whose versions go into every results file (distribution names, PIL is "pillow").
 PROVENANCE_PACKAGES = {"torch": "torch", "transformers": "transformers", "datasets": "datasets",
                        "huggingface_hub": "huggingface_hub", "numpy": "numpy", "PIL": "pillow"}
@@ -180,15 +188,22 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table1_markdown(rows: Mapping[str, Mapping]) -> str:
+def table1_markdown(rows: Mapping[str, Mapping], nearid_sources: Sequence[str] | None = None) -> str:
     """Table 1 as markdown: one row per scorer, columns `TABLE1_COLUMNS`.
 
     rows: scorer name -> dict with any of the `TABLE1_COLUMNS` keys (see `table1_row`); a key that
     is absent, None or NaN prints as an en dash. SSR/PA are percentages (2 decimals), MO/MH 3.
+    nearid_sources: the distractor sources the NearID columns pool. Unless they are Table 1's 7
+    settings, the NearID headers are marked and a note under the table names the sources, so a pool
+    of other sources is never read as the paper's column.
     """
-    header = ["scorer"] + [h for h, _, _ in TABLE1_COLUMNS]
+    marked = nearid_sources is not None and set(nearid_sources) != set(NEARID_TABLE1_SOURCES)
+    header = ["scorer"] + [f"{h}\u2020" if marked and k in (NEARID_SSR, NEARID_PA) else h
+                           for h, k, _ in TABLE1_COLUMNS]
     body = [[name] + [_fmt(m.get(k), d) for _, k, d in TABLE1_COLUMNS] for name, m in rows.items()]
-    return _markdown(header, body)
+    note = (f"\n\u2020 pooled over the distractor sources {', '.join(nearid_sources)}, not Table 1's 7 settings "
+            f"({', '.join(NEARID_TABLE1_SOURCES)}).\n") if marked else ""
+    return _markdown(header, body) + note
 
 
 def _pool(scores: Sequence[Mapping]) -> dict:

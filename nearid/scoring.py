@@ -1,6 +1,7 @@
 """Scoring generated images against their references: per-image records, summaries and tables.
 
-Used by `evaluate.py score` and by the Python API (`nearid.api`). The inputs are `ScoreItem`s
+Used by `evaluate.py score` and by the Python API (`nearid.api`), so both give the same numbers for
+the same files. The inputs are `ScoreItem`s
 (`nearid.data`): a generated image, its reference image(s), its subject and method. Each
 generated image gets the cosine similarity to every reference, their mean (`score_mean`) and max
 (`score_max`); images that could not be scored (an unreadable file, or no readable reference)
@@ -12,6 +13,13 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+
+
+def index_items(items: Sequence, index) -> tuple:
+    """Register the images of `items` in an `ImageIndex`: (generated keys, [reference keys per item])."""
+    generated = index.add_files([item.path(item.generated) for item in items])
+    references = [index.add_files([item.path(r) for r in item.references]) for item in items]
+    return generated, references
 
 
 def score_records(items: Sequence, generated_keys: Sequence, reference_keys: Sequence, vectors: Mapping) -> tuple:

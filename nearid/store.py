@@ -87,7 +87,8 @@ class ImageIndex(Mapping):
     def __init__(self, skip_errors: bool = False):
         self.skip_errors = skip_errors
         self._columns = {}  # (dataset name, column) -> undecoded one-column Dataset
-        self._places = {}  # key -> ("file", path) | (dataset name, row, column)
+        self._places = {}  # key -> ("file", path) | ("memory", i) | (dataset name, row, column)
+        self._memory = []  # images handed in by the caller, by position
         self.unreadable = {}
 
     def add_column(self, dataset_name: str, dataset, column: str, rows: Sequence[int] | None = None) -> list:
@@ -109,10 +110,22 @@ class ImageIndex(Mapping):
         """Hash image files and register each; one key per path (None for an unreadable one with `skip_errors`)."""
         return [self._register(("file", str(path)), {"bytes": None, "path": str(path)}) for path in paths]
 
-    def _register(self, place: tuple, ref: dict):
+    def add_images(self, images: Sequence) -> list:
+        """Register images given in memory (PIL images, arrays, encoded bytes); one key per image.
+
+        Encoded bytes get the key of a file with those bytes; a decoded image is keyed by its pixels.
+        """
+        keys = []
+        for image in images:
+            place = ("memory", len(self._memory))
+            self._memory.append(image)
+            keys.append(self._register(place, image))
+        return keys
+
+    def _register(self, place: tuple, ref):
         where = _where(place)
         try:
-            key = content_hash(ref, where)
+            key = content_hash(ref, where) if place[0] != "memory" else _memory_key(ref, where)
         except ImageLoadError as error:
             if not self.skip_errors:
                 raise
@@ -133,6 +146,8 @@ class ImageIndex(Mapping):
         place = self._places[key]
         if place[0] == "file":
             return {"bytes": None, "path": place[1]}, _where(place)
+        if place[0] == "memory":
+            return self._memory[place[1]], _where(place)
         name, row, column = place
         return _plain_ref(self._columns[(name, column)][row][column]), _where(place)
 
@@ -150,9 +165,28 @@ def _plain_ref(ref) -> dict:
     return {"bytes": ref.get("bytes"), "path": ref.get("path")}
 
 
+def _memory_key(image, where: str) -> str:
+    """The key of an image given in memory: encoded bytes as a file's, decoded pixels by their values."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return content_hash(bytes(image), where)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        header = f"array|{image.dtype}|{image.shape}"
+        data = np.ascontiguousarray(image).tobytes()
+    elif hasattr(image, "tobytes") and hasattr(image, "mode"):  # a PIL image
+        header = f"pil|{image.mode}|{image.size}|{image.info.get('transparency')}"
+        data = image.tobytes()
+    else:
+        return content_hash(image, where)  # a path or a datasets image dict
+    return hashlib.sha256(header.encode() + data).hexdigest()
+
+
 def _where(place: tuple) -> str:
     if place[0] == "file":
         return f"image file {place[1]!r}"
+    if place[0] == "memory":
+        return f"image {place[1]} (given in memory)"
     name, row, column = place
     return f"{name} row {row} column {column}"
 

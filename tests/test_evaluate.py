@@ -85,3 +85,30 @@ def test_bad_or_repeated_source_arguments_are_refused(capsys):
     assert "NAME=SRC" in user_error(capsys, evaluate.main, base + ["--source", "flux"])
     message = user_error(capsys, evaluate.main, base + ["--source", "flux=A", "--source", "flux=B"])
     assert "names 'flux' twice" in message
+
+
+def test_table1_runs_every_benchmark_and_prints_the_row_beside_the_papers(synthetic, tiny_repo, tmp_path):
+    out, cache = tmp_path / "table1", tmp_path / "cache"
+    args = ["table1", "--model", str(tiny_repo), "--positives", str(synthetic / "positives"),
+            "--source", f"flux={synthetic / 'flux'}", "--source", f"sdxl={synthetic / 'sdxl'}",
+            "--split-file", str(synthetic / "splits" / "test.json"), "--mtg", str(synthetic / "mtg"),
+            "--ratings", str(synthetic / "dreambench" / "ratings"), "--samples", str(synthetic / "dreambench" / "samples"),
+            "--output-dir", str(out), "--cache-dir", str(cache)]
+    row = evaluate.main(args)
+    nearid = evaluate.main(nearid_args(synthetic, tiny_repo, tmp_path / "nearid", cache)
+                           + ["--split-file", str(synthetic / "splits" / "test.json")])
+    assert (row["nearid_ssr"], row["nearid_pa"]) == (nearid["pooled_given"]["ssr"], nearid["pooled_given"]["pa"])
+    assert all(key in row for key in ("mtg_mo", "mtg_pa", "dreambench_mh"))
+    table = (out / "table1.md").read_text()
+    assert "| NearID SSR\u2020 |" in table and "\u2020 pooled over the distractor sources flux, sdxl, not Table 1" in table
+    assert "| NearID (paper) | 99.17 | 99.71 | 0.465 | 0.486 | 35.00 | 46.50 | 0.545 |" in table
+    assert f"the rows of {synthetic / 'splits' / 'test.json'}" in table
+    assert {p.name for p in out.iterdir()} >= {"table1.md", "table1_results.json", "nearid", "mtg", "dreambench"}
+
+
+def test_table1_says_which_rows_the_nearid_columns_use():
+    from nearid.reports import table1_markdown
+
+    seven = ["flux", "flux_1024", "powerpaint", "sdxl", "sdxl_1024", "qwen", "qwen_1328"]
+    assert "\u2020" not in table1_markdown({"m": {}}, nearid_sources=seven)
+    assert "\u2020 pooled over the distractor sources flux" in table1_markdown({"m": {}}, nearid_sources=["flux"])

@@ -416,12 +416,3 @@ def test_score_argument_combinations_are_refused(tmp_path, capsys):
     assert "--methods picks method folders" in user_error(
         capsys, evaluate.main, ["score", "--model", "m", "--metadata", "x.csv", "--methods", "a"])
     assert "exactly one input" in user_error(capsys, evaluate.main, ["score", "--model", "m"])
-
-
-@pytest.mark.parametrize("mode", ["nearid", "mtg", "dreambench", "score"])
-def test_every_mode_has_help(mode, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main([mode, "--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    assert text.startswith("usage: ") and f" {mode} " in text and "--output-dir" in text

@@ -1,4 +1,4 @@
-"""Tests of nearid_training_data: the 6-slot sample layout, its per-epoch draws and the row subsets.
+"""Tests of nearid.training_data: the 6-slot sample layout, its per-epoch draws and the row subsets.
 
 Expected keys are computed here straight from the dataset columns (sha256 of the encoded bytes), so
 the checks do not trust the module's own bookkeeping.

@@ -1,0 +1,91 @@
+"""The one command-line convention: dataclass flags with help and bounds, NAME=SRC[@REVISION], saved
+arguments, and readable --help for every command."""
+
+import json
+import re
+from dataclasses import dataclass
+
+import pytest
+
+import demo
+import evaluate
+import nearid.hub
+import nearid.synthetic
+import train
+from nearid.cli import REQUIRED, DatasetSource, build_parser, named_sources, option, parse, save_arguments
+
+
+@dataclass
+class Example:
+    """Example options"""
+
+    name: str = option(REQUIRED, "a required name")
+    count: int = option(3, "how many", min=1, max=10)
+    rate: float = option(0.5, "a rate", min=0.0)
+    flag: bool = option(False, "a switch")
+    items: list[str] = option([], "several values")
+
+
+def parsed(argv):
+    parser = build_parser("example", "An example.", groups=(Example,))
+    return parse(parser, (Example,), argv)[1][Example]
+
+
+def test_fields_become_hyphenated_flags_with_types_and_defaults():
+    args = parsed(["--name", "x", "--count", "4", "--flag", "--items", "a", "b", "--items", "c"])
+    assert (args.name, args.count, args.rate, args.flag, args.items) == ("x", 4, 0.5, True, ["a", "b", "c"])
+    defaults = parsed(["--name", "y"])
+    assert (defaults.count, defaults.flag, defaults.items) == (3, False, [])
+    assert parsed(["--name", "y", "--no-flag"]).flag is False
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--count", "1"], "the following arguments are required: --name"),
+    (["--name", "x", "--count", "0"], "argument --count: must be at least 1, got 0"),
+    (["--name", "x", "--count", "11"], "argument --count: must be at most 10, got 11"),
+    (["--name", "x", "--count", "two"], "argument --count: expected an integer, got 'two'"),
+    (["--name", "x", "--cont", "2"], "unrecognized arguments: --cont 2 (did you mean --count?)"),
+])
+def test_mistakes_are_short_parse_errors(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parsed(argv)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in error and len(error.strip().splitlines()) == 2, error
+
+
+def test_named_sources_with_revisions_and_no_repeated_names():
+    sources = named_sources(["flux=Aleksandar/NearID-Flux@v1", "sdxl=./data/sdxl"])
+    assert sources == {"flux": DatasetSource("Aleksandar/NearID-Flux", "v1"), "sdxl": DatasetSource("./data/sdxl")}
+    with pytest.raises(ValueError, match="expects NAME=SRC"):
+        named_sources(["flux"])
+    with pytest.raises(ValueError, match="names 'flux' twice"):
+        named_sources(["flux=A", "flux=B"])
+    assert str(DatasetSource.parse("owner/name@abc123")) == "owner/name@abc123"
+
+
+def test_resolved_arguments_are_saved(tmp_path):
+    path = save_arguments(tmp_path / "args.json", "example", parsed(["--name", "x"]))
+    assert json.loads(path.read_text()) == {"command": "example", "name": "x", "count": 3, "rate": 0.5,
+                                            "flag": False, "items": []}
+
+
+@pytest.mark.parametrize("command, argv", [
+    (train.main, ["--help"]),
+    (demo.main, ["--help"]),
+    (nearid.synthetic.main, ["--help"]),
+    (nearid.hub.main, ["push", "--help"]),
+    *[(evaluate.main, [mode, "--help"]) for mode in evaluate.MODES],
+])
+def test_every_command_has_readable_help(command, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        command(argv)
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and text.startswith("usage: ")
+    options = re.split(r"\n  (?=--)", text.split("options:", 1)[1])
+    for entry in options[1:]:
+        flag = entry.split()[0].rstrip(",")
+        words = " ".join(entry.split()[1:])
+        assert words and entry.count("(default:") <= 1, f"{flag}: {entry!r}"
+    helps = [" ".join(entry.split()[1:]) for entry in options[1:]]
+    assert len(helps) == len(set(helps))  # no help text reused for another flag
+    assert "SPEC" not in text and "--debug" in text
