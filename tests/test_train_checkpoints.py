@@ -4,6 +4,7 @@ the way out, a full disk said plainly, runs never mixed, the validation history 
 import errno
 import json
 import pickle
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -25,16 +26,24 @@ class Payload:
         return (open, (self.target, "w"))
 
 
+@pytest.fixture(scope="module")
+def stopped_run(train_synthetic, base_model, tmp_path_factory):
+    """A run stopped after 4 steps, with checkpoints at steps 2 and 4 (trained once for the module)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train.main(train_args(train_synthetic, base_model, out, *STEPS, "--max-steps", "4"))
+    assert [p.name for p in checkpoints.completed(out)] == ["step-0000002", "step-0000004"]
+    return out
+
+
 @pytest.fixture
-def run(train_synthetic, base_model, tmp_path):
-    """A run stopped after 4 steps with checkpoints at steps 2 and 4; returns (args maker, output folder)."""
+def run(stopped_run, train_synthetic, base_model, tmp_path):
+    """A copy of the stopped run for one test to damage or resume; returns (args maker, output folder)."""
     out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
 
     def args(*extra):
         return train_args(train_synthetic, base_model, out, *STEPS, *extra)
 
-    train.main(args("--max-steps", "4"))
-    assert [p.name for p in checkpoints.completed(out)] == ["step-0000002", "step-0000004"]
     return args, out
 
 
