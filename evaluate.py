@@ -258,10 +258,12 @@ def load_scorer(args, state) -> Scorer:
     return Scorer(args.model, args.revision, device, DTYPES[args.dtype], args.trust_remote_code)
 
 
-def embed(scorer, index, args, state) -> evaluation.Embedded:
+def embed(index, args, state) -> tuple:
+    """(scorer, its embeddings of every image of `index`): the step every mode shares."""
+    scorer = load_scorer(args, state)
     options = FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
                           device=scorer.device, description=f"embedding ({scorer.kind_name})")
-    return evaluation.embed_images(scorer, index, args.cache_dir, options, state)
+    return scorer, evaluation.embed_images(scorer, index, args.cache_dir, options, state)
 
 
 def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, stats, split_file=None):
@@ -293,8 +295,7 @@ def run_nearid(args, state):
         bench = bench.select(data.load_split_indices(args.split_file, len(bench)))
     index = ImageIndex(args.skip_bad_images)
     view_keys, source_keys = evaluation.nearid_keys(bench, index)
-    scorer = load_scorer(args, state)
-    embedded = embed(scorer, index, args, state)
+    scorer, embedded = embed(index, args, state)
     if not state.is_main_process:
         return None
     margins = evaluation.nearid_margins_by_source(embedded.vectors, view_keys, source_keys, embedded.vectors.dim)
@@ -342,8 +343,7 @@ def run_mtg(args, state):
     index = ImageIndex(args.skip_bad_images)
     keys, row_skipped = evaluation.mtg_keys(dataset, index)
     oracles, oracle_skipped = evaluation.mtg_oracles(dataset, args.skip_bad_images)
-    scorer = load_scorer(args, state)
-    embedded = embed(scorer, index, args, state)
+    scorer, embedded = embed(index, args, state)
     if not state.is_main_process:
         return None
     skipped = embedded.skipped + row_skipped + oracle_skipped
@@ -382,8 +382,7 @@ def dreambench_from_images(args, state) -> tuple:
     methods = args.methods or data.dreambench_methods(args.samples)
     index = ImageIndex(args.skip_bad_images)
     pairs = evaluation.dreambench_pairs_index(args.samples, methods, index)
-    scorer = load_scorer(args, state)
-    embedded = embed(scorer, index, args, state)
+    scorer, embedded = embed(index, args, state)
     return (evaluation.dreambench_scores(pairs, embedded.vectors),
             {**scorer.provenance(), "embedding": embedded.stats}, embedded.skipped)
 
@@ -433,8 +432,7 @@ def run_score(args, state):
         items, ignored, source = data.read_score_metadata(args.metadata, args.images), [], args.metadata
     index = ImageIndex(args.skip_bad_images)
     generated, references = scoring.index_items(items, index)
-    scorer = load_scorer(args, state)
-    embedded = embed(scorer, index, args, state)
+    scorer, embedded = embed(index, args, state)
     if not state.is_main_process:
         return None
     records, unscored = scoring.score_records(items, generated, references, embedded.vectors)

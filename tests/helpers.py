@@ -218,3 +218,19 @@ def export_with_card(folder, **overrides):
 
 def snapshot(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_training_at_step(monkeypatch, step):
+    """Make train.py's `step`-th call of `train_step` (counted from now) raise KeyboardInterrupt, as a kill would."""
+    import train
+
+    real_step, calls = train.train_step, {"n": 0}
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", killed)
+    return real_step

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import train
 from nearid import checkpoints
 from nearid.models import nearid_from_siglip
-from tests.helpers import logged_losses, train_args, user_error
+from tests.helpers import kill_training_at_step, logged_losses, train_args, user_error
 
 HEAD_PREFIX = "backbone.vision_model.head."
 
@@ -54,15 +54,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(train_synthetic, base_mo
     train.main(train_args(train_synthetic, base_model, full, *common))
 
     interrupted = tmp_path / "interrupted"
-    real_step, calls = train.train_step, {"n": 0}
-
-    def killed_at_step_7(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", killed_at_step_7)
+    real_step = kill_training_at_step(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(train_synthetic, base_model, interrupted, *common))
     monkeypatch.setattr(train, "train_step", real_step)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import train
 from nearid import checkpoints
-from tests.helpers import train_args, user_error
+from tests.helpers import kill_training_at_step, train_args, user_error
 
 STEPS = ("--checkpointing-steps", "2", "--no-export")
 
@@ -132,15 +132,7 @@ def test_overwrite_then_a_crash_leaves_nothing_of_the_old_run(train_synthetic, b
     out = tmp_path / "run"
     train.main(train_args(train_synthetic, base_model, out, "--max-steps", "2"))
     assert (out / "train_results.json").is_file() and (out / "release").is_dir()
-    real_step, calls = train.train_step, {"n": 0}
-
-    def killed_at_step_2(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", killed_at_step_2)
+    kill_training_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(train_synthetic, base_model, out, "--overwrite-output-dir", "--checkpointing-steps", "1"))
     left = {p.name for p in out.iterdir()}
@@ -153,20 +145,12 @@ def test_the_validation_history_survives_two_kills(train_synthetic, base_model, 
     full = train.main(train_args(train_synthetic, base_model, tmp_path / "full", *common))
     out = tmp_path / "killed"
     real_step = train.train_step
-    for kill_at in (3, 3):  # the first run dies at its 3rd step, the resumed one at its 3rd too
-        calls = {"n": 0}
-
-        def killed(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == kill_at:
-                raise KeyboardInterrupt("simulated kill")
-            return real_step(*args, **kwargs)
-
-        monkeypatch.setattr(train, "train_step", killed)
+    for _ in range(2):  # the first run dies at its 3rd step, the resumed one at its 3rd too
+        kill_training_at_step(monkeypatch, 3)
         resume = ("--resume-from-checkpoint", "latest") if checkpoints.completed(out) else ()
         with pytest.raises(KeyboardInterrupt):
             train.main(train_args(train_synthetic, base_model, out, *common, *resume))
-    monkeypatch.setattr(train, "train_step", real_step)
+        monkeypatch.setattr(train, "train_step", real_step)
     resumed = train.main(train_args(train_synthetic, base_model, out, *common, "--resume-from-checkpoint", "latest"))
     assert [(v["step"], v["split"]) for v in resumed["history"]] == [(v["step"], v["split"]) for v in full["history"]]
     on_disk = json.loads((out / "train_results.json").read_text())
