@@ -52,7 +52,7 @@ class BackboneTokens:
     """
 
     def __init__(self, model, processor, storage_dtype: str = "float16", mixed_precision: str = "no",
-                 device="cpu", compile: bool = False):  # noqa: A002 (the command-line flag's name)
+                 device="cpu", compile: bool = False):
         self.model, self.device, self.mixed_precision = model, device, mixed_precision
         self.forward = torch.compile(model.forward_features) if compile else model.forward_features
         self.loader = PixelLoader(processor)
