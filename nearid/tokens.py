@@ -113,10 +113,13 @@ class CachedTokens:
         """A training batch -> (float32 tokens of its unique images on the device, the row of each slot)."""
         if self.device.type == "cuda":
             self.ring.pin()
-        fields = self.ring.fields(batch["buffer"], len(batch["keys"]))
+        return self.widen(self.ring.fields(batch["buffer"], len(batch["keys"])), batch["keys"]), batch["index"]
+
+    def widen(self, fields: dict, keys) -> torch.Tensor:
+        """The stored rows of `keys` (`StoreFormat.fields`) -> float32 tokens on the device, checked."""
         tokens = self.store.format.decode(fields, self.device)
-        self.store.check_finite(batch["keys"], tokens)
-        return tokens, batch["index"]
+        self.store.check_finite(keys, tokens)
+        return tokens
 
 
 class BackboneEveryStep:
