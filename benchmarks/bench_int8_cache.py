@@ -3,7 +3,9 @@
 int8 halves the cache (0.84 instead of 1.68 MB per so400m image: ~250 instead of ~500 GB for the
 paper's run) and the bytes every step reads. This script trains the head twice on the synthetic
 benchmark (the demo's data and small random SigLIP base), identical but for --cache-dtype, and
-prints the final held-out SSR/PA of both, the final losses and the largest per-step loss difference.
+prints the final held-out SSR/PA of both, the final losses, and the relative difference of the first
+step's loss (the same weights on both tokens: the quantisation alone; later steps drift apart as any
+two runs whose numbers differ do).
 
 Usage: python benchmarks/bench_int8_cache.py [--identities 200] [--epochs 20] [--seeds 0 1 2] [--smoke]
 """
@@ -71,12 +73,12 @@ def main(argv=None):
     lines = [f"data: the demo's synthetic benchmark ({args.identities} identities, sources {', '.join(SOURCES)}, "
              f"MTG), small random SigLIP {SMALL_SIGLIP}; {args.epochs} epochs, batch 8; final scores on the test split",
              "", f"{'seed':>4}{'SSR fp16':>10}{'SSR int8':>10}{'PA fp16':>10}{'PA int8':>10}{'final loss fp16':>17}"
-             f"{'int8':>9}{'max rel. loss diff':>20}"]
+             f"{'int8':>9}{'step-1 loss diff':>18}"]
     for seed in args.seeds:
         a, b = runs[seed, "float16"], runs[seed, "int8"]
-        worst = max(abs(x - y) / abs(x) for x, y in zip(a["losses"], b["losses"]))
+        first = abs(a["losses"][0] - b["losses"][0]) / abs(a["losses"][0])  # quantisation alone, same weights
         lines.append(f"{seed:>4}{a['ssr']:>10.2f}{b['ssr']:>10.2f}{a['pa']:>10.2f}{b['pa']:>10.2f}"
-                     f"{a['losses'][-1]:>17.4f}{b['losses'][-1]:>9.4f}{worst:>20.1e}")
+                     f"{a['losses'][-1]:>17.4f}{b['losses'][-1]:>9.4f}{first:>18.1e}")
     mean = {(dtype, metric): sum(runs[seed, dtype][metric] for seed in args.seeds) / len(args.seeds)
             for dtype in DTYPES for metric in ("ssr", "pa")}
     lines.append(f"mean over seeds: SSR {mean['float16', 'ssr']:.2f} (fp16) vs {mean['int8', 'ssr']:.2f} (int8), "

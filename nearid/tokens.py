@@ -23,6 +23,7 @@ about 1.3 GB. The training input path hides that read behind the step:
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,7 +153,7 @@ class TokenRing:
     def __init__(self, fmt: StoreFormat, size: int, images: int):
         self.size = size
         check_shared_memory(size * images * fmt.bytes_per_item, size, images)
-        self.buffers = {name: torch.empty((size, images, *shape), dtype=_torch_dtype(dtype)).share_memory_()
+        self.buffers = {name: _shared_empty((size, images, *shape), _torch_dtype(dtype))
                         for name, (shape, dtype) in fmt.fields().items()}
         self.pinned = False
 
@@ -185,6 +186,16 @@ class TokenRing:
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def _shared_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory, as PyTorch's own collate allocates batches for workers.
+
+    `torch.empty(...).share_memory_()` would copy the whole buffer (seconds per GB); this maps it
+    and leaves each page to be touched by its first write.
+    """
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def check_shared_memory(needed: int, buffers: int, images: int, folder: str = "/dev/shm") -> None:

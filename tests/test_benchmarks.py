@@ -40,6 +40,7 @@ def test_gpu_check_smoke_records_every_figure_in_one_file(tmp_path):
     report = run_script("gpu_check.py", "--smoke", "--output", str(output), tmp_path=tmp_path)
     recorded = json.loads(output.read_text())
     figures = recorded["figures"]
+    assert not [key for key in figures if key.endswith("_error")]
     assert GPU_FIGURES <= set(figures) and all(math.isfinite(value) and value >= 0 for value in figures.values())
     assert figures["compiled_max_abs_difference"] < 1e-4  # the compiled forward computes the same embedding
     assert recorded["environment"]["device"] == "cpu" and recorded["report"] == report.strip().splitlines()
