@@ -37,6 +37,7 @@ from nearid.images import PixelLoader
 from nearid.io import disk_free_bytes, human_bytes
 from nearid.numerics import autocast
 from nearid.store import StoreFormat, fingerprint, weights_digest
+from nearid.training_data import slot_mask
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class TokenBatches(Dataset):
 
     def __getitems__(self, batch) -> dict:
         out = {"samples": torch.tensor(batch.samples),
-               "mask": torch.tensor([[key is not None for key in sample] for sample in batch.slots]),
+               "mask": torch.tensor([slot_mask(sample) for sample in batch.slots]),
                "slots": batch.slots}
         if self.ring is None:
             return out
