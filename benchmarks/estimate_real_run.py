@@ -39,16 +39,21 @@ EPOCHS, SOURCES, REFERENCE_HOURS, TARGET = 11, 4, 6.5, 20
 GPU_FORWARD_IMAGES_PER_S = 1_000  # so400m bf16 on one GPU; docs/method.md bounds an H200 at 1,180
 HEAD_COMPUTE_S = 0.010  # a head step at batch 128 x 6 on the GPU: ~100 GFLOP, memory-bound on ~10 GB of tokens
 HOST_TO_GPU_GB_PER_S = 40.0  # page-locked copies over PCIe 5 x16
-# (name, read GB/s, write GB/s) of the disk holding the token cache.
-# The page cache serves a store smaller than free memory; 15 GB/s assumes several loader workers copying
-# from it (token_loader.txt has this machine's rates from the page cache).
-DISKS = (("one NVMe SSD (PCIe 4)", 3.5, 2.5), ("one NVMe SSD (PCIe 5)", 7.0, 5.0),
-         ("cache in RAM (page cache), writes to NVMe", 15.0, 2.5))
+# (name, read GB/s, write GB/s, read from the page cache) of where the token cache lives. The page
+# cache serves a store smaller than free memory; 15 GB/s assumes several loader workers copying from
+# it (token_loader.txt has this machine's rates from the page cache).
+DISKS = (("one NVMe SSD (PCIe 4)", 3.5, 2.5, False), ("one NVMe SSD (PCIe 5)", 7.0, 5.0, False),
+         ("cache in RAM (page cache), writes to NVMe", 15.0, 2.5, True))
 
 
 def load(name: str) -> dict:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def efficiency(loader: dict, state: str) -> float:
+    """The training loader's read rate as a share of a plain sequential read, measured here (at most 1)."""
+    return min(1.0, loader.get(f"loader_over_sequential_{state}", 1.0))
 
 
 def unique_images_per_step() -> float:
@@ -58,9 +63,10 @@ def unique_images_per_step() -> float:
     return REAL_BATCH * (SLOTS - 2 * mtg_share) + 1
 
 
-def estimate(dtype: str, disk: tuple, gpu: dict, loader_efficiency: float) -> dict:
+def estimate(dtype: str, disk: tuple, gpu: dict, loader: dict) -> dict:
     """Seconds of the token pass and of the head steps for a cache of `dtype` on `disk`."""
-    _, read_rate, write_rate = disk
+    _, read_rate, write_rate, cached = disk
+    loader_efficiency = efficiency(loader, "warm" if cached else "cold")
     item = StoreFormat((729, 1152), dtype).bytes_per_item
     images = expected_cached_images([3] * REAL_NEARID_ROWS, REAL_MTG_ROWS, SOURCES, EPOCHS)
     # fill() writes each full shard before the next batch: compute and writes add up.
@@ -81,8 +87,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     loader, pipeline, int8 = load("token_loader"), load("embedding_pipeline"), load("int8_cache")
     gpu = load("gpu_check").get("figures", {})
-    efficiency = min(1.0, loader.get("loader_over_sequential_cold", 1.0))
-    runs = {(dtype, disk[0]): estimate(dtype, disk, gpu, efficiency) for dtype in ("float16", "int8") for disk in DISKS}
+    runs = {(dtype, disk[0]): estimate(dtype, disk, gpu, loader) for dtype in ("float16", "int8") for disk in DISKS}
     any_run = next(iter(runs.values()))
     reference_same_gpu = EPOCHS * REAL_STEPS_PER_EPOCH * REAL_BATCH * SLOTS / H200_IMAGES_PER_S
     lines = ["Estimate of the paper's recipe on one GPU (4 sources, 11 epochs, batch 128), this repo's design:",
@@ -92,8 +97,8 @@ def main(argv=None):
                      f"images/s (eager, as train.py runs without --compile); head step on resident tokens "
                      f"{1000 / gpu['head_resident_steps_per_s']:.0f} ms")
     else:
-        lines.append("  GPU: none was lent to this work; the GPU figures below are assumptions "
-                     "(benchmarks/gpu_check.py measures them)")
+        lines.append("  GPU: no run of benchmarks/gpu_check.py is recorded (results/gpu_check.json), so the GPU "
+                     "figures below are assumptions")
     lines += [
         f"  training loader / plain sequential read of the same files: {loader.get('loader_over_sequential_cold', 0):.2f} "
         f"cold, {loader.get('loader_over_sequential_warm', 0):.2f} warm (this machine); the step waits for none of it "
@@ -112,7 +117,9 @@ def main(argv=None):
         "up with by the workers above, shard writes not overlapped with the forward (fill writes each shard in turn)",
         f"  {EPOCHS * REAL_STEPS_PER_EPOCH:,} head steps, each reading {unique_images_per_step():.0f} unique images "
         f"(MTG samples have 2 padded slots; the pad is read once); a step takes the longer of its read (workers, at "
-        f"the disk's rate x {efficiency:.2f}) and its copy to the GPU ({HOST_TO_GPU_GB_PER_S:.0f} GB/s, page-locked) "
+        f"the disk's rate x the loader's measured share of it: {efficiency(loader, 'cold'):.2f} from a disk, "
+        f"{efficiency(loader, 'warm'):.2f} from the page cache) and its copy to the GPU "
+        f"({HOST_TO_GPU_GB_PER_S:.0f} GB/s, page-locked) "
         f"+ compute ({'measured' if gpu else f'{HEAD_COMPUTE_S * 1000:.0f} ms assumed'})",
         "  not counted: dataset download, hashing the images once (both designs read them), model load; no "
         "validation split (the reference's 6.5 h trains without one)",
