@@ -22,6 +22,10 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_image_processor.py
 	$(PY) benchmarks/bench_forward.py
 	$(PY) benchmarks/bench_train_compute.py
+	$(PY) benchmarks/bench_token_loader.py
+	$(PY) benchmarks/bench_embedding_pipeline.py
+	$(PY) benchmarks/bench_int8_cache.py
+	$(PY) benchmarks/estimate_real_run.py
 
 $(VENV)/.ready: requirements.txt requirements-dev.txt scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt

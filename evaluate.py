@@ -37,6 +37,7 @@ from nearid.cli import (
 )
 from nearid.images import ImageLoadError
 from nearid.io import atomic_write_json, atomic_write_text, write_csv
+from nearid.numerics import PRECISIONS, resolve_precision
 from nearid.scorers import DTYPES, SCORER_KINDS, Scorer, resolve_device
 from nearid.store import FillOptions, ImageIndex
 
@@ -55,6 +56,10 @@ class ModelArguments:
                                             "repos, model_type 'nearid' in config.json, need no opt-in)")
     dtype: str = option("float32", "dtype of the model's weights and activations", choices=sorted(DTYPES))
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda or cuda:N")
+    mixed_precision: str = option("auto", "autocast precision of the forward pass: auto is bf16 on a CUDA GPU and "
+                                          "none elsewhere", choices=PRECISIONS)
+    compile: bool = option(False, "run the model through torch.compile (GPU: faster once compiled; the first and "
+                                  "the last, smaller batch compile)")
 
 
 @dataclass
@@ -255,7 +260,8 @@ def load_scorer(args, state) -> Scorer:
     device = resolve_device(args.device)
     if device.startswith("cuda") and state.num_processes > 1:
         device = str(state.device)  # under a multi-GPU launch, each process on its own GPU
-    return Scorer(args.model, args.revision, device, DTYPES[args.dtype], args.trust_remote_code)
+    return Scorer(args.model, args.revision, device, DTYPES[args.dtype], args.trust_remote_code,
+                  resolve_precision(args.mixed_precision, device), args.compile)
 
 
 def embed(index, args, state) -> tuple:

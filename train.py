@@ -46,10 +46,22 @@ from nearid.images import ImageLoadError
 from nearid.io import atomic_write_json
 from nearid.loss import nearid_loss
 from nearid.models import nearid_from_siglip
+from nearid.numerics import PRECISIONS, resolve_precision
 from nearid.store import FillOptions, ImageIndex, fill
-from nearid.tokens import BackboneEveryStep, BackboneTokens, CachedTokens, TrainingImages, batch_embeddings, embed_keys
-from nearid.training_data import build_training_set, slot_mask, training_rows
+from nearid.tokens import (
+    BackboneEveryStep,
+    BackboneTokens,
+    CachedTokens,
+    TrainingImages,
+    batch_embeddings,
+    embed_keys,
+    token_loader,
+)
+from nearid.training_data import StepSampler, build_training_set, training_rows
 
+# What a token store that does not fit on its disk can do instead (said before any token is computed).
+DISK_OPTIONS = ("store int8 tokens (--cache-dtype int8, half of float16), train on fewer distractor sources "
+                "(--source), or put --cache-dir on a larger disk")
 # Everything a previous run wrote into OUTPUT_DIR (the token store, reusable, is not among them).
 RUN_OUTPUTS = ("checkpoints", "logs.jsonl", "train_results.json", "train_args.json", "release", "training_loss.png")
 
@@ -96,8 +108,9 @@ class TrainingArguments:
     warmup_steps: int = option(100, "linear warmup steps before the cosine decay to 0 (the paper's 100 fit its "
                                     "~3,300 steps; scale it to short runs)", min=0)
     max_grad_norm: float = option(1.0, "gradient-norm clip", min=0.0)
-    mixed_precision: str = option("no", "autocast precision (the reference used fp16 on an A100)",
-                                  choices=("no", "fp16", "bf16"))
+    mixed_precision: str = option("auto", "autocast precision of the token pass and the head: auto is bf16 on a "
+                                          "CUDA GPU and none elsewhere (the reference used fp16 on an A100)",
+                                  choices=PRECISIONS)
     temperature: float = option(0.07, "softmax temperature T of both loss tiers", min=1e-6)
     alpha: float = option(0.5, "weight of Tier 2 (distractor above random negatives)", min=0.0)
     mask_padded: bool = option(False, "drop padded slots from the loss pool (off keeps them, as the reference does)")
@@ -108,7 +121,11 @@ class TrainingArguments:
     cache_dtype: str = option("float16", "storage of cached tokens: float16 (1.68 MB per so400m image), int8 "
                                          "(half of that) or float32", choices=("float16", "int8", "float32"))
     batch_size: int = option(64, "images per backbone pass while building the token cache", min=1)
-    num_workers: int = option(0, "DataLoader worker processes that decode and preprocess images", min=0)
+    num_workers: int = option(0, "DataLoader worker processes: they decode and preprocess images for the token pass, "
+                                 "and read the cached tokens of the next steps while one trains (0: the main process "
+                                 "reads, and the step waits)", min=0)
+    compile: bool = option(False, "run the backbone of the token pass through torch.compile (GPU: faster once "
+                                  "compiled; the first and the last, smaller batch compile)")
     log_steps: int = option(10, "print and log a compact line every N steps", min=1)
     validation_steps: int | None = option(None, "validate every N steps (default: at the end of each epoch)", min=1)
     checkpointing_steps: int | None = option(None, "save a checkpoint every N steps (default: each epoch end)",
@@ -234,11 +251,13 @@ def build_token_store(model, processor, images, args, data_args, accelerator):
 
     The free disk space is checked against the store's size before anything is computed.
     """
-    encoder = BackboneTokens(model, processor, args.cache_dtype, args.mixed_precision, accelerator.device)
+    encoder = BackboneTokens(model, processor, args.cache_dtype, args.mixed_precision, accelerator.device,
+                             args.compile)
     root = Path(args.cache_dir or Path(args.output_dir) / "token_cache")
     options = FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
                           skip_errors=data_args.skip_bad_images, device=str(accelerator.device),
-                          progress=accelerator.is_main_process, description="caching backbone tokens")
+                          progress=accelerator.is_main_process, description="caching backbone tokens",
+                          disk_options=DISK_OPTIONS)
     store, report = fill(root / encoder.fingerprint, encoder.fingerprint, encoder.format, images, encoder.loader,
                          encoder, options, accelerator.state)
     return store, report.skipped
@@ -267,14 +286,13 @@ class Run:
     history: dict = field(default_factory=lambda: {"validation": [], "loss": []})
 
 
-def train_step(run, epoch, samples):
-    """One optimisation step on this process's samples; returns the loss output (global values)."""
-    slots = [run.training_set.sample_slots(epoch, index, run.args.seed) for index in samples]
-    mask = torch.tensor([slot_mask(s) for s in slots], device=run.accelerator.device)
+def train_step(run, epoch, batch):
+    """One optimisation step on this process's batch (`TokenBatches`); returns the loss output (global values)."""
     with run.accelerator.autocast():
-        embeddings = batch_embeddings(run.head, run.provider, slots)
-        loss = nearid_loss(embeddings, mask, run.args.temperature, run.args.alpha, run.args.mask_padded)
+        embeddings = batch_embeddings(run.head, run.provider, batch)
+        loss = nearid_loss(embeddings, batch["mask"], run.args.temperature, run.args.alpha, run.args.mask_padded)
     if not torch.isfinite(loss.total):
+        samples = batch["samples"].tolist()
         raise FloatingPointError(
             f"non-finite loss ({loss.total.item()}) at step {run.global_step + 1} (epoch {epoch}, samples "
             f"{list(samples)[:8]}{'...' if len(samples) > 8 else ''} of this process); stopped before the update, "
@@ -287,13 +305,6 @@ def train_step(run, epoch, samples):
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss
-
-
-def process_share(order, step, run):
-    """This process's samples of global batch `step`: consecutive blocks in rank order (rank-major pool)."""
-    per_device, accelerator = run.args.per_device_batch_size, run.accelerator
-    start = step * per_device * accelerator.num_processes + accelerator.process_index * per_device
-    return order[start:start + per_device]
 
 
 def held_out_scores(held, embeddings):
@@ -344,24 +355,36 @@ def after_step(run, loss, started, epoch, end_of_epoch):
         save_checkpoint(run)
 
 
+def training_loader(run, last_step):
+    """The head's input for steps run.global_step to last_step: a DataLoader that accelerate prepares.
+
+    Its sampler yields every global step's batches in rank order and accelerate gives each process
+    its own (`StepSampler`); worker processes (--num-workers) read the tokens of the next steps while
+    one trains, and accelerate copies each batch to the device without blocking. The loader starts
+    at the current step, so a resumed run reads none of the batches before it.
+    """
+    args, accelerator = run.args, run.accelerator
+    sampler = StepSampler(run.training_set, args.seed, args.per_device_batch_size, accelerator.num_processes,
+                          run.steps_per_epoch, run.global_step, last_step)
+    loader = token_loader(run.provider, sampler, args.num_workers, accelerator.device)
+    return accelerator.prepare_data_loader(loader, device_placement=True)
+
+
 def train(run, last_step):
-    """Epochs of steps from run.global_step to last_step; the data position follows from the step alone."""
+    """Steps from run.global_step to last_step; the data position is the global step alone (`StepSampler`)."""
     from tqdm.auto import tqdm
 
+    loader = training_loader(run, last_step)
     started = time.perf_counter()
     bar = tqdm(total=last_step, initial=run.global_step, desc="training", unit="step",
                disable=not run.accelerator.is_local_main_process)
     run.head.train()
-    while run.global_step < last_step:
+    for batch in loader:
         epoch, step = divmod(run.global_step, run.steps_per_epoch)
-        order = run.training_set.epoch_order(epoch, run.args.seed)
-        for step in range(step, run.steps_per_epoch):
-            loss = train_step(run, epoch, process_share(order, step, run))
-            run.global_step += 1
-            bar.update(1)
-            after_step(run, loss, started, epoch, end_of_epoch=step == run.steps_per_epoch - 1)
-            if run.global_step >= last_step:
-                break
+        loss = train_step(run, epoch, batch)
+        run.global_step += 1
+        bar.update(1)
+        after_step(run, loss, started, epoch, end_of_epoch=step == run.steps_per_epoch - 1)
     bar.close()
 
 
@@ -374,6 +397,8 @@ def save_checkpoint(run):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         folder = Path(run.args.output_dir) / "checkpoints" / f"{checkpoints.PREFIX}{run.global_step:07d}"
+        # The data position is the global step alone: every draw follows from (seed, epoch, sample),
+        # and the resumed run's loader starts at that step (`StepSampler`).
         position = {"global_step": run.global_step, "run": run.run_key, "history": run.history}
         checkpoints.save(folder, accelerator.unwrap_model(run.head), run.optimizer.optimizer, run.scheduler,
                          accelerator.scaler, position, run.args.checkpoints_total_limit)
@@ -431,13 +456,15 @@ def prepare_output_dir(args, accelerator):
 
 
 def make_accelerator(args):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     trackers = [t for t in args.report_to.split(",") if t and t != "none"]
     log_with = [jsonl_tracker(Path(args.output_dir) / "logs.jsonl") if t == "jsonl" else t for t in trackers]
     # Without an accelerator device, accelerate joins the processes of a launch (torchrun, gloo) only
     # when told to use the CPU; otherwise every process would train alone on the whole data.
-    return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with or None, cpu=not has_accelerator())
+    # non_blocking: batches from pinned memory are copied to the GPU while the host goes on.
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with or None, cpu=not has_accelerator(),
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
 
 
 def has_accelerator():
@@ -568,6 +595,8 @@ def main(argv=None):
 
 def run_training(data_args, model_args, args):
     check_arguments(data_args, args)
+    # Resolved before anything records it: "auto" is bf16 on a CUDA GPU, none elsewhere.
+    args.mixed_precision = resolve_precision(args.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = make_accelerator(args)
     out = prepare_output_dir(args, accelerator)
     all_args = {**vars(data_args), **vars(model_args), **vars(args), "num_processes": accelerator.num_processes}

@@ -1,7 +1,7 @@
 """Training compute of an 11-epoch run: backbone token cache vs the reference design.
 
 The reference design runs the frozen backbone on all 6 slots of every sample at every step
-(`train.py --token_cache false`). The default computes each image's backbone tokens once and trains
+(`train.py --no-token-cache`). The default computes each image's backbone tokens once and trains
 the head on them. This script runs `train.main` both ways, one after the other in this process, on
 the same synthetic data and config, and reports:
 
@@ -17,8 +17,8 @@ MTG rows entering 4 times per epoch (about half of the samples, as 4 x ~4,750 MT
 19,386 NearID rows), about a quarter of the NearID rows with 2 views. The random SigLIP base is small but
 shaped so that the backbone dominates the head, as with so400m.
 
-With --so400m and a CUDA device it also measures, for so400m-size random weights, backbone
-images/s, cache building images/s and head steps/s at the paper's batch.
+so400m's rates on a GPU (forward, token-cache building, head steps from the cache) are measured by
+benchmarks/gpu_check.py, and benchmarks/estimate_real_run.py turns them into wall time.
 
     python benchmarks/bench_train_compute.py            # writes benchmarks/results/bench_train_compute.txt
     python benchmarks/bench_train_compute.py --smoke    # 2 epochs on a few rows, writes nothing
@@ -82,10 +82,6 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", type=Path, default=None, help="keep data and runs here (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the report")
     parser.add_argument("--smoke", action="store_true", help="2 epochs on 8 rows, no report file")
-    parser.add_argument("--so400m", action="store_true",
-                        help="with CUDA: also measure so400m-size backbone, cache building and head step rates")
-    parser.add_argument("--so400m-images", type=int, default=4096, help="images cached in the --so400m measurement")
-    parser.add_argument("--gpu-batch", type=int, default=256, help="images per backbone pass with --so400m")
     args = parser.parse_args(argv)
     if not 1 <= args.sources <= len(SOURCE_NAMES):
         parser.error(f"--sources must be between 1 and {len(SOURCE_NAMES)}, got {args.sources}")
@@ -241,11 +237,11 @@ def measured_lines(cached: Measured, reference: Measured, data: dict, args) -> l
         f"model: random SigLIP {BENCH_VISION}: backbone {backbone / 1e6:.0f} MFLOP/image, "
         f"head {head / 1e6:.2f} MFLOP/image",
         f"config: {args.epochs} epochs x {steps_per_epoch} steps x {args.batch} samples "
-        f"({SLOTS} slots); fp32; same seed and arguments, cached run with --token_cache_dtype float32",
+        f"({SLOTS} slots); fp32; same seed and arguments, cached run with --cache-dtype float32",
         "",
         f"{'run':<36}{'wall s':>9}{'backbone images':>17}",
         f"{'token cache (build + training)':<36}{cached.seconds:>9.1f}{cached.backbone_images:>17,}",
-        f"{'reference (--token_cache false)':<36}{reference.seconds:>9.1f}{reference.backbone_images:>17,}",
+        f"{'reference (--no-token-cache)':<36}{reference.seconds:>9.1f}{reference.backbone_images:>17,}",
         f"backbone images expected: cache {expected:,.0f} (each view + expected distinct distractor draws + MTG "
         f"+ 1 pad), reference {SLOTS * steps_per_epoch * args.batch * args.epochs:,} "
         f"({SLOTS} x {steps_per_epoch * args.batch} samples x {args.epochs} epochs)",
@@ -308,116 +304,6 @@ def real_setting_lines(epochs: int) -> list:
     return lines
 
 
-# --- so400m rates on a GPU --------------------------------------------------------------------------
-
-
-class RandomPixels:
-    """item (an int seed) -> a reproducible random pixel tensor in [-1, 1]; picklable for DataLoader workers."""
-
-    def __init__(self, side: int):
-        self.side = side
-
-    def __call__(self, item: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(item)
-        return torch.rand(3, self.side, self.side, generator=generator) * 2 - 1
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-class ResidentTokens:
-    """Head inputs already on the device (one random token set per slot): head steps without cache reads."""
-
-    def __init__(self, tokens: torch.Tensor):
-        self.resident = tokens
-
-    def tokens(self, keys):
-        return self.resident[:len(keys)], torch.arange(len(keys), device=self.resident.device)
-
-
-def head_step_rate(model, provider, keys: list, samples_per_step: int, steps: int, autocast) -> float:
-    """Head training steps/s (6-slot samples drawn from `keys`, NearID loss, AdamW) with tokens from `provider`."""
-    from nearid.loss import nearid_loss
-
-    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    mask = torch.ones(samples_per_step, SLOTS, dtype=torch.bool, device=model.device)
-
-    def step():
-        drawn = torch.randint(len(keys), (samples_per_step, SLOTS), generator=generator).tolist()
-        with autocast:
-            embeddings = train.batch_embeddings(model.head, provider, [[keys[i] for i in row] for row in drawn])
-            loss = nearid_loss(embeddings, mask)
-        loss.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # warm-up
-    return steps / timed(lambda: [step() for _ in range(steps)], model.device)
-
-
-def measure_rates(config: NearIDConfig, device, num_images: int, image_batch: int, samples_per_step: int,
-                  head_steps: int, folder: Path) -> dict:
-    """Backbone images/s, cache building images/s (pixels -> stored tokens) and head steps/s on `device`."""
-    from nearid.token_cache import TokenCache
-
-    device = torch.device(device)
-    on_gpu = device.type == "cuda"
-    with device:
-        model = NearIDModel(config).eval().freeze_backbone()
-    autocast = torch.autocast(device.type, torch.bfloat16) if on_gpu else contextlib.nullcontext()
-    side = config.vision_config["image_size"]
-    pixels = torch.rand(image_batch, 3, side, side, device=device) * 2 - 1
-    with torch.no_grad(), autocast:
-        model.forward_features(pixels)  # warm-up
-        backbone_s = timed(lambda: model.forward_features(pixels), device)
-    items = {f"image-{i:07d}": i for i in range(num_images)}
-    build_s = timed(lambda: TokenCache.build(folder, model, items, RandomPixels(side), "bench", dtype="float16",
-                                             batch_size=image_batch, num_workers=8 if on_gpu else 0, device=device,
-                                             autocast_dtype=torch.bfloat16 if on_gpu else None, progress=False),
-                    device)
-    cached = train.CachedTokens(TokenCache.open(folder, "bench"), device)
-    resident = ResidentTokens(torch.randn(samples_per_step * SLOTS, config.num_patches,
-                                          config.vision_config["hidden_size"], device=device))
-    return {"backbone_images_per_s": image_batch / backbone_s, "cache_images_per_s": num_images / build_s,
-            "head_steps_per_s": head_step_rate(model, cached, list(items), samples_per_step, head_steps, autocast),
-            "resident_head_steps_per_s": head_step_rate(model, resident, list(items), samples_per_step, head_steps,
-                                                        autocast)}
-
-
-def so400m_lines(args, epochs: int) -> list:
-    if not args.so400m:
-        return ["", "so400m rates: not measured in this run (pass --so400m on a machine with CUDA)."]
-    if not torch.cuda.is_available():
-        return ["", "so400m rates: --so400m needs a CUDA device; none on this machine, not measured."]
-    with tempfile.TemporaryDirectory() as folder:
-        rates = measure_rates(NearIDConfig(), "cuda", args.so400m_images, args.gpu_batch, REAL_BATCH, 10,
-                              Path(folder) / "cache")
-    steps = epochs * REAL_STEPS_PER_EPOCH
-    images = expected_cached_images([3] * REAL_NEARID_ROWS, REAL_MTG_ROWS, 7, epochs)
-    cache_hours = (images / rates["cache_images_per_s"] + steps / rates["head_steps_per_s"]) / 3600
-    reference_hours = steps * REAL_BATCH * SLOTS / rates["backbone_images_per_s"] / 3600
-    return [
-        "",
-        f"so400m rates on {torch.cuda.get_device_name()} (random weights, bf16 autocast, fp16 cache):",
-        f"  backbone forward, batch {args.gpu_batch}: {rates['backbone_images_per_s']:,.0f} images/s",
-        f"  cache building ({args.so400m_images:,} images, random pixels, 8 loader workers): "
-        f"{rates['cache_images_per_s']:,.0f} images/s",
-        f"  head steps ({REAL_BATCH} samples x {SLOTS} slots, loss, AdamW): {rates['head_steps_per_s']:.2f} steps/s "
-        f"reading the cache as train.py does, {rates['resident_head_steps_per_s']:.2f} steps/s on tokens already "
-        "on the GPU",
-        f"  projected real run (S = 7): cache {cache_hours:.2f} h (build + {steps:,} head steps) vs reference "
-        f">= {reference_hours:.2f} h (backbone alone, image decoding not counted)",
-    ]
-
-
 # --- main -------------------------------------------------------------------------------------------
 
 
@@ -432,12 +318,12 @@ def main(argv=None):
         warm_up_imports()
         # The cached run goes first: anything a first run pays for once counts against the cache.
         runs = {}
-        for name, extra in (("cached", ()), ("reference", ("--no-token-cache"))):
+        for name, extra in (("cached", ()), ("reference", ("--no-token-cache",))):
             out = workdir / name
             shutil.rmtree(out, ignore_errors=True)  # a token cache left by an earlier run would be reused
             runs[name] = measure_run(train_arguments(data, base_model, out, args, *extra), out)
         lines = environment_lines() + measured_lines(runs["cached"], runs["reference"], data, args)
-    lines += real_setting_lines(args.epochs) + so400m_lines(args, args.epochs)
+    lines += real_setting_lines(args.epochs)
     write_results(args.output, lines)
 
 

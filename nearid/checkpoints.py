@@ -11,6 +11,8 @@ A checkpoint is a folder `OUTPUT_DIR/checkpoints/step-NNNNNNN/` with
 
 Only safetensors and JSON are read back, never pickle; there are no RNG states to restore because
 every random draw of the data follows from (seed, epoch, sample) and the head has no dropout. The
+global step is the whole data position: the resumed run's training loader starts at that step, so no
+batch before it is drawn or read, and nothing of the loader (workers, prefetched batches) is saved. The
 folder is written under a staging name and renamed when complete, so a crash while saving leaves
 the previous checkpoint as the latest. A damaged file is named on resume, with the previous
 checkpoint offered instead.

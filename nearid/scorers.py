@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from nearid.images import PixelLoader
+from nearid.numerics import autocast
 from nearid.store import StoreFormat, fingerprint, weights_digest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -176,10 +177,16 @@ def resolve_device(device: str) -> str:
 
 
 class Scorer:
-    """Images -> L2-normalised float32 embeddings, as an encoder of the embed-once store."""
+    """Images -> L2-normalised float32 embeddings, as an encoder of the embed-once store.
+
+    `mixed_precision` is a resolved autocast precision ("no", "fp16", "bf16"; `nearid.numerics`);
+    `compile` runs the embedding through `torch.compile` (values equal to rounding, so the store's
+    fingerprint leaves it out).
+    """
 
     def __init__(self, spec: str, revision: str | None = None, device: str = "cpu", dtype=torch.float32,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, mixed_precision: str = "no",
+                 compile: bool = False):
         import transformers
 
         self.spec = spec
@@ -193,16 +200,20 @@ class Scorer:
         self.model = model_class.from_pretrained(str(folder), dtype=dtype, trust_remote_code=remote).to(device).eval()
         self.processor = load_image_processor(folder, trust_remote_code=remote)
         self.loader = PixelLoader(self.processor)
-        self._features = kind.features
-        self.device, self.dtype, self.revision = device, dtype, revision
+        self._features = torch.compile(kind.features) if compile else kind.features
+        self.device, self.dtype, self.revision, self.mixed_precision = device, dtype, revision, mixed_precision
         self.format = StoreFormat((kind.dim(self.model.config),), "float32")
+        numerics = {"dtype": str(dtype)}
+        if mixed_precision != "no":  # without autocast, the keys of stores built before it existed
+            numerics["autocast"] = mixed_precision
         self.fingerprint = fingerprint(f"pooled:{self.kind_name}", weights_digest(self.model.state_dict()),
-                                       self.processor.to_dict(), {"dtype": str(dtype)})
+                                       self.processor.to_dict(), numerics)
 
     def provenance(self) -> dict:
         return {"spec": self.spec, "kind": self.kind_name, "model": self.model_name,
                 "revision": self.revision, "commit": self.commit, "fingerprint": self.fingerprint,
-                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device)}
+                "dtype": str(self.dtype).removeprefix("torch."), "mixed_precision": self.mixed_precision,
+                "device": str(self.device)}
 
     def preprocess(self, image) -> torch.Tensor:
         """One image (anything `load_image` takes) -> pixel tensor [C, H, W]."""
@@ -211,7 +222,8 @@ class Scorer:
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, C, H, W] -> L2-normalised float32 embeddings [B, D] on the CPU."""
-        features = self._features(self.model, pixel_values.to(self.device, self.dtype))
+        with autocast(self.device, self.mixed_precision):
+            features = self._features(self.model, pixel_values.to(self.device, self.dtype, non_blocking=True))
         embeddings = F.normalize(features.float(), dim=-1)
         if not torch.isfinite(embeddings).all():
             raise FloatingPointError(

@@ -58,6 +58,10 @@ STORAGE_DTYPES = {"float32": "<f4", "float16": "<f2", "int8": "i1"}  # little-en
 _SHARD_NAME = re.compile(r"shard-p(\d+)-(\d+)\.npy")
 
 
+DISK_OPTIONS = ("store fewer bytes per image (int8 is half of float16), compute fewer images (fewer sources or "
+                "rows), or put the store on a larger disk")
+
+
 class NotEnoughDiskSpace(OSError):
     """A store would not fit on the disk that holds its folder."""
 
@@ -237,12 +241,18 @@ class StoreFormat:
         values = int(np.prod(self.shape)) * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
         return values + (int(np.prod(self.shape[:-1])) * 4 if self.dtype == "int8" else 0)
 
+    def fields(self) -> dict:
+        """{field: (shape of one item, numpy dtype)} of what is stored per item, besides its key."""
+        fields = {"scale": (self.shape[:-1], np.dtype("<f4"))} if self.dtype == "int8" else {}
+        return {**fields, "values": (self.shape, np.dtype(STORAGE_DTYPES[self.dtype]))}
+
+    def empty(self, count: int) -> dict:
+        """{field: uninitialised numpy array [count, ...]} to read `count` items into."""
+        return {name: np.empty((count, *shape), dtype) for name, (shape, dtype) in self.fields().items()}
+
     def record_dtype(self, key_bytes: int) -> np.dtype:
-        fields = [("key", f"S{key_bytes}")]
-        if self.dtype == "int8":
-            fields.append(("scale", "<f4", self.shape[:-1]))
-        fields.append(("values", STORAGE_DTYPES[self.dtype], self.shape))
-        return np.dtype(fields)
+        return np.dtype([("key", f"S{key_bytes}"), *((name, dtype, shape) for name, (shape, dtype) in
+                                                     self.fields().items())])
 
     def encode(self, values: torch.Tensor) -> dict:
         """values [B, *shape] (any float dtype, any device) -> {field: numpy array} in the storage dtype."""
@@ -255,15 +265,24 @@ class StoreFormat:
         return {"values": values.to(getattr(torch, self.dtype)).cpu().numpy()}
 
     def decode(self, fields: Mapping, device=None) -> torch.Tensor:
-        """{field: array} -> float32 tensor [N, *shape] on `device`; stored values travel as they are."""
-        values = torch.from_numpy(np.ascontiguousarray(fields["values"])).to(device).float()
+        """{field: array or tensor} -> float32 tensor [N, *shape] on `device`.
+
+        The stored values travel as they are (half the bytes of float32 for float16, a quarter for
+        int8) and are widened on the device; from pinned memory the copy does not block.
+        """
+        values = _on(fields["values"], device).float()
         if self.dtype == "int8":
-            values *= torch.from_numpy(np.ascontiguousarray(fields["scale"])).to(device).float()[..., None]
+            values = values * _on(fields["scale"], device).float()[..., None]
         return values
 
     def as_meta(self, fingerprint_: str) -> dict:
         return {"format_version": FORMAT_VERSION, "fingerprint": fingerprint_, "shape": list(self.shape),
                 "dtype": self.dtype}
+
+
+def _on(array, device) -> torch.Tensor:
+    tensor = torch.as_tensor(array)
+    return tensor if device is None else tensor.to(device, non_blocking=True)
 
 
 def quantize_int8(values: torch.Tensor):
@@ -282,18 +301,31 @@ def quantize_int8(values: torch.Tensor):
 class EmbeddingStore:
     """Read view of a store folder: `get(keys)` -> float32 [len(keys), *shape], checked as it is read.
 
-    Shards are memory-mapped; `get` groups the keys by shard and reads each shard's rows in file
-    order, so random training batches read only the rows they need.
+    Shards are memory-mapped, and each read copies only the rows asked for, in file order. A store
+    can be sent to DataLoader worker processes: it travels as its folder and index, and each process
+    maps the shards again (a pickled memory map would travel as a full copy of its file).
     """
 
     def __init__(self, folder, fingerprint_: str, fmt: StoreFormat, shards: Sequence[tuple]):
         self.folder, self.fingerprint, self.format = Path(folder), fingerprint_, fmt
         self._names = [name for name, _ in shards]
-        self._shards = [_map_shard(self.folder / name, fmt) for name in self._names]
+        self._shards = self._map_shards()
         self._location = {}
         for shard_id, (_, keys) in enumerate(shards):
             for row, key in enumerate(keys):
                 self._location.setdefault(key, (shard_id, row))
+
+    def _map_shards(self) -> list:
+        """Per shard, {field: its column of the memory-mapped records} (views, nothing is read)."""
+        records = [_map_shard(self.folder / name, self.format) for name in self._names]
+        return [{field: shard[field].view(np.ndarray) for field in self.format.fields()} for shard in records]
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "_shards"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._shards = self._map_shards()
 
     @classmethod
     def open(cls, folder, fingerprint_: str | None = None) -> "EmbeddingStore":
@@ -325,33 +357,45 @@ class EmbeddingStore:
 
     def get(self, keys: Sequence[str], device=None) -> torch.Tensor:
         """float32 values [len(keys), *shape] on `device` (default CPU), in key order."""
+        fields = self.format.empty(len(keys))
+        self.read_into(keys, fields)
+        values = self.format.decode(fields, device)
+        self.check_finite(keys, values)
+        return values
+
+    def read_into(self, keys: Sequence[str], fields: Mapping) -> None:
+        """Copy the stored rows of `keys`, as stored (`StoreFormat.fields`), into `fields[name][:len(keys)]`.
+
+        Each row is copied once, straight from the mapped file into its place, shard by shard in
+        file order so that a cold read stays sequential. Nothing is checked here: `check_finite`
+        checks the decoded values (on the device, where they are cheap to check).
+        """
         try:
-            locations = np.array([self._location[key] for key in keys], dtype=np.int64).reshape(-1, 2)
+            locations = [self._location[key] for key in keys]
         except KeyError as error:
             raise KeyError(f"image {error.args[0]!r} is not in the store at {self.folder} ({len(self)} images); "
                            "fill the store with every image the run uses") from None
-        shard_ids, rows = locations[:, 0], locations[:, 1]
-        fields = {"values": np.empty((len(keys), *self.shape), STORAGE_DTYPES[self.format.dtype])}
-        if self.format.dtype == "int8":
-            fields["scale"] = np.empty((len(keys), *self.shape[:-1]), np.float32)
-        for shard_id in np.unique(shard_ids):
-            positions = np.flatnonzero(shard_ids == shard_id)
-            positions = positions[np.argsort(rows[positions], kind="stable")]  # sequential reads
-            records = self._shards[shard_id][rows[positions]]
-            for name, values in fields.items():
-                values[positions] = records[name]
-        values = self.format.decode(fields, device)
-        if not torch.isfinite(values).all():
-            self._raise_non_finite(keys, values, shard_ids)
-        return values
+        for position in sorted(range(len(keys)), key=locations.__getitem__):
+            shard_id, row = locations[position]
+            for name, out in fields.items():
+                out[position] = self._shards[shard_id][name][row]
 
     def numpy(self, keys: Sequence[str]) -> np.ndarray:
         """`get` as a float32 numpy array on the CPU."""
         return self.get(keys).numpy()
 
-    def _raise_non_finite(self, keys, values, shard_ids):
-        bad = int(np.flatnonzero(~torch.isfinite(values.reshape(len(keys), -1)).all(1).cpu().numpy())[0])
-        shard = self.folder / self._names[shard_ids[bad]]
+    def check_finite(self, keys: Sequence[str], values: torch.Tensor) -> None:
+        """StoreCorruptError naming the shard when decoded `values` [len(keys), ...] hold NaN or inf."""
+        # A finite sum means every value is finite (NaN and inf never cancel into a finite number), and
+        # costs a twentieth of torch.isfinite on a CPU; only a non-finite sum (a bad value, or an
+        # overflow of the sum) is looked at value by value.
+        if bool(torch.isfinite(values.sum())):
+            return
+        finite = torch.isfinite(values.reshape(len(keys), -1)).all(dim=1)
+        if bool(finite.all()):
+            return
+        bad = int(torch.nonzero(~finite)[0])
+        shard = self.folder / self._names[self._location[keys[bad]][0]]
         raise StoreCorruptError(
             f"the store shard {shard} holds non-finite values (NaN or inf) for image {keys[bad]!r}: the file is "
             "damaged. Delete it and run the command again; only the images in that shard are computed again.")
@@ -397,6 +441,7 @@ class FillOptions:
     progress: bool = True
     description: str = "embedding"
     device: str = "cpu"
+    disk_options: str = DISK_OPTIONS  # what a run that does not fit on the disk can do instead
 
     def __post_init__(self):
         for name, low in (("batch_size", 1), ("shard_size", 1), ("num_workers", 0)):
@@ -440,7 +485,7 @@ def fill(folder, fingerprint_: str, fmt: StoreFormat, items: Mapping, loader, en
     _check_format(meta, fmt, folder)
     cached = {key for _, keys in _index_shards(read_json(folder / INDEX_FILE, "store index")) for key in keys}
     missing = sorted(key for key in items if key not in cached)  # the same order on every process
-    check_free_space(folder, len(missing) * fmt.bytes_per_item, f"{len(missing)} images")
+    check_free_space(folder, len(missing) * fmt.bytes_per_item, f"{len(missing)} images", options.disk_options)
     batches = [missing[start:start + options.batch_size] for start in range(0, len(missing), options.batch_size)]
     state.wait_for_everyone()  # everyone listed the store before anyone adds to it
     with state.split_between_processes(batches) as share:
@@ -472,15 +517,14 @@ class _OneProcess:
         yield inputs
 
 
-def check_free_space(folder, needed_bytes: int, what: str) -> None:
-    """NotEnoughDiskSpace, naming the options, when the disk holding `folder` has less than `needed_bytes` free."""
+def check_free_space(folder, needed_bytes: int, what: str, options: str = DISK_OPTIONS) -> None:
+    """NotEnoughDiskSpace, naming the `options`, when the disk holding `folder` has less than `needed_bytes` free."""
     free = disk_free_bytes(folder)
     if needed_bytes > free:
         raise NotEnoughDiskSpace(
             errno.ENOSPC,
             f"The store in {folder} needs {human_bytes(needed_bytes)} for {what} but the disk has {human_bytes(free)} "
-            "free; nothing was computed. Options: store fewer bytes per image (int8 is half of float16), compute "
-            "fewer images (fewer sources or rows), or put the store on a larger disk.")
+            f"free; nothing was computed. Options: {options}.")
 
 
 def _prepare(folder: Path, fmt: StoreFormat, fingerprint_: str) -> None:

@@ -154,6 +154,51 @@ def slot_mask(slots: Sequence) -> list:
     return [slot is not PAD for slot in slots]
 
 
+@dataclass(frozen=True)
+class StepBatch:
+    """One process's batch of one global step: its sample indices and their 6 slots in that step's epoch."""
+
+    step: int
+    samples: tuple
+    slots: tuple
+
+
+class StepSampler:
+    """The batches of global steps `start` to `stop - 1`: the batch sampler of the training DataLoader.
+
+    Step s is global batch s % steps_per_epoch of epoch s // steps_per_epoch: the epoch order cut
+    into global batches of `per_device` x `num_processes` samples, the last partial one dropped
+    (the samples differ every epoch). Each global batch is yielded as `num_processes` consecutive
+    blocks in rank order; accelerate hands process r every num_processes-th batch from the r-th, so
+    process r trains block r of every step and the pool of the loss is rank-major. A resumed run
+    starts the sampler at its step: the data position is the global step alone, and none of the
+    steps before it is drawn or read.
+    """
+
+    drop_last = True  # tells accelerate that every batch is whole: nothing to pad or repeat
+
+    def __init__(self, training_set: TrainingSet, seed: int, per_device: int, num_processes: int,
+                 steps_per_epoch: int, start: int, stop: int):
+        self.training_set, self.seed, self.per_device, self.num_processes = training_set, seed, per_device, num_processes
+        self.steps_per_epoch, self.start, self.stop = steps_per_epoch, start, stop
+        self.images_per_batch = per_device * len(SLOT_NAMES)  # at most; repeated images are read once
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.num_processes
+
+    def __iter__(self):
+        epoch, order = None, None
+        for step in range(self.start, self.stop):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                order = self.training_set.epoch_order(epoch, self.seed)
+            first = step % self.steps_per_epoch * self.per_device * self.num_processes
+            for rank in range(self.num_processes):
+                samples = tuple(order[first + rank * self.per_device:first + (rank + 1) * self.per_device])
+                slots = tuple(tuple(self.training_set.sample_slots(epoch, index, self.seed)) for index in samples)
+                yield StepBatch(step, samples, slots)
+
+
 def _generator(stream: int, seed: int, epoch: int, *sample_id: int) -> np.random.Generator:
     for name, value in (("seed", seed), ("epoch", epoch)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:

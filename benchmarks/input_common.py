@@ -1,0 +1,309 @@
+"""Pieces shared by the input-path benchmarks and the GPU check (bench_token_loader.py,
+bench_embedding_pipeline.py, gpu_check.py): a synthetic token store, step batches over it, the head's
+training step, timed passes of the training loader, plain and cold reads of files, and the embedding
+pipeline from JPEG files (random NearID models, decode rate, end to end against forward only)."""
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.data_loader import prepare_data_loader
+from PIL import Image, ImageDraw
+
+from image_processing_nearid import NearIDImageProcessor
+from modeling_nearid import NearIDModel
+from nearid.evaluation import embed_images
+from nearid.hub import export_hub_folder
+from nearid.images import PixelLoader
+from nearid.loss import nearid_loss
+from nearid.numerics import autocast
+from nearid.store import EmbeddingStore, FillOptions, ImageIndex, StoreFormat, fill
+from nearid.tokens import CachedTokens, batch_embeddings, token_loader
+from nearid.training_data import SLOT_NAMES, StepSampler
+
+SLOTS = len(SLOT_NAMES)
+READ_CHUNK = 16 * 2**20
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_json(path, figures: dict) -> None:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+# --- a token store of random so400m-sized rows ------------------------------------------------------
+
+
+class RandomTokens:
+    """A store encoder whose "pixels" are image numbers: -> random tokens of `shape`, fixed by the number."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def encode(self, numbers: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(int(numbers[0]))
+        return torch.randn(len(numbers), *self.shape, generator=generator)
+
+
+def image_number(item) -> torch.Tensor:
+    return torch.tensor(item)
+
+
+def token_store(folder, images: int, shape=(729, 1152), dtype="float16", shard_size=256):
+    """A store of `images` random token rows (keys "image-0000000", ...) written by the store's own writer."""
+    items = {f"image-{i:07d}": i for i in range(images)}
+    store, _ = fill(folder, f"random-{shape}-{dtype}", StoreFormat(shape, dtype), items, image_number,
+                    RandomTokens(shape), FillOptions(batch_size=64, shard_size=shard_size, progress=False))
+    return store
+
+
+class EpochSamples:
+    """A stand-in training set over `keys`: each epoch shuffles them and sample i shows images 6i to 6i+5,
+    so a pass over an epoch reads every image once (a cold read is never helped by a repeat)."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+        self._epoch, self._order = None, None
+
+    def __len__(self) -> int:
+        return len(self.keys) // SLOTS
+
+    def epoch_order(self, epoch: int, seed: int) -> list:
+        return np.random.default_rng([seed, epoch]).permutation(len(self)).tolist()
+
+    def sample_slots(self, epoch: int, index: int, seed: int) -> list:
+        if self._epoch != epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([seed, epoch, 1]).permutation(len(self.keys))
+        return [self.keys[i] for i in self._order[SLOTS * index:SLOTS * index + SLOTS]]
+
+
+def step_sampler(samples: EpochSamples, per_device: int, steps: int) -> StepSampler:
+    return StepSampler(samples, 0, per_device, 1, len(samples) // per_device, 0, steps)
+
+
+def training_loader(store, samples, per_device: int, steps: int, workers: int, device):
+    """train.py's loader for one process (accelerate prepares it: it reads one batch ahead), and its provider.
+
+    The loader's ring of shared buffers is touched once here, before anything is timed: a run pays for
+    its fresh memory once, not per step.
+    """
+    provider = CachedTokens(store, device)
+    loader = token_loader(provider, step_sampler(samples, per_device, steps), workers, device)
+    for buffer in provider.ring.buffers.values():
+        buffer.zero_()
+    return prepare_data_loader(loader, device=torch.device(device), num_processes=1, process_index=0,
+                               put_on_device=True, non_blocking=True), provider
+
+
+# --- reads ------------------------------------------------------------------------------------------
+
+
+def shard_files(folder) -> list:
+    return sorted(Path(folder).glob("shard-*.npy"))
+
+
+def drop_from_page_cache(paths) -> None:
+    """Make the next read of `paths` come from the disk: posix_fadvise(DONTNEED) on each (written, fsynced) file."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_read_rate(paths, cold: bool) -> float:
+    """GB/s of a plain sequential read of `paths` (16 MiB reads into one buffer), from the disk when `cold`."""
+    if cold:
+        drop_from_page_cache(paths)
+    buffer = memoryview(bytearray(READ_CHUNK))
+    total, start = 0, time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as stream:
+            while count := stream.readinto(buffer):
+                total += count
+    return total / (time.perf_counter() - start) / 1e9
+
+
+def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int, cold: bool) -> float:
+    """GB/s of stored token rows the training loader delivers into its ring (the step itself does nothing).
+
+    The store is opened afresh: pages a live memory map of this process holds cannot be dropped from
+    the page cache, so a cold pass needs maps that have read nothing yet. Timed from the first batch
+    on, so the workers' start is not counted.
+    """
+    store = EmbeddingStore.open(folder)
+    loader, _ = training_loader(store, samples, per_device, steps, workers, "cpu")
+    if cold:
+        drop_from_page_cache(shard_files(folder))
+    images, start = 0, None
+    for batch in loader:
+        if start is None:
+            start = time.perf_counter()
+            continue
+        images += len(batch["keys"])
+    seconds, item_bytes = time.perf_counter() - start, store.format.bytes_per_item
+    del loader, store
+    gc.collect()  # unmaps the shards before the next pass drops them from the page cache
+    return images * item_bytes / seconds / 1e9
+
+
+# --- the head's training step -----------------------------------------------------------------------
+
+
+def head_step(model, provider, optimizer, batch, precision: str) -> float:
+    """One training step of the head as train.py takes it: embeddings, loss, backward, clip, AdamW."""
+    device = model.device
+    with autocast(device, precision):
+        embeddings = batch_embeddings(model.head, provider, batch)
+        loss = nearid_loss(embeddings, batch["mask"].to(device))
+    loss.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.head.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.total.item()  # waits for the step, as train.py's finiteness check does
+
+
+class Resident(CachedTokens):
+    """Head inputs already in memory on the device: the rows of a few batches as stored, read before any
+    step is timed; the step widens and checks them as it does the loader's."""
+
+    def __init__(self, store, batches, device):
+        super().__init__(store, device)
+        self.batches = []
+        for batch in batches:
+            fields = store.format.empty(len(batch["keys"]))
+            store.read_into(batch["keys"], fields)
+            fields = {name: torch.as_tensor(array).to(self.device) for name, array in fields.items()}
+            self.batches.append((fields, batch["keys"], batch["index"]))
+        self.calls = 0
+
+    def batch_tokens(self, batch):
+        fields, keys, index = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        return self.widen(fields, keys), index
+
+
+def loader_fed_seconds(model, store, samples, optimizer, per_device, steps, workers, precision) -> tuple:
+    """Seconds of `steps` head steps fed by the training loader, after two warm-up steps; and those two batches."""
+    loader, provider = training_loader(store, samples, per_device, steps + 2, workers, model.device)
+    warm_up = []
+    for number, batch in enumerate(loader):
+        if number == 2:  # allocator, kernels and the workers' start are behind us
+            synchronize(model.device)
+            start = time.perf_counter()
+        head_step(model, provider, optimizer, batch, precision)
+        if number < 2:
+            warm_up.append(batch)
+    synchronize(model.device)
+    return time.perf_counter() - start, warm_up
+
+
+def resident_seconds(model, store, batches, optimizer, steps, precision) -> float:
+    """Seconds of `steps` head steps on `batches` whose rows are already in memory on the device."""
+    resident = Resident(store, batches, model.device)
+    for batch in batches:  # warm-up
+        head_step(model, resident, optimizer, batch, precision)
+    synchronize(model.device)
+    start = time.perf_counter()
+    for number in range(steps):
+        head_step(model, resident, optimizer, batches[number % len(batches)], precision)
+    synchronize(model.device)
+    return time.perf_counter() - start
+
+
+def step_rates(model, store, samples, per_device: int, steps: int, workers: int, precision: str,
+               rounds: int = 3) -> dict:
+    """Head steps/s fed by the training loader, and fed from tokens already in memory (same step, same sizes).
+
+    The two alternate for `rounds` rounds and each keeps its best round, so a burst of other work on a
+    shared machine does not decide the ratio.
+    """
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4, weight_decay=1e-4)
+    loaded, resident = [], []
+    for _ in range(rounds):
+        seconds, batches = loader_fed_seconds(model, store, samples, optimizer, per_device, steps, workers, precision)
+        loaded.append(seconds)
+        resident.append(resident_seconds(model, store, batches, optimizer, steps, precision))
+    return {"loader_steps_per_s": steps / min(loaded), "resident_steps_per_s": steps / min(resident),
+            "overlap": min(resident) / min(loaded)}
+
+
+# --- image files ------------------------------------------------------------------------------------
+
+
+def write_jpegs(folder, count: int, side: int) -> list:
+    """`count` JPEG files (quality 90) of `side` x `side` pixels: a smooth background and a few shapes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    across, down = np.meshgrid(np.linspace(0, 30, side), np.linspace(0, 30, side))
+    paths = []
+    for number in range(count):
+        a, b, c = rng.uniform(40, 220, 3)
+        pixels = np.stack([a + across, b + down, np.full_like(across, c)], axis=-1)
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            left, top = (int(v) for v in rng.integers(0, side, 2))
+            size = int(rng.integers(side // 10, side // 3))
+            draw.ellipse((left, top, left + size, top + size), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        path = folder / f"image-{number:06d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def nearid_folder(folder, config, seed: int = 0) -> Path:
+    """A random NearID of `config` exported as a Hub folder (what `Scorer` loads), processor at its size."""
+    torch.manual_seed(seed)
+    side = config.vision_config["image_size"]
+    processor = NearIDImageProcessor(size={"height": side, "width": side})
+    return export_hub_folder(NearIDModel(config), processor, folder)
+
+
+def decode_rate(processor, paths) -> float:
+    """images/s of one process decoding and preprocessing `paths`: what one DataLoader worker does."""
+    loader = PixelLoader(processor)
+    start = time.perf_counter()
+    for path in paths:
+        loader((str(path), f"image file {path}"))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def end_to_end_rate(scorer, paths, batch_size: int, workers: int, cache_dir) -> float:
+    """images/s of evaluate.py's embedding of image files: decode and preprocess (in `workers`), forward, store."""
+    index = ImageIndex()
+    index.add_files(paths)  # hashing the files is not timed
+    options = FillOptions(batch_size=batch_size, num_workers=workers, device=str(scorer.device), progress=False)
+    size = scorer.processor.size
+    scorer.encode(torch.zeros(batch_size, 3, size["height"], size["width"]))  # warm-up, as forward_rate's
+    synchronize(scorer.device)
+    start = time.perf_counter()
+    embedded = embed_images(scorer, index, cache_dir, options)
+    synchronize(scorer.device)
+    assert embedded.stats["images_embedded"] == len(paths)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def forward_rate(scorer, paths, batch_size: int) -> float:
+    """images/s of `scorer.encode` alone, on the same images already decoded and preprocessed, in the same batches."""
+    loader = PixelLoader(scorer.processor)
+    pixels = torch.stack([loader((str(path), str(path))) for path in paths])
+    batches = [pixels[start:start + batch_size].to(scorer.device) for start in range(0, len(paths), batch_size)]
+    scorer.encode(batches[0])  # warm-up
+    synchronize(scorer.device)
+    start = time.perf_counter()
+    for batch in batches:
+        scorer.encode(batch)
+    synchronize(scorer.device)
+    return len(paths) / (time.perf_counter() - start)

@@ -1,0 +1,32 @@
+"""How the encoders run on a device, the same way in every command: mixed precision and autocast.
+
+`--mixed-precision auto`, the default of train.py and evaluate.py, is bf16 autocast on a CUDA GPU
+and none elsewhere. On a GPU the matrix products then run at bf16 tensor-core speed while the
+weights, LayerNorms and softmax stay float32; on a CPU nothing changes (float32, as before).
+Attention runs through PyTorch's fused `scaled_dot_product_attention` ("sdpa"), the default of
+NearID's model code and of transformers' models.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *AUTOCAST)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" -> "bf16" on a CUDA device, "no" elsewhere; "no", "fp16" and "bf16" as they are."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"mixed precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cuda" else "no"
+
+
+def autocast(device, precision: str):
+    """The autocast context of a resolved `precision` on `device`'s type (a null context for "no")."""
+    dtype = AUTOCAST[precision]
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()

@@ -1,0 +1,58 @@
+"""How encoders run on a device: mixed precision resolved the same way in every command (CPU results and
+store keys unchanged), bf16 autocast when asked, sdpa attention, and --compile reaching torch.compile."""
+
+import pytest
+import torch
+
+import evaluate
+import train
+from nearid.numerics import resolve_precision
+from nearid.scorers import SCORER_KINDS, Scorer
+from nearid.store import fingerprint, weights_digest
+from tests.helpers import random_pixels, train_args
+
+
+def test_auto_precision_is_bf16_on_a_gpu_only():
+    assert resolve_precision("auto", "cpu") == "no"
+    assert resolve_precision("auto", "cuda:1") == resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp16", "cpu") == "fp16"
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_precision("fp8", "cpu")
+
+
+def test_without_autocast_the_scorer_keeps_its_store_key_and_uses_sdpa(tiny_repo):
+    scorer = Scorer(f"nearid:{tiny_repo}")
+    assert scorer.fingerprint == fingerprint("pooled:nearid", weights_digest(scorer.model.state_dict()),
+                                             scorer.processor.to_dict(), {"dtype": "torch.float32"})
+    assert scorer.model.config._attn_implementation == "sdpa"
+    assert scorer.provenance()["mixed_precision"] == "no"
+
+
+def test_bf16_autocast_embeds_within_bf16_rounding_under_its_own_key(tiny_repo):
+    exact, autocast = Scorer(f"nearid:{tiny_repo}"), Scorer(f"nearid:{tiny_repo}", mixed_precision="bf16")
+    pixels = random_pixels(4)
+    a, b = exact.encode(pixels), autocast.encode(pixels)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, atol=0.03, rtol=0)
+    assert autocast.fingerprint != exact.fingerprint
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """torch.compile replaced by a recorder that returns what it is given."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(fn) or fn)
+    return seen
+
+
+def test_evaluate_compile_flag_compiles_the_embedding(synthetic, tiny_repo, tmp_path, compiled):
+    result = evaluate.main(["nearid", "--model", str(tiny_repo), "--positives", str(synthetic / "positives"),
+                            "--source", f"flux={synthetic / 'flux'}", "--compile", "--cache-dir",
+                            str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")])
+    assert compiled == [SCORER_KINDS["nearid"].features] and result["embedding"]["images_embedded"] > 0
+
+
+def test_train_compile_flag_compiles_the_token_pass(train_synthetic, base_model, tmp_path, compiled):
+    train.main(train_args(train_synthetic, base_model, tmp_path / "run", "--compile", "--max-steps", "1",
+                          "--no-export"))
+    assert [fn.__name__ for fn in compiled] == ["forward_features"]
