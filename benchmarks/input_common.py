@@ -154,6 +154,8 @@ def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int,
     seconds, item_bytes = time.perf_counter() - start, store.format.bytes_per_item
     del loader, store
     gc.collect()  # unmaps the shards before the next pass drops them from the page cache
+    if not images:  # a single batch: nothing after the first to time (too few images for the steps)
+        return float("nan")
     return images * item_bytes / seconds / 1e9
 
 
