@@ -216,10 +216,14 @@ def load_scorer(args, state) -> Scorer:
     return Scorer(args.model, args.revision, device, DTYPES[args.dtype], args.trust_remote_code)
 
 
+def fill_options(args, scorer) -> FillOptions:
+    """How the embed-once store computes images, from `EmbeddingArguments` (also search.py's)."""
+    return FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
+                       device=scorer.device, description=f"embedding ({scorer.kind_name})")
+
+
 def embed(scorer, index, args, state) -> evaluation.Embedded:
-    options = FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
-                          device=scorer.device, description=f"embedding ({scorer.kind_name})")
-    return evaluation.embed_images(scorer, index, args.cache_dir, options, state)
+    return evaluation.embed_images(scorer, index, args.cache_dir, fill_options(args, scorer), state)
 
 
 def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, stats, split_file=None):

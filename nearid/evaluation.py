@@ -59,17 +59,20 @@ class Embedded:
     stats: dict = field(default_factory=dict)
 
 
-def embed_images(scorer, index: ImageIndex, cache_dir, options: FillOptions, state=None) -> Embedded:
+def embed_images(scorer, index: ImageIndex, cache_dir, options: FillOptions, state=None,
+                 allow_none: bool = False) -> Embedded:
     """Embed every image of `index` the store under `cache_dir` lacks; return all of them.
 
     Images that cannot be read are an ImageLoadError naming them, or with `options.skip_errors`
-    left out and listed. With several processes (`state`) each computes a share; every process
-    returns the same embeddings.
+    left out and listed. A run that embeds no image at all is an ImageLoadError too, unless
+    `allow_none` (a search index that adds only unreadable files still holds its other images).
+    With several processes (`state`) each computes a share; every process returns the same
+    embeddings.
     """
     store, report = fill(Path(cache_dir) / scorer.fingerprint, scorer.fingerprint, scorer.format, index,
                          scorer.loader, scorer, options, state)
     keys = [key for key in index if key in store]
-    if not keys:
+    if not keys and not allow_none:
         raise ImageLoadError(f"none of the {len(index)} images could be embedded; for example: "
                              f"{next(iter(report.skipped.values()), 'no images were given')}")
     skipped = [{"image": where, "reason": reason} for where, reason in sorted(index.unreadable.items())]

@@ -6,7 +6,7 @@ the plotting functions, so `evaluate.py` imports this module cheaply; model card
 
 - Results JSON: `provenance`, `results_document`.
 - Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`.
-- Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`.
+- Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`, `plot_image_grid` (contact sheets).
 - A run's files: `RunOutputs` (stale files of the previous run removed, results JSON last).
 """
 
@@ -355,6 +355,24 @@ def plot_training_loss(path, history: Mapping, model: str) -> Path:
         right.legend(loc="center right", fontsize=8)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"Training the NearID head\nbase model {model}", fontsize=10)
+    return _save_png(fig, path)
+
+
+def plot_image_grid(path, rows: Sequence[Sequence[tuple]], title: str, cell_inches: float = 1.5) -> Path:
+    """A contact sheet: rows of cells `(image, caption)`, an image an [H, W, 3] uint8 array, or None for
+    one that could not be read (drawn as an empty grey cell). `title` says what is shown and the model."""
+    if not rows or not any(rows):
+        raise ValueError("plot_image_grid needs at least one image")
+    ncols = max(len(cells) for cells in rows)
+    fig = _new_figure(cell_inches * ncols, cell_inches * 1.3 * len(rows) + 0.5)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax_row, cells in zip(axes, rows):
+        for ax, (image, caption) in zip(ax_row, cells):
+            ax.imshow(image if image is not None else np.full((8, 8, 3), 220, np.uint8))
+            ax.set_title(caption if image is not None else f"{caption}\n(unreadable)", fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save_png(fig, path)
 
 
