@@ -1,7 +1,7 @@
 """Identity search over your images: index a gallery, query it, and cluster it by identity.
 
     python search.py index --model SCORER --images DIR [DIR ...] --index-dir INDEX
-    python search.py index --model SCORER --dataset SRC --column image --index-dir INDEX
+    python search.py index --model SCORER --dataset SRC --column image [image2 ...] --index-dir INDEX
     python search.py query --index-dir INDEX --images QUERY [QUERY ...] [--k 10] [--combine each|mean|max]
     python search.py cluster --index-dir INDEX [--threshold 0.8] [--duplicate-threshold 0.95]
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from evaluate import HINTS, Arguments, EmbeddingArguments, ModelArguments, fill_options, load_scorer
 from nearid import data, reports
+from nearid.ann import INDEX_KINDS, IndexSettings
 from nearid.cli import REQUIRED, DatasetSource, build_parser, option, parse, save_arguments, user_errors
 from nearid.clustering import IdentityLinkage
 from nearid.images import load_image
@@ -32,10 +33,8 @@ from nearid.io import write_csv
 from nearid.scorers import resolve_device
 from nearid.search import (
     COMBINE,
-    INDEX_KINDS,
     DatasetColumn,
     Embedder,
-    IndexSettings,
     SearchIndex,
     SearchIndexMismatch,
     describe,
@@ -56,7 +55,7 @@ class IndexArguments:
     images: list[str] = option([], "image files or folders (searched recursively) that make up the gallery")
     dataset: str | None = option(None, "a dataset whose image column makes up the gallery: Hub id (SRC@REVISION pins "
                                        "one), save_to_disk folder or parquet")
-    column: str = option("image", "image column of --dataset")
+    column: list[str] = option(["image"], "image column(s) of --dataset")
     split: str = option("train", "split of --dataset")
     index_type: str = option("exact", "exact inner-product search, or an approximate index for large galleries "
                                       "(its recall@10 against exact search is measured and reported)",
@@ -144,8 +143,8 @@ def gallery_sources(args) -> tuple:
         return args.images, [], []
     source = DatasetSource.parse(args.dataset)
     dataset, provenance = data.open_dataset(source, args.split)
-    data.require_columns(dataset, [args.column], f"dataset {args.dataset}")
-    return args.images, [DatasetColumn(str(source), dataset, args.column, args.split)], [provenance]
+    data.require_columns(dataset, args.column, f"dataset {args.dataset}")
+    return args.images, [DatasetColumn(str(source), dataset, column, args.split) for column in args.column], [provenance]
 
 
 def open_or_create(args, embedder_: Embedder) -> SearchIndex:

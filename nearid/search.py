@@ -36,7 +36,6 @@ Clustering is `nearid.clustering`'s average linkage on cosine distance.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nearid import evaluation
+from nearid.ann import IndexSettings, recall_against_exact
 from nearid.clustering import IdentityLinkage
 from nearid.images import ImageLoadError, find_images, load_image
 from nearid.io import atomic_write_json, read_json
@@ -57,9 +57,7 @@ GALLERY_DIR = "gallery"
 FAISS_FILE = "faiss.index"
 EMBEDDING = "embedding"  # the gallery column, and the name of its FAISS index
 PLACE_FIELDS = ("path", "dataset", "split", "row", "column")  # where an image came from
-INDEX_KINDS = ("exact", "ivf", "hnsw")
 COMBINE = ("each", "mean", "max")
-RECALL_K = 10
 
 
 class SearchIndexMismatch(ValueError):
@@ -67,7 +65,7 @@ class SearchIndexMismatch(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Embedding and the FAISS index
+# Embedding
 
 
 @dataclass
@@ -82,76 +80,6 @@ class Embedder:
     def __call__(self, images: ImageIndex) -> evaluation.Embedded:
         return evaluation.embed_images(self.scorer, images, self.cache_dir, self.options, self.state,
                                        allow_none=True)
-
-
-@dataclass(frozen=True)
-class IndexSettings:
-    """How the FAISS index searches: exact inner product, or IVF / HNSW for large galleries."""
-
-    kind: str = "exact"
-    nlist: int | None = None  # IVF inverted lists; None: 4 sqrt(n), at most n / 39 (FAISS wants 39 per list)
-    nprobe: int = 32  # IVF lists visited per query
-    hnsw_m: int = 32  # HNSW links per vector
-    ef_construction: int = 80  # HNSW candidates while building
-    ef_search: int = 128  # HNSW candidates while searching
-
-    def __post_init__(self):
-        if self.kind not in INDEX_KINDS:
-            raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {self.kind!r}")
-
-    def lists(self, n: int) -> int:
-        return self.nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
-
-    def new_index(self, dim: int, n: int):
-        """An empty FAISS index for `n` vectors of `dim`, its search parameters set."""
-        import faiss
-
-        factory = {"exact": "Flat", "ivf": f"IVF{self.lists(n)},Flat", "hnsw": f"HNSW{self.hnsw_m},Flat"}[self.kind]
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        if self.kind == "hnsw":
-            index.hnsw.efConstruction = self.ef_construction
-        return self.tune(index)
-
-    def tune(self, index):
-        """Set the search parameters (they are not all kept in the index file)."""
-        import faiss
-
-        if self.kind == "ivf":
-            faiss.extract_index_ivf(index).nprobe = self.nprobe
-        elif self.kind == "hnsw":
-            index.hnsw.efSearch = self.ef_search
-        return index
-
-
-def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 65536) -> tuple:
-    """Brute-force top-k inner products in numpy: queries [Q, D], vectors [N, D] (any float dtype) ->
-    (scores [Q, min(k, N)] float32, rows [Q, min(k, N)] int64), best first. Memory: a [Q, chunk] block."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    best_scores = np.empty((len(queries), 0), np.float32)
-    best_rows = np.empty((len(queries), 0), np.int64)
-    for start in range(0, len(vectors), chunk):
-        block = np.asarray(vectors[start:start + chunk], dtype=np.float32)
-        scores = np.concatenate([best_scores, queries @ block.T], axis=1)
-        block_rows = np.broadcast_to(np.arange(start, start + len(block)), (len(queries), len(block)))
-        rows = np.concatenate([best_rows, block_rows], axis=1)
-        keep = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
-        best_scores, best_rows = np.take_along_axis(scores, keep, 1), np.take_along_axis(rows, keep, 1)
-    order = np.argsort(-best_scores, axis=1, kind="stable")
-    return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
-
-
-def recall_against_exact(index, vectors: np.ndarray, k: int = RECALL_K, sample: int = 1000, seed: int = 0) -> float:
-    """Recall@k of the FAISS `index` over `vectors` [N, D] against exact search, `sample` of the vectors as queries.
-
-    The share of each query's exact top k that the index returns; an item tied with the exact k-th score
-    counts as found, since duplicate images are interchangeable.
-    """
-    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False))
-    queries = np.asarray(vectors[rows], dtype=np.float32)
-    exact_scores, _ = exact_top_k(queries, vectors, k)
-    scores, found_rows = index.search(queries, exact_scores.shape[1])
-    found = (found_rows >= 0) & (scores >= exact_scores[:, -1:] - 1e-5)
-    return float(found.sum(1).mean() / exact_scores.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------

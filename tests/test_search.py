@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 
 import search
+from nearid.ann import IndexSettings, recall_against_exact
 from nearid.search import (
     DatasetColumn,
     Embedder,
-    IndexSettings,
     SearchIndex,
     SearchIndexMismatch,
-    recall_against_exact,
 )
 from nearid.store import EmbeddingStore
 from tests.helpers import PixelScorer, draw_vector, user_error
