@@ -22,6 +22,7 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_image_processor.py
 	$(PY) benchmarks/bench_forward.py
 	$(PY) benchmarks/bench_train_compute.py
+	$(PY) benchmarks/bench_search.py
 
 $(VENV)/.ready: requirements.txt requirements-dev.txt scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt
