@@ -33,10 +33,12 @@ from nearid.io import write_csv
 from nearid.scorers import resolve_device
 from nearid.search import (
     COMBINE,
+    INFO_FILE,
     DatasetColumn,
     Embedder,
     SearchIndex,
     SearchIndexMismatch,
+    check_replaceable,
     describe,
     read_info,
     thumbnail,
@@ -151,7 +153,8 @@ def open_or_create(args, embedder_: Embedder) -> SearchIndex:
     """The index of --index-dir, or a new one; one built by another scorer is refused unless --overwrite."""
     settings = IndexSettings(args.index_type, args.nlist, args.nprobe, args.hnsw_m, ef_search=args.ef_search)
     folder = Path(args.index_dir)
-    if not folder.exists() or (args.overwrite and folder.is_dir()):
+    check_replaceable(folder)  # before anything is embedded
+    if not (folder / INFO_FILE).is_file() or args.overwrite:
         return SearchIndex.create(embedder_, settings)
     try:
         index = SearchIndex.load(folder, embedder_)
@@ -232,6 +235,11 @@ def write_query_outputs(args, index, result, records):
     document = reports.results_document("search-query", index.scorer, summary, prov, result.skipped)
     outputs.finish({**document, "results": [{key: r[key] for key in ("query_group", "queries", "rank", "score",
                                                                        "image", "hash")} for r in records]})
+    print_query_summary(index, result, records)
+    print(f"Results in {outputs.folder}")
+
+
+def print_query_summary(index, result, records):
     if result.clamped:
         print(f"k = {result.requested_k} is more than the gallery's {len(index)} images: all {result.k} are returned.")
     if result.skipped:
@@ -239,7 +247,6 @@ def write_query_outputs(args, index, result, records):
     for group in range(min(len(result.queries), SHEET_QUERIES)):
         best = [f"{_caption(r['image'])} {r['score']:.3f}" for r in records if r["query_group"] == group][:3]
         print(f"{'; '.join(_caption(n) for n in result.queries[group][:3])} -> {', '.join(best)}")
-    print(f"Results in {outputs.folder}")
 
 
 def _thumb(load):

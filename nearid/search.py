@@ -44,8 +44,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from nearid import evaluation
+from nearid import data, evaluation
 from nearid.ann import IndexSettings, recall_against_exact
+from nearid.cli import DatasetSource
 from nearid.clustering import IdentityLinkage
 from nearid.images import ImageLoadError, find_images, load_image
 from nearid.io import atomic_write_json, read_json
@@ -235,9 +236,6 @@ class SearchIndex:
 
     def image(self, row: int):
         """The image of gallery row `row` as a PIL image, decoded as everywhere else (`load_image`)."""
-        from nearid import data
-        from nearid.cli import DatasetSource
-
         entry = self.gallery.data.select(["hash", *PLACE_FIELDS]).slice(row, 1).to_pylist()[0]
         if entry["path"] is not None:
             return load_image(entry["path"])
@@ -394,6 +392,7 @@ class SearchIndex:
     def save(self, folder, extra: dict | None = None) -> Path:
         """Write the index to `folder` (a staging folder, renamed when complete); `extra` joins search_index.json."""
         folder = Path(folder)
+        check_replaceable(folder)
         staging = folder.parent / f".{folder.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -457,6 +456,13 @@ def read_info(folder: Path) -> dict:
         raise ValueError(f"the search index in {folder} has format version {info.get('format_version')}; this code "
                          f"reads version {FORMAT_VERSION}. Build it again with `python search.py index`.")
     return info
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to replace a folder that holds something other than a search index."""
+    if folder.exists() and not (folder / INFO_FILE).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} exists and is not a search index (it has no {INFO_FILE}), so it is not "
+                              "replaced; give a new or empty folder, or an existing index")
 
 
 def check_scorer(info: dict, scorer, folder) -> None:

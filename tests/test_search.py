@@ -293,6 +293,12 @@ def test_bad_index_and_query_input_is_a_short_error(tmp_path, gallery, pixels, c
     index = ["index", "--model", "pixels", "--index-dir", str(tmp_path / "index"), "--cache-dir", str(tmp_path / "c")]
     assert "no images in" in user_error(capsys, search.main, [*index, "--images", str(tmp_path / "empty")])
     assert "needs a gallery" in user_error(capsys, search.main, index)
+    drawn_dataset(tmp_path / "drawn")
+    message = user_error(capsys, search.main, [*index, "--dataset", str(tmp_path / "drawn"), "--column", "nope"])
+    assert "lacks columns ['nope']" in message
+    not_an_index = ["index", "--model", "pixels", "--images", str(gallery), "--index-dir", str(gallery / "id0")]
+    assert "is not a search index" in user_error(capsys, search.main, [*not_an_index, "--overwrite"])
+    assert (gallery / "id0" / "img0.png").is_file()  # a folder that is not an index is never replaced
     missing = str(tmp_path / "nowhere")
     for argv in (["query", "--index-dir", missing, "--images", str(gallery)], ["cluster", "--index-dir", missing]):
         assert f"no search index in {missing}" in user_error(capsys, search.main, argv)
