@@ -267,14 +267,19 @@ def record_model_index(args, outputs, benchmark, values, split, model_name) -> N
 # --- nearid ----------------------------------------------------------------------------------------
 
 
+def embed_benchmark(bench, args, state) -> tuple:
+    """(view keys, distractor keys by source, scorer, embeddings) of every image of a joined NearID benchmark."""
+    index = ImageIndex(args.skip_bad_images)
+    view_keys, source_keys = evaluation.nearid_keys(bench, index)
+    scorer = load_scorer(args, state)
+    return view_keys, source_keys, scorer, embed(scorer, index, args, state)
+
+
 def run_nearid(args, state):
     bench, dataset_provenance = data.open_benchmark(DatasetSource.parse(args.positives), named_sources(args.source))
     if args.split_file:
         bench = bench.select(data.load_split_indices(args.split_file, len(bench)))
-    index = ImageIndex(args.skip_bad_images)
-    view_keys, source_keys = evaluation.nearid_keys(bench, index)
-    scorer = load_scorer(args, state)
-    embedded = embed(scorer, index, args, state)
+    view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
     if not state.is_main_process:
         return None
     margins = evaluation.nearid_margins_by_source(embedded.vectors, view_keys, source_keys, embedded.vectors.dim)
@@ -324,10 +329,7 @@ def run_retrieval(args, state):
     data.check_disjoint({"--split-file": test_rows, "--val-split-file": val_rows})
     # One selection for both splits: the image index names every dataset once.
     bench = bench.select(test_rows + val_rows)
-    index = ImageIndex(args.skip_bad_images)
-    view_keys, source_keys = evaluation.nearid_keys(bench, index)
-    scorer = load_scorer(args, state)
-    embedded = embed(scorer, index, args, state)
+    view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
     if not state.is_main_process:
         return None
     scores, rows = evaluation.retrieval_benchmark(bench, view_keys, source_keys, embedded.vectors, test_rows, val_rows)

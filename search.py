@@ -74,7 +74,8 @@ class IndexedModelArguments(ModelArguments):
     """The scorer (default: the index's own)"""
 
     model: str | None = option(None, "scorer that embeds the query images; default: the one the index was built "
-                                     "with (another model, preprocessing or dimension is refused)")
+                                     "with, with its revision and dtype (another model, preprocessing or dimension "
+                                     "is refused)")
 
 
 @dataclass
