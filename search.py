@@ -258,9 +258,10 @@ def _thumb(load):
         return None
 
 
-def _caption(name: str, width: int = 22) -> str:
-    name = Path(name).name
-    return name if len(name) <= width else name[:width - 1] + "\u2026"
+def _caption(name: str, width: int = 24) -> str:
+    """The file and its folder (a subject, often), cut from the left to fit under a thumbnail."""
+    name = "/".join(Path(name).parts[-2:])
+    return name if len(name) <= width else "\u2026" + name[1 - width:]
 
 
 def query_sheet(index, result) -> list:
