@@ -222,7 +222,8 @@ def test_index_query_and_cluster_commands(tmp_path, gallery, pixels, capsys):
 
     out = tmp_path / "query"
     queries = [str(gallery / "id1" / "img2.png"), str(gallery / "id3")]
-    search.main(["query", "--index-dir", str(index_dir), "--images", *queries, "--k", "3", "--output-dir", str(out)])
+    query = ["query", "--index-dir", str(index_dir), "--cache-dir", str(cache), "--output-dir", str(out)]
+    search.main([*query, "--images", *queries, "--k", "3"])
     rows = read_csv(out / "query_results.csv")
     assert len(rows) == 4 * 3 and [r["rank"] for r in rows[:3]] == ["1", "2", "3"]
     for group in range(4):
@@ -234,8 +235,7 @@ def test_index_query_and_cluster_commands(tmp_path, gallery, pixels, capsys):
     assert set(results["files"]) == {"query_args.json", "query_results.csv", "query_contact_sheet.png"}
     assert (out / "query_contact_sheet.png").stat().st_size > 1000
 
-    search.main(["query", "--index-dir", str(index_dir), "--images", str(gallery / "id2"), "--combine", "max",
-                 "--k", "50", "--output-dir", str(out)])
+    search.main([*query, "--images", str(gallery / "id2"), "--combine", "max", "--k", "50"])
     assert "k = 50 is more than the gallery's 13 images: all 13 are returned" in capsys.readouterr().out
     results = json.loads((out / "query_results.json").read_text())
     assert (results["metrics"]["requested_k"], results["metrics"]["k"], results["metrics"]["n_query_groups"]) == \
@@ -262,8 +262,8 @@ def test_index_a_dataset_column_and_query_it(tmp_path, pixels):
     search.main(["index", "--model", "pixels", "--dataset", str(tmp_path / "drawn"), "--column", "image",
                  "--index-dir", str(tmp_path / "index"), "--cache-dir", str(tmp_path / "cache")])
     identity_image(1, 5).save(tmp_path / "query.png")
-    search.main(["query", "--index-dir", str(tmp_path / "index"), "--images", str(tmp_path / "query.png"),
-                 "--k", "2", "--output-dir", str(tmp_path / "out")])
+    search.main(["query", "--index-dir", str(tmp_path / "index"), "--images", str(tmp_path / "query.png"), "--k", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")])
     rows = read_csv(tmp_path / "out" / "query_results.csv")
     assert [r["image"] for r in rows] == [f"{tmp_path / 'drawn'} [train] row {row} column image" for row in (1, 5)]
     info = json.loads((tmp_path / "index" / "search_index.json").read_text())
@@ -305,7 +305,8 @@ def test_bad_index_and_query_input_is_a_short_error(tmp_path, gallery, pixels, c
 
     search.main([*index, "--images", str(gallery / "id0")])
     monkeypatch.setattr(search, "load_scorer", lambda args, state: PixelScorer(side=2))
-    query = ["query", "--index-dir", str(tmp_path / "index"), "--images", str(gallery / "id0"), "--model", "other"]
+    query = ["query", "--index-dir", str(tmp_path / "index"), "--images", str(gallery / "id0"), "--model", "other",
+             "--cache-dir", str(tmp_path / "c")]
     message = user_error(capsys, search.main, query)
     assert "fingerprint pixels-3x3" in message and "fingerprint pixels-2x2" in message
     message = user_error(capsys, search.main, [*index, "--images", str(gallery / "id0")])
