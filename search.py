@@ -303,11 +303,16 @@ def cluster_summary(args, clusters, duplicates) -> dict:
             "n_images_in_near_duplicate_groups": int(duplicate_sizes[duplicate_sizes > 1].sum())}
 
 
+def members(labels) -> list:
+    """The gallery rows of every label 0, 1, ... (labels are numbered by size: the largest first)."""
+    order = np.argsort(labels, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(labels))[:-1])
+
+
 def label_groups(labels, entries, min_size: int = 2) -> list:
     """[{"group", "size", "images"}] of the labels with at least `min_size` images, largest first."""
-    sizes = np.bincount(labels)
-    return [{"group": int(g), "size": int(sizes[g]), "images": [describe(entries[i]) for i in np.flatnonzero(labels == g)]}
-            for g in np.flatnonzero(sizes >= min_size)]
+    return [{"group": group, "size": len(rows), "images": [describe(entries[row]) for row in rows]}
+            for group, rows in enumerate(members(labels)) if len(rows) >= min_size]
 
 
 def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
@@ -315,14 +320,14 @@ def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
     save_arguments(outputs.path("cluster_args.json"), "search.py cluster", *args.groups.values())
     write_csv(outputs.path("clusters.csv"), records)
     entries = index.entries()
-    large = label_groups(clusters, entries, args.sheet_min_size)[:args.max_sheets]
-    for cluster in large:
-        rows = np.flatnonzero(clusters == cluster["group"])[:SHEET_CLUSTER_IMAGES]
-        cells = [(_thumb(lambda r=r: index.image(r)), _caption(describe(entries[r]))) for r in rows]
-        name = f"cluster_sheets/cluster_{cluster['group']:04d}.png"
+    large = [(group, rows) for group, rows in enumerate(members(clusters)) if len(rows) >= args.sheet_min_size]
+    for group, rows in large[:args.max_sheets]:
+        cells = [(_thumb(lambda r=r: index.image(r)), _caption(describe(entries[r])))
+                 for r in rows[:SHEET_CLUSTER_IMAGES]]
+        name = f"cluster_sheets/cluster_{group:04d}.png"
         outputs.optional(f"drawing {name}", reports.plot_image_grid, outputs.path(name),
                          [cells[i:i + 8] for i in range(0, len(cells), 8)],
-                         f"Cluster {cluster['group']}: {cluster['size']} images at similarity >= {args.threshold}\n"
+                         f"Cluster {group}: {len(rows)} images at similarity >= {args.threshold}\n"
                          f"{index.scorer.get('spec')}")
     prov = reports.provenance(index.scorer, [{"kind": "search index", "path": str(Path(args.index_dir).resolve())}])
     document = reports.results_document("search-cluster", index.scorer, summary, prov, [])
