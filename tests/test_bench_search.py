@@ -10,7 +10,7 @@ def test_the_search_benchmark_runs_and_records_its_table(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_search", REPO_ROOT / "benchmarks" / "bench_search.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    lines = bench.main(["--n", "3000", "--dim", "32", "--queries", "50", "--categories", "5",
+    lines = bench.main(["--n", "3000", "--dim", "32", "--queries", "50", "--categories", "5", "--kinds", "ivf", "hnsw",
                         "--output", str(tmp_path / "search.txt")])
     assert (tmp_path / "search.txt").read_text().splitlines() == lines
     rows = [line for line in lines if line.startswith("| faiss ")]

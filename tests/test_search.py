@@ -168,8 +168,8 @@ def test_recall_against_exact_counts_the_exact_neighbours_found():
     import faiss
 
     rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(2000, 16)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = rng.normal(size=(2000, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
     index = IndexSettings("ivf", nlist=32, nprobe=1).new_index(16, len(vectors))
     index.train(vectors)
     index.add(vectors)
