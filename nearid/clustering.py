@@ -103,6 +103,9 @@ def candidate_thresholds(vectors: np.ndarray, neighbours: int = 10, count: int =
     import faiss
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(vectors) < 2:
+        raise ValueError(f"choosing a clustering threshold needs at least 2 images, got {len(vectors)}; give a val "
+                         "split with more rows")
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     scores, _ = index.search(vectors, min(neighbours + 1, len(vectors)))

@@ -130,6 +130,8 @@ def test_candidate_thresholds_lie_among_neighbour_similarities():
     np.fill_diagonal(sims, -1)
     assert 10 <= len(candidates) <= 50 and np.all(np.diff(candidates) > 0)
     assert candidates.min() >= np.sort(sims, axis=1)[:, -10].min() - 1e-6 and candidates.max() <= sims.max() + 1e-6
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+        clustering.candidate_thresholds(vectors[:1])
 
 
 def test_a_group_too_large_for_memory_is_refused_with_what_to_do(monkeypatch):
