@@ -26,6 +26,7 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_embedding_pipeline.py
 	$(PY) benchmarks/bench_int8_cache.py
 	$(PY) benchmarks/estimate_real_run.py
+	$(PY) benchmarks/bench_search.py
 
 $(VENV)/.ready: requirements.txt requirements-dev.txt scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt

@@ -7,7 +7,7 @@
   4. train the head with train.py (cached backbone tokens, the paper's loss), which exports a
      complete Hub repo folder with its model card,
   5. evaluate the release folder (loaded through AutoModel with trust_remote_code, as users do),
-  6. print the before/after table in Table-1 format.
+  6. print the before/after table in Table-1 format, and the near-identity retrieval table.
 Nothing is downloaded. The backbone is random and tiny, so the numbers show that the head learns
 identity over background on this data, not NearID's accuracy on the real benchmark.
 
@@ -37,8 +37,8 @@ def export_untrained(base: Path, folder: Path) -> Path:
     return export_hub_folder(model, NearIDImageProcessor.from_pretrained(base), folder, overwrite=True)
 
 
-def evaluate_model(model: Path, data: Path, out: Path) -> dict:
-    """NearID SSR/PA and MTG on their test splits, DreamBench++ MH: one Table-1 row."""
+def evaluate_model(model: Path, data: Path, out: Path) -> tuple:
+    """NearID SSR/PA and MTG on their test splits, DreamBench++ MH: one Table-1 row; and the retrieval metrics."""
     common = ["--model", str(model), "--cache-dir", str(out / "embedding_cache"), "--batch-size", "64"]
     sources = [arg for name in SOURCES for arg in ("--source", f"{name}={data / name}")]
     nearid = evaluate.main(["nearid", *common, "--positives", str(data / "positives"), *sources,
@@ -47,7 +47,10 @@ def evaluate_model(model: Path, data: Path, out: Path) -> dict:
                          "--output-dir", str(out / "mtg")])
     dreambench = evaluate.main(["dreambench", *common, "--ratings", str(data / "dreambench" / "ratings"),
                                 "--samples", str(data / "dreambench" / "samples"), "--output-dir", str(out / "dreambench")])
-    return reports.table1_row(nearid=nearid["pooled_given"], mtg=mtg, dreambench=dreambench)
+    retrieval = evaluate.main(["retrieval", *common, "--positives", str(data / "positives"), *sources,
+                               "--split-file", str(data / "splits" / "test.json"),
+                               "--val-split-file", str(data / "splits" / "val.json"), "--output-dir", str(out / "retrieval")])
+    return reports.table1_row(nearid=nearid["pooled_given"], mtg=mtg, dreambench=dreambench), retrieval
 
 
 def train_head(base: Path, data: Path, out: Path, epochs: int) -> dict:
@@ -67,11 +70,13 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
                                "64", "--sources", *SOURCES, "--mtg-train", "40", "--mtg-test", "20", "--overwrite"])
     base = save_siglip_checkpoint(output_dir / "small-siglip", SMALL_SIGLIP)
     untrained = export_untrained(base, output_dir / "nearid-untrained")
-    before = evaluate_model(untrained, data, output_dir / "eval-untrained")
+    before, retrieval_before = evaluate_model(untrained, data, output_dir / "eval-untrained")
     trained = train_head(base, data, output_dir / "training", epochs)
-    after = evaluate_model(Path(trained["release"]), data, output_dir / "eval-trained")
-    table = reports.table1_markdown({"NearID head, untrained (= SigLIP MAP head)": before,
-                                     f"NearID head, trained {epochs} epochs": after}, nearid_sources=SOURCES)
+    after, retrieval_after = evaluate_model(Path(trained["release"]), data, output_dir / "eval-trained")
+    names = ("NearID head, untrained (= SigLIP MAP head)", f"NearID head, trained {epochs} epochs")
+    table = reports.table1_markdown(dict(zip(names, (before, after))), nearid_sources=SOURCES) + \
+        "\nNear-identity retrieval:\n\n" + \
+        reports.retrieval_markdown(dict(zip(names, (retrieval_before, retrieval_after))))
     atomic_write_text(output_dir / "before_after.md", table + "\n")
     counts = manifest["counts"]
     print(f"\nSynthetic benchmark, Table-1 format: NearID on the test split ({counts['split_test']} of "
@@ -79,7 +84,8 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
           f"on {counts['dreambench_images_per_method']} generations per method:\n")
     print(table)
     print(f"\nRelease folder with model card: {trained['release']}")
-    return {"before": before, "after": after, "release": trained["release"]}
+    return {"before": before, "after": after, "retrieval": {"before": retrieval_before, "after": retrieval_after},
+            "release": trained["release"]}
 
 
 @dataclass

@@ -2,6 +2,8 @@
 your own generated images against their references.
 
     python evaluate.py nearid --model SCORER --positives SRC --source flux=SRC [--source ...] [--split-file F]
+    python evaluate.py retrieval --model SCORER --positives SRC --source flux=SRC [...] --split-file TEST
+        [--val-split-file VAL]
     python evaluate.py mtg --model SCORER [--mtg SRC] [--split test]
     python evaluate.py dreambench --ratings DIR (--scores-from FOLDER | --model SCORER --samples DIR)
     python evaluate.py score --model SCORER (--references DIR --generations DIR | --samples DIR | --metadata FILE)
@@ -108,6 +110,16 @@ class NearIDArguments(NearIDSources):
 
 
 @dataclass
+class RetrievalArguments(NearIDSources):
+    """The near-identity retrieval benchmark"""
+
+    split_file: str | None = option(None, "JSON list of the row indices to evaluate (the test split); default: all rows")
+    val_split_file: str | None = option(None, "JSON list of the val row indices, on which the clustering threshold "
+                                              "is chosen; default: the evaluated rows (an optimistic threshold, "
+                                              "recorded as such)")
+
+
+@dataclass
 class MTGArguments:
     """The MTG benchmark"""
 
@@ -187,6 +199,12 @@ MODES = {
                "NearID benchmark: SSR and PA per distractor source, and pooled. Writes nearid_results.json (last), "
                "nearid_table.md, nearid_per_sample.csv, nearid_margins.png, nearid_ssr_pa.png.",
                (NearIDArguments, *COMMON, ModelIndexArguments)),
+    "retrieval": ("near-identity retrieval: Recall@k, mAP, distractor-first rate, clustering ARI/NMI",
+                  "Near-identity retrieval (docs/method.md section 6): every present view queries a gallery of all "
+                  "views and distractors; Recall@1/5/10, mAP, the distractor-first rate, and clustering ARI/NMI at "
+                  "the threshold chosen on the val split. Writes retrieval_results.json (last), retrieval_table.md, "
+                  "retrieval_per_query.csv, retrieval_scores.png.",
+                  (RetrievalArguments, *COMMON, ModelIndexArguments)),
     "mtg": ("MTG part-level benchmark: MO, MOpair, SSR and PA",
             "MTG part-level benchmark: oracles from the masks, 5 similarities per row, MO, MOpair, SSR, PA. Writes "
             "mtg_results.json (last), mtg_table.md, mtg_per_sample.csv, mtg_similarity_vs_oracle.png.",
@@ -264,12 +282,16 @@ def load_scorer(args, state) -> Scorer:
                   resolve_precision(args.mixed_precision, device), args.compile)
 
 
+def fill_options(args, scorer) -> FillOptions:
+    """How the embed-once store computes images, from `EmbeddingArguments` (also search.py's)."""
+    return FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
+                       device=scorer.device, description=f"embedding ({scorer.kind_name})")
+
+
 def embed(index, args, state) -> tuple:
     """(scorer, its embeddings of every image of `index`): the step every mode shares."""
     scorer = load_scorer(args, state)
-    options = FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
-                          device=scorer.device, description=f"embedding ({scorer.kind_name})")
-    return scorer, evaluation.embed_images(scorer, index, args.cache_dir, options, state)
+    return scorer, evaluation.embed_images(scorer, index, args.cache_dir, fill_options(args, scorer), state)
 
 
 def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, stats, split_file=None):
@@ -295,13 +317,19 @@ def record_model_index(args, outputs, benchmark, values, split, model_name) -> N
 # --- nearid ----------------------------------------------------------------------------------------
 
 
+def embed_benchmark(bench, args, state) -> tuple:
+    """(view keys, distractor keys by source, scorer, embeddings) of every image of a joined NearID benchmark."""
+    index = ImageIndex(args.skip_bad_images)
+    view_keys, source_keys = evaluation.nearid_keys(bench, index)
+    scorer, embedded = embed(index, args, state)
+    return view_keys, source_keys, scorer, embedded
+
+
 def run_nearid(args, state):
     bench, dataset_provenance = data.open_benchmark(DatasetSource.parse(args.positives), named_sources(args.source))
     if args.split_file:
         bench = bench.select(data.load_split_indices(args.split_file, len(bench)))
-    index = ImageIndex(args.skip_bad_images)
-    view_keys, source_keys = evaluation.nearid_keys(bench, index)
-    scorer, embedded = embed(index, args, state)
+    view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
     if not state.is_main_process:
         return None
     margins = evaluation.nearid_margins_by_source(embedded.vectors, view_keys, source_keys, embedded.vectors.dim)
@@ -337,6 +365,42 @@ def write_nearid_outputs(args, scorer, bench, margins, summary, embedded, datase
     headline = summary.get("table1_average", summary.get("pooled_given"))
     record_model_index(args, outputs, "nearid", headline, split, scorer.spec)
     outputs.finish(results_document("nearid", scorer.provenance(), summary, list(dataset_provenance.values()),
+                                    embedded.skipped, embedded.stats, args.split_file))
+    print(table)
+
+
+# --- retrieval -------------------------------------------------------------------------------------
+
+
+def run_retrieval(args, state):
+    bench, dataset_provenance = data.open_benchmark(DatasetSource.parse(args.positives), named_sources(args.source))
+    test_rows = data.load_split_indices(args.split_file, len(bench)) if args.split_file else list(range(len(bench)))
+    val_rows = data.load_split_indices(args.val_split_file, len(bench)) if args.val_split_file else []
+    data.check_disjoint({"--split-file": test_rows, "--val-split-file": val_rows})
+    # One selection for both splits: the image index names every dataset once.
+    bench = bench.select(test_rows + val_rows)
+    view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
+    if not state.is_main_process:
+        return None
+    scores, rows = evaluation.retrieval_benchmark(bench, view_keys, source_keys, embedded.vectors, test_rows, val_rows)
+    write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_provenance)
+    return {**scores, "embedding": embedded.stats}
+
+
+def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_provenance):
+    outputs = reports.RunOutputs(args.output_dir, "retrieval_results.json")
+    save_arguments(outputs.path("retrieval_args.json"), "evaluate.py retrieval", *args.groups.values())
+    table = reports.retrieval_markdown({scorer.spec: scores}) + (
+        f"\n{scores['n_queries']} queries; gallery of {scores['n_gallery']} images ({scores['n_views']} views, "
+        f"{scores['n_distractors']} distractors of {', '.join(named_sources(args.source))}); clustering threshold "
+        f"{scores['cluster_threshold']:.4f}, chosen on the {scores['cluster_threshold_split']}.\n")
+    write_csv(outputs.path("retrieval_per_query.csv"), rows)
+    atomic_write_text(outputs.path("retrieval_table.md"), table)
+    outputs.optional("plotting retrieval_scores.png", reports.plot_retrieval, outputs.path("retrieval_scores.png"),
+                     scores, scorer.spec)
+    split = Path(args.split_file).stem if args.split_file else "train"
+    record_model_index(args, outputs, "retrieval", scores, split, scorer.spec)
+    outputs.finish(results_document("retrieval", scorer.provenance(), scores, list(dataset_provenance.values()),
                                     embedded.skipped, embedded.stats, args.split_file))
     print(table)
 
@@ -519,7 +583,8 @@ def write_table1_outputs(args, row, sources):
 
 # --- command line ----------------------------------------------------------------------------------
 
-RUNS = {"nearid": run_nearid, "mtg": run_mtg, "dreambench": run_dreambench, "score": run_score, "table1": run_table1}
+RUNS = {"nearid": run_nearid, "retrieval": run_retrieval, "mtg": run_mtg, "dreambench": run_dreambench,
+        "score": run_score, "table1": run_table1}
 HINTS = {ImageLoadError: "Pass --skip-bad-images to leave unreadable images out; they are listed in the results."}
 
 

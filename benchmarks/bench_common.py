@@ -1,12 +1,12 @@
-"""Shared bits of the benchmark scripts: the environment header and recording the output."""
+"""Shared bits of the benchmark scripts: the environment header and recording the output.
+
+torch and transformers are imported where they are used, so a benchmark that needs neither
+(bench_search.py: faiss and numpy) runs without them."""
 
 import datetime
 import platform
 import time
 from pathlib import Path
-
-import torch
-import transformers
 
 
 def cpu_model() -> str:
@@ -20,6 +20,9 @@ def cpu_model() -> str:
 
 
 def environment_lines() -> list:
+    import torch
+    import transformers
+
     return [
         f"date: {datetime.date.today().isoformat()}",
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
@@ -29,6 +32,8 @@ def environment_lines() -> list:
 
 def best_time(fn, repeats):
     """Seconds of the least disturbed of `repeats` timed calls, after one warm-up call."""
+    import torch
+
     fn()  # warm-up: allocator, kernels, caches, first-call imports
     times = []
     for _ in range(repeats):

@@ -5,9 +5,10 @@
 - `VectorTable`, `embedding_matrix`, `slot_embeddings`: embeddings by image key, stacked into the
   arrays the metrics take (a missing image is a zero row with presence False, never compacted).
 - The NearID benchmark (`nearid_keys`, `nearid_margins_by_source`, `nearid_summary`,
-  `nearid_rows`), MTG (`mtg_keys`, `mtg_oracles`, `mtg_similarities`, `mtg_rows`) and DreamBench++
-  from images (`dreambench_pairs_index`, `dreambench_scores`): keys in, metric inputs out; the
-  metrics themselves are `nearid.metrics`'.
+  `nearid_rows`), MTG (`mtg_keys`, `mtg_oracles`, `mtg_similarities`, `mtg_rows`), DreamBench++
+  from images (`dreambench_pairs_index`, `dreambench_scores`) and near-identity retrieval
+  (`retrieval_gallery`, `retrieval_ranking`, `retrieval_threshold`, `retrieval_clustering`,
+  `retrieval_rows`): keys in, metric inputs out; the metrics themselves are `nearid.metrics`'.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from nearid import data, metrics
+from nearid import clustering, data, metrics
 from nearid.images import ImageLoadError
 from nearid.store import FillOptions, ImageIndex, fill
 
@@ -59,17 +60,20 @@ class Embedded:
     stats: dict = field(default_factory=dict)
 
 
-def embed_images(scorer, index: ImageIndex, cache_dir, options: FillOptions, state=None) -> Embedded:
+def embed_images(scorer, index: ImageIndex, cache_dir, options: FillOptions, state=None,
+                 allow_none: bool = False) -> Embedded:
     """Embed every image of `index` the store under `cache_dir` lacks; return all of them.
 
     Images that cannot be read are an ImageLoadError naming them, or with `options.skip_errors`
-    left out and listed. With several processes (`state`) each computes a share; every process
-    returns the same embeddings.
+    left out and listed. A run that embeds no image at all is an ImageLoadError too, unless
+    `allow_none` (a search index that adds only unreadable files still holds its other images).
+    With several processes (`state`) each computes a share; every process returns the same
+    embeddings.
     """
     store, report = fill(Path(cache_dir) / scorer.fingerprint, scorer.fingerprint, scorer.format, index,
                          scorer.loader, scorer, options, state)
     keys = [key for key in index if key in store]
-    if not keys:
+    if not keys and not allow_none:
         raise ImageLoadError(f"none of the {len(index)} images could be embedded; for example: "
                              f"{next(iter(report.skipped.values()), 'no images were given')}")
     skipped = [{"image": where, "reason": reason} for where, reason in sorted(index.unreadable.items())]
@@ -245,3 +249,120 @@ def dreambench_scores(pairs: Mapping, vectors: Mapping) -> dict:
     return {method: {k: float(100 * np.dot(vectors[s], vectors[t]))
                      for k, s, t in zip(keys, src, tgt) if s in vectors and t in vectors}
             for method, (keys, src, tgt) in pairs.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Near-identity retrieval (docs/method.md section 6)
+
+
+@dataclass
+class RetrievalGallery:
+    """The gallery of the near-identity retrieval benchmark: every present view of the rows and every
+    present distractor of every source, M items in all.
+
+    embeddings [M, D]; identity [M] (a view: its row; a distractor: an identity of its own); row [M]
+    (the benchmark row the item belongs to); is_view [M] bool; names [M] (where each image came from).
+    """
+
+    embeddings: np.ndarray
+    identity: np.ndarray
+    row: np.ndarray
+    is_view: np.ndarray
+    names: list
+
+    def queries(self) -> np.ndarray:
+        """The items that are queries: views whose row has another present view."""
+        views_per_row = np.bincount(self.row[self.is_view], minlength=self.row.max(initial=-1) + 1)
+        return np.flatnonzero(self.is_view & (views_per_row[self.row] >= 2))
+
+
+def retrieval_gallery(bench, view_keys, source_keys: Mapping, vectors: Mapping, rows: Sequence[int],
+                      dataset_rows: Sequence[int]) -> RetrievalGallery:
+    """The `RetrievalGallery` of `rows` of a joined benchmark (keys from `nearid_keys`); images that were
+    not embedded are absent. `dataset_rows[row]` is the row's index in the dataset, for the names."""
+    items = [(key, row, True, f"positives row {dataset_rows[row]} column {column}")
+             for row in rows for column, keys in zip(bench.view_columns, view_keys)
+             if (key := keys[row]) is not None and key in vectors]
+    items += [(key, row, False, f"source {name} row {dataset_rows[row]} column {column}")
+              for name, slots in source_keys.items() for row in rows
+              for column, keys in zip(bench.distractor_columns[name], slots)
+              if (key := keys[row]) is not None and key in vectors]
+    keys, item_rows, is_view, names = (list(values) for values in zip(*items)) if items else ([], [], [], [])
+    item_rows, is_view = np.array(item_rows, dtype=np.int64), np.array(is_view, dtype=bool)
+    identity = np.where(is_view, item_rows, len(bench) + np.arange(len(item_rows)))  # a distractor: its own
+    return RetrievalGallery(embedding_matrix(vectors, keys, vectors.dim)[0], identity, item_rows, is_view, names)
+
+
+def retrieval_ranking(gallery: RetrievalGallery, chunk: int = 256) -> tuple:
+    """(query items [Q], `metrics.retrieval_per_query` over all queries): each query ranks the gallery
+    without itself; relevant are the other views of its row."""
+    queries = gallery.queries()
+    if not len(queries):
+        raise ValueError(f"no row has two present views among the {len(gallery.names)} gallery images, so there "
+                         "is no retrieval query; evaluate rows with at least two views")
+    embeddings = gallery.embeddings.astype(np.float64)
+    parts = []
+    for start in range(0, len(queries), chunk):  # a [chunk, M] block of similarities at a time
+        query = queries[start:start + chunk]
+        sims = embeddings[query] @ embeddings.T
+        relevant = gallery.identity[query][:, None] == gallery.identity[None, :]
+        sims[np.arange(len(query)), query], relevant[np.arange(len(query)), query] = -np.inf, False
+        own_distractor = (gallery.row[query][:, None] == gallery.row[None, :]) & ~gallery.is_view[None, :]
+        parts.append(metrics.retrieval_per_query(sims, relevant, own_distractor))
+    return queries, {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def retrieval_threshold(gallery: RetrievalGallery) -> tuple:
+    """(threshold, ARI): the clustering threshold among `clustering.candidate_thresholds` with the best ARI."""
+    candidates = clustering.candidate_thresholds(gallery.embeddings)
+    linkage = clustering.IdentityLinkage(gallery.embeddings, candidates.min())
+    aris = [metrics.clustering_scores(gallery.identity, linkage.labels(t))["ari"] for t in candidates]
+    best = int(np.argmax(aris))
+    return float(candidates[best]), aris[best]
+
+
+def retrieval_clustering(gallery: RetrievalGallery, threshold: float) -> dict:
+    """`metrics.clustering_scores` of the gallery clustered at `threshold`."""
+    return metrics.clustering_scores(gallery.identity,
+                                     clustering.IdentityLinkage(gallery.embeddings, threshold).labels(threshold))
+
+
+def retrieval_rows(gallery: RetrievalGallery, queries: np.ndarray, per_query: Mapping, ids: Sequence) -> list:
+    """Per query: its image and id, where its first relevant item ranks, its AP, and what ranked first."""
+    rows = []
+    for i, query in enumerate(queries):
+        top = int(per_query["top1"][i])
+        kind = ("same identity" if gallery.identity[top] == gallery.identity[query] else
+                "own distractor" if per_query["top1_own_distractor"][i] else
+                "other view" if gallery.is_view[top] else "other distractor")
+        rows.append({"query": gallery.names[query], "id": ids[gallery.row[query]],
+                     "first_relevant_rank": int(per_query["first_relevant_rank"][i]),
+                     "average_precision": float(per_query["average_precision"][i]),
+                     "top1": gallery.names[top], "top1_score": float(per_query["top1_score"][i]), "top1_is": kind})
+    return rows
+
+
+def retrieval_benchmark(bench, view_keys, source_keys: Mapping, vectors: Mapping, test_rows: Sequence[int],
+                        val_rows: Sequence[int]) -> tuple:
+    """(flat metrics, per-query rows) of near-identity retrieval on the test rows, clustered at the threshold
+    chosen on the val rows (on the test rows themselves without any, an optimistic choice that the metrics say).
+
+    `bench` holds the test rows, then the val rows (one selection, so every image has one place);
+    `test_rows` / `val_rows` are their indices in the dataset, for the names.
+    """
+    dataset_rows = [*test_rows, *val_rows]
+    test = retrieval_gallery(bench, view_keys, source_keys, vectors, range(len(test_rows)), dataset_rows)
+    queries, per_query = retrieval_ranking(test)
+    scores = metrics.retrieval_scores(per_query["first_relevant_rank"], per_query["average_precision"],
+                                      per_query["top1_own_distractor"])
+    val = retrieval_gallery(bench, view_keys, source_keys, vectors, range(len(test_rows), len(bench)),
+                            dataset_rows) if val_rows else test
+    threshold, threshold_ari = retrieval_threshold(val)
+    clusters = retrieval_clustering(test, threshold)
+    scores.update(n_gallery=len(test.names), n_views=int(test.is_view.sum()), n_distractors=int((~test.is_view).sum()),
+                  cluster_threshold=threshold,
+                  cluster_threshold_split="val split" if val_rows else "evaluated rows (no --val-split-file)",
+                  cluster_threshold_ari=threshold_ari, cluster_ari=clusters["ari"], cluster_nmi=clusters["nmi"],
+                  n_clusters=clusters["n_clusters"], n_identities=clusters["n_identities"])
+    ids = list(bench.positives.select_columns(["id"])["id"])
+    return scores, retrieval_rows(test, queries, per_query, ids)

@@ -1,4 +1,4 @@
-"""Evaluation metrics of NearID as pure functions (docs/method.md section 4).
+"""Evaluation metrics of NearID as pure functions (docs/method.md sections 4 and 6).
 
 Arrays in (numpy, or torch tensors on any device), flat dicts with stable keys out. Percentages are
 in [0, 100]. No model, dataset or plotting code lives here, so `evaluate.py` and the tests import it
@@ -11,6 +11,7 @@ without pulling in anything heavy.
 - DreamBench++ metric-to-human (MH): `canonical_dreambench_key`, `canonicalize_dreambench_scores`,
   `metric_to_human`, `human_agreement`, `dreambench_mh`, `dreambench_human_ceiling`. The rating
   files are read by `nearid.data` (`load_dreambench_scores`, `load_dreambench_human`).
+- Near-identity retrieval: `retrieval_per_query`, `retrieval_scores`, `clustering_scores`.
 """
 
 import re
@@ -395,3 +396,91 @@ def dreambench_human_ceiling(human_by_method: Mapping[str, tuple],
     if missing:
         raise ValueError(f"no human ratings for methods {missing}")
     return _aggregate({m: human_agreement(*human_by_method[m], name=m) for m in methods})
+
+
+# --------------------------------------------------------------------------------------------------
+# Near-identity retrieval (docs/method.md section 6)
+
+RETRIEVAL_KS = (1, 5, 10)
+
+
+def retrieval_per_query(similarity, relevant, own_distractor) -> dict:
+    """Where each query's relevant items land when the gallery is ranked by similarity.
+
+    Args:
+        similarity: [Q, M] cosine similarity of each query to each gallery item. An item a query must
+            not see (the query itself) has -inf: it ranks last and must not be relevant.
+        relevant: [Q, M] bool, the items of the query's identity (at least one per query).
+        own_distractor: [Q, M] bool, the near-identity distractors of the query's own row.
+
+    Ties keep gallery order (a stable sort), so the result does not depend on the platform.
+
+    Returns:
+        first_relevant_rank: [Q] int, 1-based rank of the best-ranked relevant item.
+        average_precision: [Q] float, mean over relevant items of the precision at their rank.
+        top1: [Q] int, gallery index of the top-ranked item; top1_score: [Q] its similarity.
+        top1_own_distractor: [Q] bool, the top-ranked item is one of the query's own distractors.
+    """
+    similarity = _np(similarity)
+    relevant, own_distractor = _np(relevant, bool), _np(own_distractor, bool)
+    if similarity.ndim != 2 or relevant.shape != similarity.shape or own_distractor.shape != similarity.shape:
+        raise ValueError(f"expected similarity, relevant and own_distractor [Q, M] of one shape, got "
+                         f"{similarity.shape}, {relevant.shape} and {own_distractor.shape}")
+    if np.isnan(similarity).any() or np.isposinf(similarity).any():
+        raise ValueError("similarity holds NaN or +inf; only -inf (an excluded item) is allowed")
+    if not relevant.any(1).all() or (relevant & np.isneginf(similarity)).any():
+        bad = int(np.flatnonzero(~relevant.any(1) | (relevant & np.isneginf(similarity)).any(1))[0])
+        raise ValueError(f"query {bad} has no relevant item, or an excluded (-inf) one; every query needs a "
+                         "relevant item it can see")
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    hits = np.take_along_axis(relevant, order, axis=1)
+    ranks = np.arange(1, similarity.shape[1] + 1)
+    precision = np.cumsum(hits, axis=1) / ranks
+    top1 = order[:, 0]
+    rows = np.arange(len(top1))
+    return {"first_relevant_rank": hits.argmax(1) + 1,
+            "average_precision": (precision * hits).sum(1) / hits.sum(1),
+            "top1": top1, "top1_score": similarity[rows, top1],
+            "top1_own_distractor": own_distractor[rows, top1]}
+
+
+def retrieval_scores(first_relevant_rank, average_precision, top1_own_distractor, ks=RETRIEVAL_KS) -> dict:
+    """Recall@k, mAP and the distractor-first rate (DFR) over queries, each in percent.
+
+    Args: [Q] arrays from `retrieval_per_query` (several chunks of queries may be concatenated).
+
+    Returns:
+        recall@k: % of queries with a relevant item in the top k, for each k in `ks`.
+        map: mean average precision (%). distractor_first_rate: % of queries whose top-ranked item is
+        one of their own near-identity distractors (lower is better). n_queries. NaN without queries.
+    """
+    first = _np(first_relevant_rank)
+    ap, own = _np(average_precision), _np(top1_own_distractor, bool)
+    if not first.shape == ap.shape == own.shape or first.ndim != 1:
+        raise ValueError(f"expected three [Q] arrays, got {first.shape}, {ap.shape} and {own.shape}")
+    empty = first.size == 0
+    scores = {f"recall@{k}": float("nan") if empty else 100.0 * float((first <= k).mean()) for k in ks}
+    scores.update({"map": float("nan") if empty else 100.0 * float(ap.mean()),
+                   "distractor_first_rate": float("nan") if empty else 100.0 * float(own.mean()),
+                   "n_queries": int(first.size)})
+    return scores
+
+
+def clustering_scores(identities, clusters) -> dict:
+    """Agreement of a clustering with the true identities: ARI and NMI (scikit-learn's definitions).
+
+    Args: identities, clusters: [N] labels (any hashable values) of the same N items.
+
+    Returns: ari (adjusted Rand index, 1 = identical partitions, ~0 = chance), nmi (normalised mutual
+    information, arithmetic mean), n_clusters, n_identities, n_items.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    identities, clusters = np.asarray(identities), np.asarray(clusters)
+    if identities.shape != clusters.shape or identities.ndim != 1 or identities.size == 0:
+        raise ValueError(f"expected two [N] label arrays of one length N >= 1, got {identities.shape} and "
+                         f"{clusters.shape}")
+    return {"ari": float(adjusted_rand_score(identities, clusters)),
+            "nmi": float(normalized_mutual_info_score(identities, clusters)),
+            "n_clusters": int(len(np.unique(clusters))), "n_identities": int(len(np.unique(identities))),
+            "n_items": int(identities.size)}

@@ -5,8 +5,8 @@ computes a metric. Files are written atomically through `nearid.io`. matplotlib 
 the plotting functions, so `evaluate.py` imports this module cheaply; model cards are `nearid.card`'s.
 
 - Results JSON: `provenance`, `results_document`.
-- Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`.
-- Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`.
+- Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`, `retrieval_markdown`.
+- Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`, `plot_retrieval`, `plot_image_grid` (contact sheets).
 - A run's files: `RunOutputs` (stale files of the previous run removed, results JSON last).
 """
 
@@ -241,6 +241,29 @@ def per_source_markdown(per_source: Mapping[str, Mapping]) -> str:
     return _markdown(["source", "SSR", "PA", "samples", "terms", "mean margin"], body)
 
 
+# The near-identity retrieval table: (header, key of the metrics dict, decimals). Recall, mAP and the
+# distractor-first rate (lower is better) are percentages; ARI and NMI are in [-0.5, 1] and [0, 1].
+RETRIEVAL_COLUMNS = (
+    ("R@1", "recall@1", 2),
+    ("R@5", "recall@5", 2),
+    ("R@10", "recall@10", 2),
+    ("mAP", "map", 2),
+    ("DFR (lower is better)", "distractor_first_rate", 2),
+    ("ARI", "cluster_ari", 3),
+    ("NMI", "cluster_nmi", 3),
+)
+
+
+def retrieval_markdown(rows: Mapping[str, Mapping]) -> str:
+    """The near-identity retrieval table: one row per scorer (name -> `evaluate.py retrieval` metrics),
+    columns `RETRIEVAL_COLUMNS`, then clusters found against identities. Its own table rather than
+    Table 1's columns, which hold the paper's published benchmarks only."""
+    header = ["scorer"] + [h for h, _, _ in RETRIEVAL_COLUMNS] + ["clusters / identities"]
+    body = [[name] + [_fmt(m.get(k), d) for _, k, d in RETRIEVAL_COLUMNS]
+            + [f"{m['n_clusters']} / {m['n_identities']}" if "n_clusters" in m else MISSING] for name, m in rows.items()]
+    return _markdown(header, body)
+
+
 # --------------------------------------------------------------------------------------------------
 # Plots
 
@@ -322,6 +345,25 @@ def plot_ssr_pa(path, per_source: Mapping[str, Mapping], model: str) -> Path:
     return _save_png(fig, path)
 
 
+def plot_retrieval(path, scores: Mapping, model: str) -> Path:
+    """Bars of the near-identity retrieval metrics (%): recall@k, mAP, and the distractor-first rate."""
+    names = [(h, k) for h, k, _ in RETRIEVAL_COLUMNS if not k.startswith("cluster_")]
+    values = [float(scores[k]) for _, k in names]
+    fig = _new_figure(6.5, 4.2)
+    ax = fig.subplots()
+    colors = ["tab:red" if k == "distractor_first_rate" else "tab:blue" for _, k in names]
+    bars = ax.bar(range(len(names)), values, color=colors)
+    ax.bar_label(bars, labels=[_fmt(v, 1) for v in values], fontsize=8, padding=2)
+    ax.set_xticks(range(len(names)), [h for h, _ in names], fontsize=8)
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("%")
+    ax.set_title(f"Near-identity retrieval, {scores['n_queries']} queries, {scores['n_gallery']} gallery images\n"
+                 f"clustering at {scores['cluster_threshold']:.3f}: ARI {scores['cluster_ari']:.3f}, NMI "
+                 f"{scores['cluster_nmi']:.3f}\n{model}", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_png(fig, path)
+
+
 def plot_score_distributions(path, records: Sequence[Mapping], model: str) -> Path:
     """Per method, the distribution of generated images' `score_mean` (violin) with each subject's
     mean as a dot: how methods compare, and how much subjects differ within a method."""
@@ -370,6 +412,24 @@ def plot_training_loss(path, history: Mapping, model: str) -> Path:
         right.legend(loc="center right", fontsize=8)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"Training the NearID head\nbase model {model}", fontsize=10)
+    return _save_png(fig, path)
+
+
+def plot_image_grid(path, rows: Sequence[Sequence[tuple]], title: str, cell_inches: float = 1.5) -> Path:
+    """A contact sheet: rows of cells `(image, caption)`, an image an [H, W, 3] uint8 array, or None for
+    one that could not be read (drawn as an empty grey cell). `title` says what is shown and the model."""
+    if not rows or not any(rows):
+        raise ValueError("plot_image_grid needs at least one image")
+    ncols = max(len(cells) for cells in rows)
+    fig = _new_figure(cell_inches * ncols, cell_inches * 1.3 * len(rows) + 0.5)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax_row, cells in zip(axes, rows):
+        for ax, (image, caption) in zip(ax_row, cells):
+            ax.imshow(image if image is not None else np.full((8, 8, 3), 220, np.uint8))
+            ax.set_title(caption if image is not None else f"{caption}\n(unreadable)", fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save_png(fig, path)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 
 from nearid import data
@@ -167,6 +168,40 @@ def make_items(count, corrupt=()):
     for key in corrupt:
         items[key] = {"corrupt": True, "where": f"pairs row {key} column image"}
     return items
+
+
+class PixelScorer:
+    """A scorer whose embedding is an image's own pixels (centred on 128, flattened, L2-normalised): a test
+    chooses the embeddings by drawing them (`draw_vector`), so it knows the answers. It goes wherever a
+    `nearid.scorers.Scorer` goes, through the same decode and embed-once store."""
+
+    kind_name = spec = "pixels"
+    device = "cpu"
+
+    def __init__(self, side=3):
+        from nearid.store import StoreFormat
+
+        self.format, self.fingerprint = StoreFormat((3 * side * side,)), f"pixels-{side}x{side}"
+
+    def loader(self, item):
+        from nearid.images import load_image
+
+        ref, where = item
+        return torch.from_numpy(np.asarray(load_image(ref, name=where), np.float32).reshape(-1) - 128)
+
+    def encode(self, pixels):
+        return torch.nn.functional.normalize(pixels.float(), dim=-1)
+
+    def provenance(self):
+        return {"spec": self.spec, "fingerprint": self.fingerprint, "revision": None, "dtype": "float32"}
+
+
+def draw_vector(vector, side=3):
+    """The PIL image whose `PixelScorer(side)` embedding points along `vector` (3 * side**2 values in [-1, 1])."""
+    from PIL import Image
+
+    pixels = np.clip(np.round(128 + 127 * np.asarray(vector, dtype=float)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels.reshape(side, side, 3))
 
 
 def user_error(capsys, main, argv, status=1):

@@ -1,0 +1,57 @@
+"""Several processes give the results of one: `search.py index` and `evaluate.py retrieval` under torchrun.
+
+Runs are judged by the files they write, not by their exit code alone: CPU process groups sometimes
+abort at exit after all the work is done.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from nearid.hub import export_hub_folder
+from nearid.search import SearchIndex
+from tests.helpers import REPO_ROOT, draw_vector, launch, make_tiny_nearid, make_tiny_processor, run_isolated
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic, tmp_path_factory):
+    """The outputs of the worker on 1 and 2 processes: {processes: output folder}."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    model = export_hub_folder(make_tiny_nearid(), make_tiny_processor(), root / "model")
+    run_isolated(f"from transformers import AutoModel; AutoModel.from_pretrained({str(model)!r}, "
+                 "trust_remote_code=True)", root)  # the remote code in the module cache before the processes start
+    gallery = root / "gallery"
+    gallery.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(11):
+        draw_vector(rng.uniform(-1, 1, 3 * 8 * 8), side=8).save(gallery / f"image{number:02d}.png")
+    outputs = {}
+    for processes in (1, 2):
+        out = root / f"out{processes}"
+        code, output = launch(processes, [REPO_ROOT / "tests" / "search_worker.py", model, gallery, synthetic, out],
+                              root, f"out{processes}.log", modules_cache=root / "hf_modules")
+        assert (out / "retrieval" / "retrieval_results.json").is_file(), \
+            f"{processes} process(es), exit code {code}:\n{output[-4000:]}"
+        outputs[processes] = out
+    return outputs
+
+
+def test_two_processes_build_the_index_of_one(runs):
+    one, two = (SearchIndex.load(runs[n] / "index") for n in (1, 2))
+    assert len(one) == 11 and one.entries() == two.entries()
+    np.testing.assert_array_equal(one.vectors(), two.vectors())
+    assert (runs[1] / "index" / "faiss.index").read_bytes() == (runs[2] / "index" / "faiss.index").read_bytes()
+    info = [json.loads((runs[n] / "index" / "search_index.json").read_text()) for n in (1, 2)]
+    assert {k: v for k, v in info[0].items() if k != "provenance"} == {k: v for k, v in info[1].items()
+                                                                         if k != "provenance"}
+    shards = {path.name.split("-")[1] for path in (runs[2] / "cache").rglob("shard-*.npy")}
+    assert shards == {"p000", "p001"}  # both processes embedded a share
+
+
+def test_two_processes_give_the_retrieval_results_of_one(runs):
+    one, two = (runs[n] / "retrieval" for n in (1, 2))
+    first, second = (json.loads((folder / "retrieval_results.json").read_text()) for folder in (one, two))
+    assert second["metrics"] == first["metrics"] and first["metrics"]["n_queries"] > 0
+    for name in ("retrieval_per_query.csv", "retrieval_table.md"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
