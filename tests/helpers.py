@@ -1,6 +1,7 @@
 """Helpers shared by the tests: tiny random models, isolated interpreters, multi-process launches,
 dataset corruption, training arguments. Fixtures built on them live in conftest.py."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -269,3 +270,15 @@ def kill_training_at_step(monkeypatch, step):
 
     monkeypatch.setattr(train, "train_step", killed)
     return real_step
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """One torch thread, as every process of `launch` runs: a 1-process run in this process then does the
+    same arithmetic as the launched processes, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

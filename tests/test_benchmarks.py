@@ -1,4 +1,9 @@
-"""The benchmark scripts and the GPU check run end to end in their smoke modes, as users run them."""
+"""Every benchmark script and the GPU check run end to end in their smoke modes, as users run them.
+
+All smoke runs share one fresh interpreter (`run_smokes`): each script runs as `__main__` with its own
+arguments, in its own working folder, its output and any error kept apart. One interpreter instead of
+one per script saves the import of torch and transformers, seconds each.
+"""
 
 import json
 import math
@@ -10,35 +15,82 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 
-SMOKES = ["bench_train_compute.py", "bench_token_loader.py", "bench_embedding_pipeline.py", "bench_int8_cache.py"]
 GPU_FIGURES = {
     "forward_eager_images_per_s", "forward_compiled_images_per_s", "compiled_max_abs_difference",
     "forward_only_images_per_s", "end_to_end_images_per_s", "cache_build_float16_images_per_s",
     "cache_build_int8_images_per_s", "sequential_warm_gb_per_s", "sequential_cold_gb_per_s", "loader_warm_gb_per_s",
     "loader_cold_gb_per_s", "head_loader_steps_per_s", "head_resident_steps_per_s", "head_overlap",
 }
+RUNNER = """
+import contextlib, io, json, os, runpy, sys, traceback
+scripts, out, folder_of_scripts = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+results = {}
+for name, args in scripts.items():
+    stdout, error = io.StringIO(), None
+    folder = os.path.join(out, name.removesuffix(".py"))
+    os.makedirs(folder)
+    os.chdir(folder)
+    sys.argv = [name, *args]
+    try:
+        with contextlib.redirect_stdout(stdout):
+            runpy.run_path(os.path.join(folder_of_scripts, name), run_name="__main__")
+    except SystemExit as exit_:
+        error = None if exit_.code in (0, None) else f"exit status {exit_.code}"
+    except BaseException:
+        error = traceback.format_exc()
+    results[name] = {"stdout": stdout.getvalue(), "error": error}
+with open(os.path.join(out, "results.json"), "w") as stream:
+    json.dump(results, stream)
+"""
 
 
-def run_script(name, *args, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / name), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout
-
-
-@pytest.mark.parametrize("name", SMOKES)
-def test_benchmark_smoke_modes_run(name, tmp_path):
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """{script: (stdout, its working folder)} of every benchmark's smoke run, in one interpreter."""
+    out = tmp_path_factory.mktemp("smoke")
+    scripts = {
+        "bench_image_processor.py": ["--smoke"],
+        "bench_train_compute.py": ["--smoke"],
+        "bench_token_loader.py": ["--smoke"],
+        "bench_embedding_pipeline.py": ["--smoke"],
+        "bench_int8_cache.py": ["--smoke"],
+        "gpu_check.py": ["--smoke", "--output", str(out / "gpu_check.json")],
+        "estimate_real_run.py": ["--output", str(out / "estimate.txt")],
+        "bench_search.py": ["--n", "3000", "--dim", "32", "--queries", "50", "--categories", "5", "--kinds", "ivf",
+                            "hnsw", "--output", str(out / "search.txt")],
+    }
     before = {path: path.stat().st_mtime_ns for path in (REPO_ROOT / "benchmarks" / "results").iterdir()}
-    assert run_script(name, "--smoke", tmp_path=tmp_path).strip()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO_ROOT / "benchmarks"))
+    subprocess.run([sys.executable, "-c", RUNNER, json.dumps(scripts), str(out), str(REPO_ROOT / "benchmarks")],
+                   env=env, capture_output=True, text=True, timeout=600)
+    results = json.loads((out / "results.json").read_text())
     after = {path: path.stat().st_mtime_ns for path in (REPO_ROOT / "benchmarks" / "results").iterdir()}
-    assert after == before  # a smoke run records nothing
+    assert after == before  # a smoke run records nothing in the repository
+    return results, out
 
 
-def test_gpu_check_smoke_records_every_figure_in_one_file(tmp_path):
-    output = tmp_path / "gpu_check.json"
-    report = run_script("gpu_check.py", "--smoke", "--output", str(output), tmp_path=tmp_path)
-    recorded = json.loads(output.read_text())
+def output_of(smoke, name):
+    results, _ = smoke
+    assert results[name]["error"] is None, results[name]["error"]
+    assert results[name]["stdout"].strip()
+    return results[name]["stdout"]
+
+
+@pytest.mark.parametrize("name", ["bench_train_compute.py", "bench_token_loader.py", "bench_embedding_pipeline.py",
+                                  "bench_int8_cache.py"])
+def test_benchmark_smoke_modes_run(smoke, name):
+    output_of(smoke, name)
+
+
+def test_the_image_processor_benchmark_checks_agreement(smoke):
+    output = output_of(smoke, "bench_image_processor.py")
+    assert "outputs agree: max |diff| = 0" in output and "speed-up:" in output
+
+
+def test_gpu_check_smoke_records_every_figure_in_one_file(smoke):
+    report = output_of(smoke, "gpu_check.py")
+    recorded = json.loads((smoke[1] / "gpu_check.json").read_text())
     figures = recorded["figures"]
     assert not [key for key in figures if key.endswith("_error")]
     assert GPU_FIGURES <= set(figures) and all(math.isfinite(value) and value >= 0 for value in figures.values())
@@ -46,6 +98,15 @@ def test_gpu_check_smoke_records_every_figure_in_one_file(tmp_path):
     assert recorded["environment"]["device"] == "cpu" and recorded["report"] == report.strip().splitlines()
 
 
-def test_the_estimate_reads_the_recorded_figures(tmp_path):
-    report = run_script("estimate_real_run.py", "--output", str(tmp_path / "estimate.txt"), tmp_path=tmp_path)
-    assert "vs 6.5 h" in report and (tmp_path / "estimate.txt").read_text() == report
+def test_the_estimate_reads_the_recorded_figures(smoke):
+    report = output_of(smoke, "estimate_real_run.py")
+    assert "vs 6.5 h" in report and (smoke[1] / "estimate.txt").read_text() == report
+
+
+def test_the_search_benchmark_runs_and_records_its_table(smoke):
+    output_of(smoke, "bench_search.py")
+    lines = (smoke[1] / "search.txt").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| faiss ")]
+    assert len(rows) == 1 + 6 + 5 and any(line.startswith("| numpy brute force") for line in lines)
+    assert all(0.0 <= float(row.split("|")[5]) <= 1.0 for row in rows)  # recall@10
+    assert lines[-1].startswith(("Fastest at recall@10 >= 0.99", "No approximate setting"))

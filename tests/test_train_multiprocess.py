@@ -7,16 +7,14 @@ judged by the files it writes: CPU process groups sometimes abort at exit after 
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
 from nearid import checkpoints
-from tests.helpers import REPO_ROOT, launch, logged_losses, train_args
+from tests.helpers import REPO_ROOT, launch, logged_losses, single_threaded, train_args
 
 GLOBAL_BATCH = 4
 # float32 tokens and no autocast: the only differences left are the order of float sums.
@@ -36,9 +34,14 @@ def launch_train(num_processes, train_synthetic, base_model, out, *extra):
 
 @pytest.fixture(scope="module")
 def runs(train_synthetic, base_model, tmp_path_factory):
-    """{number of processes: (output folder, launcher output)} of the same training run on one process and on two."""
+    """{number of processes: (output folder, launcher output or None)} of the same run on one process (this
+    one) and on two."""
     root = tmp_path_factory.mktemp("runs")
-    return {n: (root / f"processes{n}", launch_train(n, train_synthetic, base_model, root / f"processes{n}")) for n in (1, 2)}
+    one = root / "processes1"
+    with single_threaded():  # this process as the 1-process run
+        train.main(train_args(train_synthetic, base_model, one, *EXACT, "--per-device-batch-size", str(GLOBAL_BATCH)))
+    two = root / "processes2"
+    return {1: (one, None), 2: (two, launch_train(2, train_synthetic, base_model, two))}
 
 
 def assert_close_weights(a, b, rtol=0.0, atol=1e-5):
@@ -106,18 +109,24 @@ def test_two_processes_resume_to_the_same_weights(runs, train_synthetic, base_mo
     assert logged_losses(out)[-1] == logged_losses(full)[-1]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_on_the_cpu(precision, runs, train_synthetic, base_model, tmp_path):
-    """A few autocast steps in a fresh interpreter (accelerate fixes the precision once per process):
-    finite losses close to the float32 run's, and a checkpoint."""
-    out = tmp_path / precision
-    command = [sys.executable, str(REPO_ROOT / "train.py"),
-               *train_args(train_synthetic, base_model, out, "--mixed-precision", precision, "--max-steps", "3",
-                           "--no-export")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator (its precision included):
+    reset it around a test that trains with another precision, so no other test inherits it."""
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_the_cpu(precision, runs, train_synthetic, base_model, tmp_path,
+                                           fresh_accelerator_state):
+    """A few autocast steps: finite losses close to the float32 run's, and a checkpoint."""
+    out = tmp_path / precision
+    train.main(train_args(train_synthetic, base_model, out, "--mixed-precision", precision, "--max-steps", "3",
+                          "--no-export"))
     losses, reference = logged_losses(out), logged_losses(runs[1][0])[:3]
     assert [step for step, _ in losses] == [1, 2, 3]
     for (step, loss), (_, expected) in zip(losses, reference):
