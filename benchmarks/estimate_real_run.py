@@ -81,6 +81,28 @@ def estimate(dtype: str, disk: tuple, gpu: dict, loader: dict) -> dict:
             "total_s": token_pass + steps * step}
 
 
+def measured_estimate(dtype: str, gpu: dict, head_batch: int) -> dict:
+    """The recipe on the GPU machine gpu_check.py ran on, from its own rates: the token pass at its
+    measured cache build (512 px JPEGs: decode, forward, shard writes), the head steps at the bytes/s
+    its training loader delivered to the steps (float16; int8 assumed to move the same bytes/s)."""
+    images = expected_cached_images([3] * REAL_NEARID_ROWS, REAL_MTG_ROWS, SOURCES, EPOCHS)
+    token_pass = images / gpu[f"cache_build_{dtype}_images_per_s"]
+    float16_item = StoreFormat((729, 1152), "float16").bytes_per_item
+    delivered = gpu["head_loader_steps_per_s"] * head_batch * SLOTS * float16_item
+    step_bytes = unique_images_per_step() * StoreFormat((729, 1152), dtype).bytes_per_item
+    step = max(1 / gpu["head_resident_steps_per_s"], step_bytes / delivered)
+    steps = EPOCHS * REAL_STEPS_PER_EPOCH
+    return {"images": images, "token_pass_s": token_pass, "step_bytes": step_bytes, "steps_s": steps * step,
+            "total_s": token_pass + steps * step, "delivered_gb_per_s": delivered / 1e9}
+
+
+def table_line(dtype: str, where: str, run: dict) -> str:
+    speedup = REFERENCE_HOURS * 3600 / run["total_s"]
+    return (f"{dtype:<8}{where:<50}{run['token_pass_s'] / 60:>9.1f} m{run['step_bytes'] / 1e9:>9.2f}"
+            f"{run['steps_s'] / 60:>10.1f} m{run['total_s'] / 60:>7.1f} m{speedup:>9.1f}x"
+            f"{'yes' if speedup >= TARGET else 'no':>8}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=RESULTS / "estimate_real_run.txt")
@@ -132,13 +154,26 @@ def main(argv=None):
     ]
     for (dtype, name), run in runs.items():
         disk = next(d for d in DISKS if d[0] == name)
-        speedup = REFERENCE_HOURS * 3600 / run["total_s"]
-        lines.append(f"{dtype:<8}{f'{name} ({disk[1]:g}/{disk[2]:g})':<50}{run['token_pass_s'] / 60:>9.1f} m"
-                     f"{run['step_bytes'] / 1e9:>9.2f}{run['steps_s'] / 60:>10.1f} m{run['total_s'] / 60:>7.1f} m"
-                     f"{speedup:>9.1f}x{'yes' if speedup >= TARGET else 'no':>8}")
-    lines.append(f"{TARGET}x is {REFERENCE_HOURS * 60 / TARGET:.1f} min: the head steps read "
-                 f"{EPOCHS * REAL_STEPS_PER_EPOCH * any_run['step_bytes'] / 1e12:.1f} TB of float16 tokens, so "
-                 "the disk's read rate sets the time; int8 halves it.")
+        lines.append(table_line(dtype, f"{name} ({disk[1]:g}/{disk[2]:g})", run))
+    if gpu:
+        check = load("gpu_check")
+        head_batch = int(check["arguments"]["head_batch"])
+        measured = {dtype: measured_estimate(dtype, gpu, head_batch) for dtype in ("float16", "int8")}
+        where = f"as measured on the {check['environment']['gpu']} machine"
+        lines += [table_line(dtype, where, run) for dtype, run in measured.items()]
+    lines.append(f"{TARGET}x is {REFERENCE_HOURS * 60 / TARGET:.1f} min. The head steps read "
+                 f"{EPOCHS * REAL_STEPS_PER_EPOCH * any_run['step_bytes'] / 1e12:.1f} TB of float16 tokens, so on "
+                 "the disk rows the disk's read rate sets their time; int8 halves it.")
+    if gpu:
+        lines.append(
+            f"The measured rows use gpu_check.py's own rates on {check['environment']['cpus']} CPUs: cache build "
+            f"{gpu['cache_build_float16_images_per_s']:,.0f} (float16) and {gpu['cache_build_int8_images_per_s']:,.0f} "
+            f"(int8) images/s from 512 px JPEGs, below the forward's {gpu['forward_eager_images_per_s']:,.0f}: "
+            f"decoding ({gpu['end_to_end_images_per_s']:,.0f} images/s end to end without writes) and the shard "
+            "writes, which the fill does not overlap with the forward (int8 writes half the bytes); head steps fed at "
+            f"{measured['float16']['delivered_gb_per_s']:.1f} GB/s by {check['arguments']['loader_workers']} loader "
+            f"workers ({gpu['head_loader_steps_per_s']:.2f} steps/s against {gpu['head_resident_steps_per_s']:.1f} on "
+            "resident tokens), int8 assumed to move the same bytes/s.")
     write_results(args.output, lines)
 
 

@@ -101,6 +101,8 @@ def test_gpu_check_smoke_records_every_figure_in_one_file(smoke):
 def test_the_estimate_reads_the_recorded_figures(smoke):
     report = output_of(smoke, "estimate_real_run.py")
     assert "vs 6.5 h" in report and (smoke[1] / "estimate.txt").read_text() == report
+    # benchmarks/results/gpu_check.json is recorded, so its own rates make two rows of their own.
+    assert "float16 as measured on the " in report and "int8    as measured on the" in report
 
 
 def test_the_search_benchmark_runs_and_records_its_table(smoke):
