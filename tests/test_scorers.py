@@ -158,6 +158,22 @@ def test_an_unreachable_hub_names_offline_mode_and_local_folders(tmp_path, monke
         resolve_model_folder("someone/nearid-not-cached")
 
 
+def test_a_hub_id_records_the_commit_it_resolved_to(tiny_repo, tmp_path, monkeypatch):
+    # A Hub download lives in the cache as snapshots/<commit>, with refs/<branch> naming the commit:
+    # the same layout, built by hand, is read offline by the real download code.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--nearid"
+    shutil.copytree(tiny_repo, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    scorer = Scorer("someone/nearid")
+    assert scorer.provenance()["commit"] == commit and scorer.provenance()["revision"] is None
+    assert Scorer("someone/nearid", revision="main").provenance()["commit"] == commit
+
+
 def test_a_revision_for_a_local_folder_is_refused(tiny_repo):
     with pytest.raises(ValueError, match="applies to Hub ids"):
         resolve_model_folder(str(tiny_repo), revision="v1")
