@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import environment_lines, write_results  # noqa: E402
 from input_common import write_json  # noqa: E402
 
-import train  # noqa: E402
-from demo import SMALL_SIGLIP, SOURCES  # noqa: E402
+from nearid.commands import train  # noqa: E402
+from nearid.commands.demo import SMALL_SIGLIP, SOURCES  # noqa: E402
 from nearid import synthetic  # noqa: E402
 from nearid.models import save_siglip_checkpoint  # noqa: E402
 

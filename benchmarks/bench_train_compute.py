@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import environment_lines, write_results  # noqa: E402
 from bench_forward import forward_flops  # noqa: E402
 
-import train  # noqa: E402
+from nearid.commands import train  # noqa: E402
 from configuration_nearid import NearIDConfig  # noqa: E402
 from modeling_nearid import NearIDModel  # noqa: E402
 from nearid import synthetic  # noqa: E402

@@ -258,7 +258,7 @@ def snapshot(folder):
 
 def kill_training_at_step(monkeypatch, step):
     """Make train.py's `step`-th call of `train_step` (counted from now) raise KeyboardInterrupt, as a kill would."""
-    import train
+    from nearid.commands import train
 
     real_step, calls = train.train_step, {"n": 0}
 

@@ -5,8 +5,8 @@
 
 import sys
 
-import evaluate
-import search
+from nearid.commands import evaluate
+from nearid.commands import search
 
 
 def main(model, gallery, benchmark, out):

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 
-import demo
-import evaluate
+from nearid.commands import demo
+from nearid.commands import evaluate
 import nearid.hub
 import nearid.synthetic
-import train
+from nearid.commands import train
 from nearid.cli import REQUIRED, DatasetSource, build_parser, named_sources, option, parse, save_arguments
 
 

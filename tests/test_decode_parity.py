@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
+from nearid.commands import evaluate
 from image_processing_nearid import NearIDImageProcessor
 from modeling_nearid import NearIDModel
 from nearid.images import content_hash

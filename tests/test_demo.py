@@ -5,7 +5,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-import demo
+from nearid.commands import demo
 from nearid.reports import MTG_SSR, NEARID_PA, NEARID_SSR
 
 

@@ -3,7 +3,7 @@
 import csv
 import json
 
-import evaluate
+from nearid.commands import evaluate
 from tests.helpers import REPO_ROOT, user_error
 
 RATINGS = REPO_ROOT / "tests" / "data" / "dreambench_plus"

@@ -16,7 +16,7 @@ import datasets
 import pytest
 import torch
 
-import evaluate
+from nearid.commands import evaluate
 from nearid.hub import export_hub_folder
 from nearid.metrics import NEARID_TERMS
 from tests.helpers import (

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import evaluate
+from nearid.commands import evaluate
 from tests.helpers import user_error
 
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-import evaluate
+from nearid.commands import evaluate
 import nearid.synthetic
 from nearid import data, metrics
 from tests.helpers import REPO_ROOT, user_error

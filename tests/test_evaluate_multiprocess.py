@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-import evaluate
+from nearid.commands import evaluate
 import nearid.synthetic
 from nearid import data
 from nearid.hub import export_hub_folder

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from huggingface_hub import ModelCard
 
-import evaluate
+from nearid.commands import evaluate
 from nearid import data
 from tests.helpers import PixelScorer, draw_vector, user_error
 

@@ -12,7 +12,7 @@ from accelerate.data_loader import BatchSamplerShard, prepare_data_loader
 from safetensors.torch import load_file
 
 import nearid.io
-import train
+from nearid.commands import train
 from nearid import checkpoints
 from nearid.store import FillOptions, StoreFormat, fill
 from nearid.tokens import PAD_KEY, CachedTokens, check_shared_memory, token_loader

@@ -4,8 +4,8 @@ store keys unchanged), bf16 autocast when asked, sdpa attention, and --compile r
 import pytest
 import torch
 
-import evaluate
-import train
+from nearid.commands import evaluate
+from nearid.commands import train
 from nearid.numerics import resolve_precision
 from nearid.scorers import SCORER_KINDS, Scorer
 from nearid.store import fingerprint, weights_digest

@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 
-import search
+from nearid.commands import search
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.search import (
     DatasetColumn,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
+from nearid.commands import train
 from nearid import checkpoints
 from nearid.models import nearid_from_siglip
 from tests.helpers import kill_training_at_step, logged_losses, train_args, user_error
@@ -161,7 +161,7 @@ def test_evaluating_a_release_with_model_index_replaces_its_entries(train_synthe
     """One card builder: the release's own NearID entries are replaced by evaluate.py, not duplicated."""
     from huggingface_hub import ModelCard
 
-    import evaluate
+    from nearid.commands import evaluate
 
     out = tmp_path / "run"
     train.main(train_args(train_synthetic, base_model, out, "--max-steps", "2"))

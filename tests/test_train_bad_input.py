@@ -9,7 +9,7 @@ import re
 import datasets
 import pytest
 
-import train
+from nearid.commands import train
 from nearid import checkpoints
 from tests.helpers import change_id, corrupt_image, drop_column, logged_losses, present, rewrite, user_error
 

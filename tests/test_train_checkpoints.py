@@ -9,7 +9,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-import train
+from nearid.commands import train
 from nearid import checkpoints
 from tests.helpers import kill_training_at_step, train_args, user_error
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
+from nearid.commands import train
 from nearid import checkpoints
 from tests.helpers import REPO_ROOT, launch, logged_losses, single_threaded, train_args
 

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-import evaluate
-import train
+from nearid.commands import evaluate
+from nearid.commands import train
 from tests.helpers import train_args, user_error
 
 
