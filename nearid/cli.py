@@ -3,7 +3,8 @@
 - Arguments are dataclass fields declared with `option(default, help, ...)`: a field `batch_size`
   is the flag `--batch-size`; every flag has help text and, where it has one, its default; a
   boolean is `--flag` / `--no-flag`; a list takes several values or repeats (`--source a=A --source b=B`);
-  numbers are checked against their bounds when the command line is parsed.
+  numbers are checked against their bounds (and to be finite) when the command line is parsed, and
+  output folders for a file standing in their place.
 - Commands with modes (`evaluate.py nearid ...`) are subcommands built from the same dataclasses.
 - The resolved arguments are saved as JSON beside the outputs (`save_arguments`).
 - Datasets are `SRC` or `SRC@REVISION` (a Hub id pinned to a branch, tag or commit); named ones,
@@ -19,23 +20,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
 from contextlib import contextmanager
 from pathlib import Path
 
-from nearid.io import atomic_write_json
+from nearid.io import atomic_write_json, folder_problem
 
 REQUIRED = dataclasses.MISSING  # `option(REQUIRED, ...)`: the flag must be given
 # The exceptions a user's input can cause; their messages are written for users.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def option(default=REQUIRED, help: str = "", *, choices=None, min=None, max=None, metavar=None):  # noqa: A002
-    """A dataclass field that is also a command-line flag (see the module docstring)."""
+def option(default=REQUIRED, help: str = "", *, choices=None, min=None, max=None, metavar=None,  # noqa: A002
+           folder=False):
+    """A dataclass field that is also a command-line flag (see the module docstring). `folder`: the value is a
+    folder the command writes into, refused when parsed if a file stands there (or on the way to it)."""
     metadata = {"help": help, "choices": choices, "min": min, "max": max, "metavar": metavar,
-                "required": default is REQUIRED}
+                "required": default is REQUIRED, "folder": folder}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=None if default is REQUIRED else default, metadata=metadata)
@@ -77,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser, group_class) -> None:
             continue
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
-        kwargs["type"] = _checked(kind, meta.get("min"), meta.get("max"))
+        kwargs["type"] = _folder if meta.get("folder") else _checked(kind, meta.get("min"), meta.get("max"))
         if is_list:
             kwargs.update(nargs="+", action="extend")
         group.add_argument(flag, required=meta.get("required", False), default=_default(field), **kwargs)
@@ -122,6 +126,8 @@ def _checked(kind, low, high):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
+        if kind is float and not math.isfinite(value):  # NaN passes every bound check: compared, it is never out
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         if high is not None and value > high:
@@ -132,6 +138,16 @@ def _checked(kind, low, high):
         convert.__name__ = kind.__name__  # argparse names the type in its messages
         return convert
     return kind
+
+
+def _folder(text):
+    problem = folder_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+_folder.__name__ = "folder"  # argparse names the type in its messages
 
 
 def build_parser(prog: str, description: str, groups: tuple = (), commands: dict | None = None) -> Parser:

@@ -23,6 +23,28 @@ from typing import Mapping, Sequence
 import numpy as np
 
 
+def folder_problem(path) -> str | None:
+    """Why `path` cannot be used as an output folder (it, or a folder on the way to it, is a file), or None."""
+    path = Path(path).expanduser()
+    for place in (path, *path.parents):
+        if place.is_dir():
+            return None
+        if place.exists() or place.is_symlink():
+            kind = "a file" if place.exists() else "a link to nothing"
+            on_the_way = "" if place == path else f", on the way to {path}"
+            return (f"expected a folder, but {place} is {kind}{on_the_way}. Give the path of a new or existing "
+                    "folder, or move that file away")
+    return None
+
+
+def require_folder(path) -> Path:
+    """`path`, or NotADirectoryError saying which file stands where an output folder should be."""
+    problem = folder_problem(path)
+    if problem:
+        raise NotADirectoryError(problem)
+    return Path(path)
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (not yet created); on success it replaces `path`,

@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from nearid.io import atomic_path, atomic_write_json
+from nearid.io import atomic_path, atomic_write_json, require_folder
 from nearid.metrics import NEARID_TABLE1_SOURCES
 
 # Keys of one Table-1 row (`table1_row` builds them from the metric dicts), with the column header
@@ -477,7 +477,7 @@ class RunOutputs:
     """
 
     def __init__(self, folder, results_name: str):
-        self.folder, self.results_name = Path(folder), results_name
+        self.folder, self.results_name = require_folder(folder), results_name
         self.files, self.warnings = [], []
         previous = self.folder / results_name
         listed = []

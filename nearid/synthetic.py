@@ -80,7 +80,7 @@ _IDENTITY, _VIEW, _DISTRACTOR, _MTG, _DREAMBENCH, _SPLIT = range(6)
 class SyntheticConfig:
     """What `build_all` generates (every field is a flag of `python -m nearid.synthetic`)"""
 
-    output_dir: str = option(REQUIRED, "folder to write everything into")
+    output_dir: str = option(REQUIRED, "folder to write everything into", folder=True)
     num_identities: int = option(24, "rows of positives/ (one identity each)", min=3)
     seed: int = option(0, "master seed; the same seed gives byte-identical files", min=0)
     image_size: int = option(64, "side of every square image, in pixels", min=16)

@@ -89,3 +89,10 @@ def test_every_command_has_readable_help(command, argv, capsys):
     helps = [" ".join(entry.split()[1:]) for entry in options[1:]]
     assert len(helps) == len(set(helps))  # no help text reused for another flag
     assert "SPEC" not in text and "--debug" in text
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_number_that_is_not_finite_is_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        parsed(["--name", "x", f"--rate={value}"])
+    assert f"argument --rate: expected a finite number, got {value!r}" in capsys.readouterr().err

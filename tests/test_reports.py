@@ -221,3 +221,10 @@ def test_training_loss_and_score_plots_name_the_model(tmp_path):
     assert _png_size(reports.plot_score_distributions(tmp_path / "scores.png", records, "tiny-model"))[0] > 300
     with pytest.raises(ValueError, match="no training loss"):
         reports.plot_training_loss(tmp_path / "none.png", {"loss": []}, "m")
+
+
+def test_run_outputs_refuse_a_file_where_their_folder_should_be(tmp_path):
+    (tmp_path / "nearid").write_text("kept")
+    with pytest.raises(NotADirectoryError, match=r"expected a folder, but .*nearid is a file"):
+        reports.RunOutputs(tmp_path / "nearid" / "sub", "nearid_results.json")
+    assert (tmp_path / "nearid").read_text() == "kept"

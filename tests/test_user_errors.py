@@ -95,3 +95,26 @@ def test_the_traceback_is_behind_debug(tiny_repo, tmp_path, monkeypatch, debug):
         args.append("--debug")
     with pytest.raises(FileNotFoundError, match="meta.csv line 2"):
         evaluate.main(args)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "table1", "query", "cluster", "demo", "synthetic"])
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_dir_that_is_a_file_says_so(command, below, tmp_path, capsys):
+    import nearid.synthetic
+    from nearid.commands import demo, search
+
+    file = tmp_path / "results.txt"
+    file.write_text("kept")
+    out = str(file / "run" if below else file)
+    main, argv = {
+        "train": (train.main, ["--positives", "p", "--source", "a=b"]),
+        "evaluate": (evaluate.main, ["score", "--model", "m", "--samples", "s"]),
+        "table1": (evaluate.main, ["table1", "--model", "m", "--positives", "p", "--source", "a=b", "--mtg", "x"]),
+        "query": (search.main, ["query", "--index-dir", "i", "--images", "q"]),
+        "cluster": (search.main, ["cluster", "--index-dir", "i"]),
+        "demo": (demo.main, []),
+        "synthetic": (nearid.synthetic.main, []),
+    }[command]
+    message = user_error(capsys, main, [*argv, "--output-dir", out], status=2)
+    assert "--output-dir" in message and f"{file} is a file" in message and "expected a folder" in message
+    assert file.read_text() == "kept"

@@ -92,7 +92,7 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
 class DemoArguments:
     """The main job"""
 
-    output_dir: str = option("demo_outputs", "where data, runs and results are written")
+    output_dir: str = option("demo_outputs", "where data, runs and results are written", folder=True)
     num_identities: int = option(200, "synthetic identities (rows of positives)", min=10)
     epochs: int = option(20, "training epochs of the head", min=1)
 

@@ -76,7 +76,7 @@ class EmbeddingArguments:
     """Embedding images (none of these change the numbers)"""
 
     cache_dir: str = option(".cache/embeddings", "the embed-once store: every image is embedded once per scorer "
-                                                 "and kept here for later runs")
+                                                 "and kept here for later runs", folder=True)
     batch_size: int = option(32, "images per forward pass", min=1)
     num_workers: int = option(0, "DataLoader worker processes that decode and preprocess images", min=0)
     skip_bad_images: bool = option(False, "leave unreadable images out (listed in the results) instead of stopping")
@@ -87,7 +87,7 @@ class OutputArguments:
     """Outputs"""
 
     output_dir: str = option("eval_outputs", "folder for the results; files of an earlier run of the same mode "
-                                             "are replaced")
+                                             "are replaced", folder=True)
 
 
 @dataclass

@@ -109,7 +109,7 @@ class SearchOutputArguments:
     """Outputs"""
 
     output_dir: str = option("search_outputs", "folder for the results; files of an earlier run of the same command "
-                                               "are replaced")
+                                               "are replaced", folder=True)
 
 
 COMMANDS = {

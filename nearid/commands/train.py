@@ -96,7 +96,8 @@ class ModelArguments:
 class TrainingArguments:
     """Training"""
 
-    output_dir: str = option("runs/nearid", "checkpoints, logs, resolved arguments and the release folder")
+    output_dir: str = option("runs/nearid", "checkpoints, logs, resolved arguments and the release folder",
+                             folder=True)
     overwrite_output_dir: bool = option(False, "delete a previous run's outputs in --output-dir and start afresh")
     seed: int = option(0, "seeds the per-epoch data draws (anchor shuffle, distractor sources, order)", min=0)
     num_epochs: int = option(11, "training epochs", min=1)
@@ -117,7 +118,8 @@ class TrainingArguments:
     token_cache: bool = option(True, "train on cached backbone tokens; --no-token-cache runs the backbone on every "
                                      "slot at every step (the reference design)")
     cache_dir: str | None = option(None, "the embed-once store of backbone tokens (default OUTPUT_DIR/token_cache); "
-                                         "reused by later runs with the same backbone and preprocessing")
+                                         "reused by later runs with the same backbone and preprocessing",
+                                  folder=True)
     cache_dtype: str = option("float16", "storage of cached tokens: float16 (1.68 MB per so400m image), int8 "
                                          "(half of that) or float32", choices=("float16", "int8", "float32"))
     batch_size: int = option(64, "images per backbone pass while building the token cache", min=1)
