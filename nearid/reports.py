@@ -503,10 +503,13 @@ class RunOutputs:
             step(*args)
             return True
         except Exception as error:  # a plot or card failure must not cost the computed results
-            warning = f"{what} failed ({type(error).__name__}: {error}); the results are written without it"
-            self.warnings.append(warning)
-            print(f"warning: {warning}", file=sys.stderr)
+            self.warn(f"{what} failed ({type(error).__name__}: {error}); the results are written without it")
             return False
+
+    def warn(self, warning: str) -> None:
+        """Print `warning` and record it in the results JSON."""
+        self.warnings.append(warning)
+        print(f"warning: {warning}", file=sys.stderr)
 
     def finish(self, document: dict) -> Path:
         """Write the results JSON last, with this run's files and warnings."""

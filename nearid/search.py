@@ -48,7 +48,7 @@ from nearid import data, evaluation
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.cli import DatasetSource
 from nearid.clustering import IdentityLinkage
-from nearid.images import ImageLoadError, find_images, load_image
+from nearid.images import find_images, load_image
 from nearid.io import atomic_write_json, read_json
 from nearid.store import FillOptions, ImageIndex
 
@@ -59,6 +59,7 @@ FAISS_FILE = "faiss.index"
 EMBEDDING = "embedding"  # the gallery column, and the name of its FAISS index
 PLACE_FIELDS = ("path", "dataset", "split", "row", "column")  # where an image came from
 COMBINE = ("each", "mean", "max")
+EMPTY_CELL = "no image in this row"  # the reason a dataset row without an image is left out
 
 
 class SearchIndexMismatch(ValueError):
@@ -192,6 +193,7 @@ class SearchIndex:
         self.skipped = []  # the images left out when the gallery was last built, {"image", "reason"}
         self.recall = None  # recall@10 of an approximate index against exact search
         self._faiss_file = None  # the saved FAISS index to attach when needed; None: build one
+        self._checked_gallery = None  # the gallery whose embeddings were last found finite
         self._datasets = {}  # opened datasets by name, to show their images
 
     @classmethod
@@ -225,6 +227,24 @@ class SearchIndex:
         chunks = self.gallery.data.column(EMBEDDING).chunks
         flat = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunks]
         return np.concatenate(flat).reshape(-1, self.dim) if flat else np.zeros((0, self.dim), np.float16)
+
+    def finite_vectors(self) -> np.ndarray:
+        """`vectors()`, or ValueError naming the images whose embedding is NaN or inf.
+
+        The embed-once store never holds such values, so they mean a damaged gallery; searched or
+        clustered, they would silently drop out of the hits and become clusters of their own.
+        """
+        vectors = self.vectors()
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if len(bad):
+            entries = self.entries()
+            names = ", ".join(describe(entries[row]) for row in bad[:3])
+            raise ValueError(f"the search index's embeddings are not finite (NaN or inf) for {len(bad)} of its "
+                             f"{len(self)} images ({names}{', ...' if len(bad) > 3 else ''}): its gallery is "
+                             "damaged. Run `python search.py index` on the same images and --index-dir again; "
+                             "those images are embedded again.")
+        self._checked_gallery = self.gallery
+        return vectors
 
     def entries(self) -> list:
         """Per gallery row: {"hash", "path", "dataset", "split", "row", "column"}."""
@@ -270,7 +290,7 @@ class SearchIndex:
                 place = {"dataset": source.name, "split": source.split, "row": row, "column": source.column}
                 places.append(place)
                 if key is None and f"{source.name} row {row} column {source.column}" not in found.unreadable:
-                    absent.append({"image": describe(place), "reason": "no image in this row"})
+                    absent.append({"image": describe(place), "reason": EMPTY_CELL})
             keys += column_keys
         before = self.places()
         listed = {_place_key(place) for place in places}
@@ -285,17 +305,20 @@ class SearchIndex:
 
     def _rebuild(self, found: ImageIndex, places: list, keys: list) -> dict:
         """The gallery becomes `places` (key None: unreadable); known content keeps its embedding."""
-        known = {key: row for row, key in enumerate(self.gallery.data.column("hash").to_pylist())}
+        old_vectors = self.vectors()
+        finite = np.isfinite(old_vectors).all(axis=1)  # a damaged embedding is computed again, never kept
+        known = {key: row for row, key in enumerate(self.gallery.data.column("hash").to_pylist()) if finite[row]}
         new = {key for key in keys if key is not None and key not in known}
         found.retain(new)
         embedded = self.embedder(found) if new else None
         skipped = embedded.skipped if embedded else \
             [{"image": where, "reason": reason} for where, reason in sorted(found.unreadable.items())]
         usable = [i for i, key in enumerate(keys) if key in known or (embedded and key in embedded.vectors)]
-        if not usable:
-            raise ImageLoadError(f"none of the {len(keys)} images could be embedded; for example: "
-                                 f"{skipped[0]['reason'] if skipped else 'no images were given'}")
-        old_vectors, vectors = self.vectors(), np.empty((len(usable), self.dim), np.float16)
+        if not usable:  # skipping unreadable images (if asked) has left none: not an ImageLoadError, whose
+            # command-line hint is to skip them
+            raise ValueError(f"none of the {len(keys)} images could be embedded, so the index would be empty; for "
+                             f"example: {skipped[0]['reason'] if skipped else 'no images were given'}")
+        vectors = np.empty((len(usable), self.dim), np.float16)
         for out, i in enumerate(usable):
             vectors[out] = old_vectors[known[keys[i]]] if keys[i] in known else embedded.vectors[keys[i]]
         self.gallery = _gallery([places[i] for i in usable], [keys[i] for i in usable], vectors)
@@ -341,9 +364,10 @@ class SearchIndex:
         embedded = embedder(found)
         usable = [(str(path), key) for path, key in zip(files, keys) if key in embedded.vectors]
         skipped = embedded.skipped + [{"image": str(path), "reason": reason} for path, reason in ignored]
-        if not usable:
-            raise ImageLoadError(f"none of the {len(files)} query images could be embedded; for example: "
-                                 f"{skipped[0]['reason'] if skipped else 'no images were given'}")
+        if not usable:  # as in `_rebuild`: skipping has left no query, so no hint to skip
+            raise ValueError(f"none of the {len(files)} query images could be read, so there is nothing to search; "
+                             f"for example: {skipped[0]['reason'] if skipped else 'no images were given'}. Give "
+                             "query images that can be read.")
         return [name for name, _ in usable], np.stack([embedded.vectors[key] for _, key in usable]), skipped
 
     def search(self, queries, k: int = 10, combine: str = "each") -> SearchResult:
@@ -360,6 +384,8 @@ class SearchIndex:
         else:
             names, vectors, skipped = self.embed_queries(queries)
         vectors = self._checked_queries(vectors)
+        if self._checked_gallery is not self.gallery:
+            self.finite_vectors()
         index, k_used = self.faiss_index(), min(k, len(self))
         if combine == "each":
             scores, rows = index.search(vectors, k_used)
@@ -385,7 +411,7 @@ class SearchIndex:
     def cluster(self, threshold: float) -> np.ndarray:
         """[N] identity cluster of every gallery image at similarity `threshold` (average linkage);
         cluster 0 is the largest."""
-        return IdentityLinkage(self.vectors(), threshold).labels(threshold)
+        return IdentityLinkage(self.finite_vectors(), threshold).labels(threshold)
 
     # --- saving ---
 

@@ -353,3 +353,96 @@ def test_a_real_model_indexes_and_queries_with_its_own_scorer(tmp_path, gallery,
     message = user_error(capsys, search.main, ["query", "--index-dir", str(tmp_path / "index"), "--model", str(other),
                                                "--images", str(gallery / "id1"), *common])
     assert "was built with" in message and "cannot be compared" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Edges where a result could be silently wrong
+
+
+def nan_rows(folder, rows):
+    """Save the index in `folder` again with NaN embeddings at gallery `rows` (a damaged gallery)."""
+    from nearid.search import _gallery
+
+    index = SearchIndex.load(folder)
+    vectors = index.vectors().copy()
+    vectors[rows] = np.nan
+    entries = index.entries()
+    index.gallery = _gallery(entries, [entry["hash"] for entry in entries], vectors)
+    index._faiss_file = None
+    index.save(folder)
+
+
+def test_nan_gallery_embeddings_are_refused_naming_the_images_and_indexing_again_repairs_them(
+        tmp_path, gallery, pixels, capsys):
+    index_dir, cache = tmp_path / "index", tmp_path / "cache"
+    index = ["index", "--model", "pixels", "--images", str(gallery), "--index-dir", str(index_dir),
+             "--cache-dir", str(cache)]
+    search.main(index)
+    nan_rows(index_dir, [1, 5])
+    damaged = [SearchIndex.load(index_dir).entries()[row]["path"] for row in (1, 5)]
+    query = ["query", "--index-dir", str(index_dir), "--images", str(gallery / "id1" / "img0.png"), "--k", "50",
+             "--cache-dir", str(cache), "--output-dir", str(tmp_path / "query")]
+    for argv in (query, ["cluster", "--index-dir", str(index_dir), "--output-dir", str(tmp_path / "clusters")]):
+        message = user_error(capsys, search.main, argv)
+        assert "2 of its 13 images" in message and damaged[0] in message and "search.py index" in message
+    assert not (tmp_path / "query").exists() and not (tmp_path / "clusters").exists()
+    with pytest.raises(ValueError, match="not finite"):
+        SearchIndex.load(index_dir).cluster(0.5)
+
+    assert search.main(index)["images"] == 13  # the damaged rows take their embeddings again
+    result = search.main(query)
+    assert len(result["records"]) == 13 and {r["path"] for r in result["records"]} >= set(damaged)
+    assert "all 13 are returned" in capsys.readouterr().out
+
+
+def test_a_threshold_that_is_not_a_number_or_below_the_cluster_threshold_is_refused(tmp_path, capsys):
+    cluster = ["cluster", "--index-dir", str(tmp_path / "index")]
+    message = user_error(capsys, search.main, [*cluster, "--threshold", "nan"], status=2)
+    assert "--threshold" in message and "finite number" in message
+    message = user_error(capsys, search.main, [*cluster, "--threshold", "0.9", "--duplicate-threshold", "0.8"],
+                         status=2)
+    assert "--duplicate-threshold 0.8" in message and "--threshold 0.9" in message
+
+
+def test_hits_of_gallery_files_deleted_since_indexing_are_warned_about(tmp_path, gallery, pixels, capsys):
+    folder = shutil.copytree(gallery, tmp_path / "gallery")
+    search.main(["index", "--model", "pixels", "--images", str(folder), "--index-dir", str(tmp_path / "index"),
+                 "--cache-dir", str(tmp_path / "cache")])
+    gone = folder / "id2" / "img1.png"
+    gone.unlink()
+    capsys.readouterr()
+    search.main(["query", "--index-dir", str(tmp_path / "index"), "--images", str(folder / "id2" / "img0.png"),
+                 "--k", "3", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "warning:" in err and str(gone) in err and "search.py index" in err
+    results = json.loads((tmp_path / "out" / "query_results.json").read_text())
+    assert any(str(gone) in warning for warning in results["warnings"])
+
+
+def test_an_unreadable_query_is_named_as_a_query_even_with_skip_bad_images(tmp_path, gallery, pixels, capsys):
+    search.main(["index", "--model", "pixels", "--images", str(gallery / "id0"), "--index-dir",
+                 str(tmp_path / "index"), "--cache-dir", str(tmp_path / "cache")])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    query = ["query", "--index-dir", str(tmp_path / "index"), "--images", str(tmp_path / "broken.png"),
+             "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    message = user_error(capsys, search.main, [*query, "--skip-bad-images"])
+    assert "broken.png" in message and "query" in message and "--skip-bad-images" not in message
+    message = user_error(capsys, search.main, query)
+    assert "broken.png" in message and "--skip-bad-images" in message  # skipping it would leave no query
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
+    message = user_error(capsys, search.main, ["index", "--model", "pixels", "--images", str(tmp_path / "bad"),
+                                               "--index-dir", str(tmp_path / "other"), "--skip-bad-images",
+                                               "--cache-dir", str(tmp_path / "cache")])
+    assert "broken.png" in message and "--skip-bad-images" not in message
+
+
+def test_empty_dataset_cells_are_counted_apart_from_unreadable_images(tmp_path, pixels, capsys):
+    from tests.helpers import corrupt_image
+
+    dataset = drawn_dataset(tmp_path / "drawn", missing_row=2)
+    corrupt_image(dataset, 5, "image").save_to_disk(str(tmp_path / "damaged"))
+    search.main(["index", "--model", "pixels", "--dataset", str(tmp_path / "damaged"), "--column", "image",
+                 "--index-dir", str(tmp_path / "index"), "--cache-dir", str(tmp_path / "cache"), "--skip-bad-images"])
+    out = capsys.readouterr().out
+    assert "Indexed 6 images" in out and "1 unreadable images" in out and "1 empty dataset cells" in out

@@ -33,6 +33,7 @@ from nearid.io import write_csv
 from nearid.scorers import resolve_device
 from nearid.search import (
     COMBINE,
+    EMPTY_CELL,
     INFO_FILE,
     DatasetColumn,
     Embedder,
@@ -102,6 +103,12 @@ class ClusterArguments:
                                         max=1.0)
     sheet_min_size: int = option(4, "clusters with at least this many images get a contact sheet", min=2)
     max_sheets: int = option(20, "contact sheets written at most (largest clusters first)", min=0)
+
+    def __post_init__(self):
+        if self.duplicate_threshold < self.threshold:
+            raise ValueError(f"--duplicate-threshold {self.duplicate_threshold} is below --threshold {self.threshold}: "
+                             "near-duplicates are groups closer than the identity clusters, so give a "
+                             f"--duplicate-threshold of at least {self.threshold}")
 
 
 @dataclass
@@ -183,10 +190,13 @@ def index_summary(index, report, folder) -> str:
     info = read_info(folder)
     lines = [f"Indexed {report['images']} images into {folder}: {report['added']} new, {report['removed']} removed, "
              f"{report['embedded']} embedded, {report['reused']} reused from the index."]
-    left_out = len(report["skipped"]) + len(report["ignored"])
+    empty = sum(item["reason"] == EMPTY_CELL for item in report["skipped"])
+    counts = {"unreadable images": len(report["skipped"]) - empty, "empty dataset cells": empty,
+              "other files": len(report["ignored"])}
+    left_out = [f"{count} {what}" for what, count in counts.items() if count]
     if left_out:
-        lines.append(f"{len(report['skipped'])} unreadable images and {len(report['ignored'])} other files were left "
-                     f"out; {folder / 'search_index.json'} lists each with the reason.")
+        listed = ", ".join(left_out[:-1]) + " and " + left_out[-1] if len(left_out) > 1 else left_out[0]
+        lines.append(f"{listed} were left out; {folder / 'search_index.json'} lists each with the reason.")
     if index.recall is not None:
         lines.append(f"{index.settings.kind} index: recall@10 against exact search {index.recall:.4f}.")
     sizes = info["bytes_per_image"]
@@ -227,6 +237,11 @@ def write_query_outputs(args, index, result, records):
     outputs = reports.RunOutputs(args.output_dir, "query_results.json")
     save_arguments(outputs.path("query_args.json"), "search.py query", *args.groups.values())
     write_csv(outputs.path("query_results.csv"), records)
+    gone = missing_files(records)
+    if gone:
+        outputs.warn(f"{len(gone)} of the hits are gallery files that no longer exist (deleted or moved since the "
+                     f"index was built): {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}. Run `python "
+                     "search.py index` on the gallery again to bring the index up to date.")
     outputs.optional("drawing query_contact_sheet.png", reports.plot_image_grid,
                      outputs.path("query_contact_sheet.png"), query_sheet(index, result),
                      f"Top {min(result.k, SHEET_HITS)} gallery images per query ({args.combine})\n{index.scorer['spec']}")
@@ -238,6 +253,12 @@ def write_query_outputs(args, index, result, records):
                                                                        "image", "hash")} for r in records]})
     print_query_summary(index, result, records)
     print(f"Results in {outputs.folder}")
+
+
+def missing_files(records) -> list:
+    """The gallery files among the hits that are not on disk any more, each once."""
+    paths = dict.fromkeys(r["path"] for r in records if r["path"] is not None)
+    return [path for path in paths if not Path(path).is_file()]
 
 
 def print_query_summary(index, result, records):
@@ -283,7 +304,7 @@ def run_cluster(args, state):
     if not state.is_main_process:
         return None
     index = SearchIndex.load(args.index_dir)
-    linkage = IdentityLinkage(index.vectors(), min(args.threshold, args.duplicate_threshold))
+    linkage = IdentityLinkage(index.finite_vectors(), args.threshold)  # cut again at the higher duplicate threshold
     clusters, duplicates = linkage.labels(args.threshold), linkage.labels(args.duplicate_threshold)
     entries = index.entries()
     cluster_sizes, duplicate_sizes = np.bincount(clusters), np.bincount(duplicates)
