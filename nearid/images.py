@@ -15,6 +15,7 @@ package and adds what only the commands need:
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,8 @@ def find_images(folder, recursive: bool = True) -> tuple[list, list]:
     """(image files, [(other file, reason)]) under `folder`, each list sorted by path.
 
     Image files are those with a suffix Pillow decodes (`image_suffixes`); hidden files (".name")
-    are left out silently, every other file is returned with the reason it was left out.
+    are left out silently, every other file is returned with the reason it was left out, and so are
+    links to nothing and links to folders (which are not followed).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -89,10 +91,22 @@ def find_images(folder, recursive: bool = True) -> tuple[list, list]:
     suffixes = image_suffixes()
     images, others = [], []
     for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
-        if path.suffix.lower() in suffixes:
+        if path.is_symlink() and not path.is_file():
+            others.append((path, link_problem(path)))
+        elif not path.is_file():
+            continue
+        elif path.suffix.lower() in suffixes:
             images.append(path)
         else:
             others.append((path, f"not an image format Pillow reads (suffix {path.suffix or 'none'!r})"))
     return images, others
+
+
+def link_problem(path: Path) -> str:
+    """Why the link `path` gives no image file: it points at nothing, or at a folder."""
+    target = os.readlink(path)
+    if path.is_dir():
+        return f"a link to the folder {target}; links to folders are not followed (give the folder itself)"
+    return f"a link to {target}, which does not exist"

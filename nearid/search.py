@@ -48,7 +48,7 @@ from nearid import data, evaluation
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.cli import DatasetSource
 from nearid.clustering import IdentityLinkage
-from nearid.images import find_images, load_image
+from nearid.images import find_images, link_problem, load_image
 from nearid.io import atomic_write_json, read_json
 from nearid.store import FillOptions, ImageIndex
 
@@ -117,6 +117,8 @@ def image_files(sources: Sequence) -> tuple:
             others += ignored
         elif path.is_file():
             files.append(path)
+        elif path.is_symlink():
+            raise FileNotFoundError(f"{source} is {link_problem(path)}; expected image files or folders of them")
         else:
             raise FileNotFoundError(f"no such file or folder {source}; expected image files or folders of them")
     return list(dict.fromkeys(path.resolve() for path in files)), others

@@ -87,3 +87,20 @@ def test_every_format_pillow_reads_is_an_image_and_other_files_are_listed(tmp_pa
     assert [(p.name, "suffix '.txt'" in reason) for p, reason in others] == [("notes.txt", True)]
     with pytest.raises(FileNotFoundError, match="no such folder"):
         find_images(tmp_path / "absent")
+
+
+def test_a_broken_link_is_listed_among_the_files_left_out(tmp_path):
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "a.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")
+    images, others = find_images(tmp_path)
+    assert [p.name for p in images] == ["a.png"]
+    assert [(p.name, "link" in reason and "deleted.png" in reason) for p, reason in others] == [("gone.png", True)]
+
+
+def test_a_link_to_a_folder_is_listed_as_not_followed(tmp_path):
+    (tmp_path / "real").mkdir()
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "real" / "a.png")
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    images, others = find_images(tmp_path)
+    assert [p.name for p in images] == ["a.png"]
+    assert [(p.name, "not followed" in reason) for p, reason in others] == [("linked", True)]

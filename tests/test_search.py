@@ -446,3 +446,19 @@ def test_empty_dataset_cells_are_counted_apart_from_unreadable_images(tmp_path, 
                  "--index-dir", str(tmp_path / "index"), "--cache-dir", str(tmp_path / "cache"), "--skip-bad-images"])
     out = capsys.readouterr().out
     assert "Indexed 6 images" in out and "1 unreadable images" in out and "1 empty dataset cells" in out
+
+
+def test_a_broken_link_in_the_gallery_is_listed_and_one_given_as_a_query_is_named(tmp_path, gallery, pixels,
+                                                                                    capsys):
+    folder = shutil.copytree(gallery, tmp_path / "gallery")
+    (folder / "id1" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    search.main(["index", "--model", "pixels", "--images", str(folder), "--index-dir", str(tmp_path / "index"),
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert "2 other files were left out" in capsys.readouterr().out
+    info = json.loads((tmp_path / "index" / "search_index.json").read_text())
+    reasons = {item["image"]: item["reason"] for item in info["provenance"]["extra"]["last_update"]["ignored"]}
+    assert "deleted.png, which does not exist" in reasons[str(folder / "id1" / "gone.png")]
+    message = user_error(capsys, search.main, ["query", "--index-dir", str(tmp_path / "index"), "--images",
+                                               str(folder / "id1" / "gone.png"), "--cache-dir", str(tmp_path / "cache"),
+                                               "--output-dir", str(tmp_path / "out")])
+    assert "gone.png is a link to" in message and "which does not exist" in message
