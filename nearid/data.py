@@ -188,11 +188,23 @@ def _numbered_columns(dataset, prefixes: Sequence[str], count: int, what: str) -
     names = dataset.column_names
     complete = [p for p in prefixes if all(f"{p}{k}" in names for k in range(1, count + 1))]
     expected = " or ".join(f"{p}1..{p}{count}" for p in prefixes)
-    if len(complete) != 1:
-        problem = "none of" if not complete else "more than one of"
-        raise ValueError(f"{what}: found {problem} the column namings {expected}; the dataset has "
+    if len(complete) > 1:
+        raise ValueError(f"{what}: found more than one of the column namings {expected}; the dataset has "
                          f"columns {names}")
+    if not complete:
+        raise ValueError(f"{what}: expected the columns {expected}; {_partly_found(names, prefixes, count)}the "
+                         f"dataset has columns {names}")
     return tuple(f"{complete[0]}{k}" for k in range(1, count + 1))
+
+
+def _partly_found(names, prefixes: Sequence[str], count: int) -> str:
+    """"found img1, img3 but not img2; " for the naming most nearly complete, or "found none of them; "."""
+    wanted = {p: [f"{p}{k}" for k in range(1, count + 1)] for p in prefixes}
+    best = max(prefixes, key=lambda p: sum(c in names for c in wanted[p]))  # the first, on a tie
+    present = [c for c in wanted[best] if c in names]
+    if not present:
+        return "found none of them; "
+    return f"found {', '.join(present)} but not {', '.join(c for c in wanted[best] if c not in names)}; "
 
 
 def view_columns(dataset, prefixes: Sequence[str] = ("img", "images"), count: int = 3) -> tuple:

@@ -203,7 +203,7 @@ def test_view_columns_accepts_both_namings_and_says_which(positives, caplog):
 
 
 def test_view_columns_errors_list_the_columns(positives):
-    with pytest.raises(ValueError, match=r"none of.*img1\.\.img3 or images1\.\.images3.*'category'"):
+    with pytest.raises(ValueError, match=r"img1\.\.img3 or images1\.\.images3; found img1, img2 but not img3.*'cat"):
         nd.view_columns(positives.remove_columns(["img3"]))
     both = positives.add_column("images1", [None] * 6).add_column("images2", [None] * 6)
     with pytest.raises(ValueError, match="more than one of"):
@@ -362,3 +362,10 @@ def test_dreambench_errors(root, tmp_path):
         nd.dreambench_pairs(samples, "blip_diffusion")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         nd.dreambench_methods(tmp_path / "nowhere")
+
+
+def test_a_missing_view_column_is_named_beside_the_ones_found(positives):
+    with pytest.raises(ValueError) as error:
+        nd.view_columns(positives.remove_columns(["img2"]))
+    message = str(error.value)
+    assert "none of" not in message and "img2" in message and "img1, img3" in message
