@@ -173,8 +173,8 @@ def test_non_finite_embeddings_fail_at_the_command_line_and_keep_previous_result
 
 
 @pytest.mark.parametrize("which, change, message", [
-    ("positives", drop_column("img3"), r"positives view columns: found none of .*img1\.\.img3.*'img2'"),
-    ("flux", drop_column("nimg2"), r"distractor columns: found none of .*nimg1\.\.nimg3.*'nimg3'"),
+    ("positives", drop_column("img3"), r"positives view columns: .*found img1, img2 but not img3.*'img2'"),
+    ("flux", drop_column("nimg2"), r"distractor columns: .*nimg1\.\.nimg3; found nimg1, nimg3 but not nimg2.*'nimg3'"),
     ("sdxl", drop_column("id"), r"distractor source 'sdxl' has no 'id' column"),
     ("sdxl", change_id(4), r"'sdxl' does not match the positives at row 4: id 'someone_else'"),
 ])
