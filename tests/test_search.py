@@ -462,3 +462,12 @@ def test_a_broken_link_in_the_gallery_is_listed_and_one_given_as_a_query_is_name
                                                str(folder / "id1" / "gone.png"), "--cache-dir", str(tmp_path / "cache"),
                                                "--output-dir", str(tmp_path / "out")])
     assert "gone.png is a link to" in message and "which does not exist" in message
+
+
+def test_an_index_dir_below_a_file_is_refused_before_anything_is_embedded(tmp_path, gallery, pixels, capsys):
+    (tmp_path / "taken").write_text("kept")
+    message = user_error(capsys, search.main, ["index", "--model", "pixels", "--images", str(gallery),
+                                               "--index-dir", str(tmp_path / "taken" / "index"),
+                                               "--cache-dir", str(tmp_path / "cache")], status=2)
+    assert "--index-dir" in message and f"{tmp_path / 'taken'} is a file" in message
+    assert not (tmp_path / "cache").exists()

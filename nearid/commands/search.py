@@ -54,7 +54,7 @@ SHEET_QUERIES, SHEET_QUERY_IMAGES, SHEET_HITS, SHEET_CLUSTER_IMAGES = 16, 3, 10,
 class IndexArguments:
     """The gallery and its index"""
 
-    index_dir: str = option(REQUIRED, "folder of the search index (created, or brought up to date)")
+    index_dir: str = option(REQUIRED, "folder of the search index (created, or brought up to date)", folder=True)
     images: list[str] = option([], "image files or folders (searched recursively) that make up the gallery")
     dataset: str | None = option(None, "a dataset whose image column makes up the gallery: Hub id (SRC@REVISION pins "
                                        "one), save_to_disk folder or parquet")
