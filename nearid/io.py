@@ -27,13 +27,16 @@ def folder_problem(path) -> str | None:
     """Why `path` cannot be used as an output folder (it, or a folder on the way to it, is a file), or None."""
     path = Path(path).expanduser()
     for place in (path, *path.parents):
-        if place.is_dir():
+        try:
+            if place.is_dir():
+                return None
+            if place.exists() or place.is_symlink():
+                kind = "a file" if place.exists() else "a link to nothing"
+                on_the_way = "" if place == path else f", on the way to {path}"
+                return (f"expected a folder, but {place} is {kind}{on_the_way}. Give the path of a new or existing "
+                        "folder, or move that file away")
+        except OSError:  # a folder we may not look into: writing there will say what is wrong
             return None
-        if place.exists() or place.is_symlink():
-            kind = "a file" if place.exists() else "a link to nothing"
-            on_the_way = "" if place == path else f", on the way to {path}"
-            return (f"expected a folder, but {place} is {kind}{on_the_way}. Give the path of a new or existing "
-                    "folder, or move that file away")
     return None
 
 
