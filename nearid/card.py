@@ -47,7 +47,7 @@ BENCHMARK_METRICS = {
     "retrieval": (("recall@1", "Retrieval R@1"), ("map", "Retrieval mAP"),
                   ("distractor_first_rate", "Distractor-first rate")),
     "mtg": (("mo", "MTG MO"), ("mo_pair", "MTG MOpair"), ("ssr", "MTG SSR"), ("pa", "MTG PA")),
-    "dreambench": (("mh_object", "DB++ MH (object)"), ("mh_all", "DB++ MH (all)")),
+    "dreambench": (("mh_object", "DB++ MH (object)"), ("mh_all_categories", "DB++ MH (all categories)")),
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # namespace/name
 

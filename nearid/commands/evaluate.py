@@ -480,10 +480,12 @@ def write_dreambench_outputs(args, scorer, scores, result, skipped):
         for method, method_scores in scores.items():  # the published per-image score format
             atomic_write_json(outputs.path(f"dreambench_scores/{method}.json"), method_scores)
     table = reports.table1_markdown({scorer["spec"]: reports.table1_row(dreambench=result)})
+    table += reports.dreambench_note(result)
     atomic_write_text(outputs.path("dreambench_table.md"), table)
     record_model_index(args, outputs, "dreambench", result, None, scorer["spec"])
     prov = reports.provenance(scorer, [{"kind": "local", "path": str(Path(args.ratings).resolve())}])
-    outputs.finish(reports.results_document("dreambench", scorer, result, prov, skipped))
+    outputs.finish(reports.results_document("dreambench", scorer, result, prov, skipped,
+                                            notes=reports.DREAMBENCH_NOTES))
     print(table)
     print("MH per category: " + ", ".join(f"{k[3:]} {v:.4f}" for k, v in result.items() if k.startswith("mh_")))
 
