@@ -237,3 +237,51 @@ def test_write_paper_results_touches_only_the_model_index(tmp_path):
     assert text.endswith("---\n\n# Body\n\nkept as is\n")
     assert [r.__dict__ for r in ModelCard.load(readme).data.eval_results] == \
         [r.__dict__ for r in card.paper_results()]
+
+
+# --------------------------------------------------------------------------------------------------
+# What a card may claim: Hub ids only for data read from the Hub at a recorded revision
+
+
+def test_results_are_filed_under_a_hub_dataset_only_when_all_their_data_came_from_it_at_a_revision(tmp_path):
+    values = {"ssr": 50.0, "pa": 60.0}
+    pinned = benchmark_results("nearid", values, "test", [_hub("Aleksandar/NearID"), _hub("Aleksandar/NearID-Flux")])
+    assert {(r.dataset_type, r.dataset_revision, r.dataset_name) for r in pinned} == {
+        ("Aleksandar/NearID", "a" * 40, "NearID benchmark")}
+    by_branch = benchmark_results("nearid", values, "test", {**_hub("Aleksandar/NearID", None), "revision": "v1.0"})
+    assert {r.dataset_revision for r in by_branch} == {"v1.0"}
+    for data in (None, _local(tmp_path / "positives"), [_hub("Aleksandar/NearID"), _local(tmp_path / "flux")],
+                 _hub("Aleksandar/NearID", commit=None)):  # the last: read from the Hub, revision unknown
+        results = benchmark_results("nearid", values, "test", data)
+        assert {(r.dataset_type, r.dataset_revision, r.dataset_name) for r in results} == {
+            (None, None, "NearID benchmark (local data)")}
+
+
+def test_card_lists_hub_datasets_in_the_metadata_and_local_data_in_the_text(tmp_path):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    hub, unpinned, local = _hub("Aleksandar/NearID"), _hub("Aleksandar/NearID-Flux", None), _local(tmp_path / "sdxl")
+    results = benchmark_results("nearid", {"ssr": 50.0, "pa": 60.0}, "test", [hub, local])
+    with pytest.warns(UserWarning) as caught:
+        write_model_card(folder, **card_kwargs(datasets=[hub, unpinned, local], results=results,
+                                               base_model="google/siglip2-so400m-patch14-384"))
+    said = [str(w.message) for w in caught]  # datasets left out, results kept out of the model-index
+    assert len(said) == 2 and "2 training dataset(s)" in said[0] and "2 result(s) were measured on local" in said[1]
+    text = (folder / "README.md").read_text()
+    meta = metadata_load(folder / "README.md")
+    assert meta["datasets"] == ["Aleksandar/NearID"] and "model-index" not in meta
+    assert meta["base_model"] == "google/siglip2-so400m-patch14-384"
+    assert f"[Aleksandar/NearID](https://huggingface.co/datasets/Aleksandar/NearID) at revision `{'a' * 40}`" in text
+    assert "`Aleksandar/NearID-Flux` read from the Hub without a recorded revision" in text
+    assert "local data `sdxl` (save_to_disk, 10 rows)" in text and str(tmp_path) not in text
+    assert "| NearID benchmark (local data) | test | NearID SSR | 50.0 |" in text
+    card.check_card_metadata(folder / "README.md")
+
+
+def test_update_model_card_refuses_results_on_local_data(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlicense: mit\n---\n# body\n")
+    local = benchmark_results("mtg", {"mo": 0.5}, "test", _local(tmp_path / "mtg"))
+    with pytest.raises(ValueError, match="MTG MO have no Hub dataset.*local data"):
+        update_model_card(readme, "NearID", local)
+    assert readme.read_text() == "---\nlicense: mit\n---\n# body\n"
