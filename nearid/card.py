@@ -2,10 +2,11 @@
 
 Both paths go through `huggingface_hub.ModelCardData` / `EvalResult`:
 
-- `benchmark_results(benchmark, values, split)`: the `EvalResult`s of a benchmark's headline
-  metrics, each benchmark filed under one dataset id with one rounding, whether the numbers come
-  from training's final evaluation or from `evaluate.py --model-index`. So evaluating a trained
-  release replaces the release's own entries instead of adding a second set.
+- `benchmark_results(benchmark, values, split, data)`: the `EvalResult`s of a benchmark's headline
+  metrics, filed under the Hub dataset the data was read from, with one rounding, whether the
+  numbers come from training's final evaluation or from `evaluate.py --model-index`. So evaluating
+  a trained release on the same data replaces the release's own entries instead of adding a
+  second set.
 - `write_model_card(folder, ...)`: the card of an exported repo (front matter with `model-index`,
   quick start, model details, training arguments, evaluation, limitations, citation).
 - `update_model_card(readme, name, results)`: results into an existing card's `model-index`; a
@@ -61,6 +62,10 @@ BENCHMARK_METRICS = {
     "dreambench": (("mh_object", "DB++ MH (object)"), ("mh_all_categories", "DB++ MH (all categories)")),
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # namespace/name
+
+
+class CardWarning(UserWarning):
+    """Something a model card leaves out because it could not be claimed truthfully (`card_warnings`)."""
 LOCAL_DATA = "local data"
 # The paper's results are filed under this model name and cite the paper.
 PAPER_MODEL_NAME = "NearID"
@@ -271,7 +276,7 @@ def write_model_card(folder, *, base_model: str, datasets: Sequence[str], traini
         summary_table: markdown shown under "Evaluation"; without it the results are listed there.
         model_name: the card's title and `model-index` name; default `repo_id`, else the folder's name.
 
-    Each thing the card lacks for it (`card_warnings`) is a `UserWarning`.
+    Each thing the card lacks for it (`card_warnings`) is a `CardWarning` (a `UserWarning`).
     """
     from huggingface_hub import ModelCardData
 
@@ -287,7 +292,7 @@ def write_model_card(folder, *, base_model: str, datasets: Sequence[str], traini
     name = model_name or repo_id or folder.name
     results = [_eval_result(r) for r in results or []]
     for lack in card_warnings(base_model, datasets, results):
-        warnings.warn(f"model card of {name}: {lack}", UserWarning, stacklevel=2)
+        warnings.warn(f"model card of {name}: {lack}", CardWarning, stacklevel=2)
     hub_datasets = [hub_dataset_id(d) for d in datasets if hub_dataset_id(d)]
     filed = [r for r in results if r.dataset_type]
     data = ModelCardData(library_name="transformers", pipeline_tag=TASK, license=LICENSE,

@@ -95,7 +95,9 @@ class ModelIndexArguments:
     """Model card"""
 
     model_index: str | None = option(None, "model card (README.md) whose model-index receives the headline metrics "
-                                           "after the run; the rest of the card is kept byte for byte",
+                                           "after the run; the rest of the card is kept byte for byte. Only data "
+                                           "read from the Hub at a recorded revision is filed (local data: a "
+                                           "warning, the card is left as it was)",
                                      metavar="README")
     model_index_name: str | None = option(None, "model name in the model-index (default: the card's current one, "
                                                 "else the name of --model)")

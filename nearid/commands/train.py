@@ -25,6 +25,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -545,10 +546,15 @@ def export(run, processor, model_args, all_args, final, provenance):
     model_card = {"repo_id": args.push_to_hub, "base_model": model_args.base_model,
                   "datasets": list(provenance.values()), "training_args": all_args, "results": results,
                   "model_name": args.push_to_hub or f"nearid-{Path(args.output_dir).resolve().name}"}
-    folder = export_hub_folder(run.model, processor, Path(args.output_dir) / "release", overwrite=True,
-                               model_card=model_card)
+    lacks = card.card_warnings(model_args.base_model, model_card["datasets"], results)
+    with warnings.catch_warnings():  # said once below, in this program's own words
+        warnings.simplefilter("ignore", card.CardWarning)
+        folder = export_hub_folder(run.model, processor, Path(args.output_dir) / "release", overwrite=True,
+                                   model_card=model_card)
     print(f"exported {folder}")
-    return folder, card.card_warnings(model_args.base_model, model_card["datasets"], results)
+    for lack in lacks:
+        print(f"warning: model card: {lack}", file=sys.stderr)
+    return folder, lacks
 
 
 def push(args, folder):
@@ -575,7 +581,7 @@ def finish(run, processor, data_args, model_args, all_args, skipped, describe):
     if run.args.export:
         folder, lacks = export(run, processor, model_args, all_args, (final_split, scores) if scores else None,
                                describe["datasets"])
-        results["warnings"] += [f"model card: {lack}" for lack in lacks]  # warned on the console by the card builder
+        results["warnings"] += [f"model card: {lack}" for lack in lacks]
     results["release"] = str(folder) if folder else None
     try:
         reports.plot_training_loss(out / "training_loss.png", run.history, model_args.base_model)
