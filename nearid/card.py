@@ -64,12 +64,14 @@ BENCHMARK_METRICS = {
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # namespace/name
 
 
-class CardWarning(UserWarning):
-    """Something a model card leaves out because it could not be claimed truthfully (`card_warnings`)."""
 LOCAL_DATA = "local data"
 # The paper's results are filed under this model name and cite the paper.
 PAPER_MODEL_NAME = "NearID"
 PAPER_SOURCE = {"source_name": "NearID paper, Table 1 (arXiv 2604.01973)", "source_url": PAPER_URL}
+
+
+class CardWarning(UserWarning):
+    """Something a model card leaves out because it could not be claimed truthfully (`card_warnings`)."""
 
 
 def benchmark_results(benchmark: str, values: Mapping, split: str | None, data=None, *,
@@ -190,7 +192,8 @@ def check_card_metadata(readme) -> None:
     except (ValueError, yaml.YAMLError) as e:
         raise ValueError(f"{readme}: the model card's metadata cannot be read ({e}). Fix its YAML front "
                          "matter, then upload again.") from None
-    problems = [f"{key} {value!r} is not a Hub id (namespace/name)" + (" but a local path" if Path(value).exists() else "")
+    problems = [f"{key} {value!r} is not a Hub id (namespace/name)" + (" but a local path" if Path(value).exists()
+                                                                       else "")
                 for key in ("base_model", "datasets") for value in _as_list(data.to_dict().get(key))
                 if not is_hub_id(value)]
     for r in data.eval_results or []:
@@ -351,7 +354,8 @@ def _dataset_line(dataset) -> str:
 
 
 def _model_facts(folder, base_model) -> list:
-    base = _hub_link(base_model) if is_hub_id(base_model) else f"a local SigLIP checkpoint `{Path(str(base_model)).name}`"
+    base = _hub_link(base_model) if is_hub_id(base_model) else \
+        f"a local SigLIP checkpoint `{Path(str(base_model)).name}`"
     rows = [("base model", f"{base}: the frozen vision encoder; the trained head starts "
                            "as a copy of its attention-pooling head"),
             ("architecture", "SigLIP vision transformer (frozen) + multi-head attention-pooling (MAP) head "

@@ -199,7 +199,8 @@ def test_model_index_records_mtg_and_nearid_results_and_keeps_the_card(synthetic
     args[args.index(str(synthetic / "mtg"))] = hub["abdo-eldesokey/mtg-dataset"]
     mtg = evaluate.main(args)
     nearid = evaluate.main(["nearid", "--model", str(tiny_repo), "--positives", hub["Aleksandar/NearID"],
-                            "--source", f"flux={hub['Aleksandar/NearID-Flux']}", "--output-dir", str(tmp_path / "nearid"),
+                            "--source", f"flux={hub['Aleksandar/NearID-Flux']}",
+                            "--output-dir", str(tmp_path / "nearid"),
                             "--cache-dir", str(tmp_path / "cache"), "--model-index", str(card)])
 
     meta, body = split_card(card.read_text())

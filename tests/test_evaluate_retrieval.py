@@ -55,7 +55,8 @@ def pixels(monkeypatch):
 
 def run(root, out, *extra, positives=None, flux=None):
     return evaluate.main(["retrieval", "--model", "pixels", "--positives", positives or str(root / "positives"),
-                          "--source", f"flux={flux or root / 'flux'}", "--split-file", str(root / "test.json"), "--output-dir", str(out),
+                          "--source", f"flux={flux or root / 'flux'}", "--split-file", str(root / "test.json"),
+                          "--output-dir", str(out),
                           "--cache-dir", str(root / "cache"), *extra])
 
 
