@@ -47,6 +47,7 @@ MTG_COLUMNS = tuple(f"image_{v}_{kind}" for v in (1, 2)
 # locally is reported as a missing path rather than sent to the Hub.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,7 +68,8 @@ def open_dataset(source, split: str = "train", revision: str | None = None) -> t
     tag or commit, and applies to Hub ids only.
 
     Provenance (flat, stable keys): kind ("local" or "hub"), source (absolute path or Hub id),
-    format, split, revision (as requested), fingerprint (`Dataset._fingerprint`), num_rows.
+    format, split, revision (as requested), commit (of a Hub dataset: the commit it was read at, when
+    known; None otherwise), fingerprint (`Dataset._fingerprint`), num_rows.
     """
     location = getattr(source, "location", source)
     revision = getattr(source, "revision", None) or revision
@@ -87,8 +89,19 @@ def open_dataset(source, split: str = "train", revision: str | None = None) -> t
     if len(dataset) == 0:
         raise ValueError(f"dataset {where} (split {split}) has no rows; check the source and split")
     provenance = {"kind": kind, "source": where, "format": fmt, "split": split, "revision": revision,
+                  "commit": _hub_commit(dataset, revision) if kind == "hub" else None,
                   "fingerprint": dataset._fingerprint, "num_rows": len(dataset)}
     return dataset, provenance
+
+
+def _hub_commit(dataset, revision: str | None) -> str | None:
+    """The commit a Hub dataset was read at: the revision when it is a commit hash, else the name of
+    the folder of its cache files (datasets names a Hub dataset's cache folder by the commit it
+    resolved, online or from the cache offline); None when neither says."""
+    if revision and _COMMIT.fullmatch(revision):
+        return revision
+    folders = {Path(f["filename"]).parent.name for f in dataset.cache_files}
+    return folders.pop() if len(folders) == 1 and _COMMIT.fullmatch(next(iter(folders))) else None
 
 
 def _looks_like_hub_id(source: str) -> bool:

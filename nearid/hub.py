@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from nearid.card import write_model_card
+from nearid.card import check_card_metadata, write_model_card
 from nearid.cli import REQUIRED, build_parser, option, parse, user_errors
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the remote-code files live at the repository root
@@ -117,8 +117,10 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | 
 
     Returns the URL of the commit (of the pull request with `create_pr`).
 
-    The folder is checked and a token found before anything is sent. Nothing in the folder is
-    changed, whatever happens; on failure a `HubPushError` gives the command that retries the upload.
+    The folder is checked (complete, and its README.md's metadata passes
+    `nearid.card.check_card_metadata`) and a token found before anything is sent. Nothing in the
+    folder is changed, whatever happens; on failure a `HubPushError` gives the command that
+    retries the upload.
     """
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.utils import validate_repo_id
@@ -126,6 +128,8 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | 
     folder = Path(folder)
     validate_repo_id(repo_id)
     paths = repo_files(folder)
+    if "README.md" in paths:  # the Hub refuses some metadata only after the upload; find it first
+        check_card_metadata(folder / "README.md")
     retry = push_command(folder, repo_id, private=private, revision=revision,
                          commit_message=commit_message, create_pr=create_pr)
     token = token or get_token()

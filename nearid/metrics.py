@@ -266,6 +266,10 @@ DREAMBENCH_METHODS = ("textual_inversion_sd", "dreambooth_sd", "dreambooth_lora_
 DREAMBENCH_CATEGORIES = ("object", "style", "live_subject_animal", "live_subject_human")
 # Subject names that differ between files for the same images (emu2 metric files vs human files).
 DREAMBENCH_SUBJECT_ALIASES = {"rubik's_cube": "magic_cube"}
+# The bucket of every prompt of a method at once: one correlation pooled over all categories. The
+# authors call it not meaningful (categories differ in score range); their all-category figure is
+# `mh_all_categories`, the Fisher-z mean of the four category values.
+DREAMBENCH_POOLED = "pooled_prompts"
 _DB_KEY = re.compile(r"^(object|style|live_subject_animal|live_subject_human)_(\d+)_(.+)-(\d+)(?:_(\d+))?$")
 
 
@@ -320,7 +324,7 @@ def _check_same_keys(ref: Mapping, other: Mapping, ref_name: str, other_name: st
 
 
 def _by_category(keys: Sequence[str]) -> dict:
-    cats = {"all": list(keys)}
+    cats = {DREAMBENCH_POOLED: list(keys)}
     for c in DREAMBENCH_CATEGORIES:
         cats[c] = [k for k in keys if _DB_KEY.match(k).group(1) == c]
     return cats
@@ -333,8 +337,9 @@ def metric_to_human(scores: Mapping[str, float], human_g1: Mapping[str, float],
     Keys are aligned with `canonicalize_dreambench_scores`; the three key sets must match exactly
     (ValueError naming `name` and the first offending keys otherwise).
 
-    Returns, for c in ("all",) + DREAMBENCH_CATEGORIES: `mh_<c>`, `r_group1_<c>`, `r_group2_<c>`,
-    `n_<c>` (NaN correlations for a category with fewer than 2 keys).
+    Returns, for c in DREAMBENCH_CATEGORIES and "pooled_prompts" (every prompt in one correlation):
+    `mh_<c>`, `r_group1_<c>`, `r_group2_<c>`, `n_<c>` (NaN correlations for a category with fewer
+    than 2 keys); and `mh_all_categories`, the Fisher-z mean of the four category `mh_<c>`.
     """
     s = canonicalize_dreambench_scores(scores, f"{name} (metric scores)")
     g1 = canonicalize_dreambench_scores(human_g1, f"{name} (human group 1)")
@@ -347,12 +352,19 @@ def metric_to_human(scores: Mapping[str, float], human_g1: Mapping[str, float],
         r2 = pearson([s[k] for k in keys], [g2[k] for k in keys]) if len(keys) > 1 else float("nan")
         out.update({f"mh_{c}": (r1 + r2) / 2, f"r_group1_{c}": r1, f"r_group2_{c}": r2,
                     f"n_{c}": len(keys)})
-    return out
+    return {**out, "mh_all_categories": _all_categories(out)}
+
+
+def _all_categories(values: Mapping) -> float:
+    """The authors' all-category MH: Fisher-z mean of the four `mh_<category>` (NaN if one is NaN)."""
+    rs = [values[f"mh_{c}"] for c in DREAMBENCH_CATEGORIES]
+    return float("nan") if np.isnan(rs).any() else fisher_z_mean(rs)
 
 
 def human_agreement(human_g1: Mapping[str, float], human_g2: Mapping[str, float], *,
                     name: str = "human") -> dict:
-    """The human ceiling of one method: `mh_<c>` = Pearson(group 1, group 2), and `n_<c>`."""
+    """The human ceiling of one method: `mh_<c>` = Pearson(group 1, group 2), `n_<c>`, and
+    `mh_all_categories` (keys as in `metric_to_human`)."""
     g1 = canonicalize_dreambench_scores(human_g1, f"{name} (human group 1)")
     g2 = canonicalize_dreambench_scores(human_g2, f"{name} (human group 2)")
     _check_same_keys(g1, g2, f"{name} human group 1", f"{name} human group 2")
@@ -360,14 +372,15 @@ def human_agreement(human_g1: Mapping[str, float], human_g2: Mapping[str, float]
     for c, keys in _by_category(list(g1)).items():
         r = pearson([g1[k] for k in keys], [g2[k] for k in keys]) if len(keys) > 1 else float("nan")
         out.update({f"mh_{c}": r, f"n_{c}": len(keys)})
-    return out
+    return {**out, "mh_all_categories": _all_categories(out)}
 
 
 def _aggregate(per_method: Mapping[str, dict]) -> dict:
     out = {}
-    for c in ("all",) + DREAMBENCH_CATEGORIES:
+    for c in DREAMBENCH_CATEGORIES + (DREAMBENCH_POOLED,):
         rs = [d[f"mh_{c}"] for d in per_method.values()]
         out[f"mh_{c}"] = float("nan") if np.isnan(rs).any() else fisher_z_mean(rs)
+    out["mh_all_categories"] = _all_categories(out)
     for m, d in per_method.items():
         out.update({f"{m}/{k}": v for k, v in d.items()})
     return out
@@ -378,6 +391,11 @@ def dreambench_mh(scores_by_method: Mapping[str, Mapping[str, float]],
                   *, scorer: str = "scores") -> dict:
     """MH over methods: `mh_<c>` = Fisher-z mean over `methods` of each method's `mh_<c>`
     (`mh_object` is Table 1's DB++ column), plus every per-method value as `<method>/<key>`.
+
+    `mh_all_categories` is the authors' all-category figure: the Fisher-z mean of the four category
+    values `mh_object`, `mh_style`, `mh_live_subject_animal`, `mh_live_subject_human`.
+    `mh_pooled_prompts` is a different quantity, one correlation per method over all prompts of
+    all categories, which the authors call not meaningful (docs/method.md, DreamBench++).
 
     scores_by_method: method -> {key: score}; human_by_method: method -> (group1, group2);
     scorer: a name for error messages.

@@ -49,6 +49,16 @@ PAPER_TABLE1 = {
     "VSM (paper)": (32.13, 46.70, 0.394, 0.445, 7.0, 24.5, 0.190),
     "NearID (paper)": (99.17, 99.71, 0.465, 0.486, 35.0, 46.5, 0.545),
 }
+# What the DreamBench++ aggregate keys mean: the "notes" of dreambench_results.json.
+DREAMBENCH_NOTES = {
+    "mh_object": "Table 1's DB++ column: MH of the object category, Fisher-z mean over the methods.",
+    "mh_all_categories": "The authors' all-category MH: the Fisher-z mean of the four category values "
+                         "(mh_object, mh_style, mh_live_subject_animal, mh_live_subject_human).",
+    "mh_pooled_prompts": "One Pearson correlation per method over all prompts of all categories at once, then "
+                         "the Fisher-z mean over methods. A different quantity from mh_all_categories, which "
+                         "the authors call not meaningful (the categories differ in score range); kept for "
+                         "comparison only.",
+}
 # Packages whose versions go into every results file (distribution names, PIL is "pillow").
 PROVENANCE_PACKAGES = {"torch": "torch", "transformers": "transformers", "datasets": "datasets",
                        "huggingface_hub": "huggingface_hub", "numpy": "numpy", "PIL": "pillow"}
@@ -134,12 +144,12 @@ def _counts(metrics: Mapping, prefix: str = "") -> dict:
 
 
 def results_document(benchmark: str, scorer: dict, metrics: dict, provenance: dict,
-                     skipped: list[dict]) -> dict:
+                     skipped: list[dict], notes: Mapping | None = None) -> dict:
     """The results JSON of one (benchmark, scorer) run, in a fixed layout.
 
     Returns {"benchmark", "scorer", "metrics", "skipped" (one dict per left-out item, each with a
     "reason"), "counts" ({"n_skipped", "skipped_by_reason", plus every integer `n_*` of `metrics`,
-    nested keys joined by '/'}), "provenance"}.
+    nested keys joined by '/'}), "provenance"}, and "notes" (metric key -> what it means) when given.
     """
     bad = [s for s in skipped if "reason" not in s]
     if bad:
@@ -154,6 +164,7 @@ def results_document(benchmark: str, scorer: dict, metrics: dict, provenance: di
         "skipped": [dict(s) for s in skipped],
         "counts": {"n_skipped": len(skipped), "skipped_by_reason": by_reason, **_counts(metrics)},
         "provenance": provenance,
+        **({"notes": dict(notes)} if notes else {}),
     }
 
 
@@ -180,6 +191,14 @@ def table1_row(nearid: Mapping | None = None, mtg: Mapping | None = None,
     if dreambench is not None:
         row[DREAMBENCH_MH] = dreambench["mh_object"]
     return row
+
+
+def dreambench_note(metrics: Mapping) -> str:
+    """The lines under a DreamBench++ table: the all-category figure and the pooled one, told apart."""
+    return (f"\nDB++ MH is the object category. All categories: {_fmt(metrics.get('mh_all_categories'), 3)} "
+            "(the authors' aggregate, the Fisher-z mean of the four category values). Pooled over all prompts: "
+            f"{_fmt(metrics.get('mh_pooled_prompts'), 3)} (one correlation per method across categories, a "
+            "different quantity the authors call not meaningful; see docs/method.md, DreamBench++).\n")
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -242,6 +242,29 @@ EVAL_RESULTS = [
 ]
 
 
+HUB_COMMIT = "c0ffee00" * 5  # the commit the served datasets below are "read at"
+
+
+def serve_as_hub_datasets(monkeypatch, folders):
+    """`datasets.load_dataset(<Hub id>)` answers from local save_to_disk folders, as the Hub would.
+
+    folders: Hub id -> folder. Returns {Hub id: "<id>@HUB_COMMIT"}, source arguments that pin the
+    commit, so that what is read is recorded as the Hub dataset at that commit. Other paths are
+    loaded as before.
+    """
+    real = datasets.load_dataset
+
+    def load_dataset(path, *args, split=None, revision=None, **kwargs):
+        if path not in folders:
+            return real(path, *args, split=split, revision=revision, **kwargs)
+        assert revision == HUB_COMMIT, f"{path} read at {revision}, not at the served commit"
+        loaded = datasets.load_from_disk(str(folders[path]))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return {hub_id: f"{hub_id}@{HUB_COMMIT}" for hub_id in folders}
+
+
 def card_kwargs(**overrides):
     return {"repo_id": REPO_ID, "base_model": "google/siglip2-so400m-patch14-384",
             "datasets": ["Aleksandar/NearID", "Aleksandar/NearID-Flux"], "training_args": TRAINING_ARGS,

@@ -72,7 +72,8 @@ def test_open_save_to_disk_dataset(root, positives):
     dataset, prov = nd.open_dataset(str(root / "positives"))
     assert ids(dataset) == ids(positives)
     assert prov == {"kind": "local", "source": str((root / "positives").resolve()), "format": "save_to_disk",
-                    "split": None, "revision": None, "fingerprint": dataset._fingerprint, "num_rows": 6}
+                    "split": None, "revision": None, "commit": None, "fingerprint": dataset._fingerprint,
+                    "num_rows": 6}
 
 
 def test_open_dataset_dict_picks_split_and_names_available(root):
@@ -145,7 +146,20 @@ def test_hub_id_goes_to_load_dataset(fake_hub, tmp_path, monkeypatch):
     assert fake_hub == [(("someone/nearid-missing",), {"split": "test", "revision": "abc123"})]
     assert ids(dataset) == ["a", "b"]
     assert prov == {"kind": "hub", "source": "someone/nearid-missing", "format": "hub", "split": "test",
-                    "revision": "abc123", "fingerprint": dataset._fingerprint, "num_rows": 2}
+                    "revision": "abc123", "commit": None, "fingerprint": dataset._fingerprint, "num_rows": 2}
+
+
+def test_a_hub_dataset_records_the_commit_it_was_read_at(tmp_path, monkeypatch):
+    # datasets keeps a Hub dataset's arrow files in a cache folder named by the commit it resolved.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    Dataset.from_dict({"id": ["a", "b"]}).save_to_disk(str(tmp_path / "cache" / commit))
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *args, **kwargs: datasets.load_from_disk(str(tmp_path / "cache" / commit)))
+    monkeypatch.chdir(tmp_path)
+    assert nd.open_dataset("someone/nearid")[1]["commit"] == commit
+    assert nd.open_dataset("someone/nearid", revision="f" * 40)[1]["commit"] == "f" * 40  # a commit asked for
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: Dataset.from_dict({"id": ["a"]}))
+    assert nd.open_dataset("someone/nearid", revision="main")[1]["commit"] is None  # in memory: unknown
 
 
 def test_local_paths_never_go_to_the_hub(fake_hub, tmp_path, monkeypatch, positives):

@@ -23,6 +23,8 @@ def test_demo_trains_a_head_that_beats_the_untrained_one(tmp_path, capsys):
     assert "NearID head, untrained" in printed and f"{after[NEARID_SSR]:.2f}" in printed
     assert (tmp_path / "before_after.md").read_text().strip() in printed
 
+    # Trained from a local base model on local synthetic data: the release card claims no Hub base model,
+    # dataset or benchmark result, and lists the synthetic results in its text as local data.
     card = ModelCard.load(Path(result["release"]) / "README.md")
-    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert set(metrics) == {"ssr", "pa"} and card.data.base_model
+    assert card.data.eval_results is None and card.data.base_model is None and card.data.datasets is None
+    assert "| NearID benchmark (local data) | test | NearID SSR |" in card.text

@@ -66,6 +66,32 @@ def test_dreambench_mh_from_published_score_files(tmp_path):
     assert "| score files data_nearid_rating |" in (tmp_path / "dreambench_table.md").read_text()
 
 
+def test_dreambench_reports_the_authors_all_category_figure_apart_from_the_pooled_one(tmp_path):
+    evaluate.main(["dreambench", "--ratings", str(RATINGS), "--scores-from", "data_nearid_rating",
+                   "--output-dir", str(tmp_path)])
+    document = json.loads((tmp_path / "dreambench_results.json").read_text())
+    assert round(document["metrics"]["mh_all_categories"], 3) == 0.445
+    assert round(document["metrics"]["mh_pooled_prompts"], 3) == 0.407
+    assert "mh_all" not in document["metrics"]
+    assert "Fisher-z mean of the four category" in document["notes"]["mh_all_categories"]
+    assert "not meaningful" in document["notes"]["mh_pooled_prompts"]
+    table = (tmp_path / "dreambench_table.md").read_text()
+    assert "All categories: 0.445" in table and "Pooled over all prompts: 0.407" in table
+
+
+def test_model_index_is_not_given_results_measured_on_local_data(tmp_path, capsys):
+    # The rating files are a local folder: a model-index entry would claim a result on the Hub dataset.
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: apache-2.0\n---\n# A model\n")
+    result = evaluate.main(["dreambench", "--ratings", str(RATINGS), "--scores-from", "data_nearid_rating",
+                            "--output-dir", str(tmp_path / "out"), "--model-index", str(card)])
+    assert card.read_text() == "---\nlicense: apache-2.0\n---\n# A model\n"
+    warnings = json.loads((tmp_path / "out" / "dreambench_results.json").read_text())["warnings"]
+    assert len(warnings) == 1 and "not updated" in warnings[0] and "not read from the Hub" in warnings[0]
+    assert f"warning: {warnings[0]}" in capsys.readouterr().err
+    assert round(result["mh_object"], 3) == 0.545  # the results themselves are all there
+
+
 def test_dreambench_from_images_writes_published_score_format(synthetic, tiny_repo, tmp_path):
     samples, ratings = synthetic / "dreambench" / "samples", synthetic / "dreambench" / "ratings"
     evaluate.main(["dreambench", "--ratings", str(ratings), "--samples", str(samples), "--model", str(tiny_repo),

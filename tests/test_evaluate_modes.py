@@ -19,7 +19,7 @@ from PIL import Image
 from nearid.commands import evaluate
 import nearid.synthetic
 from nearid import data, metrics
-from tests.helpers import REPO_ROOT, user_error
+from tests.helpers import REPO_ROOT, serve_as_hub_datasets, user_error
 
 MTG_TEST_ROWS = 8
 
@@ -184,16 +184,23 @@ def card_values(meta):
             for entry in meta.get("model-index", []) for r in entry["results"] for m in r["metrics"]}
 
 
-def test_model_index_records_mtg_and_nearid_results_and_keeps_the_card(synthetic, tiny_repo, tmp_path):
+def test_model_index_records_mtg_and_nearid_results_and_keeps_the_card(synthetic, tiny_repo, tmp_path, monkeypatch):
     card = tmp_path / "README.md"
     shutil.copyfile(REPO_ROOT / "README.md", card)
     original_meta, original_body = split_card(card.read_text())
     before = card_values(original_meta)
+    # Results are filed under a Hub dataset only when read from it at a recorded commit.
+    hub = serve_as_hub_datasets(monkeypatch, {"abdo-eldesokey/mtg-dataset": synthetic / "mtg",
+                                              "Aleksandar/NearID": synthetic / "positives",
+                                              "Aleksandar/NearID-Flux": synthetic / "flux"})
 
-    mtg = evaluate.main(mtg_args(synthetic, tiny_repo, tmp_path / "mtg", tmp_path / "cache",
-                                 "--model-index", str(card), "--model-index-name", "tiny-nearid"))
-    nearid = evaluate.main(["nearid", "--model", str(tiny_repo), "--positives", str(synthetic / "positives"),
-                            "--source", f"flux={synthetic / 'flux'}", "--output-dir", str(tmp_path / "nearid"),
+    args = mtg_args(synthetic, tiny_repo, tmp_path / "mtg", tmp_path / "cache", "--model-index", str(card),
+                    "--model-index-name", "tiny-nearid")
+    args[args.index(str(synthetic / "mtg"))] = hub["abdo-eldesokey/mtg-dataset"]
+    mtg = evaluate.main(args)
+    nearid = evaluate.main(["nearid", "--model", str(tiny_repo), "--positives", hub["Aleksandar/NearID"],
+                            "--source", f"flux={hub['Aleksandar/NearID-Flux']}",
+                            "--output-dir", str(tmp_path / "nearid"),
                             "--cache-dir", str(tmp_path / "cache"), "--model-index", str(card)])
 
     meta, body = split_card(card.read_text())

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 
 from nearid.commands import evaluate
 from nearid import data
-from tests.helpers import PixelScorer, draw_vector, user_error
+from tests.helpers import PixelScorer, draw_vector, serve_as_hub_datasets, user_error
 
 DIM = 27
 # Present views and distractors per row: row 0 has 3 views (no distractor in the third scene), row 1 two
@@ -53,9 +53,10 @@ def pixels(monkeypatch):
     monkeypatch.setattr(evaluate, "load_scorer", lambda args, state: PixelScorer())
 
 
-def run(root, out, *extra):
-    return evaluate.main(["retrieval", "--model", "pixels", "--positives", str(root / "positives"), "--source",
-                          f"flux={root / 'flux'}", "--split-file", str(root / "test.json"), "--output-dir", str(out),
+def run(root, out, *extra, positives=None, flux=None):
+    return evaluate.main(["retrieval", "--model", "pixels", "--positives", positives or str(root / "positives"),
+                          "--source", f"flux={flux or root / 'flux'}", "--split-file", str(root / "test.json"),
+                          "--output-dir", str(out),
                           "--cache-dir", str(root / "cache"), *extra])
 
 
@@ -64,11 +65,15 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
-def test_hand_computed_values(tmp_path, pixels):
+def test_hand_computed_values(tmp_path, pixels, monkeypatch):
     root = write_benchmark(tmp_path, a=0.8, b=0.6)  # the scene outweighs the identity
     card = tmp_path / "README.md"
     card.write_text("---\nlibrary_name: transformers\n---\n# a model\n")
-    scores = run(root, tmp_path / "out", "--model-index", str(card))
+    # Read as the Hub datasets at a recorded commit, so the card may file the results under them.
+    hub = serve_as_hub_datasets(monkeypatch, {"Aleksandar/NearID": root / "positives",
+                                              "Aleksandar/NearID-Flux": root / "flux"})
+    scores = run(root, tmp_path / "out", "--model-index", str(card), positives=hub["Aleksandar/NearID"],
+                 flux=hub["Aleksandar/NearID-Flux"])
     # Queries: row 0 views 1-3, row 1 views 1-2. A view with a distractor in its scene ranks it first, then
     # its other views: row 0 views 1, 2 find theirs at ranks 2 and 3 (AP (1/2 + 2/3) / 2), row 1 at rank 2
     # (AP 1/2). Row 0 view 3 has no distractor: its two views come first (AP 1).

@@ -156,3 +156,62 @@ def test_cli_reports_a_missing_folder(tmp_path, hub, capsys):
     message = user_error(capsys, nearid.hub.main, ["push", "--folder", str(tmp_path / "absent"), "--repo-id", REPO_ID])
     assert "is not a folder" in message
     assert hub.requests == []
+
+
+# --------------------------------------------------------------------------------------------------
+# What a release card claims, checked before the upload
+
+
+def test_a_release_trained_on_local_data_pushes_a_card_without_local_paths_or_false_claims(
+        train_synthetic, base_model, tmp_path, hub, monkeypatch, capsys):
+    """The demo's case: a local base model folder and local synthetic data, trained, exported and pushed."""
+    from huggingface_hub import ModelCard
+
+    from nearid.commands import train
+    from tests.helpers import train_args
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    results = train.main(train_args(train_synthetic, base_model, tmp_path / "run", "--max-steps", "2",
+                                    "--push-to-hub", REPO_ID))
+
+    _, files = commit_payload(hub.calls("commit/")[0])
+    text = files["README.md"].decode()
+    front_matter = text.split("\n---\n", 1)[0]
+    metadata = ModelCard(text).data.to_dict()
+    for local in (str(tmp_path), str(train_synthetic), str(base_model), "positives", "tiny-siglip"):
+        assert local not in front_matter
+    assert "base_model" not in metadata and "datasets" not in metadata
+    assert "model-index" not in metadata and "Aleksandar/NearID" not in front_matter  # no Hub claim for local data
+    assert metadata["library_name"] == "transformers" and "custom_code" in metadata["tags"]
+    # The text says what was used and measured, as local data, with no paths of this machine.
+    datasets_section = text.split("Datasets:\n\n")[1].split("\n\n")[0]
+    assert "local data `positives` (save_to_disk" in datasets_section and str(tmp_path) not in datasets_section
+    assert "a local SigLIP checkpoint `tiny-siglip`" in text
+    evaluation = text.split("## Evaluation\n\n")[1].split("\n## ")[0]
+    assert "NearID benchmark (local data)" in evaluation and "NearID SSR" in evaluation
+    # What the card lacks is said on the console and recorded in train_results.json.
+    said = [line.removeprefix("warning: ") for line in capsys.readouterr().err.splitlines()
+            if line.startswith("warning: model card: ")]
+    assert len(said) == 3
+    assert "no base_model" in said[0] and "local folder" in said[0]
+    assert "datasets list leaves them out" in said[1] and "4 training dataset(s)" in said[1]
+    assert "not in its model-index" in said[2] and "evaluation widget" in said[2]
+    written = json.loads((tmp_path / "run" / "train_results.json").read_text())["warnings"]
+    assert [w for w in results["warnings"] if w.startswith("model card: ")] == said == \
+        [w for w in written if w.startswith("model card: ")]
+
+
+def test_push_refuses_metadata_the_hub_would_reject_before_any_request(repo, hub, tmp_path):
+    base = tmp_path / "my-siglip"
+    base.mkdir()
+    readme = repo / "README.md"
+    text = readme.read_text()
+    readme.write_text(text.replace("base_model: google/siglip2-so400m-patch14-384", f"base_model: {base}")
+                      .replace("- Aleksandar/NearID-Flux", "- ./data/positives", 1))
+    before = snapshot(repo)
+    with pytest.raises(ValueError) as error:
+        push_to_hub(repo, REPO_ID, token=TOKEN)
+    message = str(error.value)
+    assert f"base_model '{base}' is not a Hub id (namespace/name) but a local path" in message
+    assert "datasets './data/positives' is not a Hub id" in message and "Nothing was uploaded" in message
+    assert hub.requests == [] and snapshot(repo) == before

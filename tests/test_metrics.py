@@ -10,6 +10,7 @@ import torch
 
 from nearid.data import dreambench_mh_from_files, load_dreambench_human
 from nearid.metrics import (
+    DREAMBENCH_CATEGORIES,
     DREAMBENCH_METHODS,
     NEARID_TABLE1_SOURCES,
     NEARID_TERMS,
@@ -265,8 +266,8 @@ def test_metric_to_human_by_hand_and_suffix_stripped():
     scores = {k + "_0": v for k, v in zip(keys, vals)}
     out = metric_to_human(scores, g1, g2)
     r1, r2 = np.corrcoef(vals, list(g1.values()))[0, 1], np.corrcoef(vals, list(g2.values()))[0, 1]
-    assert out["mh_all"] == pytest.approx((r1 + r2) / 2)
-    assert out["r_group1_all"] == pytest.approx(r1)
+    assert out["mh_pooled_prompts"] == pytest.approx((r1 + r2) / 2)
+    assert out["r_group1_pooled_prompts"] == pytest.approx(r1)
     ro1 = np.corrcoef(vals[:6], list(g1.values())[:6])[0, 1]
     ro2 = np.corrcoef(vals[:6], list(g2.values())[:6])[0, 1]
     assert out["mh_object"] == pytest.approx((ro1 + ro2) / 2)
@@ -274,7 +275,7 @@ def test_metric_to_human_by_hand_and_suffix_stripped():
     assert math.isnan(out["mh_live_subject_human"])
     # Key order in the score file does not matter.
     shuffled = dict(reversed(list(scores.items())))
-    assert metric_to_human(shuffled, g1, g2)["mh_all"] == pytest.approx(out["mh_all"])
+    assert metric_to_human(shuffled, g1, g2)["mh_pooled_prompts"] == pytest.approx(out["mh_pooled_prompts"])
 
 
 def test_alias_is_aligned():
@@ -307,12 +308,12 @@ def test_dreambench_mh_aggregates_with_fisher_z():
     per = [metric_to_human(s, g1, g2)["mh_object"] for s in (a, b)]
     assert out["mh_object"] == pytest.approx(fisher_z_mean(per))
     assert out["m2/mh_object"] == pytest.approx(per[1])
-    assert out["m1/n_all"] == 8
+    assert out["m1/n_pooled_prompts"] == 8
     with pytest.raises(ValueError, match="m3"):
         dreambench_mh({"m1": a}, {"m1": (g1, g2)}, methods=("m1", "m3"))
     ceiling = dreambench_human_ceiling({"m1": (g1, g2)}, methods=("m1",))
-    assert ceiling["mh_all"] == pytest.approx(human_agreement(g1, g2)["mh_all"])
-    assert ceiling["mh_all"] == pytest.approx(np.corrcoef(list(g1.values()), list(g2.values()))[0, 1])
+    assert ceiling["mh_pooled_prompts"] == pytest.approx(human_agreement(g1, g2)["mh_pooled_prompts"])
+    assert ceiling["mh_pooled_prompts"] == pytest.approx(np.corrcoef(list(g1.values()), list(g2.values()))[0, 1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def test_dreambench_mh_aggregates_with_fisher_z():
 def test_table1_dreambench_mh_object(scorer, expected):
     out = dreambench_mh_from_files(DB_ROOT, scorer)
     assert round(out["mh_object"], 3) == expected
-    assert all(out[f"{m}/n_object"] == 585 and out[f"{m}/n_all"] == 1350 for m in DREAMBENCH_METHODS)
+    assert all(out[f"{m}/n_object"] == 585 and out[f"{m}/n_pooled_prompts"] == 1350 for m in DREAMBENCH_METHODS)
 
 
 def test_table1_dreambench_mh_object_siglip2_backbone():
@@ -342,6 +343,26 @@ def test_table1_dreambench_mh_object_siglip2_backbone():
 def test_table1_human_ceiling():
     ceiling = dreambench_human_ceiling(load_dreambench_human(DB_ROOT))
     assert round(ceiling["mh_object"], 3) == 0.648
+
+
+def test_dreambench_all_categories_is_the_fisher_z_mean_of_the_four_categories():
+    # The authors' all-category figure for NearID is 0.445: the Fisher-z mean of the four category
+    # values. One correlation pooled over all 1,350 prompts per method is another quantity, 0.407.
+    out = dreambench_mh_from_files(DB_ROOT, "data_nearid_rating")
+    categories = [out[f"mh_{c}"] for c in DREAMBENCH_CATEGORIES]
+    assert out["mh_all_categories"] == pytest.approx(fisher_z_mean(categories))
+    assert round(out["mh_all_categories"], 3) == 0.445
+    assert round(out["mh_pooled_prompts"], 3) == 0.407
+    assert "mh_all" not in out  # the old, ambiguous name is gone
+    # Per method too; averaging methods then categories or categories then methods is the same in z space.
+    per_method = [out[f"{m}/mh_all_categories"] for m in DREAMBENCH_METHODS]
+    assert out["mh_all_categories"] == pytest.approx(fisher_z_mean(per_method))
+
+
+def test_dreambench_all_categories_is_nan_when_a_category_has_no_samples():
+    keys, g1, g2 = _human()  # object and style only
+    out = metric_to_human({k: float(i % 3) for i, k in enumerate(keys)}, g1, g2)
+    assert math.isnan(out["mh_all_categories"]) and math.isfinite(out["mh_pooled_prompts"])
 
 
 def test_emu2_alias_is_needed_for_the_published_files():

@@ -98,7 +98,7 @@ def test_table1_markdown_exact():
 def test_table1_row_from_metric_dicts():
     row = table1_row(nearid={"ssr": 1.0, "pa": 2.0, "n_terms": 6},
                      mtg={"mo": 0.1, "mo_pair": 0.2, "ssr": 3.0, "pa": 4.0},
-                     dreambench={"mh_object": 0.5, "mh_all": 0.4})
+                     dreambench={"mh_object": 0.5, "mh_pooled_prompts": 0.4})
     assert row == {"nearid_ssr": 1.0, "nearid_pa": 2.0, "mtg_mo": 0.1, "mtg_mo_pair": 0.2,
                    "mtg_ssr": 3.0, "mtg_pa": 4.0, "dreambench_mh": 0.5}
     assert table1_row(mtg={"mo": 0.1, "mo_pair": 0.2, "ssr": 3.0, "pa": 4.0}).keys() == \

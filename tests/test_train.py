@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from nearid.commands import train
 from nearid import checkpoints
 from nearid.models import nearid_from_siglip
-from tests.helpers import kill_training_at_step, logged_losses, train_args, user_error
+from tests.helpers import kill_training_at_step, logged_losses, serve_as_hub_datasets, train_args, user_error
 
 HEAD_PREFIX = "backbone.vision_model.head."
 
@@ -157,22 +157,31 @@ def test_push_without_a_token_stops_before_training(train_synthetic, base_model,
     assert not (tmp_path / "run").exists() and not hub.requests
 
 
-def test_evaluating_a_release_with_model_index_replaces_its_entries(train_synthetic, base_model, tmp_path):
+def test_evaluating_a_release_with_model_index_replaces_its_entries(train_synthetic, base_model, tmp_path,
+                                                                    monkeypatch):
     """One card builder: the release's own NearID entries are replaced by evaluate.py, not duplicated."""
     from huggingface_hub import ModelCard
 
     from nearid.commands import evaluate
 
+    # The data is read as the Hub datasets at a recorded commit: only then are results filed under them.
+    hub = serve_as_hub_datasets(monkeypatch, {"Aleksandar/NearID": train_synthetic / "positives",
+                                              "Aleksandar/NearID-Flux": train_synthetic / "flux",
+                                              "Aleksandar/NearID-SDXL": train_synthetic / "sdxl"})
+    local = {str(train_synthetic / "positives"): hub["Aleksandar/NearID"],
+             f"flux={train_synthetic / 'flux'}": f"flux={hub['Aleksandar/NearID-Flux']}",
+             f"sdxl={train_synthetic / 'sdxl'}": f"sdxl={hub['Aleksandar/NearID-SDXL']}"}
     out = tmp_path / "run"
-    train.main(train_args(train_synthetic, base_model, out, "--max-steps", "2"))
+    train.main([local.get(a, a) for a in train_args(train_synthetic, base_model, out, "--max-steps", "2")])
     readme = out / "release" / "README.md"
     before_text = readme.read_text()
     before = ModelCard.load(readme).data.eval_results
     assert [(r.dataset_type, r.dataset_split, r.metric_type) for r in before] == [
         ("Aleksandar/NearID", "test", "ssr"), ("Aleksandar/NearID", "test", "pa")]
 
-    result = evaluate.main(["nearid", "--model", str(out / "release"), "--positives", str(train_synthetic / "positives"),
-                            "--source", f"flux={train_synthetic / 'flux'}", "--source", f"sdxl={train_synthetic / 'sdxl'}",
+    result = evaluate.main(["nearid", "--model", str(out / "release"), "--positives", hub["Aleksandar/NearID"],
+                            "--source", f"flux={hub['Aleksandar/NearID-Flux']}",
+                            "--source", f"sdxl={hub['Aleksandar/NearID-SDXL']}",
                             "--split-file", str(train_synthetic / "splits" / "test.json"), "--model-index", str(readme),
                             "--output-dir", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")])
     after = ModelCard.load(readme).data.eval_results

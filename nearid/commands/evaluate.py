@@ -95,7 +95,9 @@ class ModelIndexArguments:
     """Model card"""
 
     model_index: str | None = option(None, "model card (README.md) whose model-index receives the headline metrics "
-                                           "after the run; the rest of the card is kept byte for byte",
+                                           "after the run; the rest of the card is kept byte for byte. Only data "
+                                           "read from the Hub at a recorded revision is filed (local data: a "
+                                           "warning, the card is left as it was)",
                                      metavar="README")
     model_index_name: str | None = option(None, "model name in the model-index (default: the card's current one, "
                                                 "else the name of --model)")
@@ -299,13 +301,25 @@ def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, 
     return reports.results_document(benchmark, scorer_provenance, metrics_, prov, skipped)
 
 
-def record_model_index(args, outputs, benchmark, values, split, model_name) -> None:
-    """With --model-index CARD, the headline metrics into the card's model-index (a failure is a warning)."""
+def record_model_index(args, outputs, benchmark, values, split, model_name, data) -> None:
+    """With --model-index CARD, the headline metrics into the card's model-index (a failure is a warning).
+
+    data: the provenance of the datasets measured on; results are filed only under a Hub dataset
+    read at a recorded revision (`card.benchmark_results`), never as local data under a Hub id.
+    """
     if not args.model_index:
         return
-    results = card.benchmark_results(benchmark, values or {}, split)
+    results = card.benchmark_results(benchmark, values or {}, split, data)
     if not results:
         print(f"No finite {benchmark} headline metric to record; {args.model_index} left as it was.")
+        return
+    if not results[0].dataset_type:
+        warning = (f"--model-index {args.model_index}: not updated. The {benchmark} data was not read from the Hub at "
+                   "a recorded revision, and a model-index result names the Hub dataset it was measured on; "
+                   "results on local data would show on the Hub as results on the benchmark. Evaluate the Hub "
+                   "dataset to record them.")
+        outputs.warnings.append(warning)
+        print(f"warning: {warning}", file=sys.stderr)
         return
     name = args.model_index_name or card.card_model_name(args.model_index) or Path(model_name.rstrip("/")).name
     if outputs.optional(f"updating the model card {args.model_index}", card.update_model_card, args.model_index,
@@ -363,7 +377,7 @@ def write_nearid_outputs(args, scorer, bench, margins, summary, embedded, datase
                      summary["per_source"], scorer.spec)
     split = Path(args.split_file).stem if args.split_file else "train"
     headline = summary.get("table1_average", summary.get("pooled_given"))
-    record_model_index(args, outputs, "nearid", headline, split, scorer.spec)
+    record_model_index(args, outputs, "nearid", headline, split, scorer.spec, list(dataset_provenance.values()))
     outputs.finish(results_document("nearid", scorer.provenance(), summary, list(dataset_provenance.values()),
                                     embedded.skipped, embedded.stats, args.split_file))
     print(table)
@@ -399,7 +413,7 @@ def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_proven
     outputs.optional("plotting retrieval_scores.png", reports.plot_retrieval, outputs.path("retrieval_scores.png"),
                      scores, scorer.spec)
     split = Path(args.split_file).stem if args.split_file else "train"
-    record_model_index(args, outputs, "retrieval", scores, split, scorer.spec)
+    record_model_index(args, outputs, "retrieval", scores, split, scorer.spec, list(dataset_provenance.values()))
     outputs.finish(results_document("retrieval", scorer.provenance(), scores, list(dataset_provenance.values()),
                                     embedded.skipped, embedded.stats, args.split_file))
     print(table)
@@ -439,7 +453,7 @@ def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_prov
     outputs.optional("plotting mtg_similarity_vs_oracle.png", reports.plot_mtg_similarity_vs_oracle,
                      outputs.path("mtg_similarity_vs_oracle.png"), {k: v[scored] for k, v in sims.items()},
                      oracles[scored], scores, scorer.spec, evaluation.MTG_SIMILARITIES, evaluation.MTG_CORRELATIONS)
-    record_model_index(args, outputs, "mtg", scores, args.split, scorer.spec)
+    record_model_index(args, outputs, "mtg", scores, args.split, scorer.spec, dataset_provenance)
     outputs.finish(results_document("mtg", scorer.provenance(), scores, [dataset_provenance], skipped, stats))
     print(table)
 
@@ -480,10 +494,13 @@ def write_dreambench_outputs(args, scorer, scores, result, skipped):
         for method, method_scores in scores.items():  # the published per-image score format
             atomic_write_json(outputs.path(f"dreambench_scores/{method}.json"), method_scores)
     table = reports.table1_markdown({scorer["spec"]: reports.table1_row(dreambench=result)})
+    table += reports.dreambench_note(result)
     atomic_write_text(outputs.path("dreambench_table.md"), table)
-    record_model_index(args, outputs, "dreambench", result, None, scorer["spec"])
-    prov = reports.provenance(scorer, [{"kind": "local", "path": str(Path(args.ratings).resolve())}])
-    outputs.finish(reports.results_document("dreambench", scorer, result, prov, skipped))
+    ratings = {"kind": "local", "path": str(Path(args.ratings).resolve())}  # the authors' rating files
+    record_model_index(args, outputs, "dreambench", result, None, scorer["spec"], ratings)
+    prov = reports.provenance(scorer, [ratings])
+    outputs.finish(reports.results_document("dreambench", scorer, result, prov, skipped,
+                                            notes=reports.DREAMBENCH_NOTES))
     print(table)
     print("MH per category: " + ", ".join(f"{k[3:]} {v:.4f}" for k, v in result.items() if k.startswith("mh_")))
 

@@ -25,6 +25,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -532,25 +533,30 @@ def warn_long_warmup(args, total_steps, accelerator):
                           "~3,300 steps; use a few percent of yours.")
 
 
-def export(run, processor, data_args, model_args, all_args, final):
-    """The release folder: a complete Hub repo with its model card."""
+def export(run, processor, model_args, all_args, final, provenance):
+    """The release folder: a complete Hub repo with its model card; returns (folder, what the card lacks).
+
+    provenance: {"positives": ..., <source>: ..., "mtg": ...} as `load_data` recorded them; the card
+    names a dataset by Hub id only when it was read from the Hub at a recorded revision.
+    """
     from nearid.hub import export_hub_folder
 
     args = run.args
     split, scores = final if final else (None, None)
-    results = card.benchmark_results("nearid", scores["pooled"], split) if scores else None
+    evaluated = [p for name, p in provenance.items() if name != "mtg"]  # the final evaluation's data
+    results = card.benchmark_results("nearid", scores["pooled"], split, evaluated) if scores else None
     model_card = {"repo_id": args.push_to_hub, "base_model": model_args.base_model,
-                  "datasets": datasets_used(data_args), "training_args": all_args, "results": results,
+                  "datasets": list(provenance.values()), "training_args": all_args, "results": results,
                   "model_name": args.push_to_hub or f"nearid-{Path(args.output_dir).resolve().name}"}
-    folder = export_hub_folder(run.model, processor, Path(args.output_dir) / "release", overwrite=True,
-                               model_card=model_card)
+    lacks = card.card_warnings(model_args.base_model, model_card["datasets"], results)
+    with warnings.catch_warnings():  # said once below, in this program's own words
+        warnings.simplefilter("ignore", card.CardWarning)
+        folder = export_hub_folder(run.model, processor, Path(args.output_dir) / "release", overwrite=True,
+                                   model_card=model_card)
     print(f"exported {folder}")
-    return folder
-
-
-def datasets_used(data_args):
-    sources = [str(s) for s in named_sources(data_args.source).values()]
-    return [data_args.positives, *sources] + ([data_args.mtg] if data_args.mtg else [])
+    for lack in lacks:
+        print(f"warning: model card: {lack}", file=sys.stderr)
+    return folder, lacks
 
 
 def push(args, folder):
@@ -573,8 +579,11 @@ def finish(run, processor, data_args, model_args, all_args, skipped, describe):
     results = {"global_step": run.global_step, "final_split": final_split, "final": scores,
                "history": run.history["validation"], "loss": run.history["loss"], "skipped_images": skipped,
                "data": describe, "arguments": all_args, "warnings": []}
-    folder = export(run, processor, data_args, model_args, all_args, (final_split, scores) if scores else None) \
-        if run.args.export else None
+    folder = None
+    if run.args.export:
+        folder, lacks = export(run, processor, model_args, all_args, (final_split, scores) if scores else None,
+                               describe["datasets"])
+        results["warnings"] += [f"model card: {lack}" for lack in lacks]
     results["release"] = str(folder) if folder else None
     try:
         reports.plot_training_loss(out / "training_loss.png", run.history, model_args.base_model)
