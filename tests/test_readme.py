@@ -126,6 +126,17 @@ def test_readme_blocks_that_do_not_run_say_why():
     assert "/demo_outputs/" in ignored
 
 
+def test_readme_tries_every_command_on_the_demo():
+    """The runnable blocks use every mode of evaluate.py and every command of search.py."""
+    from nearid.commands import evaluate, search
+
+    code = "".join(b["code"] for b in code_blocks(README.read_text()) if b["language"] == "bash" and not b["not_run"])
+    for script, commands in (("evaluate.py", evaluate.MODES), ("search.py", search.COMMANDS)):
+        used = set(re.findall(rf"^python {script} (\w+)", code, re.M))
+        assert used == set(commands), f"README: runnable `python {script}` lines cover {sorted(used)}, " \
+                                      f"not every one of {sorted(commands)}"
+
+
 def test_readme_demo_numbers_are_the_demos_own(demo_run):
     shown = marked_lines(README.read_text(), "demo-results")
     written = (demo_run["output_dir"] / "demo_results.md").read_text().splitlines()
