@@ -1,7 +1,7 @@
 """NearID: identity embeddings that look past the background (arXiv 2604.01973).
 
-The package behind `train.py`, `evaluate.py` and `demo.py`, one module per role (see the README's
-repository layout). From Python, start with `nearid.IdentityScorer` (`nearid.api`).
+The package behind `train.py`, `evaluate.py` and `demo.py`, one module per role (see the repository
+layout in docs/development.md). From Python, start with `nearid.IdentityScorer` (`nearid.api`).
 """
 
 __all__ = ["IdentityScorer"]

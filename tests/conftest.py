@@ -57,6 +57,23 @@ def base_model(tmp_path_factory):
     return save_siglip_checkpoint(tmp_path_factory.mktemp("base") / "tiny-siglip", model=make_tiny_siglip())
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One run of the main job as `make demo` runs it (default sizes), shared by the tests that read its
+    outputs: the folder it wrote (named demo_outputs, as the README's commands expect), its result and
+    what it printed."""
+    import contextlib
+    import io
+
+    from nearid.commands import demo
+
+    output_dir = tmp_path_factory.mktemp("demo") / "demo_outputs"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = demo.main(["--output-dir", str(output_dir)])
+    return {"output_dir": output_dir, "result": result, "printed": printed.getvalue()}
+
+
 @pytest.fixture
 def hub():
     """huggingface_hub talking to a fake Hub (tests/fake_hub.py) instead of the network."""

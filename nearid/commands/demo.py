@@ -7,7 +7,8 @@
   4. train the head with train.py (cached backbone tokens, the paper's loss), which exports a
      complete Hub repo folder with its model card,
   5. evaluate the release folder (loaded through AutoModel with trust_remote_code, as users do),
-  6. print the before/after table in Table-1 format, and the near-identity retrieval table.
+  6. print the before/after table in Table-1 format, and the near-identity retrieval table, and write
+     them to demo_results.md (every number in demo_results.json).
 Nothing is downloaded. The backbone is random and tiny, so the numbers show that the head learns
 identity over background on this data, not NearID's accuracy on the real benchmark.
 
@@ -24,7 +25,7 @@ from modeling_nearid import NearIDModel
 from nearid import reports, synthetic
 from nearid.cli import build_parser, option, parse, user_errors
 from nearid.hub import export_hub_folder
-from nearid.io import atomic_write_text
+from nearid.io import atomic_write_json, atomic_write_text
 from nearid.models import save_siglip_checkpoint
 
 SMALL_SIGLIP = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -74,18 +75,22 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
     trained = train_head(base, data, output_dir / "training", epochs)
     after, retrieval_after = evaluate_model(Path(trained["release"]), data, output_dir / "eval-trained")
     names = ("NearID head, untrained (= SigLIP MAP head)", f"NearID head, trained {epochs} epochs")
-    table = reports.table1_markdown(dict(zip(names, (before, after))), nearid_sources=SOURCES) + \
-        "\nNear-identity retrieval:\n\n" + \
-        reports.retrieval_markdown(dict(zip(names, (retrieval_before, retrieval_after))))
-    atomic_write_text(output_dir / "before_after.md", table + "\n")
     counts = manifest["counts"]
-    print(f"\nSynthetic benchmark, Table-1 format: NearID on the test split ({counts['split_test']} of "
-          f"{counts['positives']} identities), MTG on its test split ({counts['mtg_test']} rows), DreamBench++ "
-          f"on {counts['dreambench_images_per_method']} generations per method:\n")
-    print(table)
+    text = (f"Synthetic benchmark, Table-1 format: NearID on the test split ({counts['split_test']} of "
+            f"{counts['positives']} identities), MTG on its test split ({counts['mtg_test']} rows), DreamBench++ "
+            f"on {counts['dreambench_images_per_method']} generations per method:\n\n"
+            + reports.table1_markdown(dict(zip(names, (before, after))), nearid_sources=SOURCES)
+            + "\nNear-identity retrieval:\n\n"
+            + reports.retrieval_markdown(dict(zip(names, (retrieval_before, retrieval_after)))))
+    result = {"before": before, "after": after, "retrieval": {"before": retrieval_before, "after": retrieval_after},
+              "scorers": dict(zip(("before", "after"), names)), "counts": counts, "release": trained["release"]}
+    # What the demo prints is also kept, so the numbers a reader compares with (the README's) come from a file.
+    atomic_write_text(output_dir / "demo_results.md", text + "\n")
+    atomic_write_json(output_dir / "demo_results.json", result)
+    print("\n" + text)
     print(f"\nRelease folder with model card: {trained['release']}")
-    return {"before": before, "after": after, "retrieval": {"before": retrieval_before, "after": retrieval_after},
-            "release": trained["release"]}
+    print(f"These tables: {output_dir / 'demo_results.md'}, every number: {output_dir / 'demo_results.json'}")
+    return result
 
 
 @dataclass
