@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -150,3 +152,77 @@ def image_tokens(scorer, images, batch_size: int = 16) -> torch.Tensor:
         pixels = torch.stack([scorer.preprocess(image) for image in images[start:start + batch_size]])
         chunks.append(model.forward_features(pixels.to(scorer.device, scorer.dtype)).float().cpu())
     return torch.cat(chunks)
+
+
+def mtg_object_attention(scorer, mtg_source, split: str = "test") -> dict:
+    """Attention on the object over the original views of an MTG split (their object masks are known):
+    {"object_attention": mean share of attention on patches mostly inside the object, "images": count}."""
+    from nearid import data
+
+    dataset, _ = data.open_mtg(mtg_source, split)
+    refs = data.undecoded(dataset)
+    images, masks = [], []
+    for row in range(len(dataset)):
+        item = refs[row]
+        for view in (1, 2):
+            images.append(item[f"image_{view}_original"])
+            masks.append(data.mtg_masks(item[f"image_{view}_object_mask"], item[f"image_{view}_part_mask"],
+                                        f"MTG {split} row {row} view {view}")[0])
+    return object_attention(scorer, images, masks)
+
+
+def object_attention(scorer, images, masks) -> dict:
+    """Mean share of the attention map on the object over images with object masks (same order)."""
+    head = nearid_head(scorer)
+    attention = attention_map(head, image_tokens(scorer, images))
+    side = grid_side(attention.shape[-1])
+    inside = np.stack([mask_to_grid(mask, side) for mask in masks])
+    shares = object_attention_share(attention, inside)
+    return {"object_attention": float(shares.mean()), "images": len(shares),
+            "object_patches": float(inside.mean())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Contact sheets
+
+
+def lowest_scoring(records, count: int) -> dict:
+    """Score records -> {(method, subject): the `count` records with the lowest mean score, lowest first}."""
+    groups = {}
+    for record in records:
+        groups.setdefault((str(record["method"]), str(record["subject"])), []).append(record)
+    return {group: sorted(members, key=lambda r: r["score_mean"])[:count] for group, members in sorted(groups.items())}
+
+
+def score_sheet(path, scorer, scored: list, size: int = 192):
+    """A contact sheet of scored generations, one row each: the generation with its score, its attention
+    map, its correspondence map against its references, then the first reference, its attention map and
+    its correspondence map against the generation. `scored` is [(score record, ScoreItem)]."""
+    from nearid import reports
+    from nearid.images import load_image
+    from nearid.search import thumbnail
+
+    head = nearid_head(scorer)
+    rows = []
+    for record, item in scored:
+        generated = item.path(record["generated"])
+        references = [item.path(name) for name in record["references"]]
+        tokens = image_tokens(scorer, [generated, *references])
+        forward = correspondence_map(head, tokens[:1], tokens[1:])
+        backward = correspondence_map(head, tokens[1:2], tokens[:1])
+        attention = attention_map(head, tokens)
+        picture, reference = load_image(generated).convert("RGB"), load_image(references[0]).convert("RGB")
+        rows.append([
+            (thumbnail(picture, size), f"{Path(record['generated']).name}\nscore {record['score_mean']:.3f}"),
+            (overlay(picture, attention[0], size=size), "attention"),
+            (overlay(picture, forward.shares[0], signed=True, size=size),
+             f"correspondence vs {len(references)} ref(s)\nattention-stage cos {float(forward.cosine[0]):.3f}"),
+            (thumbnail(reference, size), Path(references[0]).name),
+            (overlay(reference, attention[1], size=size), "attention"),
+            (overlay(reference, backward.shares[0], signed=True, size=size), "correspondence vs generation"),
+        ])
+    caption = textwrap.fill(f"{CORRESPONDENCE_CAPTION}; red adds to it, blue takes away", 120)
+    method, subject = scored[0][0]["method"], scored[0][0]["subject"]
+    title = f"{method} / {subject}: lowest-scoring generations ({scorer.spec})\n{caption}"
+    return reports.plot_image_grid(path, rows, title, cell_inches=2.0)
+

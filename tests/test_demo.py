@@ -19,7 +19,11 @@ def test_demo_trains_a_head_that_beats_the_untrained_one(tmp_path, capsys):
     assert retrieval["after"]["distractor_first_rate"] < retrieval["before"]["distractor_first_rate"] - 20, retrieval
     assert retrieval["after"]["map"] > retrieval["before"]["map"], retrieval
 
+    attention = result["object_attention"]  # the trained head looks at the object more than SigLIP's did
+    assert attention["after"] > attention["before"] + 0.05, attention
+
     printed = capsys.readouterr().out
+    assert f"untrained {100 * attention['before']:.1f}%, trained {100 * attention['after']:.1f}%" in printed
     assert "NearID head, untrained" in printed and f"{after[NEARID_SSR]:.2f}" in printed
     assert (tmp_path / "before_after.md").read_text().strip() in printed
 

@@ -86,3 +86,108 @@ def test_overlay_marks_where_the_map_is_high():
 def test_grid_side_refuses_a_non_square_grid():
     with pytest.raises(ValueError, match="square patch grid, got 10"):
         heatmaps.grid_side(10)
+
+
+def test_python_api_returns_the_maps_as_arrays(tiny_repo, tmp_path):
+    from image_processing_nearid import NearIDImageProcessor
+    from nearid import IdentityScorer
+
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"image{seed}.png"
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 32, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    maps = IdentityScorer(str(tiny_repo)).heatmaps(paths[0], paths[1:])
+    assert maps.attention.shape == (2, 15, 15) and maps.reference_attention.shape == (1, 15, 15)
+    assert maps.correspondence.shape == (2, 15, 15) and isinstance(maps.correspondence, np.ndarray)
+    np.testing.assert_allclose(maps.attention.sum(axis=(1, 2)), 1, atol=1e-6)
+    np.testing.assert_allclose(maps.correspondence.sum(axis=(1, 2)) + maps.correspondence_bias,
+                               maps.attention_cosine, atol=1e-12, rtol=0)
+    # the same as the model's own head on its own tokens of the same file
+    model = NearIDModel.from_pretrained(tiny_repo, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tokens = model.forward_features(NearIDImageProcessor.from_pretrained(tiny_repo)(paths[1])["pixel_values"])
+        expected = model.head.attention_weights(tokens).mean(-1).reshape(15, 15).numpy()
+    np.testing.assert_allclose(maps.attention[0], expected, atol=1e-6)
+
+
+def write_layout(root, subjects=("cat_toy", "red_cup"), methods=("dreambooth", "ip_adapter"), per_subject=3):
+    rng = np.random.default_rng(0)
+    for subject in subjects:
+        (root / "references" / subject).mkdir(parents=True)
+        for r in range(2):
+            Image.fromarray(rng.integers(0, 256, (36, 30, 3), dtype=np.uint8)).save(
+                root / "references" / subject / f"ref{r}.png")
+        for method in methods:
+            (root / "generations" / method / subject).mkdir(parents=True)
+            for g in range(per_subject):
+                Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(
+                    root / "generations" / method / subject / f"gen{g}.png")
+    return root / "references", root / "generations"
+
+
+def score_argv(repo, root, *extra):
+    references, generations = write_layout(root)
+    return ["score", "--model", str(repo), "--references", str(references), "--generations", str(generations),
+            "--output-dir", str(root / "out"), "--cache-dir", str(root / "cache"), *extra]
+
+
+def test_score_writes_heatmap_sheets_of_the_lowest_scoring_generations(tiny_repo, tmp_path, monkeypatch):
+    from nearid.commands import evaluate
+
+    drawn = []
+    real_sheet = heatmaps.score_sheet
+    monkeypatch.setattr(heatmaps, "score_sheet", lambda path, scorer, scored: drawn.append(scored) or
+                        real_sheet(path, scorer, scored))
+    result = evaluate.main(score_argv(tiny_repo, tmp_path, "--heatmaps", "2"))
+    out = tmp_path / "out"
+    sheets = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert sheets == [f"{m}__{s}.png" for m in ("dreambooth", "ip_adapter") for s in ("cat_toy", "red_cup")]
+    assert all(Image.open(out / "heatmaps" / name).size[0] > 500 for name in sheets)
+    listed = __import__("json").loads((out / "score_results.json").read_text())
+    assert {f"heatmaps/{name}" for name in sheets} <= set(listed["files"]) and not listed["warnings"]
+    for scored in drawn:  # the two lowest of their group, lowest first
+        method, subject = scored[0][0]["method"], scored[0][0]["subject"]
+        group = sorted(r["score_mean"] for r in result["records"] if (r["method"], r["subject"]) == (method, subject))
+        assert [record["score_mean"] for record, _ in scored] == group[:2]
+
+
+def test_plain_scoring_runs_no_second_backbone_pass(tiny_repo, tmp_path, monkeypatch):
+    from nearid.commands import evaluate
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a plain scoring run computed backbone tokens")
+
+    monkeypatch.setattr(heatmaps, "image_tokens", forbidden)
+    evaluate.main(score_argv(tiny_repo, tmp_path))
+    assert not (tmp_path / "out" / "heatmaps").exists()
+
+
+def test_heatmaps_of_a_baseline_are_a_clear_error(tmp_path, capsys):
+    from nearid.commands import evaluate
+    from tests.helpers import user_error
+
+    message = user_error(capsys, evaluate.main, score_argv("clip:openai/clip-vit-base-patch32", tmp_path,
+                                                           "--heatmaps", "1"))
+    assert "--heatmaps draws the NearID head's maps" in message and "'clip' baseline" in message
+
+
+def test_search_query_overlays_the_query_attention_map(tiny_repo, tmp_path, monkeypatch):
+    import json
+
+    from nearid.commands import search
+
+    _, generations = write_layout(tmp_path)
+    common = ["--cache-dir", str(tmp_path / "cache")]
+    search.main(["index", "--index-dir", str(tmp_path / "index"), "--images", str(generations), "--model",
+                 str(tiny_repo), *common])
+    overlaid = []
+    real_overlay = heatmaps.overlay
+    monkeypatch.setattr(heatmaps, "overlay", lambda image, grid, **kw: overlaid.append(grid) or
+                        real_overlay(image, grid, **kw))
+    query = sorted(generations.rglob("*.png"))[:2]
+    search.main(["query", "--index-dir", str(tmp_path / "index"), "--images", *map(str, query), "--heatmap",
+                 "--output-dir", str(tmp_path / "out"), *common])
+    assert len(overlaid) == 2 and all(float(grid.sum()) == pytest.approx(1, abs=1e-5) for grid in overlaid)
+    results = json.loads((tmp_path / "out" / "query_results.json").read_text())
+    assert "query_contact_sheet.png" in results["files"] and not results["warnings"]
