@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nearid import data, evaluation, heatmaps, scoring
 from nearid.images import find_images
@@ -59,6 +60,7 @@ class Heatmaps:
 
     attention [G, S, S]: the head's attention on each generated image (mean over heads, sums to 1);
     reference_attention [R, S, S]: the same on each reference;
+    scores [G, R]: the identity scores (cosine similarity of the final embeddings), from the same tokens;
     correspondence [G, S, S]: each patch's share of cos(o(g), o(r)) at the attention stage, against the
     mean attention output of the references; with `correspondence_bias` [G] it sums to
     `attention_cosine` [G]. Exact for the attention output, not for the final embedding (the MLP
@@ -67,6 +69,7 @@ class Heatmaps:
 
     attention: np.ndarray
     reference_attention: np.ndarray
+    scores: np.ndarray
     correspondence: np.ndarray
     correspondence_bias: np.ndarray
     attention_cosine: np.ndarray
@@ -140,7 +143,8 @@ class IdentityScorer:
     def heatmaps(self, references, generated) -> Heatmaps:
         """Attention and correspondence maps of `generated` (one image or a list) against `references`.
 
-        Runs the backbone once per image (the embedding cache keeps pooled embeddings, not tokens)."""
+        Runs the backbone once per image (the embedding cache keeps pooled embeddings, not tokens); the
+        identity scores come from the same tokens, so the maps cost no second pass."""
         head = heatmaps.nearid_head(self.scorer)
         refs = heatmaps.image_tokens(self.scorer, _expand(references))
         gens = heatmaps.image_tokens(self.scorer, _expand(generated))
@@ -150,8 +154,10 @@ class IdentityScorer:
         def grid(values):
             return values.numpy().reshape(len(values), side, side)
 
+        embeddings = heatmaps.embeddings(head, torch.cat([gens, refs]))
+        scores = (embeddings[:len(gens)] @ embeddings[len(gens):].T).numpy()
         return Heatmaps(grid(heatmaps.attention_map(head, gens)), grid(heatmaps.attention_map(head, refs)),
-                        grid(corr.shares), corr.bias.numpy(), corr.cosine.numpy())
+                        scores, grid(corr.shares), corr.bias.numpy(), corr.cosine.numpy())
 
     def _add(self, index: ImageIndex, images: list) -> list:
         keys = []

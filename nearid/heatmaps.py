@@ -43,6 +43,13 @@ def attention_map(head, tokens: torch.Tensor, per_head: bool = False) -> torch.T
     return weights if per_head else weights.mean(dim=-1)
 
 
+@torch.no_grad()
+def embeddings(head, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [B, T, D] -> the identity embeddings [B, D] (L2-normalised float64), as the model computes them."""
+    dtype = next(head.parameters()).dtype
+    return F.normalize(head(tokens.to(dtype)).double(), dim=-1)
+
+
 @dataclass
 class Correspondence:
     """Per-patch shares of cos(o(g), o(r)) at the attention stage, for B generated images.

@@ -97,7 +97,10 @@ def test_python_api_returns_the_maps_as_arrays(tiny_repo, tmp_path):
         path = tmp_path / f"image{seed}.png"
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 32, 3), dtype=np.uint8)).save(path)
         paths.append(path)
-    maps = IdentityScorer(str(tiny_repo)).heatmaps(paths[0], paths[1:])
+    scorer = IdentityScorer(str(tiny_repo))
+    maps = scorer.heatmaps(paths[0], paths[1:])
+    # the scores come from the same tokens as the maps, and equal the scoring pass's (float32 rounding)
+    np.testing.assert_allclose(maps.scores, scorer.score(paths[0], paths[1:], reduce=None), atol=1e-6)
     assert maps.attention.shape == (2, 15, 15) and maps.reference_attention.shape == (1, 15, 15)
     assert maps.correspondence.shape == (2, 15, 15) and isinstance(maps.correspondence, np.ndarray)
     np.testing.assert_allclose(maps.attention.sum(axis=(1, 2)), 1, atol=1e-6)
