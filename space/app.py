@@ -119,8 +119,8 @@ class NearIDApp:
             gallery.append((heatmaps.overlay(picture, maps.correspondence[g], signed=True),
                             f"{_name(gens[g])}: correspondence to the references"))
         message = (f"Scored {len(gens)} generated image(s) against {len(refs)} reference(s). Score: cosine "
-                   f"similarity of the NearID embeddings, mean over the references. Heatmaps: "
-                   f"{heatmaps.CORRESPONDENCE_CAPTION}; red adds to it, blue takes away.")
+                   f"similarity of the NearID embeddings, mean over the references. Heatmaps: attention, where "
+                   f"the embedding looks; {heatmaps.CORRESPONDENCE_CAPTION}; red adds to it, blue takes away.")
         return message, float(means[order[0]]), rows, gallery
 
     def compare(self, first, second):

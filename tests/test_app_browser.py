@@ -30,6 +30,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (apt
 START_TIMEOUT_S = 120  # the app imports torch and loads the model before it answers
 POLL_S = 0.5
 PAGE_TIMEOUT_MS = 60_000  # one scoring request on the tiny model takes about a second; contended CI is slower
+sync_api.expect.set_options(timeout=PAGE_TIMEOUT_MS)  # every expect below waits at most this long
 TOLERANCE = 1e-5  # the page shows the float64 value; both paths run the same float32 model
 
 
@@ -121,11 +122,12 @@ def page(server, browser):
 
 
 def upload(page, elem_id: str, paths) -> None:
-    """Drop files into a gr.File and wait until the page lists them."""
+    """Drop files into a gr.File and wait until each is uploaded (its download link shows; while uploading,
+    the box already shows the names)."""
     paths = [paths] if isinstance(paths, Path) else paths
     page.set_input_files(f"#{elem_id} input[type=file]", [str(p) for p in paths])
     for path in paths:
-        sync_api.expect(page.locator(f"#{elem_id}")).to_contain_text(path.name)
+        sync_api.expect(page.locator(f'#{elem_id} a[href$="/{path.name}"]')).to_have_count(1)
 
 
 def number(page, elem_id: str, done_id: str, done_text: str) -> float:

@@ -83,7 +83,7 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
         f"\nAttention on the object (share of the head's attention on patches mostly inside the object mask, " \
         f"{attention[0]['images']} MTG test views; {100 * attention[0]['object_patches']:.1f}% of patches are " \
         f"object): untrained {100 * attention[0]['object_attention']:.1f}%, trained " \
-        f"{100 * attention[1]['object_attention']:.1f}%\n"
+        f"{100 * attention[1]['object_attention']:.1f}%"
     atomic_write_text(output_dir / "before_after.md", table + "\n")
     counts = manifest["counts"]
     print(f"\nSynthetic benchmark, Table-1 format: NearID on the test split ({counts['split_test']} of "
