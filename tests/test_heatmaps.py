@@ -8,6 +8,7 @@ from PIL import Image
 
 from modeling_nearid import NearIDModel
 from nearid import heatmaps
+from tests.helpers import make_tiny_siglip
 
 
 @pytest.fixture
@@ -194,3 +195,21 @@ def test_search_query_overlays_the_query_attention_map(tiny_repo, tmp_path, monk
     assert len(overlaid) == 2 and all(float(grid.sum()) == pytest.approx(1, abs=1e-5) for grid in overlaid)
     results = json.loads((tmp_path / "out" / "query_results.json").read_text())
     assert "query_contact_sheet.png" in results["files"] and not results["warnings"]
+
+
+def test_a_uniform_head_puts_the_object_patch_share_on_the_object(train_synthetic, tmp_path):
+    """Known answer: a head whose probe asks nothing attends uniformly, so its attention on the object is
+    the share of object patches; the synthetic MTG masks give a share strictly between 0 and 1."""
+    from nearid.hub import export_hub_folder
+    from nearid.scorers import Scorer
+    from tests.helpers import make_tiny_processor
+
+    model = NearIDModel.from_siglip(make_tiny_siglip())
+    with torch.no_grad():
+        model.head.attention.in_proj_weight[:32] = 0  # W_q = 0 and b_q = 0: every score is 0
+        model.head.attention.in_proj_bias[:32] = 0
+    folder = export_hub_folder(model, make_tiny_processor(), tmp_path / "uniform", dtype=torch.float32)
+    result = heatmaps.mtg_object_attention(Scorer(str(folder)), train_synthetic / "mtg")
+    assert result["images"] == 4  # 2 test rows x 2 views
+    assert 0.05 < result["object_patches"] < 0.95
+    assert result["object_attention"] == pytest.approx(result["object_patches"], abs=1e-6)
