@@ -143,10 +143,13 @@ CORRESPONDENCE_CAPTION = ("correspondence: each patch's share of the attention-s
 
 def nearid_head(scorer):
     """The NearID attention-pooling head of a scorer, or a clear error for a baseline."""
-    head = getattr(getattr(scorer, "model", None), "head", None)
-    if scorer.kind_name != "nearid" or not hasattr(head, "attention_weights"):
+    if scorer.kind_name != "nearid":
         raise ValueError(f"heatmaps need a NearID model with its attention-pooling head; {scorer.spec} is a "
                          f"'{scorer.kind_name}' scorer. Give a NearID model folder or Hub id.")
+    head = scorer.model.head
+    if not hasattr(head, "attention_weights"):  # model code run from a folder exported before the maps existed
+        raise ValueError(f"the model code loaded for {scorer.spec} has no attention_weights in its head (it predates "
+                         "heatmaps); re-export the model with nearid.hub.export_hub_folder to update its code")
     return head
 
 
