@@ -148,7 +148,8 @@ class NearIDApp:
     def search(self, query, k):
         """(message, gallery of the top-k hits with their scores)."""
         if self.index is None:
-            return f"**{self.index_problem or 'No search index: start the app with --index DIR (search.py index).'}**", []
+            problem = self.index_problem or "No search index: start the app with --index DIR (search.py index)."
+            return f"**{problem}**", []
         try:
             path = check_upload(query, "query image")
             result = self.index.search([path], int(k), "each")

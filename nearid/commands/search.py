@@ -234,10 +234,11 @@ def write_query_outputs(args, index, result, records, heatmap_scorer=None):
     outputs = reports.RunOutputs(args.output_dir, "query_results.json")
     save_arguments(outputs.path("query_args.json"), "search.py query", *args.groups.values())
     write_csv(outputs.path("query_results.csv"), records)
+    overlaid = "; queries with the attention map of the head" if heatmap_scorer else ""
     outputs.optional("drawing query_contact_sheet.png", reports.plot_image_grid,
                      outputs.path("query_contact_sheet.png"), query_sheet(index, result, heatmap_scorer),
-                     f"Top {min(result.k, SHEET_HITS)} gallery images per query ({args.combine})"
-                     f"{'; queries with the attention map of the head' if heatmap_scorer else ''}\n{index.scorer['spec']}")
+                     f"Top {min(result.k, SHEET_HITS)} gallery images per query ({args.combine}){overlaid}\n"
+                     f"{index.scorer['spec']}")
     summary = {"k": result.k, "requested_k": result.requested_k, "combine": args.combine,
                "n_query_groups": len(result.queries), "n_gallery": len(index)}
     prov = reports.provenance(index.scorer, [{"kind": "search index", "path": str(Path(args.index_dir).resolve())}])
