@@ -218,25 +218,38 @@ class NearIDAttentionPoolingHead(nn.Module):
         self.layernorm = nn.LayerNorm(hidden, eps=config.vision_config["layer_norm_eps"])
         self.mlp = NearIDMLP(config)
 
-    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T, D] -> attention output of the probe [B, D] (before out_proj)."""
+    def attention_weights(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T, D] -> the probe's attention on each token, per head [B, T, H] (sums to 1 over T)."""
         hidden, heads = tokens.shape[-1], self.num_heads
         head_dim = hidden // heads
-        w_q, w_k, w_v = self.attention.in_proj_weight.chunk(3)
-        b_q, _, b_v = self.attention.in_proj_bias.chunk(3)  # the key bias shifts all scores equally
+        w_q, w_k, _ = self.attention.in_proj_weight.chunk(3)
+        b_q = self.attention.in_proj_bias.chunk(3)[0]  # the key bias shifts all scores equally
         query = (self.probe.reshape(hidden) @ w_q.t() + b_q).view(heads, head_dim)
         # Fold the key projection into the query: score_t = tokens_t . (W_k,h^T q_h) / sqrt(d_h).
         folded_query = torch.einsum("hc,hcd->hd", query, w_k.view(heads, head_dim, hidden)) / math.sqrt(head_dim)
         scores = tokens @ folded_query.t().to(tokens.dtype)  # [B, T, H]
-        weights = F.softmax(scores.float(), dim=1).to(tokens.dtype)
+        # Softmax in float32 at least, so half precision agrees with float32 and float64 stays exact.
+        return F.softmax(scores, dim=1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(tokens.dtype)
+
+    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T, D] -> attention output of the probe [B, D] (before out_proj)."""
+        hidden, heads = tokens.shape[-1], self.num_heads
+        head_dim = hidden // heads
+        w_v = self.attention.in_proj_weight.chunk(3)[2]
+        b_v = self.attention.in_proj_bias.chunk(3)[2]
+        weights = self.attention_weights(tokens)
         pooled = torch.einsum("bth,btd->bhd", weights, tokens)  # [B, H, D]
         # Softmax weights sum to 1, so the value projection commutes with the pooling.
         values = torch.einsum("bhd,hcd->bhc", pooled, w_v.view(heads, head_dim, hidden).to(tokens.dtype))
         return (values + b_v.view(heads, head_dim).to(tokens.dtype)).reshape(tokens.shape[0], hidden)
 
+    def attention_output(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T, D] -> the attention stage's output o [B, D], before the MLP and its residual."""
+        return self.attention.out_proj(self._pool(tokens))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T, D] -> pooled embedding [B, D] (not normalised)."""
-        hidden_state = self.attention.out_proj(self._pool(tokens))
+        hidden_state = self.attention_output(tokens)
         return hidden_state + self.mlp(self.layernorm(hidden_state))
 
 

@@ -8,6 +8,8 @@
     table = scorer.score_folders("references/", "generations/")   # DreamBooth layout, per method and subject
     print(table.markdown())
     vectors = scorer.embed(["a.png", pil_image])                  # [N, D] float32, L2-normalised
+    maps = scorer.heatmaps("reference.jpg", ["gen1.png", "gen2.png"])   # where the head looks, as arrays
+    maps.attention[0], maps.correspondence[0]                     # [27, 27] each for so400m at 384 px
 
 Images may be file paths, encoded bytes, PIL images, uint8 arrays, or folders (their images,
 sorted). Everything goes through the commands' own pieces: the one decode, the model's processor,
@@ -23,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from nearid import data, evaluation, scoring
+from nearid import data, evaluation, heatmaps, scoring
 from nearid.images import find_images
 from nearid.scorers import DTYPES, Scorer, resolve_device
 from nearid.store import FillOptions, ImageIndex
@@ -49,6 +52,27 @@ class ScoreTable:
         if self.skipped:
             text += f"\n{len(self.skipped)} images or files were left out (see `.skipped`).\n"
         return text
+
+
+@dataclass
+class Heatmaps:
+    """Maps over the patch grid (docs/method.md, "Seeing identity"), as float arrays.
+
+    attention [G, S, S]: the head's attention on each generated image (mean over heads, sums to 1);
+    reference_attention [R, S, S]: the same on each reference;
+    scores [G, R]: the identity scores (cosine similarity of the final embeddings), from the same tokens;
+    correspondence [G, S, S]: each patch's share of cos(o(g), o(r)) at the attention stage, against the
+    mean attention output of the references; with `correspondence_bias` [G] it sums to
+    `attention_cosine` [G]. Exact for the attention output, not for the final embedding (the MLP
+    and its residual are not decomposed). `heatmaps.overlay(image, map)` draws one over its image.
+    """
+
+    attention: np.ndarray
+    reference_attention: np.ndarray
+    scores: np.ndarray
+    correspondence: np.ndarray
+    correspondence_bias: np.ndarray
+    attention_cosine: np.ndarray
 
 
 class IdentityScorer:
@@ -116,6 +140,25 @@ class IdentityScorer:
         skipped = embedded.skipped + unscored + [{"image": place, "reason": reason} for place, reason in left_out]
         return ScoreTable(records, scoring.summarize_scores(records, unscored), skipped)
 
+    def heatmaps(self, references, generated) -> Heatmaps:
+        """Attention and correspondence maps of `generated` (one image or a list) against `references`.
+
+        Runs the backbone once per image (the embedding cache keeps pooled embeddings, not tokens); the
+        identity scores come from the same tokens, so the maps cost no second pass."""
+        head = heatmaps.nearid_head(self.scorer)
+        refs = heatmaps.image_tokens(self.scorer, _expand(references))
+        gens = heatmaps.image_tokens(self.scorer, _expand(generated))
+        side = heatmaps.grid_side(gens.shape[1])
+        corr = heatmaps.correspondence_map(head, gens, refs)
+
+        def grid(values):
+            return values.numpy().reshape(len(values), side, side)
+
+        embeddings = heatmaps.embeddings(head, torch.cat([gens, refs]))
+        scores = (embeddings[:len(gens)] @ embeddings[len(gens):].T).numpy()
+        return Heatmaps(grid(heatmaps.attention_map(head, gens)), grid(heatmaps.attention_map(head, refs)),
+                        scores, grid(corr.shares), corr.bias.numpy(), corr.cosine.numpy())
+
     def _add(self, index: ImageIndex, images: list) -> list:
         keys = []
         for image in images:
@@ -133,6 +176,14 @@ class IdentityScorer:
 
 def _as_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _expand(images) -> list:
+    """One image, a list, or folders -> a flat list of images (a folder's images sorted)."""
+    expanded = []
+    for image in _as_list(images):
+        expanded += find_images(image)[0] if _is_folder(image) else [image]
+    return expanded
 
 
 def _is_folder(image) -> bool:

@@ -7,6 +7,8 @@ A folder written here loads with `AutoModel.from_pretrained(folder, trust_remote
   into place in one step.
 - `push_to_hub`: upload a complete folder to the Hub in one commit. Also a command:
   `python -m nearid.hub push --folder F --repo-id ID [--private] [--revision R] [--commit-message M]`.
+- `push_space`: upload the web app (space/ with the nearid package and the model code) to a Gradio
+  Space in one commit: `python -m nearid.hub push-space --repo-id ID [--private]`.
 """
 
 import json
@@ -138,24 +140,74 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | 
             f"No Hugging Face token found, so nothing was uploaded. Log in with `hf auth login` or set the "
             f"HF_TOKEN environment variable to a token with write access "
             f"(https://huggingface.co/settings/tokens), then upload {folder} with:\n  {retry}")
-    api = HfApi(token=token)
+    info = _commit(HfApi(token=token), repo_id, _additions(folder, paths), "model", str(folder), retry,
+                   private=private, revision=revision, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                   create_pr=create_pr)
+    return info.pr_url if create_pr and info.pr_url else info.commit_url
+
+
+def _commit(api, repo_id, operations, repo_type, what, retry, *, private, revision=None, commit_message,
+            create_pr=False, space_sdk=None):
+    """Create the repo if missing (and the branch), then commit `operations` in one commit; any failure is a
+    HubPushError saying that `what` is intact and how to retry."""
     try:
-        api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
+        api.create_repo(repo_id, repo_type=repo_type, private=True if private else None, exist_ok=True,
+                        **({"space_sdk": space_sdk} if space_sdk else {}))
         if revision is not None:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+            api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
         # create_commit, not upload_folder: with hf_xet installed, upload_folder may split a folder
         # into several commits ("(part N)") and retries a failed commit POST, which can duplicate it.
-        info = api.create_commit(repo_id, operations=_additions(folder, paths), repo_type="model",
-                                 commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+        return api.create_commit(repo_id, operations=operations, repo_type=repo_type, commit_message=commit_message,
                                  revision=revision, create_pr=create_pr)
     # Any failure here (HTTP status, network, metadata refused by the Hub) leaves the same way out:
-    # the folder is intact and the same command retries; the original error is chained.
+    # the local files are intact and the same command retries; the original error is chained.
     except Exception as e:
         raise HubPushError(
-            f"Uploading {folder} to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-            f"The local folder {folder} is intact (nothing in it was changed). Once the cause is fixed, "
+            f"Uploading {what} to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            f"The local files ({what}) are intact (nothing in them was changed). Once the cause is fixed, "
             f"retry the upload with:\n  {retry}") from e
-    return info.pr_url if create_pr and info.pr_url else info.commit_url
+
+
+# --------------------------------------------------------------------------------------------------
+# The web app as a Hub Space
+
+
+SPACE_FOLDER = REPO_ROOT / "space"
+DEFAULT_SPACE_COMMIT_MESSAGE = "Upload the NearID app"
+
+
+def space_files() -> dict:
+    """{path in the Space repo: local file}: the app folder's files (app.py, its README.md with the Space's
+    front matter, requirements.txt) at the root, with the `nearid` package and the model code beside them."""
+    files = {p.name: p for p in sorted(SPACE_FOLDER.iterdir()) if p.is_file()}
+    files.update({p.relative_to(REPO_ROOT).as_posix(): p for p in sorted((REPO_ROOT / "nearid").rglob("*.py"))})
+    files.update({name: REPO_ROOT / name for name in REMOTE_CODE_FILES})
+    return files
+
+
+def push_space(repo_id: str, *, private: bool = False, commit_message: str | None = None,
+               token: str | None = None) -> str:
+    """Upload the web app to the Hub Space `repo_id` (created as a Gradio Space if missing) in one commit.
+
+    The Space runs `app.py` on the model of its NEARID_MODEL variable (default the published NearID).
+    Returns the URL of the commit; on failure a `HubPushError` gives the command that retries.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+    retry = shlex.join(["python", "-m", "nearid.hub", "push-space", "--repo-id", repo_id, *(["--private"] if private
+                                                                                            else [])])
+    token = token or get_token()
+    if not token:
+        raise HubPushError("No Hugging Face token found, so nothing was uploaded. Log in with `hf auth login` or set "
+                           f"HF_TOKEN to a token with write access, then run:\n  {retry}")
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
+                  for path, local in space_files().items()]
+    info = _commit(HfApi(token=token), repo_id, operations, "space", "the app (space/ and the nearid package)",
+                   retry, private=private, commit_message=commit_message or DEFAULT_SPACE_COMMIT_MESSAGE,
+                   space_sdk="gradio")
+    return info.commit_url
 
 
 def repo_files(folder) -> list[str]:
@@ -212,15 +264,32 @@ class PushArguments:
     create_pr: bool = option(False, "open a pull request instead of committing")
 
 
+@dataclass
+class PushSpaceArguments:
+    """Upload the web app"""
+
+    repo_id: str = option(REQUIRED, "Hub Space, namespace/name (created as a Gradio Space if missing)")
+    private: bool = option(False, "create the Space as private")
+    commit_message: str | None = option(None, f"the commit's title (default {DEFAULT_SPACE_COMMIT_MESSAGE!r})")
+
+
 def main(argv=None) -> int:
-    """`python -m nearid.hub push --folder F --repo-id ID`: prints the commit URL; exit status 1 on failure."""
-    commands = {"push": ("upload a complete repo folder to the Hub in one commit", None, (PushArguments,))}
+    """`python -m nearid.hub push --folder F --repo-id ID` or `push-space --repo-id ID`: prints the commit URL;
+    exit status 1 on failure."""
+    groups_of = {"push": (PushArguments,), "push-space": (PushSpaceArguments,)}
+    commands = {"push": ("upload a complete repo folder to the Hub in one commit", None, groups_of["push"]),
+                "push-space": ("upload the web app (space/) to a Hub Space in one commit", None,
+                               groups_of["push-space"])}
     parser = build_parser("python -m nearid.hub", __doc__.splitlines()[0], commands=commands)
-    _, groups, debug = parse(parser, {"push": (PushArguments,)}, argv)
-    args = groups[PushArguments]
+    command, groups, debug = parse(parser, groups_of, argv)
     with user_errors(debug):
-        url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                          commit_message=args.commit_message, create_pr=args.create_pr)
+        if command == "push-space":
+            args = groups[PushSpaceArguments]
+            url = push_space(args.repo_id, private=args.private, commit_message=args.commit_message)
+        else:
+            args = groups[PushArguments]
+            url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                              commit_message=args.commit_message, create_pr=args.create_pr)
     print(url)
     return 0
 

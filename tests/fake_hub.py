@@ -36,13 +36,13 @@ class FakeHub:
             return httpx.Response(200, json={"url": f"https://huggingface.co/{body['organization']}/{body['name']}"})
         if request.method == "POST" and path == "/api/validate-yaml":
             return httpx.Response(200, json={"errors": [], "warnings": []})
-        if request.method == "POST" and re.fullmatch(r"/api/models/[^/]+/[^/]+/branch/[^/]+", path):
+        if request.method == "POST" and re.fullmatch(r"/api/(models|spaces)/[^/]+/[^/]+/branch/[^/]+", path):
             return httpx.Response(200, json={})
-        if request.method == "POST" and re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/[^/]+", path):
+        if request.method == "POST" and re.fullmatch(r"/api/(models|spaces)/[^/]+/[^/]+/preupload/[^/]+", path):
             files = json.loads(request.content)["files"]
             return httpx.Response(200, json={"files": [
                 {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/([^/]+)", path)
+        match = re.fullmatch(r"/api/(?:models|spaces)/([^/]+/[^/]+)/commit/([^/]+)", path)
         if request.method == "POST" and match:
             if self.commit_status != 200:
                 return httpx.Response(self.commit_status, json={"error": "Internal Error"})

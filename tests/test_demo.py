@@ -20,7 +20,11 @@ def test_demo_trains_a_head_that_beats_the_untrained_one(demo_run):
     assert retrieval["after"]["distractor_first_rate"] < retrieval["before"]["distractor_first_rate"] - 20, retrieval
     assert retrieval["after"]["map"] > retrieval["before"]["map"], retrieval
 
+    attention = result["object_attention"]  # the trained head looks at the object more than SigLIP's did
+    assert attention["after"] > attention["before"] + 0.05, attention
+
     printed = demo_run["printed"]
+    assert f"untrained {100 * attention['before']:.1f}%, trained {100 * attention['after']:.1f}%" in printed
     assert "NearID head, untrained" in printed and f"{after[NEARID_SSR]:.2f}" in printed
     assert (output_dir / "demo_results.md").read_text().strip() in printed  # what it printed, kept in a file
     saved = json.loads((output_dir / "demo_results.json").read_text())

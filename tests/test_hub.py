@@ -215,3 +215,31 @@ def test_push_refuses_metadata_the_hub_would_reject_before_any_request(repo, hub
     assert f"base_model '{base}' is not a Hub id (namespace/name) but a local path" in message
     assert "datasets './data/positives' is not a Hub id" in message and "Nothing was uploaded" in message
     assert hub.requests == [] and snapshot(repo) == before
+
+
+# The web app as a Space
+
+
+def test_push_space_uploads_the_app_with_the_package_in_one_commit(hub):
+    from nearid.hub import push_space
+
+    url = push_space("someone/nearid-app", token=TOKEN)
+    created = json.loads(hub.calls("repos/create")[0].content)
+    assert created["type"] == "space" and created["sdk"] == "gradio"
+    commits = hub.calls("commit/")
+    assert len(commits) == 1 and commits[0].url.path == "/api/spaces/someone/nearid-app/commit/main"
+    _, files = commit_payload(commits[0])
+    assert {"app.py", "README.md", "requirements.txt", "nearid/__init__.py", "nearid/api.py", "nearid/heatmaps.py",
+            "modeling_nearid.py", "configuration_nearid.py", "image_processing_nearid.py"} <= set(files)
+    assert files["app.py"] == (REPO_ROOT / "space" / "app.py").read_bytes()
+    assert b"sdk: gradio" in files["README.md"] and not any("__pycache__" in name for name in files)
+    assert url == f"https://huggingface.co/someone/nearid-app/commit/{'c' * 40}"
+
+
+def test_space_requirements_cover_the_runtime_requirements():
+    """The Space installs its own requirements.txt: every package the library needs must be in it."""
+    def names(path):
+        lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+        return {re.split(r"[<>=!~ ]", line)[0].lower() for line in lines if line and not line.startswith("-")}
+
+    assert names(REPO_ROOT / "requirements.txt") <= names(REPO_ROOT / "space" / "requirements.txt")

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import card, data, evaluation, metrics, reports, scoring
+from nearid import card, data, evaluation, heatmaps, metrics, reports, scoring
 from nearid.cli import (
     REQUIRED,
     DatasetSource,
@@ -40,7 +40,7 @@ from nearid.cli import (
 from nearid.images import ImageLoadError
 from nearid.io import atomic_write_json, atomic_write_text, write_csv
 from nearid.numerics import PRECISIONS, resolve_precision
-from nearid.scorers import DTYPES, SCORER_KINDS, Scorer, resolve_device
+from nearid.scorers import DTYPES, SCORER_KINDS, Scorer, parse_spec, resolve_device
 from nearid.store import FillOptions, ImageIndex
 
 # --- arguments -------------------------------------------------------------------------------------
@@ -156,6 +156,10 @@ class ScoreArguments:
     generations: str | None = option(None, "DreamBooth layout: generations/<method>/<subject>/<image>, or "
                                            "generations/<subject>/<image> for one method (with --references)")
     methods: list[str] = option([], "with --samples or --generations: method folders to score (default: all)")
+    heatmaps: int = option(0, "heatmap contact sheets (attention and correspondence maps) of the N lowest-scoring "
+                              "generations of each method and subject, in heatmaps/; NearID models only. Runs the "
+                              "backbone again on those images and their references (0: none, no extra cost)",
+                           min=0)
 
 
 SCORE_DESCRIPTION = """Score your own generated images against reference images.
@@ -175,7 +179,9 @@ Inputs, one of:
 
 Per image: cosine similarity to each reference, their mean and max. Per method and subject: count,
 skipped count, mean, median, std, min, max. Outputs: score_per_image.csv, score_per_image.json,
-score_summary.md, score_distributions.png, score_results.json (written last).
+score_summary.md, score_distributions.png, score_results.json (written last); with --heatmaps N,
+heatmaps/<method>__<subject>.png: the N lowest-scoring generations with where the head looks and
+which patches carry the references' identity (docs/method.md, "Seeing identity").
 """
 @dataclass
 class Table1Arguments:
@@ -268,6 +274,9 @@ def check_score_inputs(args: Arguments) -> None:
                          "generations/<method>/<subject>/<image>)")
     if args.images and not args.metadata:
         raise ValueError("score: --images goes with --metadata (the folder its paths are relative to)")
+    if args.heatmaps and parse_spec(args.model)[0] != "nearid":
+        raise ValueError(f"score: --heatmaps draws the NearID head's maps, but --model {args.model} is a "
+                         f"'{parse_spec(args.model)[0]}' baseline; drop --heatmaps or give a NearID model")
     if args.methods and args.metadata:
         raise ValueError("score: --methods picks method folders of --samples or --generations; with --metadata, "
                          "use its method column")
@@ -527,11 +536,11 @@ def run_score(args, state):
         raise ImageLoadError(f"none of the {len(items)} generated images could be scored: {unscored[:3]}")
     summary = scoring.summarize_scores(records, unscored)
     skipped = embedded.skipped + unscored + [{"image": str(path), "reason": reason} for path, reason in ignored]
-    write_score_outputs(args, scorer, records, summary, skipped, source, embedded.stats)
+    write_score_outputs(args, scorer, records, summary, skipped, source, embedded.stats, items)
     return {"summary": summary, "records": records, "skipped": skipped, "embedding": embedded.stats}
 
 
-def write_score_outputs(args, scorer, records, summary, skipped, source, stats):
+def write_score_outputs(args, scorer, records, summary, skipped, source, stats, items):
     outputs = reports.RunOutputs(args.output_dir, "score_results.json")
     save_arguments(outputs.path("score_args.json"), "evaluate.py score", *args.groups.values())
     markdown = scoring.score_markdown(summary)
@@ -545,10 +554,21 @@ def write_score_outputs(args, scorer, records, summary, skipped, source, stats):
     atomic_write_text(outputs.path("score_summary.md"), markdown)
     outputs.optional("plotting score_distributions.png", reports.plot_score_distributions,
                      outputs.path("score_distributions.png"), records, scorer.spec)
+    if args.heatmaps:
+        outputs.optional("drawing the heatmap contact sheets", write_heatmap_sheets, outputs, scorer, records, items,
+                         args.heatmaps)
     prov = reports.provenance(scorer.provenance(), [{"kind": "local", "path": str(Path(source).resolve())}],
                               extra={"embedding": stats})
     outputs.finish(reports.results_document("score", scorer.provenance(), summary, prov, skipped))
     print(markdown)
+
+
+def write_heatmap_sheets(outputs, scorer, records, items, count: int) -> None:
+    paths = {(item.method, item.subject, item.generated): item for item in items}
+    for (method, subject), lowest in heatmaps.lowest_scoring(records, count).items():
+        name = f"heatmaps/{method}__{subject}.png".replace(" ", "_")
+        heatmaps.score_sheet(outputs.path(name), scorer,
+                             [(record, paths[method, subject, record["generated"]]) for record in lowest])
 
 
 # --- table1 ----------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from nearid.commands.evaluate import HINTS, Arguments, EmbeddingArguments, ModelArguments, fill_options, load_scorer
-from nearid import data, reports
+from nearid import data, heatmaps, reports
 from nearid.ann import INDEX_KINDS, IndexSettings
 from nearid.cli import REQUIRED, DatasetSource, build_parser, option, parse, save_arguments, user_errors
 from nearid.clustering import IdentityLinkage
 from nearid.images import load_image
 from nearid.io import write_csv
-from nearid.scorers import resolve_device
+from nearid.scorers import parse_spec, resolve_device
 from nearid.search import (
     COMBINE,
     EMPTY_CELL,
@@ -89,6 +89,9 @@ class QueryArguments:
     combine: str = option("each", "each: every query image on its own; mean: one query, the mean of their embeddings "
                                   "(re-normalised); max: one query, each gallery image's best similarity to any",
                           choices=COMBINE)
+    heatmap: bool = option(False, "draw each query image in the contact sheet with its attention map overlaid (where "
+                                  "the NearID head looks; docs/method.md); NearID models only, one backbone pass "
+                                  "per query image shown")
 
 
 @dataclass
@@ -212,12 +215,16 @@ def run_query(args, state):
     scorer = read_info(Path(args.index_dir))["scorer"]  # a missing index stops the run before a model loads
     if args.model is None:  # the index's own scorer embeds the queries
         args.model, args.revision, args.dtype = scorer["spec"], scorer["revision"], scorer["dtype"]
-    index = SearchIndex.load(args.index_dir, embedder(args, state))
+    if args.heatmap and parse_spec(args.model)[0] != "nearid":
+        raise ValueError(f"--heatmap draws the NearID head's attention, but the queries are embedded by "
+                         f"{args.model}, a '{parse_spec(args.model)[0]}' baseline; drop --heatmap")
+    query_embedder = embedder(args, state)
+    index = SearchIndex.load(args.index_dir, query_embedder)
     result = index.search(args.images, args.k, args.combine)
     if not state.is_main_process:
         return None
     records = hit_records(index, result)
-    write_query_outputs(args, index, result, records)
+    write_query_outputs(args, index, result, records, query_embedder.scorer if args.heatmap else None)
     return {"result": result, "records": records}
 
 
@@ -233,7 +240,7 @@ def hit_records(index: SearchIndex, result) -> list:
     return records
 
 
-def write_query_outputs(args, index, result, records):
+def write_query_outputs(args, index, result, records, heatmap_scorer=None):
     outputs = reports.RunOutputs(args.output_dir, "query_results.json")
     save_arguments(outputs.path("query_args.json"), "search.py query", *args.groups.values())
     write_csv(outputs.path("query_results.csv"), records)
@@ -242,9 +249,11 @@ def write_query_outputs(args, index, result, records):
         outputs.warn(f"{len(gone)} of the hits are gallery files that no longer exist (deleted or moved since the "
                      f"index was built): {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}. Run `python "
                      "search.py index` on the gallery again to bring the index up to date.")
+    overlaid = "; queries with the attention map of the head" if heatmap_scorer else ""
     outputs.optional("drawing query_contact_sheet.png", reports.plot_image_grid,
-                     outputs.path("query_contact_sheet.png"), query_sheet(index, result),
-                     f"Top {min(result.k, SHEET_HITS)} gallery images per query ({args.combine})\n{index.scorer['spec']}")
+                     outputs.path("query_contact_sheet.png"), query_sheet(index, result, heatmap_scorer),
+                     f"Top {min(result.k, SHEET_HITS)} gallery images per query ({args.combine}){overlaid}\n"
+                     f"{index.scorer['spec']}")
     summary = {"k": result.k, "requested_k": result.requested_k, "combine": args.combine,
                "n_query_groups": len(result.queries), "n_gallery": len(index)}
     prov = reports.provenance(index.scorer, [{"kind": "search index", "path": str(Path(args.index_dir).resolve())}])
@@ -285,12 +294,20 @@ def _caption(name: str, width: int = 24) -> str:
     return name if len(name) <= width else "\u2026" + name[1 - width:]
 
 
-def query_sheet(index, result) -> list:
-    """One row per query group: its query images, then its top hits with their scores."""
+def query_sheet(index, result, heatmap_scorer=None) -> list:
+    """One row per query group: its query images (with their attention map when `heatmap_scorer` is given), then
+    its top hits with their scores."""
     entries = index.entries()
     rows = []
     for names, scores, found in list(zip(result.queries, result.scores, result.rows))[:SHEET_QUERIES]:
-        cells = [(_thumb(lambda n=n: load_image(n)), f"query\n{_caption(n)}") for n in names[:SHEET_QUERY_IMAGES]]
+        shown = names[:SHEET_QUERY_IMAGES]
+        if heatmap_scorer is None:
+            cells = [(_thumb(lambda n=n: load_image(n)), f"query\n{_caption(n)}") for n in shown]
+        else:
+            attention = heatmaps.attention_map(heatmaps.nearid_head(heatmap_scorer),
+                                               heatmaps.image_tokens(heatmap_scorer, shown))
+            cells = [(heatmaps.overlay(load_image(n), a, size=128), f"query, attention\n{_caption(n)}")
+                     for n, a in zip(shown, attention)]
         cells += [(_thumb(lambda r=r: index.image(r)), f"#{rank} {score:.3f}\n{_caption(describe(entries[r]))}")
                   for rank, (score, r) in enumerate(zip(scores[:SHEET_HITS], found), start=1) if r >= 0]
         rows.append(cells)
