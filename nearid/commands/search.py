@@ -30,7 +30,7 @@ from nearid.cli import REQUIRED, DatasetSource, build_parser, option, parse, sav
 from nearid.clustering import IdentityLinkage
 from nearid.images import load_image
 from nearid.io import write_csv
-from nearid.scorers import resolve_device
+from nearid.scorers import pinned_spec, resolve_device
 from nearid.search import (
     COMBINE,
     INFO_FILE,
@@ -200,8 +200,8 @@ def index_summary(index, report, folder) -> str:
 
 def run_query(args, state):
     scorer = read_info(Path(args.index_dir))["scorer"]  # a missing index stops the run before a model loads
-    if args.model is None:  # the index's own scorer embeds the queries
-        args.model, args.revision, args.dtype = scorer["spec"], scorer["revision"], scorer["dtype"]
+    if args.model is None:  # the index's own scorer embeds the queries: the same folder, or the same commit
+        (args.model, args.revision), args.dtype = pinned_spec(scorer), scorer["dtype"]
     index = SearchIndex.load(args.index_dir, embedder(args, state))
     result = index.search(args.images, args.k, args.combine)
     if not state.is_main_process:
