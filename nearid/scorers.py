@@ -83,7 +83,8 @@ def load_baseline(kind: ScorerKind, folder: Path, dtype):
     import transformers
     from transformers import AutoImageProcessor
 
-    model = getattr(transformers, kind.model_class).from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
+    model = getattr(transformers, kind.model_class).from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
+                                                                      trust_remote_code=False)
     # The PIL backend: torchvision is not required.
     backend = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
     return model, AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False, **backend)
@@ -133,10 +134,10 @@ class Scorer:
         if self.kind_name == "nearid":
             model, self.processor = load_nearid(folder, dtype, self.model_name, self.commit)
         else:
-            if self.commit and not has_safetensors(folder):
-                raise FileNotFoundError(f"the Hub model {self.model_name!r} has no safetensors weights "
-                                        "(model.safetensors); only safetensors are downloaded, since pickled weights "
-                                        "can run code. Give a repo or a local folder with safetensors weights.")
+            if not has_safetensors(folder):
+                raise FileNotFoundError(f"{self.model_name} has no safetensors weights (model.safetensors); weights "
+                                        "are read only from safetensors, since pickled ones can run code. Give a repo "
+                                        "or a local folder with safetensors weights.")
             model, self.processor = load_baseline(kind, folder, dtype)
         self.model = model.to(device).eval()
         self.loader = PixelLoader(self.processor)

@@ -159,6 +159,15 @@ def test_a_siglip_folder_given_as_nearid_is_pointed_to_the_siglip_baseline(base_
     assert Scorer(f"siglip:{base_model}").kind_name == "siglip"
 
 
+def test_a_baseline_without_safetensors_weights_is_refused(base_model, tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(base_model, pickled)
+    torch.save({}, pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+        Scorer(f"siglip:{pickled}")
+
+
 def test_a_config_without_auto_map_loads(tiny_repo, tmp_path):
     plain = tmp_path / "no_auto_map"
     shutil.copytree(tiny_repo, plain)
