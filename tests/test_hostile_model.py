@@ -9,6 +9,9 @@ appears, and the numbers are those of the same weights loaded from a clean folde
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from PIL import Image
 from nearid import IdentityScorer
 from nearid.commands import evaluate, search, train
 from nearid.scorers import Scorer
-from tests.helpers import make_hostile, markers_written, random_pixels, train_args
+from tests.helpers import make_hostile, markers_written, python_path, random_pixels, train_args
 
 
 @contextlib.contextmanager
@@ -127,3 +130,13 @@ def test_training_from_a_hostile_base_and_resuming_run_none_of_its_code(train_sy
         train.main(train_args(train_synthetic, folder, out, *steps, "--max-steps", "4",
                               "--resume-from-checkpoint", "latest"))
     assert json.loads((out / "train_results.json").read_text())["global_step"] == 4
+
+
+def test_python_started_inside_a_hostile_folder_refuses_to_import_its_code(hostile):
+    folder, markers = hostile
+    # `python -c` puts the working folder first on sys.path, before the installation.
+    env = dict(os.environ, PYTHONPATH=python_path())
+    result = subprocess.run([sys.executable, "-c", "from nearid import IdentityScorer; IdentityScorer('.')"],
+                            cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert markers_written(markers) == []
+    assert result.returncode != 0 and "not from this NearID installation" in result.stderr
