@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-import warnings
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -28,6 +28,7 @@ CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing
 MODEL_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json")
 SIGLIP_TYPES = ("siglip", "siglip_vision_model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+logger = logging.getLogger(__name__)
 _warned_code = set()  # (folder or Hub id, commit) pairs already compared
 
 
@@ -173,8 +174,8 @@ def warn_if_code_differs(folder: Path, name: str, commit: str | None = None) -> 
     if not differing:
         return
     at = f" at commit {commit}" if commit else ""
-    warnings.warn(
-        f"{name}{at} ships {', '.join(differing)}, which differ from this NearID checkout's. Those files are not "
-        "run: the model is loaded with this checkout's NearIDConfig, NearIDModel and NearIDImageProcessor from its "
-        "configs and safetensors weights. If the model needs its own code, update this checkout to the release that "
-        "wrote it.", UserWarning, stacklevel=3)
+    logger.warning(
+        "%s%s ships %s, which differ from this NearID checkout's. Those files are not run: the model is loaded with "
+        "this checkout's NearIDConfig, NearIDModel and NearIDImageProcessor from its configs and safetensors weights. "
+        "If the model needs its own code, update this checkout to the release that wrote it.",
+        name, at, ", ".join(differing))
