@@ -80,21 +80,21 @@ class IdentityScorer:
 
     Args:
         model: a NearID model, Hub id or local folder, or `clip:...`, `dinov2:...`, ... as the commands take.
-        revision: a Hub revision to pin (branch, tag or commit hash).
+        revision: a Hub revision to pin (branch, tag or commit hash); ignored for a local folder, as in
+            transformers' `from_pretrained`.
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
         dtype: "float32", "bfloat16" or "float16".
         cache_dir: the embed-once store; default a temporary folder removed with the scorer.
         batch_size, num_workers: how images are batched and decoded (not what they score).
         skip_bad_images: leave unreadable images out (listed) instead of raising.
-        trust_remote_code: run the code of a repo that is not a NearID model.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
                  dtype: str = "float32", cache_dir=None, batch_size: int = 32, num_workers: int = 0,
-                 skip_bad_images: bool = False, trust_remote_code: bool = False):
+                 skip_bad_images: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.scorer = Scorer(model, revision, resolve_device(device), DTYPES[dtype], trust_remote_code)
+        self.scorer = Scorer(model, revision, resolve_device(device), DTYPES[dtype])
         self._temporary = None if cache_dir else tempfile.TemporaryDirectory(prefix="nearid-embeddings-")
         self.cache_dir = Path(cache_dir) if cache_dir else Path(self._temporary.name)
         self.skip_bad_images = skip_bad_images

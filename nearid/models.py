@@ -1,7 +1,9 @@
-"""Building NearID models: from a SigLIP checkpoint for training, and SigLIP checkpoint folders for tests.
+"""Building NearID models: the start of training, and SigLIP checkpoint folders for tests.
 
-- `nearid_from_siglip`: the untrained NearID (SigLIP's tower and its pretrained MAP head copied in,
-  backbone frozen) with the matching NearID image processor, from a Hub id or a local folder.
+- `nearid_from_siglip`: NearID in float32 with a frozen backbone and its image processor, from a
+  SigLIP checkpoint (the untrained NearID: SigLIP's tower and its pretrained MAP head copied in) or
+  from a NearID model (its trained head goes on training), a Hub id or a local folder. Either is
+  built by this checkout's classes from configs and safetensors weights; no repo code runs.
 - `save_siglip_checkpoint`: a SigLIP vision checkpoint folder like a Hub snapshot (weights plus a
   SigLIP preprocessor config): the stand-in base model of the demo, benchmarks and tests.
 """
@@ -13,17 +15,34 @@ from pathlib import Path
 import torch
 
 from nearid.io import atomic_write_json
+from nearid.loading import SIGLIP_TYPES, has_safetensors, load_nearid, model_config, resolve_model_folder
 
 
 def nearid_from_siglip(base_model: str, revision: str | None = None):
-    """(NearIDModel in float32 with a frozen backbone, NearIDImageProcessor) from a SigLIP checkpoint."""
+    """(NearIDModel in float32 with a frozen backbone, NearIDImageProcessor) from a SigLIP checkpoint, or from
+    a NearID model to train further; a Hub id or a local folder (`revision` pins a Hub id)."""
     from image_processing_nearid import NearIDImageProcessor
     from modeling_nearid import NearIDModel
 
-    pinned = {"revision": revision} if revision else {}
-    model = NearIDModel.from_siglip(base_model, **pinned).float().freeze_backbone()
-    processor = NearIDImageProcessor.from_pretrained(base_model, **pinned)
-    return model, processor
+    try:
+        folder, commit = resolve_model_folder(base_model, revision)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--base-model {base_model}: {error}") from None
+    model_type = model_config(folder).get("model_type")
+    if model_type == "nearid":
+        model, processor = load_nearid(folder, name=base_model, commit=commit)
+    elif model_type in SIGLIP_TYPES:
+        if not has_safetensors(folder):
+            raise FileNotFoundError(f"--base-model {base_model} has no safetensors weights (model.safetensors); "
+                                    "pickled weights are not loaded, since they can run code. Give a SigLIP "
+                                    "checkpoint with safetensors weights.")
+        model = NearIDModel.from_siglip(str(folder), use_safetensors=True)
+        processor = NearIDImageProcessor.from_pretrained(str(folder))
+    else:
+        raise ValueError(f"--base-model {base_model} is a {model_type!r} checkpoint; training starts from a "
+                         "fixed-resolution SigLIP or SigLIP2 checkpoint (model_type 'siglip' or 'siglip_vision_model', "
+                         "e.g. google/siglip2-so400m-patch14-384) or from a NearID model (model_type 'nearid').")
+    return model.float().freeze_backbone(), processor
 
 
 def save_siglip_checkpoint(folder, vision_config: dict | None = None, model=None, seed: int = 0) -> Path:

@@ -12,11 +12,9 @@ A scorer is named by a spec string `KIND:MODEL`, where MODEL is a Hub id or a lo
 A spec without `KIND:` is a NearID model. Adding a Hugging Face vision model is one entry in
 `SCORER_KINDS`: how to load it, which output is the embedding, and its size.
 
-Remote code: a NearID repo ships its model code, which transformers runs with
-`trust_remote_code=True`. That is granted only to repos whose `config.json` says
-`model_type: nearid`, checked on the config file alone before any code is loaded; any other repo
-needs the explicit `trust_remote_code=True` (`--trust-remote-code`). The baselines load with
-transformers' own classes and never run repo code.
+No model repo's code is ever run: a NearID model is loaded by this checkout's own classes from its
+configs and safetensors weights (`nearid.loading`), the baselines by transformers' own classes with
+`trust_remote_code=False`.
 
 A scorer is an encoder of `nearid.store`: `loader` turns an image into pixels (the one decode, then
 the model's own processor), `encode` turns pixels into embeddings, and `fingerprint` keys its store.
@@ -24,9 +22,7 @@ the model's own processor), `encode` turns pixels into embeddings, and `fingerpr
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from nearid.images import PixelLoader
+from nearid.loading import has_safetensors, load_nearid, resolve_model_folder
 from nearid.numerics import autocast
 from nearid.store import StoreFormat, fingerprint, weights_digest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ def _pooled(output):
 
 
 SCORER_KINDS = {
-    "nearid": ScorerKind("AutoModel", lambda model, pixels: model(pixel_values=pixels).pooler_output,
+    "nearid": ScorerKind("NearIDModel", lambda model, pixels: model(pixel_values=pixels).pooler_output,
                          lambda config: config.embed_dim),
     "clip": ScorerKind("CLIPModel", lambda model, pixels: _pooled(model.get_image_features(pixel_values=pixels)),
                        lambda config: config.projection_dim),
@@ -82,81 +78,25 @@ def parse_spec(spec: str) -> tuple:
     return kind, model
 
 
-# --------------------------------------------------------------------------------------------------
-# Finding a model: a local folder or a Hub snapshot, with errors that say which it was
-
-
-def resolve_model_folder(name_or_path: str, revision: str | None = None) -> tuple:
-    """(local folder, commit hash or None): a folder as is; a Hub id downloaded (or from the cache).
-
-    The snapshot folder of a Hub download is named by its commit hash, so the revision that was
-    actually used is known exactly, whatever branch or tag was asked for.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if revision:
-            raise ValueError(f"--revision {revision} applies to Hub ids, but {name_or_path} is a local folder; "
-                             "drop --revision or give the Hub id")
-        return path, None
-    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no such folder {name_or_path!r} (looked for {path.resolve()}), and it is not a Hub "
-                                "model id (owner/name). Check the path.")
-    folder = _download(name_or_path, revision, path)
-    return folder, folder.name
-
-
-def _download(repo_id: str, revision: str | None, local: Path) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    not_local = f"There is no local folder {str(local)!r} either."
-    try:
-        return Path(snapshot_download(repo_id, revision=revision))
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"cannot download the model {repo_id!r}: the Hugging Face Hub is not reachable (or HF_HUB_OFFLINE=1 is "
-            f"set) and it is not in the local cache. {not_local} Pass a local folder with the model files, or "
-            "download it where the Hub is reachable and run with HF_HUB_OFFLINE=1.") from None
-    except RevisionNotFoundError:
-        raise FileNotFoundError(f"the Hub model {repo_id!r} has no revision {revision!r}; give a branch, tag or "
-                                "commit hash that exists") from None
-    except (RepositoryNotFoundError, EntryNotFoundError):
-        raise FileNotFoundError(f"the Hub has no model {repo_id!r} (or it is private: log in with `hf auth login`). "
-                                f"{not_local} Check the id or the path.") from None
-
-
-def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
-    """Refuse to run a repo's code unless its config says NearID, or the user opted in; say what is missing."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json, so it is not a model folder; give a NearID model "
-                                "exported by train.py or nearid.hub.export_hub_folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("model_type") != "nearid" and not trust_remote_code:
-        raise ValueError(
-            f"{folder} is not a NearID model (config.json has model_type {config.get('model_type')!r}, not 'nearid'), "
-            "so its code is not run. Give a NearID model, a baseline as KIND:MODEL, or pass --trust-remote-code if "
-            "you trust this repo's code.")
-    if "AutoModel" not in config.get("auto_map", {}):
-        raise ValueError(
-            f"{config_path} has no auto_map entry for AutoModel, so transformers cannot find the NearID model code. "
-            "A NearID folder needs auto_map {\"AutoConfig\": \"configuration_nearid.NearIDConfig\", \"AutoModel\": "
-            "\"modeling_nearid.NearIDModel\"} and the three *_nearid.py files; re-export it with "
-            "nearid.hub.export_hub_folder.")
-
-
-def load_image_processor(folder, trust_remote_code: bool = False):
-    """The model's own image processor, PIL backend (torchvision is not required)."""
+def load_baseline(kind: ScorerKind, folder: Path, dtype):
+    """(model, image processor) of a baseline with transformers' own classes; a repo's code is never run."""
     import transformers
     from transformers import AutoImageProcessor
 
+    model = getattr(transformers, kind.model_class).from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
+                                                                      trust_remote_code=False)
+    # The PIL backend: torchvision is not required.
     backend = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
-    return AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **backend)
+    return model, AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False, **backend)
+
+
+def pinned_spec(provenance: dict) -> tuple:
+    """(spec, revision) that load the scorer of `provenance` again, from any working folder: a local
+    folder by its absolute path, a Hub id at the commit it resolved to (never a relative path, which
+    read from another folder could name a Hub repo instead)."""
+    if provenance.get("path"):
+        return f"{provenance['kind']}:{provenance['path']}", None
+    return provenance["spec"], provenance.get("commit") or provenance.get("revision")
 
 
 def resolve_device(device: str) -> str:
@@ -185,23 +125,26 @@ class Scorer:
     """
 
     def __init__(self, spec: str, revision: str | None = None, device: str = "cpu", dtype=torch.float32,
-                 trust_remote_code: bool = False, mixed_precision: str = "no",
-                 compile: bool = False):
-        import transformers
-
+                 mixed_precision: str = "no", compile: bool = False):
         self.spec = spec
         self.kind_name, self.model_name = parse_spec(spec)
         kind = SCORER_KINDS[self.kind_name]
         folder, self.commit = resolve_model_folder(self.model_name, revision)
-        remote = self.kind_name == "nearid"
-        if remote:
-            check_remote_code(folder, trust_remote_code)
-        model_class = getattr(transformers, kind.model_class)
-        self.model = model_class.from_pretrained(str(folder), dtype=dtype, trust_remote_code=remote).to(device).eval()
-        self.processor = load_image_processor(folder, trust_remote_code=remote)
+        self.path = None if self.commit else str(folder.resolve())  # a local folder, wherever the run started
+        if self.kind_name == "nearid":
+            model, self.processor = load_nearid(folder, dtype, self.model_name, self.commit)
+        else:
+            if not has_safetensors(folder):
+                raise FileNotFoundError(f"{self.model_name} has no safetensors weights (model.safetensors); weights "
+                                        "are read only from safetensors, since pickled ones can run code. Give a repo "
+                                        "or a local folder with safetensors weights.")
+            model, self.processor = load_baseline(kind, folder, dtype)
+        self.model = model.to(device).eval()
         self.loader = PixelLoader(self.processor)
         self._features = torch.compile(kind.features) if compile else kind.features
-        self.device, self.dtype, self.revision, self.mixed_precision = device, dtype, revision, mixed_precision
+        # A revision pins Hub ids only; a local folder ignores it, so it is not recorded.
+        self.revision = revision if self.commit else None
+        self.device, self.dtype, self.mixed_precision = device, dtype, mixed_precision
         self.format = StoreFormat((kind.dim(self.model.config),), "float32")
         numerics = {"dtype": str(dtype)}
         if mixed_precision != "no":  # without autocast, the keys of stores built before it existed
@@ -210,7 +153,7 @@ class Scorer:
                                        self.processor.to_dict(), numerics)
 
     def provenance(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind_name, "model": self.model_name,
+        return {"spec": self.spec, "kind": self.kind_name, "model": self.model_name, "path": self.path,
                 "revision": self.revision, "commit": self.commit, "fingerprint": self.fingerprint,
                 "dtype": str(self.dtype).removeprefix("torch."), "mixed_precision": self.mixed_precision,
                 "device": str(self.device)}

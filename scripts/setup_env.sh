@@ -3,7 +3,8 @@
 #
 # torch comes first and on purpose: asked for through another package, pip would fetch the newest
 # torch, which on Linux is the CUDA build with gigabytes of CUDA wheels, even on a CPU-only machine.
-#   - torch already in the environment: kept as it is.
+#   - torch already in the environment at TORCH_FLOOR or newer: kept as it is; an older one is
+#     replaced as below (2.10 fixes CVE-2026-24747, the weights_only unpickler).
 #   - TORCH_INDEX_URL set: torch from that index (e.g. https://download.pytorch.org/whl/cpu).
 #   - an NVIDIA GPU present (nvidia-smi): the default PyPI build, which bundles CUDA.
 #   - otherwise: torch==2.13.0, the CPU build where a local wheel provides it.
@@ -16,11 +17,20 @@ REQUIREMENTS=${1:-requirements.txt}
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+TORCH_FLOOR=2.10  # the same floor as requirements.txt
+# Exit status 0 when torch imports and its version is at least TORCH_FLOOR.
+TORCH_AT_FLOOR='import re, sys, torch
+version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+sys.exit(version < tuple(int(part) for part in sys.argv[1].split(".")))'
+
+if ! "$PY" -c "$TORCH_AT_FLOOR" "$TORCH_FLOOR" >/dev/null 2>&1; then
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "torch $("$PY" -c "import torch; print(torch.__version__)") is older than $TORCH_FLOOR (CVE-2026-24747): upgrading it"
+  fi
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    "${PIP[@]}" torch --index-url "$TORCH_INDEX_URL"
+    "${PIP[@]}" "torch>=$TORCH_FLOOR" --index-url "$TORCH_INDEX_URL"
   elif command -v nvidia-smi >/dev/null 2>&1; then
-    "${PIP[@]}" "torch>=2.4"
+    "${PIP[@]}" "torch>=$TORCH_FLOOR"
   else
     "${PIP[@]}" "torch==2.13.0"
   fi

@@ -1,8 +1,12 @@
-"""A fake Hub at huggingface_hub's HTTP boundary: the endpoints of one commit, every request recorded.
+"""A fake Hub at huggingface_hub's HTTP boundary: the endpoints of one commit and of downloads, every
+request recorded.
 
 `use_fake_hub()` swaps huggingface_hub's HTTP client factory for one whose transport is a
-`FakeHub`, so its own code (create_repo, create_branch, create_commit) runs down to the wire.
+`FakeHub`, so its own code (create_repo, create_branch, create_commit, snapshot_download) runs down
+to the wire. `FakeHub.serve(repo_id, folder, commit)` publishes a folder's files as a model repo.
 """
+
+import hashlib
 
 import base64
 import json
@@ -25,12 +29,50 @@ class FakeHub:
         self.requests = []
         self.commit_status = 200
         self.network_down = False
+        self.served = {}  # repo id -> (commit, {repo path: bytes})
+
+    def serve(self, repo_id, folder, commit="f" * 40):
+        """Publish every file of `folder` as the model repo `repo_id` at `commit` (also its main branch)."""
+        from pathlib import Path
+
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+        self.served[repo_id] = (commit, files)
+
+    def downloads(self):
+        """The repo paths of the files whose content was downloaded (GET .../resolve/...)."""
+        return [r.url.path.split("/resolve/", 1)[1].split("/", 1)[1] for r in self.requests
+                if r.method == "GET" and "/resolve/" in r.url.path]
+
+    def _download_endpoints(self, request):
+        path = request.url.path
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
+        if request.method == "GET" and match and match[1] in self.served:
+            commit, files = self.served[match[1]]
+            return httpx.Response(200, json={"id": match[1], "sha": commit,
+                                             "siblings": [{"rfilename": name} for name in files]})
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
+        if request.method == "GET" and match and match[1] in self.served:
+            files = self.served[match[1]][1]
+            return httpx.Response(200, json=[{"type": "file", "path": name, "size": len(content),
+                                              "oid": git_blob_id(content)}
+                                             for name, content in files.items()])
+        match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if match and match[1] in self.served and match[3] in self.served[match[1]][1]:
+            commit, files = self.served[match[1]]
+            content = files[match[3]]
+            headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(content).hexdigest()}"',
+                       "Content-Length": str(len(content))}
+            return httpx.Response(200, headers=headers, content=b"" if request.method == "HEAD" else content)
+        return None
 
     def __call__(self, request):
         self.requests.append(request)
         if self.network_down:
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path
+        served = self._download_endpoints(request)
+        if served is not None:
+            return served
         if request.method == "POST" and path == "/api/repos/create":
             body = json.loads(request.content)
             return httpx.Response(200, json={"url": f"https://huggingface.co/{body['organization']}/{body['name']}"})
@@ -54,6 +96,11 @@ class FakeHub:
 
     def calls(self, kind):
         return [r for r in self.requests if f"/{kind}" in r.url.path]
+
+
+def git_blob_id(content):
+    """The id the Hub's file listing gives a file (git's blob hash)."""
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 @contextmanager

@@ -305,3 +305,42 @@ def single_threaded():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def make_hostile(model_folder, parent):
+    """A copy of `model_folder` armed as an attacker would arm a model repo; returns (folder, markers).
+
+    Its `configuration_nearid.py`, `modeling_nearid.py` and `image_processing_nearid.py` are working
+    NearID code that first writes a marker file into `markers` when imported; config.json's auto_map
+    points AutoModel at a module in a folder outside the repo (an absolute path, armed the same way)
+    and preprocessor_config.json's at another Hub repo's code. Loading it must leave `markers` empty.
+    The folder's name is unique, so transformers' module cache never answers from an earlier test.
+    """
+    import shutil
+    import uuid
+
+    name = f"hostile-{uuid.uuid4().hex[:8]}"
+    folder, outside, markers = Path(parent) / name, Path(parent) / f"{name}-outside", Path(parent) / f"{name}-markers"
+    shutil.copytree(model_folder, folder)
+    outside.mkdir()
+    markers.mkdir()
+
+    def arm(target, source_name):
+        mark = f"import pathlib\npathlib.Path({str(markers)!r}, {target.name!r}).write_text('imported')\n"
+        target.write_text(mark + (REPO_ROOT / source_name).read_text())
+
+    for code in ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py"):
+        arm(folder / code, code)
+    arm(outside / "configuration_nearid.py", "configuration_nearid.py")
+    arm(outside / "modeling_outside.py", "modeling_nearid.py")
+    for file, auto_map in (("config.json", {"AutoConfig": "configuration_nearid.NearIDConfig",
+                                            "AutoModel": f"{outside}--modeling_outside.NearIDModel"}),
+                           ("preprocessor_config.json", {"AutoImageProcessor":
+                                                         "other/repo--image_processing_nearid.NearIDImageProcessor"})):
+        config = json.loads((folder / file).read_text())
+        (folder / file).write_text(json.dumps({**config, "auto_map": auto_map}))
+    return folder, markers
+
+
+def markers_written(markers):
+    return sorted(p.name for p in Path(markers).iterdir())

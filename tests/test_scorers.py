@@ -12,9 +12,10 @@ from PIL import Image
 
 from nearid.evaluation import embed_images
 from nearid.images import ImageLoadError
-from nearid.scorers import Scorer, check_remote_code, parse_spec, resolve_device, resolve_model_folder
+from nearid.loading import resolve_model_folder
+from nearid.scorers import Scorer, parse_spec, resolve_device
 from nearid.store import FillOptions, ImageIndex
-from tests.helpers import make_tiny_siglip
+from tests.helpers import make_hostile, make_tiny_siglip, markers_written, random_pixels
 
 
 def png(path, color, size=(40, 36)):
@@ -120,27 +121,61 @@ def test_non_finite_embeddings_are_an_error(tiny_repo, tmp_path):
 # Whose code runs
 
 
-def test_only_a_nearid_config_gets_its_code_trusted(tiny_repo, tmp_path):
-    foreign = tmp_path / "foreign"
-    shutil.copytree(tiny_repo, foreign)
+def test_a_nearid_config_gets_this_checkouts_code_not_the_folders(tiny_repo, tmp_path, caplog):
+    hostile, markers = make_hostile(tiny_repo, tmp_path)
+    scorer = Scorer(str(hostile))
+    assert "ships configuration_nearid.py, image_processing_nearid.py, modeling_nearid.py" in caplog.text
+    assert markers_written(markers) == []  # neither its files nor the auto_map's outside folder were imported
+    assert type(scorer.model).__module__ == "modeling_nearid" and type(scorer.processor).__module__ == "image_processing_nearid"
+    pixels = random_pixels()
+    torch.testing.assert_close(scorer.encode(pixels), Scorer(str(tiny_repo)).encode(pixels), rtol=0, atol=0)
+
+
+def test_code_that_differs_is_named_once_per_model(tiny_repo, tmp_path, caplog):
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_repo, changed)
+    with open(changed / "modeling_nearid.py", "a") as code:
+        code.write("# edited\n")
+    Scorer(str(changed))
+    Scorer(str(changed))
+    Scorer(str(tiny_repo))  # the checkout's own files: nothing to say
+    messages = [r.getMessage() for r in caplog.records if "differ from this NearID checkout" in r.getMessage()]
+    assert len(messages) == 1 and f"{changed} ships modeling_nearid.py, which differ" in messages[0]
+
+
+def test_another_model_type_is_refused_on_its_config_alone(tiny_repo, tmp_path):
+    foreign, markers = make_hostile(tiny_repo, tmp_path)
     config = json.loads((foreign / "config.json").read_text())
     (foreign / "config.json").write_text(json.dumps({**config, "model_type": "evil"}))
-    executed = tmp_path / "ran"
-    (foreign / "modeling_nearid.py").write_text(f"open({str(executed)!r}, 'w').write('x')\n")
-    with pytest.raises(ValueError, match="not a NearID model.*model_type 'evil'.*--trust-remote-code"):
+    with pytest.raises(ValueError, match="not a NearID model.*model_type 'evil'.*KIND:MODEL") as error:
         Scorer(str(foreign))
-    assert not executed.exists()  # refused on the config alone, before any code was imported
-    check_remote_code(foreign, trust_remote_code=True)  # an explicit opt-in is accepted
+    assert "trust-remote-code" not in str(error.value)
+    assert markers_written(markers) == []
 
 
-def test_a_config_without_auto_map_says_what_is_missing(tiny_repo, tmp_path):
-    broken = tmp_path / "no_auto_map"
-    shutil.copytree(tiny_repo, broken)
-    config = json.loads((broken / "config.json").read_text())
+def test_a_siglip_folder_given_as_nearid_is_pointed_to_the_siglip_baseline(base_model):
+    with pytest.raises(ValueError, match=f"is a SigLIP model.*give it as a baseline: siglip:{base_model}$"):
+        Scorer(str(base_model))
+    assert Scorer(f"siglip:{base_model}").kind_name == "siglip"
+
+
+def test_a_baseline_without_safetensors_weights_is_refused(base_model, tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(base_model, pickled)
+    torch.save({}, pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+        Scorer(f"siglip:{pickled}")
+
+
+def test_a_config_without_auto_map_loads(tiny_repo, tmp_path):
+    plain = tmp_path / "no_auto_map"
+    shutil.copytree(tiny_repo, plain)
+    config = json.loads((plain / "config.json").read_text())
     config.pop("auto_map")
-    (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="no auto_map entry for AutoModel.*export_hub_folder"):
-        Scorer(str(broken))
+    (plain / "config.json").write_text(json.dumps(config))
+    pixels = random_pixels()
+    torch.testing.assert_close(Scorer(str(plain)).encode(pixels), Scorer(str(tiny_repo)).encode(pixels), rtol=0, atol=0)
 
 
 def test_a_wrong_local_path_says_no_such_folder(tmp_path, monkeypatch):
@@ -174,9 +209,11 @@ def test_a_hub_id_records_the_commit_it_resolved_to(tiny_repo, tmp_path, monkeyp
     assert Scorer("someone/nearid", revision="main").provenance()["commit"] == commit
 
 
-def test_a_revision_for_a_local_folder_is_refused(tiny_repo):
-    with pytest.raises(ValueError, match="applies to Hub ids"):
-        resolve_model_folder(str(tiny_repo), revision="v1")
+def test_a_revision_for_a_local_folder_is_ignored_as_transformers_does(tiny_repo):
+    # from_pretrained(folder, revision="main") loads the folder; the quick start's call must too.
+    assert resolve_model_folder(str(tiny_repo), revision="main") == (tiny_repo, None)
+    scorer = Scorer(str(tiny_repo), revision="v1")
+    assert scorer.provenance()["revision"] is None and scorer.provenance()["path"] == str(tiny_repo.resolve())
 
 
 def test_an_unavailable_device_is_an_error():

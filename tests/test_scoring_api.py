@@ -156,3 +156,12 @@ def test_score_inputs_are_checked(tiny_repo, layout, capsys, tmp_path):
     assert "--methods ['nope'] not found" in user_error(
         capsys, evaluate.main, score_args(tiny_repo, tmp_path, "--references", str(references), "--generations",
                                           str(generations), "--methods", "nope"))
+
+
+def test_a_local_folder_with_a_revision_loads_as_in_transformers(tiny_repo, layout):
+    # The quick start pins revision="main"; with a downloaded folder in place of the Hub id,
+    # transformers' from_pretrained ignores the revision, and so does the scorer (no CLI flag named).
+    references, _ = layout
+    pinned = IdentityScorer(str(tiny_repo), revision="main", device="cpu")
+    plain = IdentityScorer(str(tiny_repo), device="cpu")
+    np.testing.assert_array_equal(pinned.embed(str(references)), plain.embed(str(references)))

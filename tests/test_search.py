@@ -471,3 +471,42 @@ def test_an_index_dir_below_a_file_is_refused_before_anything_is_embedded(tmp_pa
                                                "--cache-dir", str(tmp_path / "cache")], status=2)
     assert "--index-dir" in message and f"{tmp_path / 'taken'} is a file" in message
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_index_of_a_relative_model_folder_is_queried_from_any_folder(tmp_path, gallery, tiny_repo, monkeypatch):
+    # Read from another folder, "runs/model" would be a Hub id: the index keeps the folder's absolute path.
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(tiny_repo, project / "runs" / "model")
+    elsewhere.mkdir()
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    common = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    monkeypatch.chdir(project)
+    search.main(["index", "--model", "runs/model", "--images", str(gallery / "id1"), "--index-dir",
+                 str(tmp_path / "index"), *common])
+    monkeypatch.chdir(elsewhere)
+    result = search.main(["query", "--index-dir", str(tmp_path / "index"), "--images", str(gallery / "id1" / "img0.png"),
+                          "--k", "1", "--output-dir", str(tmp_path / "out"), *common])
+    assert result["records"][0]["path"] == str(gallery / "id1" / "img0.png")
+    scorer = json.loads((tmp_path / "index" / "search_index.json").read_text())["scorer"]
+    assert scorer["path"] == str((project / "runs" / "model").resolve())
+
+
+def test_an_index_of_a_hub_model_is_queried_at_the_commit_it_was_built_with(tmp_path, gallery, tiny_repo, monkeypatch):
+    from nearid.hub import export_hub_folder
+    from tests.helpers import make_tiny_nearid, make_tiny_processor
+
+    # The Hub cache's layout, built by hand: main moves to a new commit after the index is built.
+    repo, first, second = tmp_path / "hub" / "models--someone--nearid", "a" * 40, "b" * 40
+    shutil.copytree(tiny_repo, repo / "snapshots" / first)
+    export_hub_folder(make_tiny_nearid(seed=1), make_tiny_processor(), repo / "snapshots" / second)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    common = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    search.main(["index", "--model", "someone/nearid", "--images", str(gallery / "id1"), "--index-dir",
+                 str(tmp_path / "index"), *common])
+    (repo / "refs" / "main").write_text(second)
+    result = search.main(["query", "--index-dir", str(tmp_path / "index"), "--images", str(gallery / "id1" / "img0.png"),
+                          "--k", "1", "--output-dir", str(tmp_path / "out"), *common])
+    assert result["records"][0]["path"] == str(gallery / "id1" / "img0.png")

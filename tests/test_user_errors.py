@@ -57,6 +57,24 @@ def test_an_unreachable_hub_says_so_and_names_offline_mode_and_local_folders(syn
     assert "cannot load the dataset 'someone/mtg-elsewhere'" in message and "HF_HUB_OFFLINE=1" in message
 
 
+def test_training_offline_without_a_base_model_names_the_default_and_the_flag(train_synthetic, base_model, tmp_path,
+                                                                              capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    argv = train_args(train_synthetic, base_model, tmp_path / "out")
+    at = argv.index("--base-model")
+    message = user_error(capsys, train.main, argv[:at] + argv[at + 2:])
+    assert "--base-model google/siglip2-so400m-patch14-384" in message and "Hub is not reachable" in message
+
+
+def test_a_siglip_folder_as_the_model_suggests_the_siglip_baseline(base_model, synthetic, tmp_path, capsys):
+    message = user_error(capsys, evaluate.main, ["score", "--model", str(base_model), "--samples",
+                                                 str(synthetic / "dreambench" / "samples"), "--cache-dir",
+                                                 str(tmp_path / "cache")])
+    assert f"give it as a baseline: siglip:{base_model}" in message and "trust-remote-code" not in message
+
+
 def test_a_typo_in_a_local_model_path_says_no_such_folder(synthetic, tmp_path, capsys):
     message = user_error(capsys, evaluate.main, ["score", "--model", "./models/neard", "--samples",
                                                  str(synthetic / "dreambench" / "samples"), "--cache-dir",

@@ -6,7 +6,8 @@
   3. build the untrained NearID (the base's pretrained MAP head copied in) and evaluate it,
   4. train the head with train.py (cached backbone tokens, the paper's loss), which exports a
      complete Hub repo folder with its model card,
-  5. evaluate the release folder (loaded through AutoModel with trust_remote_code, as users do),
+  5. evaluate the release folder (its configs and safetensors weights, loaded by this checkout's
+     NearID classes as every command loads a model; the folder's own code is never run),
   6. print the before/after table in Table-1 format, and the near-identity retrieval table, and write
      them to demo_results.md (every number in demo_results.json).
 Nothing is downloaded. The backbone is random and tiny, so the numbers show that the head learns

@@ -54,8 +54,6 @@ class ModelArguments:
                                   f"KIND one of {', '.join(k for k in SCORER_KINDS if k != 'nearid')}")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model; pin a commit hash for "
                                         "reproducible scores (the commit used is recorded either way)")
-    trust_remote_code: bool = option(False, "run the code of a --model repo that is not a NearID model (NearID "
-                                            "repos, model_type 'nearid' in config.json, need no opt-in)")
     dtype: str = option("float32", "dtype of the model's weights and activations", choices=sorted(DTYPES))
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda or cuda:N")
     mixed_precision: str = option("auto", "autocast precision of the forward pass: auto is bf16 on a CUDA GPU and "
@@ -289,7 +287,7 @@ def load_scorer(args, state) -> Scorer:
     device = resolve_device(args.device)
     if device.startswith("cuda") and state.num_processes > 1:
         device = str(state.device)  # under a multi-GPU launch, each process on its own GPU
-    return Scorer(args.model, args.revision, device, DTYPES[args.dtype], args.trust_remote_code,
+    return Scorer(args.model, args.revision, device, DTYPES[args.dtype],
                   resolve_precision(args.mixed_precision, device), args.compile)
 
 

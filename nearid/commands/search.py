@@ -30,7 +30,7 @@ from nearid.cli import REQUIRED, DatasetSource, build_parser, option, parse, sav
 from nearid.clustering import IdentityLinkage
 from nearid.images import load_image
 from nearid.io import write_csv
-from nearid.scorers import parse_spec, resolve_device
+from nearid.scorers import parse_spec, pinned_spec, resolve_device
 from nearid.search import (
     COMBINE,
     EMPTY_CELL,
@@ -213,8 +213,8 @@ def index_summary(index, report, folder) -> str:
 
 def run_query(args, state):
     scorer = read_info(Path(args.index_dir))["scorer"]  # a missing index stops the run before a model loads
-    if args.model is None:  # the index's own scorer embeds the queries
-        args.model, args.revision, args.dtype = scorer["spec"], scorer["revision"], scorer["dtype"]
+    if args.model is None:  # the index's own scorer embeds the queries: the same folder, or the same commit
+        (args.model, args.revision), args.dtype = pinned_spec(scorer), scorer["dtype"]
     if args.heatmap and parse_spec(args.model)[0] != "nearid":
         raise ValueError(f"--heatmap draws the NearID head's attention, but the queries are embedded by "
                          f"{args.model}, a '{parse_spec(args.model)[0]}' baseline; drop --heatmap")

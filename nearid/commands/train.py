@@ -89,7 +89,8 @@ class ModelArguments:
     """Model"""
 
     base_model: str = option("google/siglip2-so400m-patch14-384", "SigLIP checkpoint (Hub id or folder) whose "
-                                                                  "tower and pretrained MAP head start the model")
+                                                                  "tower and pretrained MAP head start the model, or "
+                                                                  "a NearID model whose head goes on training")
     base_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --base-model")
 
 

@@ -1,0 +1,62 @@
+"""scripts/setup_env.sh installs torch at the security floor: an older torch is upgraded, not kept.
+
+The script runs against a stand-in environment: its python is the real interpreter with stand-in
+`torch` and `transformers` modules of a chosen version, and `-m pip` only records its arguments.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "setup_env.sh"
+
+
+def floor(package) -> tuple:
+    """The version floor requirements.txt gives `package`."""
+    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
+        match = re.match(rf"{package}>=([\d.]+)", line)
+        if match:
+            return tuple(int(part) for part in match[1].split("."))
+    raise AssertionError(f"requirements.txt has no floor for {package}")
+
+
+def test_requirements_exclude_the_releases_with_known_advisories():
+    assert floor("torch") >= (2, 10)  # CVE-2026-24747, the weights_only unpickler
+    assert floor("pillow") >= (10, 3)  # CVE-2024-28219
+
+
+def run_setup(tmp_path, torch_version, gpu=False) -> list:
+    """Run setup_env.sh with torch `torch_version` already installed; returns the pip installs it ran."""
+    modules, tools, venv = tmp_path / "modules", tmp_path / "tools", tmp_path / "venv"
+    for name, version in (("torch", torch_version), ("transformers", "5.10.0")):
+        (modules / name).mkdir(parents=True)
+        (modules / name / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    log = tmp_path / "pip.log"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f"#!/bin/bash\nif [ \"$1\" = -m ] && [ \"$2\" = pip ]; then echo \"${{@:3}}\" >> {log}; exit 0; fi\n"
+                      f"PYTHONPATH={modules} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    tools.mkdir()
+    if gpu:
+        (tools / "nvidia-smi").write_text("#!/bin/bash\nexit 0\n")
+        (tools / "nvidia-smi").chmod(0o755)
+    # PATH holds only the stand-in tools: whether nvidia-smi exists is the test's choice.
+    subprocess.run(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, check=True, capture_output=True, text=True,
+                   env={"PATH": str(tools), "VENV": str(venv)})
+    return log.read_text().splitlines()
+
+
+@pytest.mark.parametrize("gpu, wanted", [(False, "torch==2.13.0"), (True, "torch>=2.10")])
+def test_a_torch_below_the_floor_is_upgraded(tmp_path, gpu, wanted):
+    installs = run_setup(tmp_path, "2.4.0+cpu", gpu)
+    assert installs[0].endswith(wanted) and installs[1].endswith("-r requirements.txt")
+
+
+def test_a_torch_at_the_floor_is_kept(tmp_path):
+    assert [line.split()[-1] for line in run_setup(tmp_path, "2.12.1+cpu")] == ["requirements.txt"]
