@@ -4,6 +4,7 @@ The package behind `train.py`, `evaluate.py` and `demo.py`, one module per role 
 repository layout). From Python, start with `nearid.IdentityScorer` (`nearid.api`).
 """
 
+__version__ = "0.1.0"
 __all__ = ["IdentityScorer"]
 
 

@@ -27,8 +27,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from nearid.io import atomic_write_bytes, atomic_write_text
+from nearid.resources import readme_text
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LICENSE = "apache-2.0"
 CARD_TAGS = ("identity", "image-similarity", "personalization", "siglip2", "custom_code")
 PAPER_URL = "https://arxiv.org/abs/2604.01973"
@@ -70,7 +70,7 @@ def benchmark_results(benchmark: str, values: Mapping, split: str | None) -> lis
 
 def readme_section(title: str) -> str:
     """The text of the section `## {title}` of the repository's README.md (the fixed prose of every card)."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme_text()
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
     if match is None:
         raise ValueError(f"README.md has no section '## {title}', which every model card copies")

@@ -22,8 +22,8 @@ import torch
 
 from nearid.card import write_model_card
 from nearid.cli import REQUIRED, build_parser, option, parse, user_errors
+from nearid.resources import checkout_root, remote_code_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # the remote-code files live at the repository root
 REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
 REQUIRED_REPO_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *REMOTE_CODE_FILES)
 AUTO_MAP = {
@@ -84,7 +84,7 @@ def _write_folder(model, image_processor, folder, dtype):
     _patch_json(folder / "config.json", {"auto_map": AUTO_MAP, "architectures": ["NearIDModel"]})
     _patch_json(folder / "preprocessor_config.json", {"auto_map": PROCESSOR_AUTO_MAP})
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(REPO_ROOT / name, folder / name)
+        shutil.copyfile(remote_code_file(Path(name).stem), folder / name)
 
 
 def _patch_json(path, updates):
@@ -192,8 +192,9 @@ def push_command(folder, repo_id, *, private=False, revision=None, commit_messag
     if commit_message is not None:
         args += ["--commit-message", commit_message]
     command = shlex.join(args)
-    # `-m nearid.hub` finds the package from the repository root.
-    return command if Path.cwd().resolve() == REPO_ROOT else f"cd {shlex.quote(str(REPO_ROOT))} && {command}"
+    # From a clone, `-m nearid.hub` finds the package from the repository root; installed, from anywhere.
+    root = checkout_root()
+    return command if root is None or Path.cwd().resolve() == root else f"cd {shlex.quote(str(root))} && {command}"
 
 
 @dataclass
