@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PUBLISHED_SPLITS = PACKAGE_DIR / "splits"
 DISTRIBUTION = "nearid"
+_NAME_LINE = re.compile(rf"""^name\s*=\s*["']{DISTRIBUTION}["']""", re.M)  # pyproject.toml's [project] name
 
 
 def checkout_root() -> Path | None:
@@ -26,7 +28,7 @@ def checkout_root() -> Path | None:
     """
     root = PACKAGE_DIR.parent
     pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and f'name = "{DISTRIBUTION}"' in pyproject.read_text(encoding="utf-8"):
+    if pyproject.is_file() and _NAME_LINE.search(pyproject.read_text(encoding="utf-8")):
         return root
     return None
 
