@@ -1,7 +1,7 @@
 # Two entry points: `make demo` (main job) and `make test` (test suite). Both set up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The oldest transformers release requirements.txt allows (5.10.0 is not on PyPI); `make test` checks it too.
+# The oldest transformers release pyproject.toml allows (5.10.0 is not on PyPI); `make test` checks it too.
 OLDEST_TRANSFORMERS ?= 5.10.1
 OLDEST_DIR := .cache/transformers-$(OLDEST_TRANSFORMERS)
 
@@ -28,7 +28,7 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/estimate_real_run.py
 	$(PY) benchmarks/bench_search.py
 
-$(VENV)/.ready: requirements.txt requirements-dev.txt scripts/setup_env.sh
+$(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt
 	touch $@
 

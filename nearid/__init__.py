@@ -4,6 +4,8 @@ The package behind `train.py`, `evaluate.py` and `demo.py`, one module per role 
 layout in docs/development.md). From Python, start with `nearid.IdentityScorer` (`nearid.api`).
 """
 
+__version__ = "0.1.0"
+
 import importlib.util
 from pathlib import Path
 

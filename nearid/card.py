@@ -39,8 +39,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from nearid.io import atomic_write_bytes, atomic_write_text
+from nearid.resources import readme_text
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LICENSE = "apache-2.0"
 CARD_TAGS = ("identity", "image-similarity", "personalization", "siglip2", "custom_code")
 PAPER_URL = "https://arxiv.org/abs/2604.01973"
@@ -121,8 +121,8 @@ def paper_results() -> list:
             for r in benchmark_results(benchmark, values, split, source=PAPER_SOURCE)]
 
 
-def write_paper_results(readme=REPO_ROOT / "README.md") -> Path:
-    """Write `paper_results()` into the model-index of `readme` (default: this repository's card)."""
+def write_paper_results(readme) -> Path:
+    """Write `paper_results()` into the model-index of `readme` (this repository's README.md, in a clone)."""
     return update_model_card(readme, PAPER_MODEL_NAME, paper_results())
 
 
@@ -247,7 +247,7 @@ def card_warnings(base_model, datasets, results) -> list:
 
 def readme_section(title: str) -> str:
     """The text of the section `## {title}` of the repository's README.md (the fixed prose of every card)."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme_text()
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
     if match is None:
         raise ValueError(f"README.md has no section '## {title}', which every model card copies")

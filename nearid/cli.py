@@ -213,6 +213,24 @@ class NearIDSources:
                                          "repeat for several", metavar="NAME=SRC")
 
 
+def apply_published_splits(groups, positives, flags: typing.Mapping[str, str]) -> list:
+    """With `positives` Aleksandar/NearID, each split flag of `flags` ({field: "test" or "val"}) that `groups`
+    leave unset becomes the paper's published split file (nearid/splits), set in the groups so that the saved
+    arguments show it. Other positives keep their defaults. Returns one line per flag set, for the log."""
+    from nearid import data
+
+    if not positives or not data.uses_published_splits(DatasetSource.parse(positives)):
+        return []
+    notes = []
+    for group in groups:
+        for field, split in flags.items():
+            if hasattr(group, field) and getattr(group, field) is None:
+                setattr(group, field, str(data.published_split_file(split)))
+                notes.append(f"--{field.replace('_', '-')}: the published {split} split of {data.NEARID_POSITIVES} "
+                             f"({getattr(group, field)})")
+    return notes
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSource:
     """A dataset as given on the command line: a Hub id, folder or parquet file, and a Hub revision."""

@@ -8,7 +8,9 @@ Everything that turns a dataset *source* into rows lives here, once:
 - `view_columns` / `distractor_columns` find `img1..3` (dataset card) or `images1..3` (reference
   code) and `nimg1..3`; `join_sources` pairs the positives with the distractor sources by row index
   and refuses to pair when lengths or `id`s disagree. `open_benchmark` does all three.
-- `load_split_indices` / `select_rows` / `check_disjoint` read and apply split index files.
+- `load_split_indices` / `select_rows` / `check_disjoint` read and apply split index files;
+  `published_split` / `published_split_file` give the paper authors' splits of `Aleksandar/NearID`
+  (shipped in `nearid/splits`), the default when `uses_published_splits(positives)`.
 - Images are read *encoded* (`image_refs`, `image_ref`): `{"bytes": ..., "path": ...}` or None for
   a missing image (slots are never compacted); `nearid.store.ImageIndex` keys them by content and
   `nearid.images.load_image` decodes them.
@@ -38,6 +40,7 @@ from PIL import Image
 
 from nearid.images import ImageLoadError, find_images, load_image
 from nearid.metrics import DREAMBENCH_METHODS, canonicalize_dreambench_scores, dreambench_key, dreambench_mh
+from nearid.resources import PUBLISHED_SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ MTG_COLUMNS = tuple(f"image_{v}_{kind}" for v in (1, 2)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+# The positives the published splits index, and their row count (nearid/splits/PROVENANCE.md).
+NEARID_POSITIVES = "Aleksandar/NearID"
+NEARID_NUM_ROWS = 19_386
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,13 +310,47 @@ def open_benchmark(positives, sources: Mapping, split: str = "train") -> tuple:
 # Split index files
 
 
+def uses_published_splits(positives) -> bool:
+    """Whether `positives` (a string or `nearid.cli.DatasetSource`) is `Aleksandar/NearID`, whose rows the
+    published splits index (any revision; the row count is checked when the rows are read)."""
+    location = str(getattr(positives, "location", positives))
+    return location.casefold() == NEARID_POSITIVES.casefold()
+
+
+def published_split_file(name: str) -> Path:
+    """The shipped split file "test" or "val" of the paper's authors (nearid/splits/PROVENANCE.md)."""
+    if name not in ("test", "val"):
+        raise ValueError(f"the published split files are 'test' and 'val' ('train' is every other row), not {name!r}")
+    return PUBLISHED_SPLITS / f"{name}.json"
+
+
+def published_split(name: str) -> list:
+    """Row positions of the published split "train", "val" or "test" of `Aleksandar/NearID` (train: every row
+    in neither of the other two)."""
+    if name != "train":
+        return load_split_indices(published_split_file(name), NEARID_NUM_ROWS)
+    held_out = set(published_split("val")) | set(published_split("test"))
+    return [row for row in range(NEARID_NUM_ROWS) if row not in held_out]
+
+
+def _check_published_rows(path: Path, num_rows: int | None) -> None:
+    if num_rows is None or num_rows == NEARID_NUM_ROWS or path.resolve().parent != PUBLISHED_SPLITS:
+        return
+    raise ValueError(f"the published NearID split {path.name} indexes the {NEARID_NUM_ROWS:,} rows of the "
+                     f"'train' split of {NEARID_POSITIVES}, but these positives have {num_rows:,} rows, so its "
+                     f"positions would pick other samples. Use a revision of {NEARID_POSITIVES} with all "
+                     f"{NEARID_NUM_ROWS:,} rows, or give split files made for these rows (JSON lists of row indices)")
+
+
 def load_split_indices(path, num_rows: int | None = None) -> list:
     """Row indices from a JSON split file, in file order.
 
     The file holds a JSON list of ints, or an object `{"indices": [...]}` (room for metadata next to
-    the list). Indices must be non-negative, unique, `< num_rows` when given, and at least one.
+    the list). Indices must be non-negative, unique, `< num_rows` when given, and at least one. A
+    published split file (`published_split_file`) also needs exactly the 19,386 rows it was made for.
     """
     path = Path(path)
+    _check_published_rows(path, num_rows)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist; expected a JSON list of row indices")
     try:

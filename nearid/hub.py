@@ -24,8 +24,8 @@ import torch
 
 from nearid.card import check_card_metadata, write_model_card
 from nearid.cli import REQUIRED, build_parser, option, parse, user_errors
+from nearid.resources import checkout_root, remote_code_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # the remote-code files live at the repository root
 REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
 REQUIRED_REPO_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *REMOTE_CODE_FILES)
 AUTO_MAP = {
@@ -86,7 +86,7 @@ def _write_folder(model, image_processor, folder, dtype):
     _patch_json(folder / "config.json", {"auto_map": AUTO_MAP, "architectures": ["NearIDModel"]})
     _patch_json(folder / "preprocessor_config.json", {"auto_map": PROCESSOR_AUTO_MAP})
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(REPO_ROOT / name, folder / name)
+        shutil.copyfile(remote_code_file(Path(name).stem), folder / name)
 
 
 def _patch_json(path, updates):
@@ -172,16 +172,21 @@ def _commit(api, repo_id, operations, repo_type, what, retry, *, private, revisi
 # The web app as a Hub Space
 
 
-SPACE_FOLDER = REPO_ROOT / "space"
 DEFAULT_SPACE_COMMIT_MESSAGE = "Upload the NearID app"
 
 
 def space_files() -> dict:
     """{path in the Space repo: local file}: the app folder's files (app.py, its README.md with the Space's
     front matter, requirements.txt) at the root, with the `nearid` package and the model code beside them."""
-    files = {p.name: p for p in sorted(SPACE_FOLDER.iterdir()) if p.is_file()}
-    files.update({p.relative_to(REPO_ROOT).as_posix(): p for p in sorted((REPO_ROOT / "nearid").rglob("*.py"))})
-    files.update({name: REPO_ROOT / name for name in REMOTE_CODE_FILES})
+    root = checkout_root()
+    if root is None:  # the app folder is not part of the installed package
+        raise FileNotFoundError("the web app's files (space/) are in a clone of the NearID repository, not in the "
+                                "installed package: run push-space from a clone")
+    files = {p.name: p for p in sorted((root / "space").iterdir()) if p.is_file()}
+    package = root / "nearid"
+    files.update({p.relative_to(root).as_posix(): p for p in sorted(package.rglob("*")) if p.is_file()
+                  and "__pycache__" not in p.parts and p.suffix in (".py", ".json", ".md")})
+    files.update({name: remote_code_file(Path(name).stem) for name in REMOTE_CODE_FILES})
     return files
 
 
@@ -248,8 +253,9 @@ def push_command(folder, repo_id, *, private=False, revision=None, commit_messag
     if commit_message is not None:
         args += ["--commit-message", commit_message]
     command = shlex.join(args)
-    # `-m nearid.hub` finds the package from the repository root.
-    return command if Path.cwd().resolve() == REPO_ROOT else f"cd {shlex.quote(str(REPO_ROOT))} && {command}"
+    # From a clone, `-m nearid.hub` finds the package from the repository root; installed, from anywhere.
+    root = checkout_root()
+    return command if root is None or Path.cwd().resolve() == root else f"cd {shlex.quote(str(root))} && {command}"
 
 
 @dataclass

@@ -112,11 +112,14 @@ def provenance(model: dict, datasets: list[dict], split_file: str | None = None,
             sha256 is recorded when it exists); extra: anything else (device, batch size, ...).
 
     Returns:
-        {"model", "datasets", "split_file", "split_file_sha256", "versions" (python and
+        {"model", "datasets", "split_file", "split_file_sha256", "versions" (python, nearid and
         `PROVENANCE_PACKAGES`, None if not installed), "git" ({"commit", "dirty"}),
         "date_utc" (ISO 8601), "command" (sys.argv), "platform", "extra"}. No hostname.
     """
-    versions = {"python": platform.python_version()}
+    from nearid import __version__
+
+    # The package's own version identifies the code where there is no git checkout (an installed package).
+    versions = {"python": platform.python_version(), "nearid": __version__}
     versions.update({name: _version(dist) for name, dist in PROVENANCE_PACKAGES.items()})
     return {
         "model": dict(model),

@@ -17,7 +17,7 @@ REQUIREMENTS=${1:-requirements.txt}
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 
-TORCH_FLOOR=2.10  # the same floor as requirements.txt
+TORCH_FLOOR=2.10  # the same floor as pyproject.toml
 # Exit status 0 when torch imports and its version is at least TORCH_FLOOR.
 TORCH_AT_FLOOR='import re, sys, torch
 version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])

@@ -4,6 +4,7 @@ dataset corruption, training arguments. Fixtures built on them live in conftest.
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +345,13 @@ def make_hostile(model_folder, parent):
 
 def markers_written(markers):
     return sorted(p.name for p in Path(markers).iterdir())
+
+
+
+def project_requirements() -> dict:
+    """pyproject.toml's runtime requirements: {lower-case package name: its version specifier}."""
+    import tomllib
+
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pairs = (re.match(r"([A-Za-z0-9_.-]+)\s*(.*)", line).groups() for line in dependencies)
+    return {name.lower(): specifier.split(";")[0].strip() for name, specifier in pairs}

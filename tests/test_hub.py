@@ -17,7 +17,7 @@ from PIL import Image
 import nearid.hub
 from nearid.hub import REQUIRED_REPO_FILES, HubPushError, push_to_hub
 from tests.fake_hub import commit_payload
-from tests.helpers import REPO_ID, REPO_ROOT, make_tiny_nearid, make_tiny_processor, run_isolated, snapshot, user_error
+from tests.helpers import REPO_ID, REPO_ROOT, make_tiny_nearid, make_tiny_processor, project_requirements, run_isolated, snapshot, user_error
 
 TOKEN = "hf_fake_write_token"
 
@@ -236,10 +236,8 @@ def test_push_space_uploads_the_app_with_the_package_in_one_commit(hub):
     assert url == f"https://huggingface.co/someone/nearid-app/commit/{'c' * 40}"
 
 
-def test_space_requirements_cover_the_runtime_requirements():
-    """The Space installs its own requirements.txt: every package the library needs must be in it."""
-    def names(path):
-        lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
-        return {re.split(r"[<>=!~ ]", line)[0].lower() for line in lines if line and not line.startswith("-")}
-
-    assert names(REPO_ROOT / "requirements.txt") <= names(REPO_ROOT / "space" / "requirements.txt")
+def test_space_requirements_are_the_librarys_runtime_requirements():
+    """The Space installs its own requirements.txt: every package the library needs, with the same floors."""
+    lines = (line.split("#")[0].strip() for line in (REPO_ROOT / "space" / "requirements.txt").read_text().splitlines())
+    pairs = (re.match(r"([A-Za-z0-9_.-]+)\s*(.*)", line).groups() for line in lines if line and line[0] != "-")
+    assert {name.lower(): specifier for name, specifier in pairs} == project_requirements()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import nearid
 from nearid import reports
 from nearid.metrics import NEARID_TABLE1_SOURCES, nearid_pooled_scores, nearid_scores
 from nearid.reports import (
@@ -43,9 +44,10 @@ def test_provenance_keys_versions_and_git_commit(tmp_path):
                           "date_utc", "command", "platform", "extra"]
     assert prov["model"]["revision"] == "abc" and prov["datasets"][0]["repo_id"] == "Aleksandar/NearID"
     assert prov["split_file_sha256"] == hashlib.sha256(split.read_bytes()).hexdigest()
-    assert set(prov["versions"]) == {"python", "torch", "transformers", "datasets", "huggingface_hub",
+    assert set(prov["versions"]) == {"python", "nearid", "torch", "transformers", "datasets", "huggingface_hub",
                                      "numpy", "PIL"}
     assert prov["versions"]["numpy"] == np.__version__
+    assert prov["versions"]["nearid"] == nearid.__version__
     assert prov["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
     assert prov["command"] == sys.argv and prov["extra"] == {"device": "cpu"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", prov["date_utc"])

@@ -11,18 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, project_requirements
 
 SCRIPT = REPO_ROOT / "scripts" / "setup_env.sh"
 
 
 def floor(package) -> tuple:
-    """The version floor requirements.txt gives `package`."""
-    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
-        match = re.match(rf"{package}>=([\d.]+)", line)
-        if match:
-            return tuple(int(part) for part in match[1].split("."))
-    raise AssertionError(f"requirements.txt has no floor for {package}")
+    """The version floor pyproject.toml gives `package`."""
+    match = re.search(r">=([\d.]+)", project_requirements().get(package, ""))
+    assert match, f"pyproject.toml has no floor for {package}"
+    return tuple(int(part) for part in match[1].split("."))
 
 
 def test_requirements_exclude_the_releases_with_known_advisories():

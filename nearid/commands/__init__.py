@@ -1,5 +1,6 @@
 """The command-line programs: `train`, `evaluate`, `search` and `demo`.
 
-Each module has `main(argv=None)`. They run as `python train.py ...` from a clone (the scripts at the
-repository root call these) and as `nearid-train ...` once the package is installed.
+Each module has `main(argv=None)`, which returns the run's results to a Python caller. They run as
+`python train.py ...` from a clone (the scripts at the repository root call these) and as
+`nearid-train ...` once the package is installed (`nearid.commands.console`).
 """

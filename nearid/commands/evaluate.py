@@ -2,7 +2,7 @@
 your own generated images against their references.
 
     python evaluate.py nearid --model SCORER --positives SRC --source flux=SRC [--source ...] [--split-file F]
-    python evaluate.py retrieval --model SCORER --positives SRC --source flux=SRC [...] --split-file TEST
+    python evaluate.py retrieval --model SCORER --positives SRC --source flux=SRC [...] [--split-file TEST]
         [--val-split-file VAL]
     python evaluate.py mtg --model SCORER [--mtg SRC] [--split test]
     python evaluate.py dreambench --ratings DIR (--scores-from FOLDER | --model SCORER --samples DIR)
@@ -11,7 +11,9 @@ your own generated images against their references.
 
 SCORER is a scorer: a NearID model (Hub id or folder) or a baseline as KIND:MODEL (clip, dinov2,
 dinov3, siglip, siglip-mean). SRC is a Hub dataset id (pin one with SRC@REVISION), a
-`save_to_disk` folder or parquet. Every unique image is decoded and embedded once and kept in the
+`save_to_disk` folder or parquet. With --positives Aleksandar/NearID, the NearID modes evaluate the
+paper's published test split (and retrieval picks its threshold on the published val split) unless
+split files are given. Every unique image is decoded and embedded once and kept in the
 embed-once store (--cache-dir), so a second run of the same scorer embeds nothing. Runs under
 `torchrun` / `accelerate launch` split the images between processes, with the same results.
 Outputs (under --output-dir): a results JSON with provenance (written last: without it the run did
@@ -30,6 +32,7 @@ from nearid.cli import (
     REQUIRED,
     DatasetSource,
     NearIDSources,
+    apply_published_splits,
     build_parser,
     named_sources,
     option,
@@ -105,18 +108,19 @@ class ModelIndexArguments:
 class NearIDArguments(NearIDSources):
     """The NearID benchmark"""
 
-    split_file: str | None = option(None, "JSON list of row indices to evaluate (e.g. a test split); default: all "
-                                          "rows")
+    split_file: str | None = option(None, "JSON list of row indices to evaluate (e.g. a test split); default: the "
+                                          "published test split for Aleksandar/NearID, all rows for other positives")
 
 
 @dataclass
 class RetrievalArguments(NearIDSources):
     """The near-identity retrieval benchmark"""
 
-    split_file: str | None = option(None, "JSON list of the row indices to evaluate (the test split); default: all rows")
+    split_file: str | None = option(None, "JSON list of the row indices to evaluate (the test split); default: the "
+                                          "published test split for Aleksandar/NearID, all rows for other positives")
     val_split_file: str | None = option(None, "JSON list of the val row indices, on which the clustering threshold "
-                                              "is chosen; default: the evaluated rows (an optimistic threshold, "
-                                              "recorded as such)")
+                                              "is chosen; default: the published val split for Aleksandar/NearID, "
+                                              "else the evaluated rows (an optimistic threshold, recorded as such)")
 
 
 @dataclass
@@ -189,9 +193,9 @@ class Table1Arguments:
     source: list[str] = option([f"{name}={hub_id}" for name, hub_id in metrics.NEARID_TABLE1_HUB_SOURCES.items()],
                                "distractor sources NAME=SRC[@REVISION]; Table 1 pools these 7 settings",
                                metavar="NAME=SRC")
-    split_file: str | None = option(None, "JSON list of the NearID rows to evaluate. The paper's NearID columns "
-                                          "use the authors' test split, which is not published: without it every "
-                                          "row is evaluated, rows the published model was trained on included")
+    split_file: str | None = option(None, "JSON list of the NearID rows to evaluate; default: the authors' published "
+                                          "test split (the paper's NearID columns) for Aleksandar/NearID, all rows "
+                                          "for other positives")
     mtg: str = option("abdo-eldesokey/mtg-dataset", "MTG dataset (its --mtg-split is evaluated)")
     mtg_split: str = option("test", "MTG split")
     ratings: str | None = option(None, "DreamBench++ ratings folder; without it (and --samples) the DB++ column "
@@ -603,10 +607,7 @@ def write_table1_outputs(args, row, sources):
             **{name: dict(zip((k for _, k, _ in reports.TABLE1_COLUMNS), values))
                for name, values in reports.PAPER_TABLE1.items()}}
     table = reports.table1_markdown(rows, nearid_sources=sources)
-    notes = ["NearID columns: " + (f"the rows of {args.split_file}." if args.split_file else
-                                   "every row of the positives (no --split-file): the paper evaluates the authors' "
-                                   "unpublished test split, and the published model was trained on every row, so "
-                                   "these numbers are not comparable to the paper's."),
+    notes = ["NearID columns: " + nearid_rows_note(args.split_file),
              "DB++ column: " + ("the object category of the DreamBench++ samples scored here." if args.samples else
                                 "not evaluated (give --ratings and --samples).")]
     text = table + "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
@@ -614,6 +615,16 @@ def write_table1_outputs(args, row, sources):
     outputs.finish({"benchmark": "table1", "model": args.model, "row": row, "notes": notes,
                     "outputs": {name: str(Path(args.output_dir) / name) for name in ("nearid", "mtg", "dreambench")}})
     print(text)
+
+
+def nearid_rows_note(split_file) -> str:
+    """Which NearID rows a Table-1 row was computed on, and whether that is comparable to the paper."""
+    if split_file and Path(split_file).resolve() == data.published_split_file("test").resolve():
+        return "the authors' published test split (500 rows), as in the paper."
+    if split_file:
+        return f"the rows of {split_file}."
+    return ("every row of the positives (no --split-file), which is not the paper's test split: these numbers are "
+            "not comparable to the paper's.")
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -629,10 +640,15 @@ def main(argv=None):
         from accelerate import PartialState
 
         check_arguments(args)
+        notes = apply_published_splits(args.groups.values(), getattr(args, "positives", None),
+                                       {"split_file": "test", "val_split_file": "val"})
+        args = Arguments(args.mode, args.groups)  # the namespace again, with the published splits
         device = args.device if getattr(args, "model", None) else "cpu"
         # cpu=True is what makes accelerate join the processes of a CPU launch (gloo); without it
         # every process would run alone and embed every image.
         state = PartialState(cpu=resolve_device(device) == "cpu")
+        if state.is_main_process and notes:
+            print("\n".join(notes))
         return RUNS[args.mode](args, state)
 
 

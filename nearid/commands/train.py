@@ -4,7 +4,9 @@ backbone tokens.
     python train.py --positives SRC --source flux=SRC [--source ...] [--mtg SRC]
         [--train-split F --val-split F --test-split F] --output-dir runs/nearid
 
-SRC is a Hub dataset id (SRC@REVISION pins a revision), a `save_to_disk` folder or parquet. The
+SRC is a Hub dataset id (SRC@REVISION pins a revision), a `save_to_disk` folder or parquet. With
+--positives Aleksandar/NearID, the paper's published splits are the defaults: training on the
+18,786 rows outside them, validation on the val split, the test split evaluated once at the end. The
 backbone is frozen and there is no augmentation, so each image's backbone tokens never change: they
 are computed once (one batched no-grad pass over the images the run will use, kept in the
 embed-once store under --cache-dir) and the epochs train the head on them. `--no-token-cache` runs
@@ -36,6 +38,7 @@ from nearid import card, checkpoints, data, evaluation, metrics, reports
 from nearid.cli import (
     DatasetSource,
     NearIDSources,
+    apply_published_splits,
     build_parser,
     named_sources,
     option,
@@ -79,8 +82,11 @@ class DataArguments(NearIDSources):
     mtg_repeats: int = option(4, "how many times each MTG row appears per epoch (the reference's 4x weight)", min=0)
     train_split: str | None = option(None, "JSON list of positives rows to train on (default: every row not in "
                                            "the val or test split)")
-    val_split: str | None = option(None, "JSON list of rows for periodic validation (SSR/PA)")
-    test_split: str | None = option(None, "JSON list of held-out rows: never trained on, evaluated once at the end")
+    val_split: str | None = option(None, "JSON list of rows for periodic validation (SSR/PA); default: the "
+                                         "published val split for Aleksandar/NearID, none for other positives")
+    test_split: str | None = option(None, "JSON list of held-out rows: never trained on, evaluated once at the end; "
+                                          "default: the published test split for Aleksandar/NearID, none for other "
+                                          "positives")
     skip_bad_images: bool = option(False, "leave unreadable images out (counted and reported) instead of stopping")
 
 
@@ -607,9 +613,12 @@ def main(argv=None):
 
 def run_training(data_args, model_args, args):
     check_arguments(data_args, args)
+    split_notes = apply_published_splits([data_args], data_args.positives, {"val_split": "val", "test_split": "test"})
     # Resolved before anything records it: "auto" is bf16 on a CUDA GPU, none elsewhere.
     args.mixed_precision = resolve_precision(args.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = make_accelerator(args)
+    for note in split_notes:
+        accelerator.print(note)
     out = prepare_output_dir(args, accelerator)
     all_args = {**vars(data_args), **vars(model_args), **vars(args), "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
