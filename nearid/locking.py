@@ -32,7 +32,9 @@ def one_writer(lock_path, what: str):
     another process does. `what` names the shared thing in the waiting message, e.g. "the store in X"."""
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path)
+    # One lock object per path in a process (`is_singleton`), so a block that holds it may call code that
+    # takes it again (a search command's run holds the index lock that `SearchIndex.save` takes).
+    lock = FileLock(lock_path.resolve(), is_singleton=True)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -40,12 +42,15 @@ def one_writer(lock_path, what: str):
                        "finishes.", what, holder(lock_path))
         lock.acquire()
     owner = _owner_file(lock_path)
+    outermost = lock.lock_counter == 1
     try:
-        owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-                                     "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        if outermost:
+            owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                         "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
         yield
     finally:
-        owner.unlink(missing_ok=True)
+        if outermost:
+            owner.unlink(missing_ok=True)
         lock.release()
 
 
