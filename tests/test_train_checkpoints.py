@@ -70,16 +70,17 @@ def test_a_pickle_in_place_of_a_checkpoint_file_is_refused_unread(run, tmp_path,
     ran = tmp_path / "code_ran"
     (latest / "optimizer.safetensors").write_bytes(pickle.dumps(Payload(ran)))
     message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
-    assert "optimizer.safetensors cannot be read" in message and "--resume-from-checkpoint step-0000002" in message
+    assert "optimizer.safetensors has" in message and "--resume-from-checkpoint step-0000002" in message
     assert not ran.exists()
 
 
 @pytest.mark.parametrize("name, damage, says", [
-    ("head.safetensors", "truncate", "head.safetensors cannot be read"),
-    ("optimizer.safetensors", "truncate", "optimizer.safetensors cannot be read"),
+    ("head.safetensors", "truncate", "head.safetensors has 20 bytes"),
+    ("optimizer.safetensors", "truncate", "optimizer.safetensors has 20 bytes"),
     ("head.safetensors", "delete", "head.safetensors is missing"),
-    ("position.json", "garble", "position.json cannot be read"),
-    ("scheduler.json", "garble", "scheduler.json cannot be read"),
+    ("position.json", "garble", "position.json has 17 bytes"),
+    ("scheduler.json", "garble", "scheduler.json has 17 bytes"),
+    ("checksums.json", "garble", "checksums.json cannot be read"),
 ])
 def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint_offered(run, capsys, name, damage, says):
     args, out = run
@@ -93,6 +94,33 @@ def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint_offered
     message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
     assert says in message and "--resume-from-checkpoint step-0000002" in message, message
     assert "step-0000004" in message  # the damaged checkpoint is named too
+
+
+def flip_lowest_bit(path):
+    """A single-bit change in the lowest mantissa bit of the first tensor: the file still loads, one value off."""
+    data = bytearray(path.read_bytes())
+    header_bytes = int.from_bytes(data[:8], "little")
+    data[8 + header_bytes] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_low_bit_flip_in_the_head_is_named_with_the_intact_previous_checkpoint_offered(run, capsys):
+    args, out = run
+    head = checkpoints.completed(out)[-1] / "head.safetensors"
+    before = {k: v.clone() for k, v in load_file(head).items()}
+    flip_lowest_bit(head)
+    assert any((load_file(head)[k] != v).any() for k, v in before.items())  # loads, slightly different
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
+    assert "step-0000004/head.safetensors does not match the checksum" in message, message
+    assert "--resume-from-checkpoint step-0000002" in message
+
+
+def test_a_damaged_earlier_checkpoint_is_not_offered(run, capsys):
+    args, out = run
+    for folder in checkpoints.completed(out):
+        flip_lowest_bit(folder / "head.safetensors")
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
+    assert "step-0000004/head.safetensors does not match" in message and "No intact earlier checkpoint" in message
 
 
 def test_the_previous_checkpoint_then_resumes(run):
