@@ -112,11 +112,17 @@ def _optimizer_parts(optimizer) -> tuple:
     return tensors, {"param_groups": groups}
 
 
+def read_position(folder) -> dict:
+    """The checkpoint's position.json (global step, the run's settings, history); CheckpointError when unreadable."""
+    folder = Path(folder)
+    return _read(folder, "position.json", lambda: read_json(folder / "position.json", "checkpoint position"))
+
+
 def load(folder, head, optimizer, scheduler, scaler) -> dict:
     """Load a checkpoint into the (unwrapped) head, optimizer, scheduler and scaler; return its position."""
     folder = Path(folder)
     check_intact(folder)
-    position = _read(folder, "position.json", lambda: read_json(folder / "position.json", "checkpoint position"))
+    position = read_position(folder)
     _read(folder, "head.safetensors", lambda: head.load_state_dict(_load_tensors(folder / "head.safetensors")))
     groups = _read(folder, "optimizer.json",
                    lambda: read_json(folder / "optimizer.json", "optimizer state")["param_groups"])

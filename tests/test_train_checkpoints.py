@@ -195,3 +195,36 @@ def test_disk_full_errors_are_recognised():
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4032 vs 3936"))
     assert not is_disk_full(RuntimeError("CUDA out of memory"))
+
+
+@pytest.mark.parametrize("changed, says", [
+    (["--max-grad-norm", "0.5"], "--max-grad-norm is 1.0 in the checkpoint and 0.5 now"),
+    (["--cache-dtype", "int8"], "--cache-dtype is 'float16' in the checkpoint and 'int8' now"),
+    (["--no-token-cache"], "--token-cache is True in the checkpoint and False now"),
+])
+def test_resume_refuses_each_changed_setting_naming_both_values(run, capsys, changed, says):
+    args, _ = run
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest", *changed))
+    assert says in message, message
+
+
+def test_a_changed_setting_is_refused_before_any_token_is_computed(run, capsys, tmp_path):
+    args, out = run
+    cache = tmp_path / "new_cache"
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest", "--cache-dtype", "int8",
+                                                  "--max-grad-norm", "2", "--cache-dir", str(cache)))
+    assert "--cache-dtype is 'float16'" in message and "--max-grad-norm is 1.0" in message
+    assert not cache.exists()
+
+
+def test_logs_do_not_repeat_steps_after_a_resume(train_synthetic, base_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    kill_training_at_step(monkeypatch, 6)  # steps 1-5 logged, the last checkpoint at step 3
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(train_synthetic, base_model, out, "--checkpointing-steps", "3", "--no-export"))
+    monkeypatch.undo()
+    train.main(train_args(train_synthetic, base_model, out, "--checkpointing-steps", "3", "--no-export",
+                          "--resume-from-checkpoint", "latest", "--max-steps", "8"))
+    steps = [json.loads(line)["step"] for line in (out / "logs.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))
