@@ -99,3 +99,10 @@ def check_safetensors(path, what: str = "weights file", remedy: str = "Download 
     if size != expected:
         raise IntegrityError(f"the {what} {path} has {size} bytes but its header describes {expected}: it is "
                              f"{'truncated' if size < expected else 'damaged'}. {remedy}")
+
+
+def check_weights(folder) -> None:
+    """`check_safetensors` on every weights file of a model folder (a release, a Hub snapshot)."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors(path, "model weights file", "Download the model again, or export it again "
+                          "(nearid.hub.export_hub_folder) if you made it.")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from nearid.images import PixelLoader
+from nearid.integrity import check_weights
 from nearid.numerics import autocast
 from nearid.store import StoreFormat, fingerprint, weights_digest
 
@@ -197,6 +198,7 @@ class Scorer:
         if remote:
             check_remote_code(folder, trust_remote_code)
         model_class = getattr(transformers, kind.model_class)
+        check_weights(folder)  # a truncated weights file is named, not a raw SafetensorError traceback
         self.model = model_class.from_pretrained(str(folder), dtype=dtype, trust_remote_code=remote).to(device).eval()
         self.processor = load_image_processor(folder, trust_remote_code=remote)
         self.loader = PixelLoader(self.processor)
