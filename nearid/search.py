@@ -490,7 +490,7 @@ def read_info(folder: Path) -> dict:
     info = read_json(path, "search index description")
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"the search index in {folder} has format version {info.get('format_version')}; this code "
-                         f"reads version {FORMAT_VERSION}. Build it again with `python search.py index`.")
+                         f"reads version {FORMAT_VERSION}. {rebuild_hint(folder)}")
     return info
 
 
