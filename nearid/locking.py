@@ -45,8 +45,9 @@ def one_writer(lock_path, what: str):
     outermost = lock.lock_counter == 1
     try:
         if outermost:
+            since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
             owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                         "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+                                         "command": " ".join(sys.argv), "since": since}))
         yield
     finally:
         if outermost:

@@ -228,3 +228,13 @@ def test_logs_do_not_repeat_steps_after_a_resume(train_synthetic, base_model, tm
     steps = [json.loads(line)["step"] for line in (out / "logs.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 9))
+
+
+def test_a_checkpoint_written_before_checksums_resumes_with_a_warning(run, caplog):
+    args, out = run
+    (checkpoints.completed(out)[-1] / "checksums.json").unlink()
+    with caplog.at_level("WARNING", logger="nearid.checkpoints"):
+        train.main(args("--resume-from-checkpoint", "latest", "--max-steps", "6"))
+    assert "has no checksums.json" in caplog.text and "unverified" in caplog.text
+    assert checkpoints.completed(out)[-1].name == "step-0000006"
+    assert (checkpoints.completed(out)[-1] / "checksums.json").is_file()  # new checkpoints carry them
