@@ -22,6 +22,7 @@ the newest earlier checkpoint that verifies offered instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -34,6 +35,9 @@ from nearid.io import atomic_path, atomic_write_json, explain_disk_error, is_dis
 PREFIX = "step-"
 CHECKSUMS = "checksums.json"
 FILES = ("head.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "position.json", CHECKSUMS)
+
+logger = logging.getLogger(__name__)
+_WARNED_UNVERIFIED = set()  # checkpoints without checksums already said so
 
 
 class CheckpointError(ValueError):
@@ -151,10 +155,10 @@ def check_intact(folder: Path) -> None:
     """CheckpointError naming each damaged file of the checkpoint in `folder`, offering an intact earlier one."""
     found = problems(folder)
     if found is None:
-        import logging
-
-        logging.getLogger(__name__).warning("%s has no %s (written before checkpoints carried checksums): its files "
-                                            "are loaded unverified.", folder, CHECKSUMS)
+        if folder not in _WARNED_UNVERIFIED:  # once per checkpoint, though a resume checks it twice
+            _WARNED_UNVERIFIED.add(folder)
+            logger.warning("%s has no %s (written before checkpoints carried checksums): its files are loaded "
+                           "unverified.", folder, CHECKSUMS)
         return
     if found:
         listed = "; ".join(f"{folder / name} {problem}" for name, problem in sorted(found.items()))

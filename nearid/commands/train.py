@@ -412,8 +412,7 @@ def resume(run):
         return 0
     position = checkpoints.load(path, run.accelerator.unwrap_model(run.head), run.optimizer.optimizer,
                                 run.scheduler, run.accelerator.scaler)
-    check_resume_settings(path, position, run.run_key)
-    run.history = position["history"]
+    run.history = position["history"]  # its settings were checked before the data was read (`check_resume`)
     if run.accelerator.is_main_process:
         trim_log(Path(run.args.output_dir) / "logs.jsonl", position["global_step"])
     run.accelerator.print(f"resumed from {path} at step {position['global_step']}")
