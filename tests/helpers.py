@@ -251,7 +251,8 @@ def serve_as_hub_datasets(monkeypatch, folders):
 
     folders: Hub id -> folder. Returns {Hub id: "<id>@HUB_COMMIT"}, source arguments that pin the
     commit, so that what is read is recorded as the Hub dataset at that commit. Other paths are
-    loaded as before.
+    loaded as before. Tests serve small data under ids of their own (someone/nearid-mini...), not
+    Aleksandar/NearID: that id gets the published splits of its 19,386 rows by default.
     """
     real = datasets.load_dataset
 

@@ -226,10 +226,10 @@ def test_a_failing_plot_or_card_update_is_reported_and_the_results_are_still_wri
     monkeypatch.setattr(evaluate.reports, "plot_margin_histograms", no_matplotlib)
     monkeypatch.setattr(evaluate.card, "update_model_card", broken_card)
     # Read as Hub datasets at a recorded commit, so that the run does try to update the card.
-    sources = {f"Aleksandar/NearID-{name}": path for name, path in clean_sources(synthetic).items()}
-    hub = serve_as_hub_datasets(monkeypatch, {"Aleksandar/NearID": synthetic / "positives", **sources})
+    sources = {f"someone/nearid-mini-{name}": path for name, path in clean_sources(synthetic).items()}
+    hub = serve_as_hub_datasets(monkeypatch, {"someone/nearid-mini": synthetic / "positives", **sources})
     out = tmp_path / "out"
-    result = evaluate.main(run_args(hub["Aleksandar/NearID"], {n: hub[f"Aleksandar/NearID-{n}"] for n in
+    result = evaluate.main(run_args(hub["someone/nearid-mini"], {n: hub[f"someone/nearid-mini-{n}"] for n in
                                                               clean_sources(synthetic)}, tiny_repo, out,
                                     "--model-index", str(card)))
     document = json.loads((out / RESULTS).read_text())

@@ -191,15 +191,15 @@ def test_model_index_records_mtg_and_nearid_results_and_keeps_the_card(synthetic
     before = card_values(original_meta)
     # Results are filed under a Hub dataset only when read from it at a recorded commit.
     hub = serve_as_hub_datasets(monkeypatch, {"abdo-eldesokey/mtg-dataset": synthetic / "mtg",
-                                              "Aleksandar/NearID": synthetic / "positives",
-                                              "Aleksandar/NearID-Flux": synthetic / "flux"})
+                                              "someone/nearid-mini": synthetic / "positives",
+                                              "someone/nearid-mini-Flux": synthetic / "flux"})
 
     args = mtg_args(synthetic, tiny_repo, tmp_path / "mtg", tmp_path / "cache", "--model-index", str(card),
                     "--model-index-name", "tiny-nearid")
     args[args.index(str(synthetic / "mtg"))] = hub["abdo-eldesokey/mtg-dataset"]
     mtg = evaluate.main(args)
-    nearid = evaluate.main(["nearid", "--model", str(tiny_repo), "--positives", hub["Aleksandar/NearID"],
-                            "--source", f"flux={hub['Aleksandar/NearID-Flux']}",
+    nearid = evaluate.main(["nearid", "--model", str(tiny_repo), "--positives", hub["someone/nearid-mini"],
+                            "--source", f"flux={hub['someone/nearid-mini-Flux']}",
                             "--output-dir", str(tmp_path / "nearid"),
                             "--cache-dir", str(tmp_path / "cache"), "--model-index", str(card)])
 
@@ -208,7 +208,7 @@ def test_model_index_records_mtg_and_nearid_results_and_keeps_the_card(synthetic
     assert {k: v for k, v in meta.items() if k != "model-index"} == \
         {k: v for k, v in original_meta.items() if k != "model-index"}
     assert [entry["name"] for entry in meta["model-index"]] == ["tiny-nearid"]  # kept by the second run
-    mtg_id, nearid_id = "abdo-eldesokey/mtg-dataset", "Aleksandar/NearID"
+    mtg_id, nearid_id = "abdo-eldesokey/mtg-dataset", "someone/nearid-mini"
     expected = {**before,
                 **{(mtg_id, "test", key): round(mtg[key], 4) for key in ("mo", "mo_pair", "ssr", "pa")},
                 **{(nearid_id, "train", key): round(nearid["pooled_given"][key], 4) for key in ("ssr", "pa")}}

@@ -70,10 +70,10 @@ def test_hand_computed_values(tmp_path, pixels, monkeypatch):
     card = tmp_path / "README.md"
     card.write_text("---\nlibrary_name: transformers\n---\n# a model\n")
     # Read as the Hub datasets at a recorded commit, so the card may file the results under them.
-    hub = serve_as_hub_datasets(monkeypatch, {"Aleksandar/NearID": root / "positives",
-                                              "Aleksandar/NearID-Flux": root / "flux"})
-    scores = run(root, tmp_path / "out", "--model-index", str(card), positives=hub["Aleksandar/NearID"],
-                 flux=hub["Aleksandar/NearID-Flux"])
+    hub = serve_as_hub_datasets(monkeypatch, {"someone/nearid-mini": root / "positives",
+                                              "someone/nearid-mini-Flux": root / "flux"})
+    scores = run(root, tmp_path / "out", "--model-index", str(card), positives=hub["someone/nearid-mini"],
+                 flux=hub["someone/nearid-mini-Flux"])
     # Queries: row 0 views 1-3, row 1 views 1-2. A view with a distractor in its scene ranks it first, then
     # its other views: row 0 views 1, 2 find theirs at ranks 2 and 3 (AP (1/2 + 2/3) / 2), row 1 at rank 2
     # (AP 1/2). Row 0 view 3 has no distractor: its two views come first (AP 1).

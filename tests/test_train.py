@@ -165,23 +165,23 @@ def test_evaluating_a_release_with_model_index_replaces_its_entries(train_synthe
     from nearid.commands import evaluate
 
     # The data is read as the Hub datasets at a recorded commit: only then are results filed under them.
-    hub = serve_as_hub_datasets(monkeypatch, {"Aleksandar/NearID": train_synthetic / "positives",
-                                              "Aleksandar/NearID-Flux": train_synthetic / "flux",
-                                              "Aleksandar/NearID-SDXL": train_synthetic / "sdxl"})
-    local = {str(train_synthetic / "positives"): hub["Aleksandar/NearID"],
-             f"flux={train_synthetic / 'flux'}": f"flux={hub['Aleksandar/NearID-Flux']}",
-             f"sdxl={train_synthetic / 'sdxl'}": f"sdxl={hub['Aleksandar/NearID-SDXL']}"}
+    hub = serve_as_hub_datasets(monkeypatch, {"someone/nearid-mini": train_synthetic / "positives",
+                                              "someone/nearid-mini-Flux": train_synthetic / "flux",
+                                              "someone/nearid-mini-SDXL": train_synthetic / "sdxl"})
+    local = {str(train_synthetic / "positives"): hub["someone/nearid-mini"],
+             f"flux={train_synthetic / 'flux'}": f"flux={hub['someone/nearid-mini-Flux']}",
+             f"sdxl={train_synthetic / 'sdxl'}": f"sdxl={hub['someone/nearid-mini-SDXL']}"}
     out = tmp_path / "run"
     train.main([local.get(a, a) for a in train_args(train_synthetic, base_model, out, "--max-steps", "2")])
     readme = out / "release" / "README.md"
     before_text = readme.read_text()
     before = ModelCard.load(readme).data.eval_results
     assert [(r.dataset_type, r.dataset_split, r.metric_type) for r in before] == [
-        ("Aleksandar/NearID", "test", "ssr"), ("Aleksandar/NearID", "test", "pa")]
+        ("someone/nearid-mini", "test", "ssr"), ("someone/nearid-mini", "test", "pa")]
 
-    result = evaluate.main(["nearid", "--model", str(out / "release"), "--positives", hub["Aleksandar/NearID"],
-                            "--source", f"flux={hub['Aleksandar/NearID-Flux']}",
-                            "--source", f"sdxl={hub['Aleksandar/NearID-SDXL']}",
+    result = evaluate.main(["nearid", "--model", str(out / "release"), "--positives", hub["someone/nearid-mini"],
+                            "--source", f"flux={hub['someone/nearid-mini-Flux']}",
+                            "--source", f"sdxl={hub['someone/nearid-mini-SDXL']}",
                             "--split-file", str(train_synthetic / "splits" / "test.json"), "--model-index", str(readme),
                             "--output-dir", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")])
     after = ModelCard.load(readme).data.eval_results
