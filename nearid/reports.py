@@ -5,7 +5,7 @@ computes a metric. Files are written atomically through `nearid.io`. matplotlib 
 the plotting functions, so `evaluate.py` imports this module cheaply; model cards are `nearid.card`'s.
 
 - Results JSON: `provenance`, `results_document`.
-- Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`, `retrieval_markdown`.
+- Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`, `retrieval_markdown`, `mh_per_category`.
 - Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`, `plot_retrieval`, `plot_image_grid` (contact sheets).
 - A run's files: `RunOutputs` (stale files of the previous run removed, results JSON last).
 """
@@ -204,6 +204,27 @@ def table1_markdown(rows: Mapping[str, Mapping], nearid_sources: Sequence[str] |
     note = (f"\n\u2020 pooled over the distractor sources {', '.join(nearid_sources)}, not Table 1's 7 settings "
             f"({', '.join(NEARID_TABLE1_SOURCES)}).\n") if marked else ""
     return _markdown(header, body) + note
+
+
+def mh_per_category(result: Mapping) -> str:
+    """'all 0.4071, object 0.5450, style no samples, ...' from a `metrics.dreambench_mh` result.
+
+    A category without samples (or with too few for a correlation) is said so instead of "nan".
+    """
+    parts = []
+    for key, value in result.items():
+        if not key.startswith("mh_"):
+            continue
+        category = key[3:]
+        samples = sum(v for k, v in result.items() if k.endswith(f"/n_{category}"))
+        if not math.isnan(value):
+            parts.append(f"{category} {value:.4f}")
+        elif samples == 0:
+            parts.append(f"{category} no samples")
+        else:
+            parts.append(f"{category} undefined ({samples} samples; a correlation needs 2 or more varying ones "
+                         "per method)")
+    return ", ".join(parts)
 
 
 def _pool(scores: Sequence[Mapping]) -> dict:

@@ -485,7 +485,7 @@ def write_dreambench_outputs(args, scorer, scores, result, skipped):
     prov = reports.provenance(scorer, [{"kind": "local", "path": str(Path(args.ratings).resolve())}])
     outputs.finish(reports.results_document("dreambench", scorer, result, prov, skipped))
     print(table)
-    print("MH per category: " + ", ".join(f"{k[3:]} {v:.4f}" for k, v in result.items() if k.startswith("mh_")))
+    print(f"MH per category: {reports.mh_per_category(result)}")
 
 
 # --- score -----------------------------------------------------------------------------------------
