@@ -50,6 +50,29 @@ _FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv")
 
 
 # --------------------------------------------------------------------------------------------------
+# Where data came from (for the labels of results tables)
+
+SYNTHETIC_GENERATOR = "nearid.synthetic"  # the "generator" of the manifest.json it writes
+
+
+def data_origin(location) -> str:
+    """"synthetic" (written by `nearid.synthetic`: a folder of its output or the output itself),
+    "local" (another existing path) or "hub" (anything else: a Hub id)."""
+    path = Path(str(getattr(location, "location", location))).expanduser()
+    if not path.exists():
+        return "hub"
+    path = path.resolve()
+    for folder in (path, *path.parents[:2]):  # <data>, <data>/positives, <data>/dreambench/samples
+        manifest = folder / "manifest.json"
+        try:
+            if manifest.is_file() and json.loads(manifest.read_text()).get("generator") == SYNTHETIC_GENERATOR:
+                return "synthetic"
+        except (OSError, ValueError, AttributeError):
+            continue
+    return "local"
+
+
+# --------------------------------------------------------------------------------------------------
 # Opening datasets
 
 

@@ -216,9 +216,12 @@ def mh_per_category(result: Mapping) -> str:
         if not key.startswith("mh_"):
             continue
         category = key[3:]
-        samples = sum(v for k, v in result.items() if k.endswith(f"/n_{category}"))
+        counts = [v for k, v in result.items() if k.endswith(f"/n_{category}")]  # one per method
+        samples = sum(counts)
         if not math.isnan(value):
             parts.append(f"{category} {value:.4f}")
+        elif not counts:  # an aggregate of the categories
+            parts.append(f"{category} undefined")
         elif samples == 0:
             parts.append(f"{category} no samples")
         else:

@@ -132,3 +132,21 @@ def test_dreambench_categories_without_samples_say_so_instead_of_nan(tmp_path, c
     assert "nan" not in line
     assert f"object {result['mh_object']:.4f}" in line
     assert all(f"{category} no samples" in line for category in ("style", "live_subject_animal", "live_subject_human"))
+
+
+def test_table1_labels_this_runs_row_by_its_data(synthetic, tmp_path):
+    from nearid import data
+
+    assert data.data_origin(synthetic / "positives") == "synthetic"
+    assert data.data_origin(synthetic / "dreambench" / "samples") == "synthetic"
+    assert data.data_origin(tmp_path) == "local" and data.data_origin("Aleksandar/NearID") == "hub"
+    args, _ = evaluate.parse_arguments([
+        "table1", "--model", "my-model", "--positives", str(synthetic / "positives"),
+        "--source", f"flux={synthetic / 'flux'}", "--mtg", str(synthetic / "mtg"), "--output-dir", str(tmp_path)])
+    evaluate.write_table1_outputs(args, {"nearid_ssr": 50.0}, ["flux"])
+    table = (tmp_path / "table1.md").read_text()
+    assert "| my-model (this run, synthetic data) | 50.00 |" in table
+    assert "this run's row is on synthetic data" in table and "| NearID (paper) |" in table
+    args.mtg = "abdo-eldesokey/mtg-dataset"  # the Hub's MTG beside synthetic NearID data: both named
+    evaluate.write_table1_outputs(args, {"nearid_ssr": 50.0}, ["flux"])
+    assert "| my-model (this run, synthetic data + Hub data) |" in (tmp_path / "table1.md").read_text()

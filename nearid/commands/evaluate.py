@@ -564,11 +564,15 @@ def run_table1(args, state):
 def write_table1_outputs(args, row, sources):
     outputs = reports.RunOutputs(args.output_dir, "table1_results.json")
     save_arguments(outputs.path("table1_args.json"), "evaluate.py table1", *args.groups.values())
-    rows = {f"{args.model} (this run)": row,
+    origin = table1_data_origin(args)
+    rows = {f"{args.model} (this run, {origin})": row,
             **{name: dict(zip((k for _, k, _ in reports.TABLE1_COLUMNS), values))
                for name, values in reports.PAPER_TABLE1.items()}}
     table = reports.table1_markdown(rows, nearid_sources=sources)
-    notes = ["NearID columns: " + (f"the rows of {args.split_file}." if args.split_file else
+    notes = [f"Data: this run's row is on {origin}; the (paper) rows are the paper's Table 1 on the published "
+             "benchmarks." + (" Synthetic data (written by nearid.synthetic) shows that the pipeline runs; its "
+                              "numbers say nothing about the published benchmarks." if "synthetic" in origin else ""),
+             "NearID columns: " + (f"the rows of {args.split_file}." if args.split_file else
                                    "every row of the positives (no --split-file): the paper evaluates the authors' "
                                    "unpublished test split, and the published model was trained on every row, so "
                                    "these numbers are not comparable to the paper's."),
@@ -579,6 +583,15 @@ def write_table1_outputs(args, row, sources):
     outputs.finish({"benchmark": "table1", "model": args.model, "row": row, "notes": notes,
                     "outputs": {name: str(Path(args.output_dir) / name) for name in ("nearid", "mtg", "dreambench")}})
     print(text)
+
+
+def table1_data_origin(args) -> str:
+    """"synthetic data", "local data", "Hub data" or a mix ("synthetic data + Hub data"): where the row's data came
+    from, so a row on other data is never read as one on the paper's benchmarks."""
+    used = [args.positives, *named_sources(args.source).values(), args.mtg] + ([args.samples] if args.samples else [])
+    origins = {data.data_origin(DatasetSource.parse(str(source)).location) for source in used}
+    return " + ".join(f"{'Hub' if origin == 'hub' else origin} data"
+                      for origin in ("synthetic", "local", "hub") if origin in origins)
 
 
 # --- command line ----------------------------------------------------------------------------------
