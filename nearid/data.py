@@ -535,11 +535,44 @@ def score_items_from_subject_folders(references, generations, methods: Sequence[
     if orphans:
         raise ValueError(f"generations without references: {', '.join(orphans[:5])}"
                          f"{f' and {len(orphans) - 5} more' if len(orphans) > 5 else ''}; every subject needs "
-                         f"{ref_root}/<subject>/ with its reference images (subject folder names must match)")
+                         f"{ref_root}/<subject>/ with its reference images (subject folder names must match)"
+                         f"{_case_hint([o.rpartition('/')[2] for o in orphans], subject_refs)}")
     if not items:
-        raise ValueError(f"no generated images under {gen_root}; expected <method>/<subject>/<image> or "
-                         "<subject>/<image>")
+        raise ValueError(_no_generations_message(gen_root, sorted(subject_refs)))
     return items, left_out
+
+
+def _case_hint(names: Sequence[str], subjects) -> str:
+    """'; 'Chelsea' differs from the reference subject 'chelsea' only in letter case ...' or ''."""
+    by_lower = {subject.lower(): subject for subject in subjects}
+    pairs = [(name, by_lower[name.lower()]) for name in dict.fromkeys(names)
+             if name.lower() in by_lower and by_lower[name.lower()] != name]
+    if not pairs:
+        return ""
+    listed = ", ".join(f"{name!r} vs the reference subject {subject!r}" for name, subject in pairs[:5])
+    return (f". Folder names differ only in letter case: {listed}; names must match exactly (case-sensitive), so "
+            "rename one of them")
+
+
+def _no_generations_message(gen_root: Path, subjects: Sequence[str]) -> str:
+    """Why no generated image matched a reference subject: both sets of names, and where images lie."""
+    found, loose, nested = [], [], []
+    for folder in sorted(p for p in gen_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        direct = find_images(folder, recursive=False)[0]
+        below = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        found.append(f"{folder.name}/ ({len(direct)} image{'' if len(direct) == 1 else 's'} directly in it"
+                     f"{', folders ' + ', '.join(below[:5]) if below else ''})")
+        loose += [folder.name] if direct else []
+        nested += below
+    shown = ", ".join(subjects[:10]) + (f" and {len(subjects) - 10} more" if len(subjects) > 10 else "")
+    message = (f"no generated images under {gen_root} belong to a reference subject. Reference subjects "
+               f"(--references): {shown}. Folders under --generations: {'; '.join(found[:10]) or 'none'}")
+    if loose:
+        message += (f". Images lie directly in {', '.join(f'{name}/' for name in loose[:5])}: put them in a "
+                    "<subject>/ folder named like the references")
+    hint = _case_hint([p.name for p in gen_root.iterdir() if p.is_dir()] + nested, subjects)
+    return message + hint + (". Expected generations/<method>/<subject>/<image> or generations/<subject>/<image>, "
+                             "with <subject> a folder name of --references")
 
 
 def _subject_images(root: Path, what: str) -> tuple:

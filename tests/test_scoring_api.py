@@ -156,3 +156,27 @@ def test_score_inputs_are_checked(tiny_repo, layout, capsys, tmp_path):
     assert "--methods ['nope'] not found" in user_error(
         capsys, evaluate.main, score_args(tiny_repo, tmp_path, "--references", str(references), "--generations",
                                           str(generations), "--methods", "nope"))
+
+
+def test_generation_folders_that_match_no_reference_subject_name_both_sets(tiny_repo, tmp_path, capsys):
+    (tmp_path / "references" / "chelsea").mkdir(parents=True)
+    picture(1).save(tmp_path / "references" / "chelsea" / "ref.png")
+    (tmp_path / "generations" / "Chelsea").mkdir(parents=True)  # one method's images, subject named in another case
+    picture(2).save(tmp_path / "generations" / "Chelsea" / "gen.png")
+    args = score_args(tiny_repo, tmp_path, "--references", str(tmp_path / "references"), "--generations",
+                      str(tmp_path / "generations"))
+    message = user_error(capsys, evaluate.main, args)
+    assert "Reference subjects (--references): chelsea" in message
+    assert "Folders under --generations: Chelsea/ (1 image directly in it)" in message
+    assert "'Chelsea' vs the reference subject 'chelsea'" in message and "case" in message
+
+    (tmp_path / "generations" / "Chelsea").rename(tmp_path / "generations" / "dreambooth")  # images in a method folder
+    message = user_error(capsys, evaluate.main, args)
+    assert "Images lie directly in dreambooth/" in message and "Reference subjects (--references): chelsea" in message
+    assert "case" not in message
+
+    (tmp_path / "generations" / "dreambooth" / "Chelsea").mkdir()  # method/<subject> with the subject's case changed
+    (tmp_path / "generations" / "dreambooth" / "gen.png").rename(tmp_path / "generations" / "dreambooth" / "Chelsea" / "gen.png")
+    message = user_error(capsys, evaluate.main, args)
+    assert "generations without references: dreambooth/Chelsea" in message
+    assert "'Chelsea' vs the reference subject 'chelsea'" in message
