@@ -498,8 +498,8 @@ def score_items_from_layout(samples_root, methods: Sequence[str] | None = None) 
 
 
 def score_items_from_subject_folders(references, generations, methods: Sequence[str] | None = None) -> tuple:
-    """(`ScoreItem`s, left-out list) of the DreamBooth layout: several references per subject, shared by
-    every generation of that subject.
+    """(`ScoreItem`s, left-out files, unused references) of the DreamBooth layout: several references per
+    subject, shared by every generation of that subject.
 
         references/<subject>/<image>                    the reference images of each subject
         generations/<method>/<subject>/<image>          several methods side by side, or
@@ -507,8 +507,8 @@ def score_items_from_subject_folders(references, generations, methods: Sequence[
 
     Every generated image (any format Pillow reads, in any subfolder of its subject) is scored
     against all references of its subject. Generations of a subject without references are an error
-    naming them; a subject whose references no method generated, and files that are not images, are
-    returned as left out `[(place, reason)]`.
+    naming them; files that are not images are returned as left out `[(file, reason)]`, and subjects
+    whose references a method did not generate as unused `[(reference folder, method)]`.
     """
     ref_root, gen_root = Path(references).resolve(), Path(generations).resolve()
     for root, flag, shape in ((ref_root, "--references", "<subject>/<image>"),
@@ -521,13 +521,12 @@ def score_items_from_subject_folders(references, generations, methods: Sequence[
                          "references/<subject>/<image>")
     folders = _method_folders(gen_root, set(subject_refs), methods)
     root = Path(os.path.commonpath([ref_root, gen_root]))
-    items, orphans = [], []
+    items, orphans, unused = [], [], []
     for method, folder in folders.items():
         generated, ignored = _subject_images(folder, f"generations of {method}")
         left_out += ignored
         orphans += [f"{method}/{subject}" for subject in generated if subject not in subject_refs]
-        left_out += [(str(ref_root / subject), f"references but no generations of method {method}")
-                     for subject in subject_refs if subject not in generated]
+        unused += [(str(ref_root / subject), method) for subject in subject_refs if subject not in generated]
         for subject, images in generated.items():
             refs = tuple(path.relative_to(root).as_posix() for path in subject_refs.get(subject, ()))
             items += [ScoreItem(method, subject, image.relative_to(root).as_posix(), refs, root, str(image))
@@ -539,7 +538,7 @@ def score_items_from_subject_folders(references, generations, methods: Sequence[
                          f"{_case_hint([o.rpartition('/')[2] for o in orphans], subject_refs)}")
     if not items:
         raise ValueError(_no_generations_message(gen_root, sorted(subject_refs)))
-    return items, left_out
+    return items, left_out, unused
 
 
 def _case_hint(names: Sequence[str], subjects) -> str:

@@ -133,20 +133,54 @@ def _counts(metrics: Mapping, prefix: str = "") -> dict:
     return out
 
 
+# Short reasons for what a run left out, found by the phrases of the messages that say it (the decode's, in
+# image_processing_nearid.py, and `nearid.images.find_images`'); the full message stays with each item.
+SKIP_REASONS = (
+    ("no such image file", "missing file"),
+    ("cannot read image file", "unreadable"),
+    ("could not decode", "unreadable"),
+    ("not an image format", "not an image"),
+    ("above the limit", "too large"),
+    ("decompression-bomb limit", "too large"),
+    ("it has no pixels", "no pixels"),
+    ("neither bytes nor a path", "empty cell"),
+    ("the mtg oracle needs both masks", "missing mask"),
+    ("not in a <subject>/ folder", "outside a subject folder"),
+)
+
+
+def skip_reason(message: str) -> str:
+    """The short reason of one left-out item's message, e.g. "unreadable" for "Could not decode image file
+    'a.png' (12 bytes): ..."; a message that is already short and names no file is its own reason."""
+    lower = message.lower()
+    for phrase, reason in SKIP_REASONS:
+        if phrase in lower:
+            return reason
+    return message if len(message) <= 48 and "'" not in message and "/" not in message else "other"
+
+
+def skipped_by_reason(skipped: Sequence[Mapping]) -> dict:
+    """{short reason: count} of left-out items ({"reason": message, ...}), the most frequent first."""
+    counts: dict = {}
+    for item in skipped:
+        reason = skip_reason(item["reason"])
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def results_document(benchmark: str, scorer: dict, metrics: dict, provenance: dict,
                      skipped: list[dict]) -> dict:
     """The results JSON of one (benchmark, scorer) run, in a fixed layout.
 
     Returns {"benchmark", "scorer", "metrics", "skipped" (one dict per left-out item, each with a
-    "reason"), "counts" ({"n_skipped", "skipped_by_reason", plus every integer `n_*` of `metrics`,
+    "reason", its full message), "counts" ({"n_skipped", "skipped_by_reason" (short reasons,
+    `skip_reason`), plus every integer `n_*` of `metrics`,
     nested keys joined by '/'}), "provenance"}.
     """
     bad = [s for s in skipped if "reason" not in s]
     if bad:
         raise ValueError(f"every skipped item needs a 'reason'; got {bad[:3]}")
-    by_reason: dict = {}
-    for s in skipped:
-        by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
+    by_reason = skipped_by_reason(skipped)
     return {
         "benchmark": benchmark,
         "scorer": dict(scorer),

@@ -221,3 +221,25 @@ def test_training_loss_and_score_plots_name_the_model(tmp_path):
     assert _png_size(reports.plot_score_distributions(tmp_path / "scores.png", records, "tiny-model"))[0] > 300
     with pytest.raises(ValueError, match="no training loss"):
         reports.plot_training_loss(tmp_path / "none.png", {"loss": []}, "m")
+
+
+def test_skipped_by_reason_counts_short_reasons_of_the_decodes_own_messages(tmp_path):
+    from PIL import Image
+
+    from nearid.images import load_image
+    from nearid.reports import skipped_by_reason
+
+    Image.new("RGB", (20, 10)).save(tmp_path / "big.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    attempts = [lambda: load_image(tmp_path / "big.png", max_image_pixels=100),
+                lambda: load_image(tmp_path / "broken.png"), lambda: load_image(tmp_path / "gone.png"),
+                lambda: load_image({"bytes": None, "path": None}, name="positives row 3 column img2")]
+    skipped = []
+    for attempt in attempts:
+        with pytest.raises((ValueError, OSError)) as error:
+            attempt()
+        skipped.append({"image": "x", "reason": str(error.value)})
+    skipped += [{"image": "y", "reason": "missing image"},
+                {"image": "z", "reason": f"{tmp_path}/a.png: the disk said '{'?' * 80}'"}]
+    assert skipped_by_reason(skipped) == {"too large": 1, "unreadable": 1, "missing file": 1, "empty cell": 1,
+                                          "missing image": 1, "other": 1}

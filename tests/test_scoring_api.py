@@ -131,9 +131,9 @@ def test_subjects_without_references_are_an_error_and_unused_references_are_list
         path.unlink()
     result = evaluate.main(score_args(tiny_repo, tmp_path, "--references", str(references), "--generations",
                                       str(generations)))
-    reasons = [s["reason"] for s in result["skipped"]]
-    assert reasons == [f"references but no generations of method {METHODS[1]}"]
-    assert "1 images or files were left out" in (tmp_path / "out" / "score_summary.md").read_text()
+    assert result["skipped"] == []  # a reference folder is not an image or file left out
+    assert result["unused_references"] == [{"references": str(references / SUBJECTS[1]), "method": METHODS[1]}]
+    assert f"no generations (not scored): {METHODS[1]}: {SUBJECTS[1]}." in (tmp_path / "out" / "score_summary.md").read_text()
 
 
 def test_skipped_images_are_counted_in_the_summary(tiny_repo, layout, tmp_path):
@@ -180,3 +180,22 @@ def test_generation_folders_that_match_no_reference_subject_name_both_sets(tiny_
     message = user_error(capsys, evaluate.main, args)
     assert "generations without references: dreambooth/Chelsea" in message
     assert "'Chelsea' vs the reference subject 'chelsea'" in message
+
+
+def test_left_out_files_are_counted_once_with_short_reasons(tiny_repo, layout, tmp_path):
+    references, generations = layout
+    broken = generations / METHODS[0] / SUBJECTS[0] / "gen1.png"
+    broken.write_bytes(b"not an image")
+    (generations / METHODS[0] / SUBJECTS[0] / "notes.txt").write_text("prompt notes")
+    for path in (generations / METHODS[1] / SUBJECTS[1]).iterdir():  # a reference folder one method did not use
+        path.unlink()
+    result = evaluate.main(score_args(tiny_repo, tmp_path, "--references", str(references), "--generations",
+                                      str(generations), "--skip-bad-images"))
+    document = json.loads((tmp_path / "out" / "score_results.json").read_text())
+    assert len(document["skipped"]) == 2 and document["counts"]["n_skipped"] == 2
+    assert document["counts"]["skipped_by_reason"] == {"unreadable": 1, "not an image": 1}
+    messages = {s["image"]: s["reason"] for s in document["skipped"]}
+    assert any(str(broken) in image and "Could not decode" in reason for image, reason in messages.items())
+    summary = (tmp_path / "out" / "score_summary.md").read_text()
+    assert "2 images or files were left out (1 unreadable, 1 not an image)" in summary
+    assert result["summary"][METHODS[0]]["subjects"][SUBJECTS[0]]["n_skipped"] == 1  # the tables still count it

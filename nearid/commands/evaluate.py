@@ -492,8 +492,10 @@ def write_dreambench_outputs(args, scorer, scores, result, skipped):
 
 
 def run_score(args, state):
+    unused = []
     if args.references:
-        items, ignored = data.score_items_from_subject_folders(args.references, args.generations, args.methods or None)
+        items, ignored, unused = data.score_items_from_subject_folders(args.references, args.generations,
+                                                                       args.methods or None)
         source = args.generations
     elif args.samples:
         items, ignored = data.score_items_from_layout(args.samples, args.methods or None)
@@ -509,19 +511,24 @@ def run_score(args, state):
     if not records:
         raise ImageLoadError(f"none of the {len(items)} generated images could be scored: {unscored[:3]}")
     summary = scoring.summarize_scores(records, unscored)
-    skipped = embedded.skipped + unscored + [{"image": str(path), "reason": reason} for path, reason in ignored]
-    write_score_outputs(args, scorer, records, summary, skipped, source, embedded.stats)
-    return {"summary": summary, "records": records, "skipped": skipped, "embedding": embedded.stats}
+    skipped = scoring.left_out(embedded.skipped, unscored, ignored)
+    write_score_outputs(args, scorer, records, summary, skipped, source, embedded.stats, unused)
+    return {"summary": summary, "records": records, "skipped": skipped, "embedding": embedded.stats,
+            "unused_references": [{"references": folder, "method": method} for folder, method in unused]}
 
 
-def write_score_outputs(args, scorer, records, summary, skipped, source, stats):
+def write_score_outputs(args, scorer, records, summary, skipped, source, stats, unused=()):
     outputs = reports.RunOutputs(args.output_dir, "score_results.json")
     save_arguments(outputs.path("score_args.json"), "evaluate.py score", *args.groups.values())
     markdown = scoring.score_markdown(summary)
     if len(summary) > 1:
         markdown += "\n### Methods side by side (mean identity score)\n\n" + scoring.methods_table(summary)
     if skipped:
-        markdown += f"\n{len(skipped)} images or files were left out; score_results.json lists each with the reason.\n"
+        counts = reports.skipped_by_reason(skipped)
+        markdown += (f"\n{len(skipped)} images or files were left out "
+                     f"({', '.join(f'{n} {reason}' for reason, n in counts.items())}); score_results.json lists "
+                     "each with the reason.\n")
+    markdown += scoring.unused_references_markdown(unused)
     write_csv(outputs.path("score_per_image.csv"), [{k: v for k, v in r.items() if k != "references"}
                                                      for r in records])
     atomic_write_json(outputs.path("score_per_image.json"), records)
@@ -530,7 +537,9 @@ def write_score_outputs(args, scorer, records, summary, skipped, source, stats):
                      outputs.path("score_distributions.png"), records, scorer.spec)
     prov = reports.provenance(scorer.provenance(), [{"kind": "local", "path": str(Path(source).resolve())}],
                               extra={"embedding": stats})
-    outputs.finish(reports.results_document("score", scorer.provenance(), summary, prov, skipped))
+    document = reports.results_document("score", scorer.provenance(), summary, prov, skipped)
+    outputs.finish({**document, "unused_references": [{"references": folder, "method": method}
+                                                      for folder, method in unused]})
     print(markdown)
 
 
