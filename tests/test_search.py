@@ -353,3 +353,17 @@ def test_a_real_model_indexes_and_queries_with_its_own_scorer(tmp_path, gallery,
     message = user_error(capsys, search.main, ["query", "--index-dir", str(tmp_path / "index"), "--model", str(other),
                                                "--images", str(gallery / "id1"), *common])
     assert "was built with" in message and "cannot be compared" in message
+
+
+def test_index_summary_agrees_with_search_index_json_and_says_where_embeddings_came_from(tmp_path, gallery, pixels,
+                                                                                         capsys):
+    common = ["index", "--model", "pixels", "--images", str(gallery), "--cache-dir", str(tmp_path / "cache")]
+    search.main([*common, "--index-dir", str(tmp_path / "first")])
+    assert "12 computed now, 0 read from the embed-once store" in capsys.readouterr().out
+    report = search.main([*common, "--index-dir", str(tmp_path / "second")])  # a new index, the same store
+    out = capsys.readouterr().out
+    assert report["from_store"] == 12 and report["embedded"] == 0
+    assert f"13 new, 0 removed. Embeddings: 0 computed now, 12 read from the embed-once store ({tmp_path / 'cache'})" in out
+    info = json.loads((tmp_path / "second" / "search_index.json").read_text())
+    assert [item["image"] for item in info["ignored"]] == [str(gallery / "notes.txt")] and info["skipped"] == []
+    assert "0 unreadable images and 1 other files were left out" in out and '"ignored": 1' in out

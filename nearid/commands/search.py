@@ -173,20 +173,23 @@ def run_index(args, state):
     if not state.is_main_process:
         return report
     prov = reports.provenance(embedder_.scorer.provenance(), dataset_provenance, extra={"last_update": report})
-    folder = index.save(args.index_dir, {"provenance": prov})
+    folder = index.save(args.index_dir, {"provenance": prov, "ignored": report["ignored"]})
     save_arguments(folder / "index_args.json", "search.py index", *args.groups.values())
-    print(index_summary(index, report, folder))
+    print(index_summary(index, report, folder, args.cache_dir))
     return {**report, "index": str(folder), "recall_at_10": index.recall}
 
 
-def index_summary(index, report, folder) -> str:
+def index_summary(index, report, folder, cache_dir) -> str:
+    """What `index` did, in the words of search_index.json: where each embedding came from, what was left out."""
     info = read_info(folder)
-    lines = [f"Indexed {report['images']} images into {folder}: {report['added']} new, {report['removed']} removed, "
-             f"{report['embedded']} embedded, {report['reused']} reused from the index."]
+    lines = [f"Indexed {report['images']} images into {folder}: {report['added']} new, {report['removed']} removed. "
+             f"Embeddings: {report['embedded']} computed now, {report['from_store']} read from the embed-once store "
+             f"({cache_dir}), {report['reused']} kept from the index."]
     left_out = len(report["skipped"]) + len(report["ignored"])
     if left_out:
         lines.append(f"{len(report['skipped'])} unreadable images and {len(report['ignored'])} other files were left "
-                     f"out; {folder / 'search_index.json'} lists each with the reason.")
+                     f"out; {folder / 'search_index.json'} lists each with the reason (\"skipped\": "
+                     f"{len(info['skipped'])}, \"ignored\": {len(info.get('ignored', []))}).")
     if index.recall is not None:
         lines.append(f"{index.settings.kind} index: recall@10 against exact search {index.recall:.4f}.")
     sizes = info["bytes_per_image"]
