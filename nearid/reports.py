@@ -479,7 +479,8 @@ def plot_image_grid(path, rows: Sequence[Sequence[tuple]], title: str, cell_inch
     if not rows or not any(rows):
         raise ValueError("plot_image_grid needs at least one image")
     ncols = max(len(cells) for cells in rows)
-    fig = _new_figure(cell_inches * ncols, cell_inches * 1.3 * len(rows) + 0.5)
+    caption_lines = max(caption.count("\n") + 1 for cells in rows for _, caption in cells) + 1  # + "(unreadable)"
+    fig = _new_figure(cell_inches * ncols, (cell_inches + 0.13 * caption_lines + 0.1) * len(rows) + 0.6)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()

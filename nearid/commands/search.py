@@ -17,6 +17,7 @@ refused) and writes CSV, JSON and a contact sheet; `cluster` groups the gallery 
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,18 +263,47 @@ def _thumb(load):
 
 
 def _caption(name: str, width: int = 24) -> str:
-    """The file and its folder (a subject, often), cut from the left to fit under a thumbnail."""
+    """The file and its folder (a subject, often), cut from the left to fit one console column."""
     name = "/".join(Path(name).parts[-2:])
     return name if len(name) <= width else "\u2026" + name[1 - width:]
+
+
+def sheet_captions(names: list, width: int = 24, max_lines: int = 4) -> dict:
+    """{name: caption} that tell the images of one contact sheet apart: each path without the folders all of
+    them share (a lone image keeps its two nearest folders), wrapped at '/' and spaces into at most
+    `max_lines` lines of about `width` characters. What still does not fit loses its start: the file and the
+    folders nearest it (subject, method) are what tells images apart."""
+    parts = {name: Path(name).parts for name in names}
+    shortest = min((len(p) for p in parts.values()), default=1)
+    start = len(os.path.commonprefix(list(parts.values()))) if len(set(names)) > 1 else shortest - 3
+    return {name: _wrap(list(p[max(0, min(start, shortest - 1)):]), width, max_lines) for name, p in parts.items()}
+
+
+def _wrap(parts: list, width: int, max_lines: int) -> str:
+    tokens = [word for index, part in enumerate(parts) for word in
+              (part + ("/" if index < len(parts) - 1 else "")).replace(" ", " \0").split("\0")]
+    lines = [""]
+    for token in reversed(tokens):  # from the file backwards
+        if lines[0] and len(token.rstrip()) + len(lines[0]) > width:
+            lines.insert(0, "")
+        lines[0] = token + lines[0]
+    lines = [line.rstrip() for line in lines]
+    if len(lines) > max_lines:
+        lines = lines[-max_lines:]
+        lines[0] = "\u2026" + lines[0]
+    return "\n".join(line if len(line) <= width + 1 else "\u2026" + line[-width:] for line in lines)
 
 
 def query_sheet(index, result) -> list:
     """One row per query group: its query images, then its top hits with their scores."""
     entries = index.entries()
+    groups = list(zip(result.queries, result.scores, result.rows))[:SHEET_QUERIES]
+    captions = sheet_captions([n for names, _, _ in groups for n in names[:SHEET_QUERY_IMAGES]]
+                              + [describe(entries[r]) for _, _, found in groups for r in found[:SHEET_HITS] if r >= 0])
     rows = []
-    for names, scores, found in list(zip(result.queries, result.scores, result.rows))[:SHEET_QUERIES]:
-        cells = [(_thumb(lambda n=n: load_image(n)), f"query\n{_caption(n)}") for n in names[:SHEET_QUERY_IMAGES]]
-        cells += [(_thumb(lambda r=r: index.image(r)), f"#{rank} {score:.3f}\n{_caption(describe(entries[r]))}")
+    for names, scores, found in groups:
+        cells = [(_thumb(lambda n=n: load_image(n)), f"query\n{captions[n]}") for n in names[:SHEET_QUERY_IMAGES]]
+        cells += [(_thumb(lambda r=r: index.image(r)), f"#{rank} {score:.3f}\n{captions[describe(entries[r])]}")
                   for rank, (score, r) in enumerate(zip(scores[:SHEET_HITS], found), start=1) if r >= 0]
         rows.append(cells)
     return rows
@@ -325,7 +355,8 @@ def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
     entries = index.entries()
     large = [(group, rows) for group, rows in enumerate(members(clusters)) if len(rows) >= args.sheet_min_size]
     for group, rows in large[:args.max_sheets]:
-        cells = [(_thumb(lambda r=r: index.image(r)), _caption(describe(entries[r])))
+        captions = sheet_captions([describe(entries[r]) for r in rows[:SHEET_CLUSTER_IMAGES]])
+        cells = [(_thumb(lambda r=r: index.image(r)), captions[describe(entries[r])])
                  for r in rows[:SHEET_CLUSTER_IMAGES]]
         name = f"cluster_sheets/cluster_{group:04d}.png"
         outputs.optional(f"drawing {name}", reports.plot_image_grid, outputs.path(name),
