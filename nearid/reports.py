@@ -423,28 +423,57 @@ def plot_retrieval(path, scores: Mapping, model: str) -> Path:
 
 
 def plot_score_distributions(path, records: Sequence[Mapping], model: str) -> Path:
-    """Per method, the distribution of generated images' `score_mean` (violin) with each subject's
-    mean as a dot: how methods compare, and how much subjects differ within a method."""
+    """Per method, the distribution of generated images' `score_mean` (violin, median bar) with each subject's
+    mean as a labelled dot: how methods compare, and how much subjects differ within a method."""
+    return _save_png(score_distribution_figure(records, model), path)
+
+
+def score_distribution_figure(records: Sequence[Mapping], model: str, labelled_subjects: int = 8):
+    """The figure of `plot_score_distributions`. Each violin is drawn whole (the y-axis spans every violin,
+    and a method with fewer than 2 distinct scores gets dots only); subject dots are named when a method has
+    at most `labelled_subjects` subjects; the legend sits below the axes, never over the data."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     if not methods:
         raise ValueError("plot_score_distributions needs at least one scored image")
-    fig = _new_figure(max(5.0, 1.3 * len(methods) + 2), 4.4)
+    fig = _new_figure(max(5.5, 1.6 * len(methods) + 2), 5.0)
     ax = fig.subplots()
-    values = [[r["score_mean"] for r in records if r["method"] == m] for m in methods]
-    ax.violinplot(values, positions=range(len(methods)), showmedians=True)
+    values = [np.array([r["score_mean"] for r in records if r["method"] == m], dtype=float) for m in methods]
+    spread = [x for x, v in enumerate(values) if len(np.unique(v)) > 1]  # a KDE needs 2 distinct values
+    bodies = []
+    if spread:
+        bodies = ax.violinplot([values[x] for x in spread], positions=spread, showmedians=True,
+                               showextrema=False)["bodies"]
+        bodies[0].set_label("distribution of the images' scores (bar: median)")
     for x, method in enumerate(methods):
         subjects = sorted({r["subject"] for r in records if r["method"] == method})
         means = [np.mean([r["score_mean"] for r in records if r["method"] == method and r["subject"] == s])
                  for s in subjects]
-        ax.scatter(np.full(len(means), x) + np.linspace(-0.12, 0.12, len(means)), means, s=16, color="black",
-                   zorder=3, label="subject mean" if x == 0 else None)
-    ax.set_xticks(range(len(methods)), methods, rotation=30 if len(methods) > 3 else 0,
-                  ha="right" if len(methods) > 3 else "center")
+        xs = np.full(len(means), x) + (np.linspace(-0.12, 0.12, len(means)) if len(means) > 1 else 0.0)
+        ax.scatter(xs, means, s=16, color="black", zorder=3, label="mean of one subject's images" if x == 0 else None)
+        if len(subjects) <= labelled_subjects:
+            for dot_x, mean, subject in zip(xs, means, subjects):
+                ax.annotate(subject, (dot_x, mean), xytext=(4, 0), textcoords="offset points", fontsize=6,
+                            va="center", zorder=4)
+    ax.set_ylim(_score_limits(bodies, min(v.min() for v in values), max(v.max() for v in values)))
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_xticks(range(len(methods)), [f"{m}\n({len(v)} image{'s' if len(v) != 1 else ''})"
+                                        for m, v in zip(methods, values)],
+                  rotation=30 if len(methods) > 3 else 0, ha="right" if len(methods) > 3 else "center")
     ax.set_ylabel("identity score (cosine, mean over references)")
     ax.set_title(f"Score distribution per method\n{model}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", fontsize=8, ncols=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    return _save_png(fig, path)
+    return fig
+
+
+def _score_limits(bodies, low: float, high: float) -> tuple:
+    """y-limits that hold every violin body (in data coordinates) and every score from `low` to `high`."""
+    for body in bodies:
+        for path in body.get_paths():
+            if len(path.vertices):
+                low, high = min(low, path.vertices[:, 1].min()), max(high, path.vertices[:, 1].max())
+    pad = max(0.05 * (high - low), 0.02)
+    return low - pad, high + pad
 
 
 def plot_training_loss(path, history: Mapping, model: str) -> Path:
