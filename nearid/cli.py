@@ -12,6 +12,9 @@
   command with one short message that says what was expected, what was found and what to do, and
   exit status 1 (`user_errors`); an unknown flag gets the closest known one and status 2.
   Tracebacks are kept for bugs, or shown with `--debug` or NEARID_DEBUG=1.
+- `--help` and argument errors answer without importing torch, transformers or datasets (seconds
+  each): a command imports the modules that need them with `lazy_module`, which loads them when
+  the run first uses them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import os
 import sys
 import typing
@@ -231,6 +235,29 @@ def named_sources(texts, flag: str = "--source") -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# Heavy modules, imported when first used
+
+
+def lazy_module(name: str):
+    """The module `name`, executed on its first attribute access rather than now.
+
+    Commands import the library modules that pull in torch, transformers or datasets this way, so
+    that `--help` and argument errors answer at once; the run itself uses them as usual. A module
+    already imported is returned as it is. (importlib.util.LazyLoader, as the Python docs show.)
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -238,8 +265,10 @@ def named_sources(texts, flag: str = "--source") -> dict:
 def user_errors(debug: bool = False, hints: dict | None = None):
     """Turn a user's mistake into one short message on stderr and exit status 1.
 
-    `hints` maps an exception class to a sentence appended to its message (e.g. how to skip bad
-    images). With `debug` or NEARID_DEBUG=1 the exception propagates with its traceback.
+    `hints` maps an exception class, or its dotted name ("module.Class", looked up only once its module
+    is imported, so a command names it without importing it), to a sentence appended to its message
+    (e.g. how to skip bad images). With `debug` or NEARID_DEBUG=1 the exception propagates with its
+    traceback.
     """
     try:
         yield
@@ -250,6 +279,9 @@ def user_errors(debug: bool = False, hints: dict | None = None):
         if isinstance(error, OSError) and error.strerror and error.filename is None:
             message = error.strerror  # our own OSErrors: the message without "[Errno 28]"
         for error_class, hint in (hints or {}).items():
+            if isinstance(error_class, str):
+                module, _, class_name = error_class.rpartition(".")
+                error_class = getattr(sys.modules.get(module), class_name, ())  # not imported: not raised
             if isinstance(error, error_class):
                 message = f"{message.rstrip('.')}. {hint}"
                 break

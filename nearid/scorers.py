@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from nearid.images import PixelLoader
-from nearid.numerics import autocast
+from nearid.numerics import WEIGHT_DTYPES, autocast
 from nearid.store import StoreFormat, fingerprint, weights_digest
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

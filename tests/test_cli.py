@@ -89,3 +89,41 @@ def test_every_command_has_readable_help(command, argv, capsys):
     helps = [" ".join(entry.split()[1:]) for entry in options[1:]]
     assert len(helps) == len(set(helps))  # no help text reused for another flag
     assert "SPEC" not in text and "--debug" in text
+
+
+HEAVY_MODULES = ("torch", "transformers", "datasets", "faiss", "matplotlib", "scipy", "sklearn")
+# Parses the command line as the script does, then prints which heavy modules that imported.
+PARSE_ONLY = """
+import json, runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as done:
+    code = done.code
+print(json.dumps({"exit": code, "imported": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY_MODULES,)
+
+
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["evaluate.py", "--help"], ["evaluate.py", "score", "--help"],
+                                  ["search.py", "index", "--help"], ["demo.py", "--help"],
+                                  ["evaluate.py", "nearid", "--batch-size", "0"], ["train.py", "--no-such-flag"]])
+def test_help_and_argument_errors_import_no_heavy_module(argv):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exit"] == (0 if "--help" in argv else 2), done.stderr
+    assert result["imported"] == []
+
+
+def test_the_commands_lists_of_kinds_and_modes_are_the_librarys():
+    from nearid import numerics, scorers
+    from nearid import search as gallery
+    from nearid.commands import search
+
+    assert set(evaluate.BASELINE_KINDS) == set(scorers.SCORER_KINDS) - {"nearid"}
+    assert search.COMBINE == gallery.COMBINE and set(numerics.WEIGHT_DTYPES) == set(scorers.DTYPES)

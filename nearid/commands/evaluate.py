@@ -25,23 +25,27 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import card, data, evaluation, metrics, reports, scoring
+from nearid import card, metrics, reports, scoring
 from nearid.cli import (
     REQUIRED,
     DatasetSource,
     NearIDSources,
     build_parser,
+    lazy_module,
     named_sources,
     option,
     parse,
     save_arguments,
     user_errors,
 )
-from nearid.images import ImageLoadError
 from nearid.io import atomic_write_json, atomic_write_text, write_csv
-from nearid.numerics import PRECISIONS, resolve_precision
-from nearid.scorers import DTYPES, SCORER_KINDS, Scorer, resolve_device
-from nearid.store import FillOptions, ImageIndex
+from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_precision
+
+# torch, transformers and datasets come with these: loaded when a run first uses them, not for --help.
+data, evaluation, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
+                                            ("data", "evaluation", "images", "scorers", "store"))
+# The KIND of KIND:MODEL baselines (the keys of nearid.scorers.SCORER_KINDS but nearid; a test keeps them equal).
+BASELINE_KINDS = ("clip", "dinov2", "dinov3", "siglip", "siglip-mean")
 
 # --- arguments -------------------------------------------------------------------------------------
 
@@ -51,12 +55,12 @@ class ModelArguments:
     """The scorer"""
 
     model: str = option(REQUIRED, "scorer: a NearID model (Hub id or folder), or a baseline as KIND:MODEL with "
-                                  f"KIND one of {', '.join(k for k in SCORER_KINDS if k != 'nearid')}")
+                                  f"KIND one of {', '.join(BASELINE_KINDS)}")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model; pin a commit hash for "
                                         "reproducible scores (the commit used is recorded either way)")
     trust_remote_code: bool = option(False, "run the code of a --model repo that is not a NearID model (NearID "
                                             "repos, model_type 'nearid' in config.json, need no opt-in)")
-    dtype: str = option("float32", "dtype of the model's weights and activations", choices=sorted(DTYPES))
+    dtype: str = option("float32", "dtype of the model's weights and activations", choices=sorted(WEIGHT_DTYPES))
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda or cuda:N")
     mixed_precision: str = option("auto", "autocast precision of the forward pass: auto is bf16 on a CUDA GPU and "
                                           "none elsewhere", choices=PRECISIONS)
@@ -274,17 +278,17 @@ def check_score_inputs(args: Arguments) -> None:
 # --- shared steps ----------------------------------------------------------------------------------
 
 
-def load_scorer(args, state) -> Scorer:
-    device = resolve_device(args.device)
+def load_scorer(args, state) -> "scorers.Scorer":
+    device = scorers.resolve_device(args.device)
     if device.startswith("cuda") and state.num_processes > 1:
         device = str(state.device)  # under a multi-GPU launch, each process on its own GPU
-    return Scorer(args.model, args.revision, device, DTYPES[args.dtype], args.trust_remote_code,
+    return scorers.Scorer(args.model, args.revision, device, scorers.DTYPES[args.dtype], args.trust_remote_code,
                   resolve_precision(args.mixed_precision, device), args.compile)
 
 
-def fill_options(args, scorer) -> FillOptions:
+def fill_options(args, scorer) -> "store.FillOptions":
     """How the embed-once store computes images, from `EmbeddingArguments` (also search.py's)."""
-    return FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
+    return store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
                        device=scorer.device, description=f"embedding ({scorer.kind_name})")
 
 
@@ -319,7 +323,7 @@ def record_model_index(args, outputs, benchmark, values, split, model_name) -> N
 
 def embed_benchmark(bench, args, state) -> tuple:
     """(view keys, distractor keys by source, scorer, embeddings) of every image of a joined NearID benchmark."""
-    index = ImageIndex(args.skip_bad_images)
+    index = store.ImageIndex(args.skip_bad_images)
     view_keys, source_keys = evaluation.nearid_keys(bench, index)
     scorer, embedded = embed(index, args, state)
     return view_keys, source_keys, scorer, embedded
@@ -410,7 +414,7 @@ def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_proven
 
 def run_mtg(args, state):
     dataset, dataset_provenance = data.open_mtg(DatasetSource.parse(args.mtg), args.split)
-    index = ImageIndex(args.skip_bad_images)
+    index = store.ImageIndex(args.skip_bad_images)
     keys, row_skipped = evaluation.mtg_keys(dataset, index)
     oracles, oracle_skipped = evaluation.mtg_oracles(dataset, args.skip_bad_images)
     scorer, embedded = embed(index, args, state)
@@ -450,7 +454,7 @@ def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_prov
 def dreambench_from_images(args, state) -> tuple:
     """({method: {key: 100 x cosine}}, scorer provenance with the embedding stats, skipped list)."""
     methods = args.methods or data.dreambench_methods(args.samples)
-    index = ImageIndex(args.skip_bad_images)
+    index = store.ImageIndex(args.skip_bad_images)
     pairs = evaluation.dreambench_pairs_index(args.samples, methods, index)
     scorer, embedded = embed(index, args, state)
     return (evaluation.dreambench_scores(pairs, embedded.vectors),
@@ -502,14 +506,14 @@ def run_score(args, state):
         source = args.samples
     else:
         items, ignored, source = data.read_score_metadata(args.metadata, args.images), [], args.metadata
-    index = ImageIndex(args.skip_bad_images)
+    index = store.ImageIndex(args.skip_bad_images)
     generated, references = scoring.index_items(items, index)
     scorer, embedded = embed(index, args, state)
     if not state.is_main_process:
         return None
     records, unscored = scoring.score_records(items, generated, references, embedded.vectors)
     if not records:
-        raise ImageLoadError(f"none of the {len(items)} generated images could be scored: {unscored[:3]}")
+        raise images.ImageLoadError(f"none of the {len(items)} generated images could be scored: {unscored[:3]}")
     summary = scoring.summarize_scores(records, unscored)
     skipped = scoring.left_out(embedded.skipped, unscored, ignored)
     write_score_outputs(args, scorer, records, summary, skipped, source, embedded.stats, unused)
@@ -607,7 +611,8 @@ def table1_data_origin(args) -> str:
 
 RUNS = {"nearid": run_nearid, "retrieval": run_retrieval, "mtg": run_mtg, "dreambench": run_dreambench,
         "score": run_score, "table1": run_table1}
-HINTS = {ImageLoadError: "Pass --skip-bad-images to leave unreadable images out; they are listed in the results."}
+HINTS = {"image_processing_nearid.ImageLoadError": "Pass --skip-bad-images to leave unreadable images out; they are "
+                                                   "listed in the results."}
 
 
 def main(argv=None):
@@ -619,7 +624,7 @@ def main(argv=None):
         device = args.device if getattr(args, "model", None) else "cpu"
         # cpu=True is what makes accelerate join the processes of a CPU launch (gloo); without it
         # every process would run alone and embed every image.
-        state = PartialState(cpu=resolve_device(device) == "cpu")
+        state = PartialState(cpu=scorers.resolve_device(device) == "cpu")
         return RUNS[args.mode](args, state)
 
 

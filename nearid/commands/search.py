@@ -25,25 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from nearid.commands.evaluate import HINTS, Arguments, EmbeddingArguments, ModelArguments, fill_options, load_scorer
-from nearid import data, reports
+from nearid import reports
 from nearid.ann import INDEX_KINDS, IndexSettings
-from nearid.cli import REQUIRED, DatasetSource, build_parser, option, parse, save_arguments, user_errors
+from nearid.cli import REQUIRED, DatasetSource, build_parser, lazy_module, option, parse, save_arguments, user_errors
 from nearid.clustering import IdentityLinkage
-from nearid.images import load_image
 from nearid.io import write_csv
-from nearid.scorers import resolve_device
-from nearid.search import (
-    COMBINE,
-    INFO_FILE,
-    DatasetColumn,
-    Embedder,
-    SearchIndex,
-    SearchIndexMismatch,
-    check_replaceable,
-    describe,
-    read_info,
-    thumbnail,
-)
+
+# torch, transformers, datasets and faiss come with these: loaded when a run first uses them, not for --help.
+data, images, scorers, gallery = (lazy_module(f"nearid.{name}") for name in ("data", "images", "scorers", "search"))
+COMBINE = ("each", "mean", "max")  # nearid.search.COMBINE (a test keeps them equal), for --combine's choices
 
 SHEET_QUERIES, SHEET_QUERY_IMAGES, SHEET_HITS, SHEET_CLUSTER_IMAGES = 16, 3, 10, 40
 
@@ -131,9 +121,9 @@ COMMANDS = {
 }
 
 
-def embedder(args, state) -> Embedder:
+def embedder(args, state) -> gallery.Embedder:
     scorer = load_scorer(args, state)
-    return Embedder(scorer, args.cache_dir, fill_options(args, scorer), state)
+    return gallery.Embedder(scorer, args.cache_dir, fill_options(args, scorer), state)
 
 
 # --- index -----------------------------------------------------------------------------------------
@@ -148,20 +138,21 @@ def gallery_sources(args) -> tuple:
     source = DatasetSource.parse(args.dataset)
     dataset, provenance = data.open_dataset(source, args.split)
     data.require_columns(dataset, args.column, f"dataset {args.dataset}")
-    return args.images, [DatasetColumn(str(source), dataset, column, args.split) for column in args.column], [provenance]
+    columns = [gallery.DatasetColumn(str(source), dataset, column, args.split) for column in args.column]
+    return args.images, columns, [provenance]
 
 
-def open_or_create(args, embedder_: Embedder) -> SearchIndex:
+def open_or_create(args, embedder_: gallery.Embedder) -> gallery.SearchIndex:
     """The index of --index-dir, or a new one; one built by another scorer is refused unless --overwrite."""
     settings = IndexSettings(args.index_type, args.nlist, args.nprobe, args.hnsw_m, ef_search=args.ef_search)
     folder = Path(args.index_dir)
-    check_replaceable(folder)  # before anything is embedded
-    if not (folder / INFO_FILE).is_file() or args.overwrite:
-        return SearchIndex.create(embedder_, settings)
+    gallery.check_replaceable(folder)  # before anything is embedded
+    if not (folder / gallery.INFO_FILE).is_file() or args.overwrite:
+        return gallery.SearchIndex.create(embedder_, settings)
     try:
-        index = SearchIndex.load(folder, embedder_)
-    except SearchIndexMismatch as error:
-        raise SearchIndexMismatch(f"{error} Or pass --overwrite to replace it.") from None
+        index = gallery.SearchIndex.load(folder, embedder_)
+    except gallery.SearchIndexMismatch as error:
+        raise gallery.SearchIndexMismatch(f"{error} Or pass --overwrite to replace it.") from None
     index.use(settings)
     return index
 
@@ -182,7 +173,7 @@ def run_index(args, state):
 
 def index_summary(index, report, folder, cache_dir) -> str:
     """What `index` did, in the words of search_index.json: where each embedding came from, what was left out."""
-    info = read_info(folder)
+    info = gallery.read_info(folder)
     lines = [f"Indexed {report['images']} images into {folder}: {report['added']} new, {report['removed']} removed. "
              f"Embeddings: {report['embedded']} computed now, {report['from_store']} read from the embed-once store "
              f"({cache_dir}), {report['reused']} kept from the index."]
@@ -203,10 +194,10 @@ def index_summary(index, report, folder, cache_dir) -> str:
 
 
 def run_query(args, state):
-    scorer = read_info(Path(args.index_dir))["scorer"]  # a missing index stops the run before a model loads
+    scorer = gallery.read_info(Path(args.index_dir))["scorer"]  # a missing index stops the run before a model loads
     if args.model is None:  # the index's own scorer embeds the queries
         args.model, args.revision, args.dtype = scorer["spec"], scorer["revision"], scorer["dtype"]
-    index = SearchIndex.load(args.index_dir, embedder(args, state))
+    index = gallery.SearchIndex.load(args.index_dir, embedder(args, state))
     result = index.search(args.images, args.k, args.combine)
     if not state.is_main_process:
         return None
@@ -215,7 +206,7 @@ def run_query(args, state):
     return {"result": result, "records": records}
 
 
-def hit_records(index: SearchIndex, result) -> list:
+def hit_records(index: gallery.SearchIndex, result) -> list:
     entries = index.entries()
     records = []
     for group, (names, scores, rows) in enumerate(zip(result.queries, result.scores, result.rows)):
@@ -223,7 +214,7 @@ def hit_records(index: SearchIndex, result) -> list:
             if row >= 0:
                 entry = entries[row]
                 records.append({"query_group": group, "queries": ";".join(names), "rank": rank,
-                                "score": float(score), "image": describe(entry), **entry})
+                                "score": float(score), "image": gallery.describe(entry), **entry})
     return records
 
 
@@ -257,7 +248,7 @@ def print_query_summary(index, result, records):
 def _thumb(load):
     """A thumbnail of `load()`, or None when the image cannot be read any more (a moved file)."""
     try:
-        return thumbnail(load())
+        return gallery.thumbnail(load())
     except (OSError, ValueError):
         return None
 
@@ -299,11 +290,13 @@ def query_sheet(index, result) -> list:
     entries = index.entries()
     groups = list(zip(result.queries, result.scores, result.rows))[:SHEET_QUERIES]
     captions = sheet_captions([n for names, _, _ in groups for n in names[:SHEET_QUERY_IMAGES]]
-                              + [describe(entries[r]) for _, _, found in groups for r in found[:SHEET_HITS] if r >= 0])
+                              + [gallery.describe(entries[r]) for _, _, found in groups for r in found[:SHEET_HITS]
+                                 if r >= 0])
     rows = []
     for names, scores, found in groups:
-        cells = [(_thumb(lambda n=n: load_image(n)), f"query\n{captions[n]}") for n in names[:SHEET_QUERY_IMAGES]]
-        cells += [(_thumb(lambda r=r: index.image(r)), f"#{rank} {score:.3f}\n{captions[describe(entries[r])]}")
+        cells = [(_thumb(lambda n=n: images.load_image(n)), f"query\n{captions[n]}")
+                 for n in names[:SHEET_QUERY_IMAGES]]
+        cells += [(_thumb(lambda r=r: index.image(r)), f"#{rank} {score:.3f}\n{captions[gallery.describe(entries[r])]}")
                   for rank, (score, r) in enumerate(zip(scores[:SHEET_HITS], found), start=1) if r >= 0]
         rows.append(cells)
     return rows
@@ -315,13 +308,14 @@ def query_sheet(index, result) -> list:
 def run_cluster(args, state):
     if not state.is_main_process:
         return None
-    index = SearchIndex.load(args.index_dir)
+    index = gallery.SearchIndex.load(args.index_dir)
     linkage = IdentityLinkage(index.vectors(), min(args.threshold, args.duplicate_threshold))
     clusters, duplicates = linkage.labels(args.threshold), linkage.labels(args.duplicate_threshold)
     entries = index.entries()
     cluster_sizes, duplicate_sizes = np.bincount(clusters), np.bincount(duplicates)
     records = [{"cluster": int(c), "cluster_size": int(cluster_sizes[c]),
-                "near_duplicate_group": int(d) if duplicate_sizes[d] > 1 else None, "image": describe(entry), **entry}
+                "near_duplicate_group": int(d) if duplicate_sizes[d] > 1 else None, "image": gallery.describe(entry),
+                **entry}
                for c, d, entry in zip(clusters, duplicates, entries)]
     summary = cluster_summary(args, clusters, duplicates)
     write_cluster_outputs(args, index, records, clusters, duplicates, summary)
@@ -344,7 +338,7 @@ def members(labels) -> list:
 
 def label_groups(labels, entries, min_size: int = 2) -> list:
     """[{"group", "size", "images"}] of the labels with at least `min_size` images, largest first."""
-    return [{"group": group, "size": len(rows), "images": [describe(entries[row]) for row in rows]}
+    return [{"group": group, "size": len(rows), "images": [gallery.describe(entries[row]) for row in rows]}
             for group, rows in enumerate(members(labels)) if len(rows) >= min_size]
 
 
@@ -355,8 +349,8 @@ def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
     entries = index.entries()
     large = [(group, rows) for group, rows in enumerate(members(clusters)) if len(rows) >= args.sheet_min_size]
     for group, rows in large[:args.max_sheets]:
-        captions = sheet_captions([describe(entries[r]) for r in rows[:SHEET_CLUSTER_IMAGES]])
-        cells = [(_thumb(lambda r=r: index.image(r)), captions[describe(entries[r])])
+        captions = sheet_captions([gallery.describe(entries[r]) for r in rows[:SHEET_CLUSTER_IMAGES]])
+        cells = [(_thumb(lambda r=r: index.image(r)), captions[gallery.describe(entries[r])])
                  for r in rows[:SHEET_CLUSTER_IMAGES]]
         name = f"cluster_sheets/cluster_{group:04d}.png"
         outputs.optional(f"drawing {name}", reports.plot_image_grid, outputs.path(name),
@@ -386,7 +380,7 @@ def main(argv=None):
         from accelerate import PartialState
 
         # cpu=True joins the processes of a CPU launch (gloo), as in evaluate.py.
-        state = PartialState(cpu=resolve_device(getattr(args, "device", "cpu")) == "cpu")
+        state = PartialState(cpu=scorers.resolve_device(getattr(args, "device", "cpu")) == "cpu")
         return RUNS[command](args, state)
 
 
