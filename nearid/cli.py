@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib.util
+import importlib
 import os
 import sys
 import typing
@@ -238,23 +238,25 @@ def named_sources(texts, flag: str = "--source") -> dict:
 # Heavy modules, imported when first used
 
 
-def lazy_module(name: str):
-    """The module `name`, executed on its first attribute access rather than now.
+class lazy_module:  # noqa: N801 (used like a function: `data = lazy_module("nearid.data")`)
+    """The module `name`, imported on first attribute access rather than now.
 
     Commands import the library modules that pull in torch, transformers or datasets this way, so
-    that `--help` and argument errors answer at once; the run itself uses them as usual. A module
-    already imported is returned as it is. (importlib.util.LazyLoader, as the Python docs show.)
+    that `--help` and argument errors answer at once; the run itself uses them as usual. Nothing is
+    registered in sys.modules before that first use, so code that scans the loaded modules (torch
+    and inspect do) never triggers an import half-way through another.
     """
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+
+    def __init__(self, name: str):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attribute: str):
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attribute)
+
+    def __repr__(self) -> str:
+        return f"<lazily imported module {self._name!r}>"
 
 
 # --------------------------------------------------------------------------------------------------

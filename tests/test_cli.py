@@ -127,3 +127,18 @@ def test_the_commands_lists_of_kinds_and_modes_are_the_librarys():
 
     assert set(evaluate.BASELINE_KINDS) == set(scorers.SCORER_KINDS) - {"nearid"}
     assert search.COMBINE == gallery.COMBINE and set(numerics.WEIGHT_DTYPES) == set(scorers.DTYPES)
+
+
+def test_a_command_run_from_a_fresh_interpreter_loads_its_lazy_modules(tmp_path):
+    """The lazily imported library works when nothing imported it before (as in the tests' own process)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    ratings = REPO_ROOT / "tests" / "data" / "dreambench_plus"
+    done = subprocess.run([sys.executable, "evaluate.py", "dreambench", "--ratings", str(ratings), "--scores-from",
+                           "data_nearid_rating", "--output-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "dreambench_results.json").read_text())["metrics"]["mh_object"] > 0.5
