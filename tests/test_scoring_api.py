@@ -133,7 +133,8 @@ def test_subjects_without_references_are_an_error_and_unused_references_are_list
                                       str(generations)))
     assert result["skipped"] == []  # a reference folder is not an image or file left out
     assert result["unused_references"] == [{"references": str(references / SUBJECTS[1]), "method": METHODS[1]}]
-    assert f"no generations (not scored): {METHODS[1]}: {SUBJECTS[1]}." in (tmp_path / "out" / "score_summary.md").read_text()
+    summary = (tmp_path / "out" / "score_summary.md").read_text()
+    assert f"no generations (not scored): {METHODS[1]}: {SUBJECTS[1]}." in summary
 
 
 def test_skipped_images_are_counted_in_the_summary(tiny_repo, layout, tmp_path):
@@ -176,7 +177,8 @@ def test_generation_folders_that_match_no_reference_subject_name_both_sets(tiny_
     assert "case" not in message
 
     (tmp_path / "generations" / "dreambooth" / "Chelsea").mkdir()  # method/<subject> with the subject's case changed
-    (tmp_path / "generations" / "dreambooth" / "gen.png").rename(tmp_path / "generations" / "dreambooth" / "Chelsea" / "gen.png")
+    method = tmp_path / "generations" / "dreambooth"
+    (method / "gen.png").rename(method / "Chelsea" / "gen.png")
     message = user_error(capsys, evaluate.main, args)
     assert "generations without references: dreambooth/Chelsea" in message
     assert "'Chelsea' vs the reference subject 'chelsea'" in message

@@ -363,7 +363,8 @@ def test_index_summary_agrees_with_search_index_json_and_says_where_embeddings_c
     report = search.main([*common, "--index-dir", str(tmp_path / "second")])  # a new index, the same store
     out = capsys.readouterr().out
     assert report["from_store"] == 12 and report["embedded"] == 0
-    assert f"13 new, 0 removed. Embeddings: 0 computed now, 12 read from the embed-once store ({tmp_path / 'cache'})" in out
+    store = tmp_path / "cache"
+    assert f"13 new, 0 removed. Embeddings: 0 computed now, 12 read from the embed-once store ({store})" in out
     info = json.loads((tmp_path / "second" / "search_index.json").read_text())
     assert [item["image"] for item in info["ignored"]] == [str(gallery / "notes.txt")] and info["skipped"] == []
     assert "0 unreadable images and 1 other files were left out" in out and '"ignored": 1' in out

@@ -283,13 +283,14 @@ def load_scorer(args, state) -> "scorers.Scorer":
     if device.startswith("cuda") and state.num_processes > 1:
         device = str(state.device)  # under a multi-GPU launch, each process on its own GPU
     return scorers.Scorer(args.model, args.revision, device, scorers.DTYPES[args.dtype], args.trust_remote_code,
-                  resolve_precision(args.mixed_precision, device), args.compile)
+                          resolve_precision(args.mixed_precision, device), args.compile)
 
 
 def fill_options(args, scorer) -> "store.FillOptions":
     """How the embed-once store computes images, from `EmbeddingArguments` (also search.py's)."""
-    return store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
-                       device=scorer.device, description=f"embedding ({scorer.kind_name})")
+    return store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
+                             skip_errors=args.skip_bad_images, device=scorer.device,
+                             description=f"embedding ({scorer.kind_name})")
 
 
 def embed(index, args, state) -> tuple:
