@@ -22,9 +22,9 @@ evaluation, training and search, so the same file gives the same pixels however 
   Pillow's process-wide limit;
 - errors name the image: the file, or the place the caller gives (dataset, row and column).
 
-16-bit images (mode I;16) follow PIL's RGB conversion, as transformers does: values are clipped at
-255, so a typical 16-bit photo comes out almost white. Scale such images to 8 bits first, e.g.
-`Image.fromarray((np.asarray(img, dtype=np.float32) / 257).round().astype(np.uint8))`.
+- 16-bit grayscale images (modes I;16, I;16B, ...) are scaled to 8 bits (value / 257, rounded), as
+  image viewers show them. PIL's own RGB conversion, which transformers uses, clips them at 255 and
+  turns a typical 16-bit photo almost white; this is the one place NearID's pixels differ from it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ _CONFIG_KEYS = (
     "max_image_pixels",
 )
 # Names a change of the decode rules: part of every cache fingerprint, so cached pixels never mix rules.
-DECODE_RULES = "exif-transpose+alpha-on-white/1"
+DECODE_RULES = "exif-transpose+alpha-on-white+16-bit-scaled/2"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _OBJECT_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. "<_io.BytesIO object at 0x7f..>"
 
 
@@ -192,8 +193,20 @@ def load_image(
     return _pil_to_rgb(decoded)
 
 
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit "L" (value / 257, rounded: 65535 -> 255); others unchanged."""
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    scaled = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8))
+    if image.info.get("transparency") is not None:  # a transparent grey value scales with the pixels
+        scaled.info["transparency"] = round(image.info["transparency"] / 257)
+    return scaled
+
+
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
-    """transformers.image_transforms.convert_to_rgb for PIL: transparency goes onto white."""
+    """transformers.image_transforms.convert_to_rgb for PIL: transparency goes onto white; 16-bit images are
+    scaled to 8 bits first (`_to_8_bits`)."""
+    image = _to_8_bits(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))

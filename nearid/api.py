@@ -132,12 +132,12 @@ class IdentityScorer:
         """Score the DreamBooth layout: references/<subject>/* against generations/<method>/<subject>/*
         (or generations/<subject>/* for one method); every generation against all references of its
         subject. The same numbers and tables as `evaluate.py score --references ... --generations ...`."""
-        items, left_out = data.score_items_from_subject_folders(references, generations, methods)
+        items, other_files, _ = data.score_items_from_subject_folders(references, generations, methods)
         index = ImageIndex(self.skip_bad_images)
         generated, refs = scoring.index_items(items, index)
         embedded = self._embed(index)
         records, unscored = scoring.score_records(items, generated, refs, embedded.vectors)
-        skipped = embedded.skipped + unscored + [{"image": place, "reason": reason} for place, reason in left_out]
+        skipped = scoring.left_out(embedded.skipped, unscored, other_files)
         return ScoreTable(records, scoring.summarize_scores(records, unscored), skipped)
 
     def heatmaps(self, references, generated) -> Heatmaps:

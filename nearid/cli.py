@@ -13,6 +13,9 @@
   command with one short message that says what was expected, what was found and what to do, and
   exit status 1 (`user_errors`); an unknown flag gets the closest known one and status 2.
   Tracebacks are kept for bugs, or shown with `--debug` or NEARID_DEBUG=1.
+- `--help` and argument errors answer without importing torch, transformers or datasets (seconds
+  each): a command imports the modules that need them with `lazy_module`, which loads them when
+  the run first uses them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import math
 import os
 import sys
@@ -265,6 +269,31 @@ def named_sources(texts, flag: str = "--source") -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# Heavy modules, imported when first used
+
+
+class lazy_module:  # noqa: N801 (used like a function: `data = lazy_module("nearid.data")`)
+    """The module `name`, imported on first attribute access rather than now.
+
+    Commands import the library modules that pull in torch, transformers or datasets this way, so
+    that `--help` and argument errors answer at once; the run itself uses them as usual. Nothing is
+    registered in sys.modules before that first use, so code that scans the loaded modules (torch
+    and inspect do) never triggers an import half-way through another.
+    """
+
+    def __init__(self, name: str):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attribute: str):
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attribute)
+
+    def __repr__(self) -> str:
+        return f"<lazily imported module {self._name!r}>"
+
+
+# --------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -272,8 +301,10 @@ def named_sources(texts, flag: str = "--source") -> dict:
 def user_errors(debug: bool = False, hints: dict | None = None):
     """Turn a user's mistake into one short message on stderr and exit status 1.
 
-    `hints` maps an exception class to a sentence appended to its message (e.g. how to skip bad
-    images). With `debug` or NEARID_DEBUG=1 the exception propagates with its traceback.
+    `hints` maps an exception class, or its dotted name ("module.Class", looked up only once its module
+    is imported, so a command names it without importing it), to a sentence appended to its message
+    (e.g. how to skip bad images). With `debug` or NEARID_DEBUG=1 the exception propagates with its
+    traceback.
     """
     try:
         yield
@@ -284,6 +315,9 @@ def user_errors(debug: bool = False, hints: dict | None = None):
         if isinstance(error, OSError) and error.strerror and error.filename is None:
             message = error.strerror  # our own OSErrors: the message without "[Errno 28]"
         for error_class, hint in (hints or {}).items():
+            if isinstance(error_class, str):
+                module, _, class_name = error_class.rpartition(".")
+                error_class = getattr(sys.modules.get(module), class_name, ())  # not imported: not raised
             if isinstance(error, error_class):
                 message = f"{message.rstrip('.')}. {hint}"
                 break

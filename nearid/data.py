@@ -57,6 +57,29 @@ NEARID_NUM_ROWS = 19_386
 
 
 # --------------------------------------------------------------------------------------------------
+# Where data came from (for the labels of results tables)
+
+SYNTHETIC_GENERATOR = "nearid.synthetic"  # the "generator" of the manifest.json it writes
+
+
+def data_origin(location) -> str:
+    """"synthetic" (written by `nearid.synthetic`: a folder of its output or the output itself),
+    "local" (another existing path) or "hub" (anything else: a Hub id)."""
+    path = Path(str(getattr(location, "location", location))).expanduser()
+    if not path.exists():
+        return "hub"
+    path = path.resolve()
+    for folder in (path, *path.parents[:2]):  # <data>, <data>/positives, <data>/dreambench/samples
+        manifest = folder / "manifest.json"
+        try:
+            if manifest.is_file() and json.loads(manifest.read_text()).get("generator") == SYNTHETIC_GENERATOR:
+                return "synthetic"
+        except (OSError, ValueError, AttributeError):
+            continue
+    return "local"
+
+
+# --------------------------------------------------------------------------------------------------
 # Opening datasets
 
 
@@ -540,8 +563,8 @@ def score_items_from_layout(samples_root, methods: Sequence[str] | None = None) 
 
 
 def score_items_from_subject_folders(references, generations, methods: Sequence[str] | None = None) -> tuple:
-    """(`ScoreItem`s, left-out list) of the DreamBooth layout: several references per subject, shared by
-    every generation of that subject.
+    """(`ScoreItem`s, left-out files, unused references) of the DreamBooth layout: several references per
+    subject, shared by every generation of that subject.
 
         references/<subject>/<image>                    the reference images of each subject
         generations/<method>/<subject>/<image>          several methods side by side, or
@@ -549,8 +572,8 @@ def score_items_from_subject_folders(references, generations, methods: Sequence[
 
     Every generated image (any format Pillow reads, in any subfolder of its subject) is scored
     against all references of its subject. Generations of a subject without references are an error
-    naming them; a subject whose references no method generated, and files that are not images, are
-    returned as left out `[(place, reason)]`.
+    naming them; files that are not images are returned as left out `[(file, reason)]`, and subjects
+    whose references a method did not generate as unused `[(reference folder, method)]`.
     """
     ref_root, gen_root = Path(references).resolve(), Path(generations).resolve()
     for root, flag, shape in ((ref_root, "--references", "<subject>/<image>"),
@@ -563,13 +586,12 @@ def score_items_from_subject_folders(references, generations, methods: Sequence[
                          "references/<subject>/<image>")
     folders = _method_folders(gen_root, set(subject_refs), methods)
     root = Path(os.path.commonpath([ref_root, gen_root]))
-    items, orphans = [], []
+    items, orphans, unused = [], [], []
     for method, folder in folders.items():
         generated, ignored = _subject_images(folder, f"generations of {method}")
         left_out += ignored
         orphans += [f"{method}/{subject}" for subject in generated if subject not in subject_refs]
-        left_out += [(str(ref_root / subject), f"references but no generations of method {method}")
-                     for subject in subject_refs if subject not in generated]
+        unused += [(str(ref_root / subject), method) for subject in subject_refs if subject not in generated]
         for subject, images in generated.items():
             refs = tuple(path.relative_to(root).as_posix() for path in subject_refs.get(subject, ()))
             items += [ScoreItem(method, subject, image.relative_to(root).as_posix(), refs, root, str(image))
@@ -577,11 +599,44 @@ def score_items_from_subject_folders(references, generations, methods: Sequence[
     if orphans:
         raise ValueError(f"generations without references: {', '.join(orphans[:5])}"
                          f"{f' and {len(orphans) - 5} more' if len(orphans) > 5 else ''}; every subject needs "
-                         f"{ref_root}/<subject>/ with its reference images (subject folder names must match)")
+                         f"{ref_root}/<subject>/ with its reference images (subject folder names must match)"
+                         f"{_case_hint([o.rpartition('/')[2] for o in orphans], subject_refs)}")
     if not items:
-        raise ValueError(f"no generated images under {gen_root}; expected <method>/<subject>/<image> or "
-                         "<subject>/<image>")
-    return items, left_out
+        raise ValueError(_no_generations_message(gen_root, sorted(subject_refs)))
+    return items, left_out, unused
+
+
+def _case_hint(names: Sequence[str], subjects) -> str:
+    """'; 'Chelsea' differs from the reference subject 'chelsea' only in letter case ...' or ''."""
+    by_lower = {subject.lower(): subject for subject in subjects}
+    pairs = [(name, by_lower[name.lower()]) for name in dict.fromkeys(names)
+             if name.lower() in by_lower and by_lower[name.lower()] != name]
+    if not pairs:
+        return ""
+    listed = ", ".join(f"{name!r} vs the reference subject {subject!r}" for name, subject in pairs[:5])
+    return (f". Folder names differ only in letter case: {listed}; names must match exactly (case-sensitive), so "
+            "rename one of them")
+
+
+def _no_generations_message(gen_root: Path, subjects: Sequence[str]) -> str:
+    """Why no generated image matched a reference subject: both sets of names, and where images lie."""
+    found, loose, nested = [], [], []
+    for folder in sorted(p for p in gen_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        direct = find_images(folder, recursive=False)[0]
+        below = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        found.append(f"{folder.name}/ ({len(direct)} image{'' if len(direct) == 1 else 's'} directly in it"
+                     f"{', folders ' + ', '.join(below[:5]) if below else ''})")
+        loose += [folder.name] if direct else []
+        nested += below
+    shown = ", ".join(subjects[:10]) + (f" and {len(subjects) - 10} more" if len(subjects) > 10 else "")
+    message = (f"no generated images under {gen_root} belong to a reference subject. Reference subjects "
+               f"(--references): {shown}. Folders under --generations: {'; '.join(found[:10]) or 'none'}")
+    if loose:
+        message += (f". Images lie directly in {', '.join(f'{name}/' for name in loose[:5])}: put them in a "
+                    "<subject>/ folder named like the references")
+    hint = _case_hint([p.name for p in gen_root.iterdir() if p.is_dir()] + nested, subjects)
+    return message + hint + (". Expected generations/<method>/<subject>/<image> or generations/<subject>/<image>, "
+                             "with <subject> a folder name of --references")
 
 
 def _subject_images(root: Path, what: str) -> tuple:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import torch
-
-AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Names only (torch is imported where it runs), so the commands' flags can list them cheaply.
+AUTOCAST = {"no": None, "fp16": "float16", "bf16": "bfloat16"}  # precision -> torch dtype name
 PRECISIONS = ("auto", *AUTOCAST)
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # dtypes a scorer's weights load in (`--dtype`)
 
 
 def resolve_precision(precision: str, device) -> str:
@@ -23,10 +23,14 @@ def resolve_precision(precision: str, device) -> str:
         raise ValueError(f"mixed precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
+    import torch
+
     return "bf16" if torch.device(device).type == "cuda" else "no"
 
 
 def autocast(device, precision: str):
     """The autocast context of a resolved `precision` on `device`'s type (a null context for "no")."""
+    import torch
+
     dtype = AUTOCAST[precision]
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype)) if dtype else nullcontext()

@@ -5,7 +5,7 @@ computes a metric. Files are written atomically through `nearid.io`. matplotlib 
 the plotting functions, so `evaluate.py` imports this module cheaply; model cards are `nearid.card`'s.
 
 - Results JSON: `provenance`, `results_document`.
-- Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`, `retrieval_markdown`.
+- Markdown: `table1_row`, `table1_markdown`, `per_source_markdown`, `retrieval_markdown`, `mh_per_category`.
 - Plots (PNG): `plot_margin_histograms`, `plot_ssr_pa`, `plot_retrieval`, `plot_image_grid` (contact sheets).
 - A run's files: `RunOutputs` (stale files of the previous run removed, results JSON last).
 """
@@ -146,20 +146,54 @@ def _counts(metrics: Mapping, prefix: str = "") -> dict:
     return out
 
 
+# Short reasons for what a run left out, found by the phrases of the messages that say it (the decode's, in
+# image_processing_nearid.py, and `nearid.images.find_images`'); the full message stays with each item.
+SKIP_REASONS = (
+    ("no such image file", "missing file"),
+    ("cannot read image file", "unreadable"),
+    ("could not decode", "unreadable"),
+    ("not an image format", "not an image"),
+    ("above the limit", "too large"),
+    ("decompression-bomb limit", "too large"),
+    ("it has no pixels", "no pixels"),
+    ("neither bytes nor a path", "empty cell"),
+    ("the mtg oracle needs both masks", "missing mask"),
+    ("not in a <subject>/ folder", "outside a subject folder"),
+)
+
+
+def skip_reason(message: str) -> str:
+    """The short reason of one left-out item's message, e.g. "unreadable" for "Could not decode image file
+    'a.png' (12 bytes): ..."; a message that is already short and names no file is its own reason."""
+    lower = message.lower()
+    for phrase, reason in SKIP_REASONS:
+        if phrase in lower:
+            return reason
+    return message if len(message) <= 48 and "'" not in message and "/" not in message else "other"
+
+
+def skipped_by_reason(skipped: Sequence[Mapping]) -> dict:
+    """{short reason: count} of left-out items ({"reason": message, ...}), the most frequent first."""
+    counts: dict = {}
+    for item in skipped:
+        reason = skip_reason(item["reason"])
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def results_document(benchmark: str, scorer: dict, metrics: dict, provenance: dict,
                      skipped: list[dict], notes: Mapping | None = None) -> dict:
     """The results JSON of one (benchmark, scorer) run, in a fixed layout.
 
     Returns {"benchmark", "scorer", "metrics", "skipped" (one dict per left-out item, each with a
-    "reason"), "counts" ({"n_skipped", "skipped_by_reason", plus every integer `n_*` of `metrics`,
-    nested keys joined by '/'}), "provenance"}, and "notes" (metric key -> what it means) when given.
+    "reason", its full message), "counts" ({"n_skipped", "skipped_by_reason" (short reasons,
+    `skip_reason`), plus every integer `n_*` of `metrics`, nested keys joined by '/'}), "provenance"},
+    and "notes" (metric key -> what it means) when given.
     """
     bad = [s for s in skipped if "reason" not in s]
     if bad:
         raise ValueError(f"every skipped item needs a 'reason'; got {bad[:3]}")
-    by_reason: dict = {}
-    for s in skipped:
-        by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
+    by_reason = skipped_by_reason(skipped)
     return {
         "benchmark": benchmark,
         "scorer": dict(scorer),
@@ -226,6 +260,30 @@ def table1_markdown(rows: Mapping[str, Mapping], nearid_sources: Sequence[str] |
     note = (f"\n\u2020 pooled over the distractor sources {', '.join(nearid_sources)}, not Table 1's 7 settings "
             f"({', '.join(NEARID_TABLE1_SOURCES)}).\n") if marked else ""
     return _markdown(header, body) + note
+
+
+def mh_per_category(result: Mapping) -> str:
+    """'all 0.4071, object 0.5450, style no samples, ...' from a `metrics.dreambench_mh` result.
+
+    A category without samples (or with too few for a correlation) is said so instead of "nan".
+    """
+    parts = []
+    for key, value in result.items():
+        if not key.startswith("mh_"):
+            continue
+        category = key[3:]
+        counts = [v for k, v in result.items() if k.endswith(f"/n_{category}")]  # one per method
+        samples = sum(counts)
+        if not math.isnan(value):
+            parts.append(f"{category} {value:.4f}")
+        elif not counts:  # an aggregate of the categories
+            parts.append(f"{category} undefined")
+        elif samples == 0:
+            parts.append(f"{category} no samples")
+        else:
+            parts.append(f"{category} undefined ({samples} samples; a correlation needs 2 or more varying ones "
+                         "per method)")
+    return ", ".join(parts)
 
 
 def _pool(scores: Sequence[Mapping]) -> dict:
@@ -387,28 +445,57 @@ def plot_retrieval(path, scores: Mapping, model: str) -> Path:
 
 
 def plot_score_distributions(path, records: Sequence[Mapping], model: str) -> Path:
-    """Per method, the distribution of generated images' `score_mean` (violin) with each subject's
-    mean as a dot: how methods compare, and how much subjects differ within a method."""
+    """Per method, the distribution of generated images' `score_mean` (violin, median bar) with each subject's
+    mean as a labelled dot: how methods compare, and how much subjects differ within a method."""
+    return _save_png(score_distribution_figure(records, model), path)
+
+
+def score_distribution_figure(records: Sequence[Mapping], model: str, labelled_subjects: int = 8):
+    """The figure of `plot_score_distributions`. Each violin is drawn whole (the y-axis spans every violin,
+    and a method with fewer than 2 distinct scores gets dots only); subject dots are named when a method has
+    at most `labelled_subjects` subjects; the legend sits below the axes, never over the data."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     if not methods:
         raise ValueError("plot_score_distributions needs at least one scored image")
-    fig = _new_figure(max(5.0, 1.3 * len(methods) + 2), 4.4)
+    fig = _new_figure(max(5.5, 1.6 * len(methods) + 2), 5.0)
     ax = fig.subplots()
-    values = [[r["score_mean"] for r in records if r["method"] == m] for m in methods]
-    ax.violinplot(values, positions=range(len(methods)), showmedians=True)
+    values = [np.array([r["score_mean"] for r in records if r["method"] == m], dtype=float) for m in methods]
+    spread = [x for x, v in enumerate(values) if len(np.unique(v)) > 1]  # a KDE needs 2 distinct values
+    bodies = []
+    if spread:
+        bodies = ax.violinplot([values[x] for x in spread], positions=spread, showmedians=True,
+                               showextrema=False)["bodies"]
+        bodies[0].set_label("distribution of the images' scores (bar: median)")
     for x, method in enumerate(methods):
         subjects = sorted({r["subject"] for r in records if r["method"] == method})
         means = [np.mean([r["score_mean"] for r in records if r["method"] == method and r["subject"] == s])
                  for s in subjects]
-        ax.scatter(np.full(len(means), x) + np.linspace(-0.12, 0.12, len(means)), means, s=16, color="black",
-                   zorder=3, label="subject mean" if x == 0 else None)
-    ax.set_xticks(range(len(methods)), methods, rotation=30 if len(methods) > 3 else 0,
-                  ha="right" if len(methods) > 3 else "center")
+        xs = np.full(len(means), x) + (np.linspace(-0.12, 0.12, len(means)) if len(means) > 1 else 0.0)
+        ax.scatter(xs, means, s=16, color="black", zorder=3, label="mean of one subject's images" if x == 0 else None)
+        if len(subjects) <= labelled_subjects:
+            for dot_x, mean, subject in zip(xs, means, subjects):
+                ax.annotate(subject, (dot_x, mean), xytext=(4, 0), textcoords="offset points", fontsize=6,
+                            va="center", zorder=4)
+    ax.set_ylim(_score_limits(bodies, min(v.min() for v in values), max(v.max() for v in values)))
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_xticks(range(len(methods)), [f"{m}\n({len(v)} image{'s' if len(v) != 1 else ''})"
+                                        for m, v in zip(methods, values)],
+                  rotation=30 if len(methods) > 3 else 0, ha="right" if len(methods) > 3 else "center")
     ax.set_ylabel("identity score (cosine, mean over references)")
     ax.set_title(f"Score distribution per method\n{model}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", fontsize=8, ncols=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    return _save_png(fig, path)
+    return fig
+
+
+def _score_limits(bodies, low: float, high: float) -> tuple:
+    """y-limits that hold every violin body (in data coordinates) and every score from `low` to `high`."""
+    for body in bodies:
+        for path in body.get_paths():
+            if len(path.vertices):
+                low, high = min(low, path.vertices[:, 1].min()), max(high, path.vertices[:, 1].max())
+    pad = max(0.05 * (high - low), 0.02)
+    return low - pad, high + pad
 
 
 def plot_training_loss(path, history: Mapping, model: str) -> Path:
@@ -443,7 +530,8 @@ def plot_image_grid(path, rows: Sequence[Sequence[tuple]], title: str, cell_inch
     if not rows or not any(rows):
         raise ValueError("plot_image_grid needs at least one image")
     ncols = max(len(cells) for cells in rows)
-    fig = _new_figure(cell_inches * ncols, cell_inches * 1.3 * len(rows) + 0.5)
+    caption_lines = max(caption.count("\n") + 1 for cells in rows for _, caption in cells) + 1  # + "(unreadable)"
+    fig = _new_figure(cell_inches * ncols, (cell_inches + 0.13 * caption_lines + 0.1) * len(rows) + 0.6)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from nearid.images import PixelLoader
 from nearid.integrity import check_weights
 from nearid.loading import has_safetensors, load_nearid, resolve_model_folder
-from nearid.numerics import autocast
+from nearid.numerics import WEIGHT_DTYPES, autocast
 from nearid.store import StoreFormat, fingerprint, weights_digest
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
 
 
 @dataclass(frozen=True)

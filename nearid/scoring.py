@@ -10,6 +10,7 @@ are listed with the reason, and counted in the summaries and tables beside the s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,10 @@ def index_items(items: Sequence, index) -> tuple:
     return generated, references
 
 
+NOT_SCORED_UNREADABLE = "not scored: generated image unreadable"
+NOT_SCORED_NO_REFERENCE = "not scored: no readable reference"
+
+
 def score_records(items: Sequence, generated_keys: Sequence, reference_keys: Sequence, vectors: Mapping) -> tuple:
     """(records, unscored): one record per generated image that could be scored, and one entry
     {"image", "method", "subject", "reason"} per image that could not."""
@@ -29,9 +34,9 @@ def score_records(items: Sequence, generated_keys: Sequence, reference_keys: Seq
     for item, generated, references in zip(items, generated_keys, reference_keys):
         usable = [(name, key) for name, key in zip(item.references, references) if key in vectors]
         if generated not in vectors or not usable:
-            reason = "generated image unreadable" if generated not in vectors else "no readable reference"
+            reason = NOT_SCORED_UNREADABLE if generated not in vectors else NOT_SCORED_NO_REFERENCE
             unscored.append({"image": item.generated, "method": item.method, "subject": item.subject,
-                             "reason": f"not scored: {reason}"})
+                             "reason": reason})
             continue
         generated_vector = np.asarray(vectors[generated], dtype=np.float64)
         sims = {name: float(np.dot(generated_vector, vectors[key])) for name, key in usable}
@@ -40,6 +45,29 @@ def score_records(items: Sequence, generated_keys: Sequence, reference_keys: Seq
                         "score_mean": float(np.mean(list(sims.values()))), "score_max": max(sims.values()),
                         "best_reference": max(sims, key=sims.get), "references": sims})
     return records, unscored
+
+
+def left_out(unreadable: Sequence, unscored: Sequence, other_files: Sequence = ()) -> list:
+    """Every image or file a scoring run left out, each once, as {"image", "reason", ...}.
+
+    unreadable: the images the embedding step could not read (`Embedded.skipped`); unscored: from
+    `score_records` (a generated image that is itself unreadable is already in `unreadable`, so it is
+    not listed again); other_files: `[(file, reason)]` of files that are not images.
+    """
+    entries = [dict(entry) for entry in unreadable]
+    entries += [dict(entry) for entry in unscored if entry["reason"] != NOT_SCORED_UNREADABLE]
+    return entries + [{"image": str(path), "reason": reason} for path, reason in other_files]
+
+
+def unused_references_markdown(unused: Sequence) -> str:
+    """A line naming the reference folders some method generated nothing for ('' when there are none)."""
+    if not unused:
+        return ""
+    by_method: dict = {}
+    for folder, method in unused:
+        by_method.setdefault(method, []).append(Path(folder).name)
+    listed = "; ".join(f"{method}: {', '.join(subjects)}" for method, subjects in by_method.items())
+    return f"\nSubjects with references but no generations (not scored): {listed}.\n"
 
 
 def score_statistics(values) -> dict:

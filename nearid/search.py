@@ -56,7 +56,7 @@ from nearid import data, evaluation
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.cli import DatasetSource
 from nearid.clustering import IdentityLinkage
-from nearid.images import ImageLoadError, find_images, link_problem, load_image
+from nearid.images import find_images, link_problem, load_image
 from nearid.integrity import ALGORITHM, checksum_json, damaged, manifest, manifest_of_tree
 from nearid.io import atomic_write_json, read_json
 from nearid.locking import one_writer
@@ -346,7 +346,9 @@ class SearchIndex:
             vectors[out] = old_vectors[known[keys[i]]] if keys[i] in known else embedded.vectors[keys[i]]
         self.gallery = _gallery([places[i] for i in usable], [keys[i] for i in usable], vectors)
         self._faiss_file, self.recall = None, None
-        return {"images": len(usable), "embedded": embedded.stats["images_embedded"] if embedded else 0,
+        computed = embedded.stats["images_embedded"] if embedded else 0
+        return {"images": len(usable), "embedded": computed,
+                "from_store": sum(key in embedded.vectors for key in new) - computed if embedded else 0,
                 "reused": sum(keys[i] in known for i in usable), "skipped": skipped}
 
     def _embedder(self, what: str) -> Embedder:

@@ -96,3 +96,56 @@ def test_a_number_that_is_not_finite_is_refused(value, capsys):
     with pytest.raises(SystemExit):
         parsed(["--name", "x", f"--rate={value}"])
     assert f"argument --rate: expected a finite number, got {value!r}" in capsys.readouterr().err
+
+
+HEAVY_MODULES = ("torch", "transformers", "datasets", "faiss", "matplotlib", "scipy", "sklearn")
+# Parses the command line as the script does, then prints which heavy modules that imported.
+PARSE_ONLY = """
+import json, runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as done:
+    code = done.code
+print(json.dumps({"exit": code, "imported": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY_MODULES,)
+
+
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["evaluate.py", "--help"], ["evaluate.py", "score", "--help"],
+                                  ["search.py", "index", "--help"], ["demo.py", "--help"],
+                                  ["evaluate.py", "nearid", "--batch-size", "0"], ["train.py", "--no-such-flag"]])
+def test_help_and_argument_errors_import_no_heavy_module(argv):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exit"] == (0 if "--help" in argv else 2), done.stderr
+    assert result["imported"] == []
+
+
+def test_the_commands_lists_of_kinds_and_modes_are_the_librarys():
+    from nearid import numerics, scorers
+    from nearid import search as gallery
+    from nearid.commands import search
+
+    assert set(evaluate.BASELINE_KINDS) == set(scorers.SCORER_KINDS) - {"nearid"}
+    assert search.COMBINE == gallery.COMBINE and set(numerics.WEIGHT_DTYPES) == set(scorers.DTYPES)
+
+
+def test_a_command_run_from_a_fresh_interpreter_loads_its_lazy_modules(tmp_path):
+    """The lazily imported library works when nothing imported it before (as in the tests' own process)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    ratings = REPO_ROOT / "tests" / "data" / "dreambench_plus"
+    done = subprocess.run([sys.executable, "evaluate.py", "dreambench", "--ratings", str(ratings), "--scores-from",
+                           "data_nearid_rating", "--output-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "dreambench_results.json").read_text())["metrics"]["mh_object"] > 0.5

@@ -138,3 +138,41 @@ def test_table1_says_which_rows_the_nearid_columns_use():
     seven = ["flux", "flux_1024", "powerpaint", "sdxl", "sdxl_1024", "qwen", "qwen_1328"]
     assert "\u2020" not in table1_markdown({"m": {}}, nearid_sources=seven)
     assert "\u2020 pooled over the distractor sources flux" in table1_markdown({"m": {}}, nearid_sources=["flux"])
+
+
+def object_only_ratings(folder):
+    """The published rating files cut down to the object category (no style, animal or human samples)."""
+    for source in [*RATINGS.glob("data_nearid_rating/*.json"), *RATINGS.glob("data_human_rating/merged_data/*/*")]:
+        target = folder / source.relative_to(RATINGS)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scores = json.loads(source.read_text())
+        target.write_text(json.dumps({k: v for k, v in scores.items() if k.startswith("object_")}))
+    return folder
+
+
+def test_dreambench_categories_without_samples_say_so_instead_of_nan(tmp_path, capsys):
+    ratings = object_only_ratings(tmp_path / "ratings")
+    result = evaluate.main(["dreambench", "--ratings", str(ratings), "--scores-from", "data_nearid_rating",
+                            "--output-dir", str(tmp_path / "out")])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("MH per category"))
+    assert "nan" not in line
+    assert f"object {result['mh_object']:.4f}" in line
+    assert all(f"{category} no samples" in line for category in ("style", "live_subject_animal", "live_subject_human"))
+
+
+def test_table1_labels_this_runs_row_by_its_data(synthetic, tmp_path):
+    from nearid import data
+
+    assert data.data_origin(synthetic / "positives") == "synthetic"
+    assert data.data_origin(synthetic / "dreambench" / "samples") == "synthetic"
+    assert data.data_origin(tmp_path) == "local" and data.data_origin("Aleksandar/NearID") == "hub"
+    args, _ = evaluate.parse_arguments([
+        "table1", "--model", "my-model", "--positives", str(synthetic / "positives"),
+        "--source", f"flux={synthetic / 'flux'}", "--mtg", str(synthetic / "mtg"), "--output-dir", str(tmp_path)])
+    evaluate.write_table1_outputs(args, {"nearid_ssr": 50.0}, ["flux"])
+    table = (tmp_path / "table1.md").read_text()
+    assert "| my-model (this run, synthetic data) | 50.00 |" in table
+    assert "this run's row is on synthetic data" in table and "| NearID (paper) |" in table
+    args.mtg = "abdo-eldesokey/mtg-dataset"  # the Hub's MTG beside synthetic NearID data: both named
+    evaluate.write_table1_outputs(args, {"nearid_ssr": 50.0}, ["flux"])
+    assert "| my-model (this run, synthetic data + Hub data) |" in (tmp_path / "table1.md").read_text()

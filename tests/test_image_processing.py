@@ -74,11 +74,19 @@ IMAGE_KINDS = {
 }
 
 
+def as_viewers_show(image):
+    """The image as viewers show it: a 16-bit one scaled to 8 bits, which PIL's RGB conversion (the
+    reference's) would clip at 255 instead; every other mode as it is."""
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+
+
 @pytest.mark.parametrize("resample", [2, 3], ids=["bilinear", "bicubic"])
 @pytest.mark.parametrize("kind", list(IMAGE_KINDS))
 def test_matches_reference_for_every_pil_mode(kind, resample):
     image = IMAGE_KINDS[kind]()
-    expected = ref_pixels(reference(resample), image)
+    expected = ref_pixels(reference(resample), as_viewers_show(image))
     assert_same(ours(resample)(image)["pixel_values"], expected)
 
 
@@ -393,7 +401,7 @@ def test_every_encoded_form_gives_the_pixels_a_viewer_shows(tmp_path, name):
     path = tmp_path / name
     ENCODED_KINDS[name](path)
     with Image.open(path) as shown:  # what a viewer shows: EXIF orientation applied
-        expected = ref_pixels(reference(), ImageOps.exif_transpose(shown))
+        expected = ref_pixels(reference(), as_viewers_show(ImageOps.exif_transpose(shown)))
     processor = ours()
     for form in (path, str(path), path.read_bytes(), {"bytes": path.read_bytes(), "path": None},
                  {"bytes": None, "path": str(path)}):
@@ -425,3 +433,28 @@ def test_an_ambiguous_array_layout_warns_and_names_input_data_format():
         last = ours()(strip, input_data_format="channels_last")["pixel_values"]
     assert_same(last, ref_pixels(reference(), Image.fromarray(strip)))
     assert (first - last).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped_white(tmp_path, mode):
+    from image_processing_nearid import load_image as decode
+
+    grey = np.full((12, 16), 257 * 100, np.uint16)  # 16-bit mid-dark grey: 100 in 8 bits
+    grey[:6] = 65535  # the top half white
+    image = Image.frombytes(mode, (16, 12), grey.astype(">u2" if mode.endswith("B") else "<u2").tobytes())
+    image.save(tmp_path / "scan16.png")
+    for form in (image, tmp_path / "scan16.png", (tmp_path / "scan16.png").read_bytes()):
+        pixels = np.asarray(decode(form))
+        assert pixels.shape == (12, 16, 3) and (pixels[6:] == 100).all() and (pixels[:6] == 255).all()
+
+
+def test_the_16_bit_rule_changes_the_store_fingerprint(monkeypatch):
+    """Embeddings cached when 16-bit images were clipped must not be reused."""
+    from nearid import store
+
+    args = ("pooled:nearid", "weights", {"size": 30}, {"dtype": "float32"})
+    now = store.fingerprint(*args)
+    clipped_rules = "exif-transpose+alpha-on-white/1"  # the rules before 16-bit images were scaled
+    assert store.DECODE_RULES != clipped_rules
+    monkeypatch.setattr(store, "DECODE_RULES", clipped_rules)
+    assert store.fingerprint(*args) != now

@@ -230,3 +230,46 @@ def test_run_outputs_refuse_a_file_where_their_folder_should_be(tmp_path):
     with pytest.raises(NotADirectoryError, match=r"expected a folder, but .*nearid is a file"):
         reports.RunOutputs(tmp_path / "nearid" / "sub", "nearid_results.json")
     assert (tmp_path / "nearid").read_text() == "kept"
+
+
+def test_skipped_by_reason_counts_short_reasons_of_the_decodes_own_messages(tmp_path):
+    from PIL import Image
+
+    from nearid.images import load_image
+    from nearid.reports import skipped_by_reason
+
+    Image.new("RGB", (20, 10)).save(tmp_path / "big.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    attempts = [lambda: load_image(tmp_path / "big.png", max_image_pixels=100),
+                lambda: load_image(tmp_path / "broken.png"), lambda: load_image(tmp_path / "gone.png"),
+                lambda: load_image({"bytes": None, "path": None}, name="positives row 3 column img2")]
+    skipped = []
+    for attempt in attempts:
+        with pytest.raises((ValueError, OSError)) as error:
+            attempt()
+        skipped.append({"image": "x", "reason": str(error.value)})
+    skipped += [{"image": "y", "reason": "missing image"},
+                {"image": "z", "reason": f"{tmp_path}/a.png: the disk said '{'?' * 80}'"}]
+    assert skipped_by_reason(skipped) == {"too large": 1, "unreadable": 1, "missing file": 1, "empty cell": 1,
+                                          "missing image": 1, "other": 1}
+
+
+def test_score_distributions_show_every_violin_whole_label_the_dots_and_keep_the_legend_off_the_data():
+    rng = np.random.default_rng(0)
+    records = [{"method": method, "subject": f"subject{i % 3}", "score_mean": float(np.clip(rng.normal(c, 0.2), -1, 1))}
+               for method, c, n in (("near_one", 0.95, 40), ("low", 0.1, 40), ("two", 0.6, 2)) for i in range(n)]
+    records.append({"method": "single", "subject": "subject0", "score_mean": 0.7})
+    fig = reports.score_distribution_figure(records, "tiny-model")
+    fig.canvas.draw()
+    [ax] = fig.axes
+    low, high = ax.get_ylim()
+    bodies = [c for c in ax.collections if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")]
+    assert len(bodies) == 3  # one per method with 2 or more distinct scores
+    for body in bodies:
+        y = np.concatenate([path.vertices[:, 1] for path in body.get_paths()])
+        assert low <= y.min() and y.max() <= high
+    legend_box, axes_box = fig.legends[0].get_window_extent(), ax.get_window_extent()
+    assert legend_box.y1 <= axes_box.y0  # below the axes, never over the data
+    labels = [text.get_text() for text in ax.texts]
+    assert sorted(labels) == sorted([f"subject{i}" for i in range(3)] * 2 + ["subject0", "subject1", "subject0"])
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "single\n(1 image)"

@@ -131,9 +131,10 @@ def test_subjects_without_references_are_an_error_and_unused_references_are_list
         path.unlink()
     result = evaluate.main(score_args(tiny_repo, tmp_path, "--references", str(references), "--generations",
                                       str(generations)))
-    reasons = [s["reason"] for s in result["skipped"]]
-    assert reasons == [f"references but no generations of method {METHODS[1]}"]
-    assert "1 images or files were left out" in (tmp_path / "out" / "score_summary.md").read_text()
+    assert result["skipped"] == []  # a reference folder is not an image or file left out
+    assert result["unused_references"] == [{"references": str(references / SUBJECTS[1]), "method": METHODS[1]}]
+    summary = (tmp_path / "out" / "score_summary.md").read_text()
+    assert f"no generations (not scored): {METHODS[1]}: {SUBJECTS[1]}." in summary
 
 
 def test_skipped_images_are_counted_in_the_summary(tiny_repo, layout, tmp_path):
@@ -165,3 +166,47 @@ def test_a_local_folder_with_a_revision_loads_as_in_transformers(tiny_repo, layo
     pinned = IdentityScorer(str(tiny_repo), revision="main", device="cpu")
     plain = IdentityScorer(str(tiny_repo), device="cpu")
     np.testing.assert_array_equal(pinned.embed(str(references)), plain.embed(str(references)))
+
+
+def test_generation_folders_that_match_no_reference_subject_name_both_sets(tiny_repo, tmp_path, capsys):
+    (tmp_path / "references" / "chelsea").mkdir(parents=True)
+    picture(1).save(tmp_path / "references" / "chelsea" / "ref.png")
+    (tmp_path / "generations" / "Chelsea").mkdir(parents=True)  # one method's images, subject named in another case
+    picture(2).save(tmp_path / "generations" / "Chelsea" / "gen.png")
+    args = score_args(tiny_repo, tmp_path, "--references", str(tmp_path / "references"), "--generations",
+                      str(tmp_path / "generations"))
+    message = user_error(capsys, evaluate.main, args)
+    assert "Reference subjects (--references): chelsea" in message
+    assert "Folders under --generations: Chelsea/ (1 image directly in it)" in message
+    assert "'Chelsea' vs the reference subject 'chelsea'" in message and "case" in message
+
+    (tmp_path / "generations" / "Chelsea").rename(tmp_path / "generations" / "dreambooth")  # images in a method folder
+    message = user_error(capsys, evaluate.main, args)
+    assert "Images lie directly in dreambooth/" in message and "Reference subjects (--references): chelsea" in message
+    assert "case" not in message
+
+    (tmp_path / "generations" / "dreambooth" / "Chelsea").mkdir()  # method/<subject> with the subject's case changed
+    method = tmp_path / "generations" / "dreambooth"
+    (method / "gen.png").rename(method / "Chelsea" / "gen.png")
+    message = user_error(capsys, evaluate.main, args)
+    assert "generations without references: dreambooth/Chelsea" in message
+    assert "'Chelsea' vs the reference subject 'chelsea'" in message
+
+
+def test_left_out_files_are_counted_once_with_short_reasons(tiny_repo, layout, tmp_path):
+    references, generations = layout
+    broken = generations / METHODS[0] / SUBJECTS[0] / "gen1.png"
+    broken.write_bytes(b"not an image")
+    (generations / METHODS[0] / SUBJECTS[0] / "notes.txt").write_text("prompt notes")
+    for path in (generations / METHODS[1] / SUBJECTS[1]).iterdir():  # a reference folder one method did not use
+        path.unlink()
+    result = evaluate.main(score_args(tiny_repo, tmp_path, "--references", str(references), "--generations",
+                                      str(generations), "--skip-bad-images"))
+    document = json.loads((tmp_path / "out" / "score_results.json").read_text())
+    assert len(document["skipped"]) == 2 and document["counts"]["n_skipped"] == 2
+    assert document["counts"]["skipped_by_reason"] == {"unreadable": 1, "not an image": 1}
+    messages = {s["image"]: s["reason"] for s in document["skipped"]}
+    assert any(str(broken) in image and "Could not decode" in reason for image, reason in messages.items())
+    summary = (tmp_path / "out" / "score_summary.md").read_text()
+    assert "2 images or files were left out (1 unreadable, 1 not an image)" in summary
+    assert result["summary"][METHODS[0]]["subjects"][SUBJECTS[0]]["n_skipped"] == 1  # the tables still count it

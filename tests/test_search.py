@@ -511,3 +511,38 @@ def test_an_index_of_a_hub_model_is_queried_at_the_commit_it_was_built_with(tmp_
     result = search.main(["query", "--index-dir", str(tmp_path / "index"), "--images", str(gallery / "id1" / "img0.png"),
                           "--k", "1", "--output-dir", str(tmp_path / "out"), *common])
     assert result["records"][0]["path"] == str(gallery / "id1" / "img0.png")
+
+
+def test_index_summary_agrees_with_search_index_json_and_says_where_embeddings_came_from(tmp_path, gallery, pixels,
+                                                                                         capsys):
+    common = ["index", "--model", "pixels", "--images", str(gallery), "--cache-dir", str(tmp_path / "cache")]
+    search.main([*common, "--index-dir", str(tmp_path / "first")])
+    assert "12 computed now, 0 read from the embed-once store" in capsys.readouterr().out
+    report = search.main([*common, "--index-dir", str(tmp_path / "second")])  # a new index, the same store
+    out = capsys.readouterr().out
+    assert report["from_store"] == 12 and report["embedded"] == 0
+    store = tmp_path / "cache"
+    assert f"13 new, 0 removed. Embeddings: 0 computed now, 12 read from the embed-once store ({store})" in out
+    info = json.loads((tmp_path / "second" / "search_index.json").read_text())
+    assert [item["image"] for item in info["ignored"]] == [str(gallery / "notes.txt")] and info["skipped"] == []
+    assert "0 unreadable images and 1 other files were left out" in out and '"ignored": 1' in out
+
+
+def test_contact_sheet_captions_keep_the_method_folder_and_the_file(tmp_path):
+    root = tmp_path / "a_long_project_folder" / "generations"
+    for method in ("blip_diffusion", "emu2"):
+        for number in range(2):
+            folder = root / method / "tgt_image" / "object_00_red_crate"
+            folder.mkdir(parents=True, exist_ok=True)
+            identity_image(0, number).save(folder / f"{number}_0.png")
+    index = new_index(tmp_path)
+    index.add([root])
+    result = index.search([root / "emu2" / "tgt_image" / "object_00_red_crate" / "0_0.png"], 4, "each")
+    captions = [caption for row in search.query_sheet(index, result) for _, caption in row]
+    assert captions[0] == "query\nemu2/tgt_image/\nobject_00_red_crate/\n0_0.png"
+    hits = [caption.split("\n", 1)[1] for caption in captions[1:]]
+    assert {hit.split("/")[0] for hit in hits} == {"blip_diffusion", "emu2"} and len(hits) == 4
+    assert all(len(line) <= 25 for caption in captions for line in caption.split("\n"))
+    long = search.sheet_captions([f"/x/{'folder_' * 6}/{'deeper_' * 5}/{'file_' * 8}{n}.png" for n in (1, 2)])
+    assert all(caption.endswith(f"file_file_{n}.png") and "\u2026" in caption
+               for n, caption in zip((1, 2), long.values()))  # what does not fit loses its start, not its end

@@ -7,7 +7,6 @@ The script runs against a stand-in environment: its python is the real interpret
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -21,14 +21,12 @@ from pathlib import Path
 
 from nearid.commands import evaluate
 from nearid.commands import train
-from image_processing_nearid import NearIDImageProcessor
-from modeling_nearid import NearIDModel
-from nearid import heatmaps, reports, synthetic
-from nearid.cli import build_parser, option, parse, user_errors
-from nearid.hub import export_hub_folder
+from nearid import reports, synthetic
+from nearid.cli import build_parser, lazy_module, option, parse, user_errors
 from nearid.io import atomic_write_json, atomic_write_text
-from nearid.models import save_siglip_checkpoint
-from nearid.scorers import Scorer
+
+heatmaps = lazy_module("nearid.heatmaps")
+scorers = lazy_module("nearid.scorers")
 
 SMALL_SIGLIP = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128)
@@ -36,6 +34,10 @@ SOURCES = ("flux", "sdxl")
 
 
 def export_untrained(base: Path, folder: Path) -> Path:
+    from image_processing_nearid import NearIDImageProcessor
+    from modeling_nearid import NearIDModel
+    from nearid.hub import export_hub_folder
+
     model = NearIDModel.from_siglip(str(base))
     return export_hub_folder(model, NearIDImageProcessor.from_pretrained(base), folder, overwrite=True)
 
@@ -68,6 +70,8 @@ def train_head(base: Path, data: Path, out: Path, epochs: int) -> dict:
 
 
 def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
+    from nearid.models import save_siglip_checkpoint
+
     data = output_dir / "synthetic"
     manifest = synthetic.main(["--output-dir", str(data), "--num-identities", str(num_identities), "--image-size",
                                "64", "--sources", *SOURCES, "--mtg-train", "40", "--mtg-test", "20", "--overwrite"])
@@ -77,7 +81,7 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
     trained = train_head(base, data, output_dir / "training", epochs)
     after, retrieval_after = evaluate_model(Path(trained["release"]), data, output_dir / "eval-trained")
     names = ("NearID head, untrained (= SigLIP MAP head)", f"NearID head, trained {epochs} epochs")
-    attention = [heatmaps.mtg_object_attention(Scorer(str(model)), data / "mtg")
+    attention = [heatmaps.mtg_object_attention(scorers.Scorer(str(model)), data / "mtg")
                  for model in (untrained, trained["release"])]
     counts = manifest["counts"]
     text = (f"Synthetic benchmark, Table-1 format: NearID on the test split ({counts['split_test']} of "

@@ -27,24 +27,28 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import card, data, evaluation, heatmaps, metrics, reports, scoring
+from nearid import card, metrics, reports, scoring
 from nearid.cli import (
     REQUIRED,
     DatasetSource,
     NearIDSources,
     apply_published_splits,
     build_parser,
+    lazy_module,
     named_sources,
     option,
     parse,
     save_arguments,
     user_errors,
 )
-from nearid.images import ImageLoadError
 from nearid.io import atomic_write_json, atomic_write_text, write_csv
-from nearid.numerics import PRECISIONS, resolve_precision
-from nearid.scorers import DTYPES, SCORER_KINDS, Scorer, parse_spec, resolve_device
-from nearid.store import FillOptions, ImageIndex
+from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_precision
+
+# torch, transformers and datasets come with these: loaded when a run first uses them, not for --help.
+data, evaluation, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
+                                                      ("data", "evaluation", "heatmaps", "images", "scorers", "store"))
+# The KIND of KIND:MODEL baselines (the keys of nearid.scorers.SCORER_KINDS but nearid; a test keeps them equal).
+BASELINE_KINDS = ("clip", "dinov2", "dinov3", "siglip", "siglip-mean")
 
 # --- arguments -------------------------------------------------------------------------------------
 
@@ -54,10 +58,10 @@ class ModelArguments:
     """The scorer"""
 
     model: str = option(REQUIRED, "scorer: a NearID model (Hub id or folder), or a baseline as KIND:MODEL with "
-                                  f"KIND one of {', '.join(k for k in SCORER_KINDS if k != 'nearid')}")
+                                  f"KIND one of {', '.join(BASELINE_KINDS)}")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model; pin a commit hash for "
                                         "reproducible scores (the commit used is recorded either way)")
-    dtype: str = option("float32", "dtype of the model's weights and activations", choices=sorted(DTYPES))
+    dtype: str = option("float32", "dtype of the model's weights and activations", choices=sorted(WEIGHT_DTYPES))
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda or cuda:N")
     mixed_precision: str = option("auto", "autocast precision of the forward pass: auto is bf16 on a CUDA GPU and "
                                           "none elsewhere", choices=PRECISIONS)
@@ -276,9 +280,9 @@ def check_score_inputs(args: Arguments) -> None:
                          "generations/<method>/<subject>/<image>)")
     if args.images and not args.metadata:
         raise ValueError("score: --images goes with --metadata (the folder its paths are relative to)")
-    if args.heatmaps and parse_spec(args.model)[0] != "nearid":
+    if args.heatmaps and scorers.parse_spec(args.model)[0] != "nearid":
         raise ValueError(f"score: --heatmaps draws the NearID head's maps, but --model {args.model} is a "
-                         f"'{parse_spec(args.model)[0]}' baseline; drop --heatmaps or give a NearID model")
+                         f"'{scorers.parse_spec(args.model)[0]}' baseline; drop --heatmaps or give a NearID model")
     if args.methods and args.metadata:
         raise ValueError("score: --methods picks method folders of --samples or --generations; with --metadata, "
                          "use its method column")
@@ -287,18 +291,19 @@ def check_score_inputs(args: Arguments) -> None:
 # --- shared steps ----------------------------------------------------------------------------------
 
 
-def load_scorer(args, state) -> Scorer:
-    device = resolve_device(args.device)
+def load_scorer(args, state) -> "scorers.Scorer":
+    device = scorers.resolve_device(args.device)
     if device.startswith("cuda") and state.num_processes > 1:
         device = str(state.device)  # under a multi-GPU launch, each process on its own GPU
-    return Scorer(args.model, args.revision, device, DTYPES[args.dtype],
-                  resolve_precision(args.mixed_precision, device), args.compile)
+    return scorers.Scorer(args.model, args.revision, device, scorers.DTYPES[args.dtype],
+                          resolve_precision(args.mixed_precision, device), args.compile)
 
 
-def fill_options(args, scorer) -> FillOptions:
+def fill_options(args, scorer) -> "store.FillOptions":
     """How the embed-once store computes images, from `EmbeddingArguments` (also search.py's)."""
-    return FillOptions(batch_size=args.batch_size, num_workers=args.num_workers, skip_errors=args.skip_bad_images,
-                       device=scorer.device, description=f"embedding ({scorer.kind_name})")
+    return store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
+                             skip_errors=args.skip_bad_images, device=scorer.device,
+                             description=f"embedding ({scorer.kind_name})")
 
 
 def embed(index, args, state) -> tuple:
@@ -344,7 +349,7 @@ def record_model_index(args, outputs, benchmark, values, split, model_name, data
 
 def embed_benchmark(bench, args, state) -> tuple:
     """(view keys, distractor keys by source, scorer, embeddings) of every image of a joined NearID benchmark."""
-    index = ImageIndex(args.skip_bad_images)
+    index = store.ImageIndex(args.skip_bad_images)
     view_keys, source_keys = evaluation.nearid_keys(bench, index)
     scorer, embedded = embed(index, args, state)
     return view_keys, source_keys, scorer, embedded
@@ -435,7 +440,7 @@ def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_proven
 
 def run_mtg(args, state):
     dataset, dataset_provenance = data.open_mtg(DatasetSource.parse(args.mtg), args.split)
-    index = ImageIndex(args.skip_bad_images)
+    index = store.ImageIndex(args.skip_bad_images)
     keys, row_skipped = evaluation.mtg_keys(dataset, index)
     oracles, oracle_skipped = evaluation.mtg_oracles(dataset, args.skip_bad_images)
     scorer, embedded = embed(index, args, state)
@@ -475,7 +480,7 @@ def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_prov
 def dreambench_from_images(args, state) -> tuple:
     """({method: {key: 100 x cosine}}, scorer provenance with the embedding stats, skipped list)."""
     methods = args.methods or data.dreambench_methods(args.samples)
-    index = ImageIndex(args.skip_bad_images)
+    index = store.ImageIndex(args.skip_bad_images)
     pairs = evaluation.dreambench_pairs_index(args.samples, methods, index)
     scorer, embedded = embed(index, args, state)
     return (evaluation.dreambench_scores(pairs, embedded.vectors),
@@ -513,43 +518,50 @@ def write_dreambench_outputs(args, scorer, scores, result, skipped):
     outputs.finish(reports.results_document("dreambench", scorer, result, prov, skipped,
                                             notes=reports.DREAMBENCH_NOTES))
     print(table)
-    print("MH per category: " + ", ".join(f"{k[3:]} {v:.4f}" for k, v in result.items() if k.startswith("mh_")))
+    print(f"MH per category: {reports.mh_per_category(result)}")
 
 
 # --- score -----------------------------------------------------------------------------------------
 
 
 def run_score(args, state):
+    unused = []
     if args.references:
-        items, ignored = data.score_items_from_subject_folders(args.references, args.generations, args.methods or None)
+        items, ignored, unused = data.score_items_from_subject_folders(args.references, args.generations,
+                                                                       args.methods or None)
         source = args.generations
     elif args.samples:
         items, ignored = data.score_items_from_layout(args.samples, args.methods or None)
         source = args.samples
     else:
         items, ignored, source = data.read_score_metadata(args.metadata, args.images), [], args.metadata
-    index = ImageIndex(args.skip_bad_images)
+    index = store.ImageIndex(args.skip_bad_images)
     generated, references = scoring.index_items(items, index)
     scorer, embedded = embed(index, args, state)
     if not state.is_main_process:
         return None
     records, unscored = scoring.score_records(items, generated, references, embedded.vectors)
     if not records:
-        raise ImageLoadError(f"none of the {len(items)} generated images could be scored: {unscored[:3]}")
+        raise images.ImageLoadError(f"none of the {len(items)} generated images could be scored: {unscored[:3]}")
     summary = scoring.summarize_scores(records, unscored)
-    skipped = embedded.skipped + unscored + [{"image": str(path), "reason": reason} for path, reason in ignored]
-    write_score_outputs(args, scorer, records, summary, skipped, source, embedded.stats, items)
-    return {"summary": summary, "records": records, "skipped": skipped, "embedding": embedded.stats}
+    skipped = scoring.left_out(embedded.skipped, unscored, ignored)
+    write_score_outputs(args, scorer, records, summary, skipped, source, embedded.stats, items, unused)
+    return {"summary": summary, "records": records, "skipped": skipped, "embedding": embedded.stats,
+            "unused_references": [{"references": folder, "method": method} for folder, method in unused]}
 
 
-def write_score_outputs(args, scorer, records, summary, skipped, source, stats, items):
+def write_score_outputs(args, scorer, records, summary, skipped, source, stats, items, unused=()):
     outputs = reports.RunOutputs(args.output_dir, "score_results.json")
     save_arguments(outputs.path("score_args.json"), "evaluate.py score", *args.groups.values())
     markdown = scoring.score_markdown(summary)
     if len(summary) > 1:
         markdown += "\n### Methods side by side (mean identity score)\n\n" + scoring.methods_table(summary)
     if skipped:
-        markdown += f"\n{len(skipped)} images or files were left out; score_results.json lists each with the reason.\n"
+        counts = reports.skipped_by_reason(skipped)
+        markdown += (f"\n{len(skipped)} images or files were left out "
+                     f"({', '.join(f'{n} {reason}' for reason, n in counts.items())}); score_results.json lists "
+                     "each with the reason.\n")
+    markdown += scoring.unused_references_markdown(unused)
     write_csv(outputs.path("score_per_image.csv"), [{k: v for k, v in r.items() if k != "references"}
                                                      for r in records])
     atomic_write_json(outputs.path("score_per_image.json"), records)
@@ -561,7 +573,9 @@ def write_score_outputs(args, scorer, records, summary, skipped, source, stats, 
                          args.heatmaps)
     prov = reports.provenance(scorer.provenance(), [{"kind": "local", "path": str(Path(source).resolve())}],
                               extra={"embedding": stats})
-    outputs.finish(reports.results_document("score", scorer.provenance(), summary, prov, skipped))
+    document = reports.results_document("score", scorer.provenance(), summary, prov, skipped)
+    outputs.finish({**document, "unused_references": [{"references": folder, "method": method}
+                                                      for folder, method in unused]})
     print(markdown)
 
 
@@ -603,11 +617,15 @@ def run_table1(args, state):
 def write_table1_outputs(args, row, sources):
     outputs = reports.RunOutputs(args.output_dir, "table1_results.json")
     save_arguments(outputs.path("table1_args.json"), "evaluate.py table1", *args.groups.values())
-    rows = {f"{args.model} (this run)": row,
+    origin = table1_data_origin(args)
+    rows = {f"{args.model} (this run, {origin})": row,
             **{name: dict(zip((k for _, k, _ in reports.TABLE1_COLUMNS), values))
                for name, values in reports.PAPER_TABLE1.items()}}
     table = reports.table1_markdown(rows, nearid_sources=sources)
-    notes = ["NearID columns: " + nearid_rows_note(args.split_file),
+    notes = [f"Data: this run's row is on {origin}; the (paper) rows are the paper's Table 1 on the published "
+             "benchmarks." + (" Synthetic data (written by nearid.synthetic) shows that the pipeline runs; its "
+                              "numbers say nothing about the published benchmarks." if "synthetic" in origin else ""),
+             "NearID columns: " + nearid_rows_note(args.split_file),
              "DB++ column: " + ("the object category of the DreamBench++ samples scored here." if args.samples else
                                 "not evaluated (give --ratings and --samples).")]
     text = table + "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
@@ -627,11 +645,21 @@ def nearid_rows_note(split_file) -> str:
             "not comparable to the paper's.")
 
 
+def table1_data_origin(args) -> str:
+    """"synthetic data", "local data", "Hub data" or a mix ("synthetic data + Hub data"): where the row's data came
+    from, so a row on other data is never read as one on the paper's benchmarks."""
+    used = [args.positives, *named_sources(args.source).values(), args.mtg] + ([args.samples] if args.samples else [])
+    origins = {data.data_origin(DatasetSource.parse(str(source)).location) for source in used}
+    return " + ".join(f"{'Hub' if origin == 'hub' else origin} data"
+                      for origin in ("synthetic", "local", "hub") if origin in origins)
+
+
 # --- command line ----------------------------------------------------------------------------------
 
 RUNS = {"nearid": run_nearid, "retrieval": run_retrieval, "mtg": run_mtg, "dreambench": run_dreambench,
         "score": run_score, "table1": run_table1}
-HINTS = {ImageLoadError: "Pass --skip-bad-images to leave unreadable images out; they are listed in the results."}
+HINTS = {"image_processing_nearid.ImageLoadError": "Pass --skip-bad-images to leave unreadable images out; they are "
+                                                   "listed in the results."}
 
 
 def main(argv=None):
@@ -646,7 +674,7 @@ def main(argv=None):
         device = args.device if getattr(args, "model", None) else "cpu"
         # cpu=True is what makes accelerate join the processes of a CPU launch (gloo); without it
         # every process would run alone and embed every image.
-        state = PartialState(cpu=resolve_device(device) == "cpu")
+        state = PartialState(cpu=scorers.resolve_device(device) == "cpu")
         if state.is_main_process and notes:
             print("\n".join(notes))
         return RUNS[args.mode](args, state)

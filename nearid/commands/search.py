@@ -17,6 +17,7 @@ refused) and writes CSV, JSON and a contact sheet; `cluster` groups the gallery 
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,27 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from nearid.commands.evaluate import HINTS, Arguments, EmbeddingArguments, ModelArguments, fill_options, load_scorer
-from nearid import data, heatmaps, reports
+from nearid import reports
 from nearid.ann import INDEX_KINDS, IndexSettings
-from nearid.cli import REQUIRED, DatasetSource, build_parser, option, parse, save_arguments, user_errors
+from nearid.cli import REQUIRED, DatasetSource, build_parser, lazy_module, option, parse, save_arguments, user_errors
 from nearid.clustering import IdentityLinkage
-from nearid.images import load_image
 from nearid.io import write_csv
-from nearid.scorers import parse_spec, pinned_spec, resolve_device
-from nearid.search import (
-    COMBINE,
-    EMPTY_CELL,
-    INFO_FILE,
-    DatasetColumn,
-    Embedder,
-    SearchIndex,
-    SearchIndexMismatch,
-    check_replaceable,
-    describe,
-    one_writer_of,
-    read_info,
-    thumbnail,
-)
+
+# torch, transformers, datasets and faiss come with these: loaded when a run first uses them, not for --help.
+data, heatmaps, images, scorers, gallery = (lazy_module(f"nearid.{name}") for name in
+                                             ("data", "heatmaps", "images", "scorers", "search"))
+COMBINE = ("each", "mean", "max")  # nearid.search.COMBINE (a test keeps them equal), for --combine's choices
 
 SHEET_QUERIES, SHEET_QUERY_IMAGES, SHEET_HITS, SHEET_CLUSTER_IMAGES = 16, 3, 10, 40
 
@@ -141,9 +131,9 @@ COMMANDS = {
 }
 
 
-def embedder(args, state) -> Embedder:
+def embedder(args, state) -> gallery.Embedder:
     scorer = load_scorer(args, state)
-    return Embedder(scorer, args.cache_dir, fill_options(args, scorer), state)
+    return gallery.Embedder(scorer, args.cache_dir, fill_options(args, scorer), state)
 
 
 # --- index -----------------------------------------------------------------------------------------
@@ -158,20 +148,21 @@ def gallery_sources(args) -> tuple:
     source = DatasetSource.parse(args.dataset)
     dataset, provenance = data.open_dataset(source, args.split)
     data.require_columns(dataset, args.column, f"dataset {args.dataset}")
-    return args.images, [DatasetColumn(str(source), dataset, column, args.split) for column in args.column], [provenance]
+    columns = [gallery.DatasetColumn(str(source), dataset, column, args.split) for column in args.column]
+    return args.images, columns, [provenance]
 
 
-def open_or_create(args, embedder_: Embedder) -> SearchIndex:
+def open_or_create(args, embedder_: gallery.Embedder) -> gallery.SearchIndex:
     """The index of --index-dir, or a new one; one built by another scorer is refused unless --overwrite."""
     settings = IndexSettings(args.index_type, args.nlist, args.nprobe, args.hnsw_m, ef_search=args.ef_search)
     folder = Path(args.index_dir)
-    check_replaceable(folder)  # before anything is embedded
-    if not (folder / INFO_FILE).is_file() or args.overwrite:
-        return SearchIndex.create(embedder_, settings)
+    gallery.check_replaceable(folder)  # before anything is embedded
+    if not (folder / gallery.INFO_FILE).is_file() or args.overwrite:
+        return gallery.SearchIndex.create(embedder_, settings)
     try:
-        index = SearchIndex.load(folder, embedder_)
-    except SearchIndexMismatch as error:
-        raise SearchIndexMismatch(f"{error} Or pass --overwrite to replace it.") from None
+        index = gallery.SearchIndex.load(folder, embedder_)
+    except gallery.SearchIndexMismatch as error:
+        raise gallery.SearchIndexMismatch(f"{error} Or pass --overwrite to replace it.") from None
     index.use(settings)
     return index
 
@@ -180,29 +171,31 @@ def run_index(args, state):
     images, columns, dataset_provenance = gallery_sources(args)
     embedder_ = embedder(args, state)
     # One run at a time, from loading the index to saving it: a second run waits, then builds on this one's index.
-    with one_writer_of(args.index_dir, state):
+    with gallery.one_writer_of(args.index_dir, state):
         index = open_or_create(args, embedder_)
         report = index.sync(images, columns)
         if not state.is_main_process:
             return report
         prov = reports.provenance(embedder_.scorer.provenance(), dataset_provenance, extra={"last_update": report})
-        folder = index.save(args.index_dir, {"provenance": prov})
+        folder = index.save(args.index_dir, {"provenance": prov, "ignored": report["ignored"]})
         save_arguments(folder / "index_args.json", "search.py index", *args.groups.values())
-    print(index_summary(index, report, folder))
+    print(index_summary(index, report, folder, args.cache_dir))
     return {**report, "index": str(folder), "recall_at_10": index.recall}
 
 
-def index_summary(index, report, folder) -> str:
-    info = read_info(folder)
-    lines = [f"Indexed {report['images']} images into {folder}: {report['added']} new, {report['removed']} removed, "
-             f"{report['embedded']} embedded, {report['reused']} reused from the index."]
-    empty = sum(item["reason"] == EMPTY_CELL for item in report["skipped"])
-    counts = {"unreadable images": len(report["skipped"]) - empty, "empty dataset cells": empty,
-              "other files": len(report["ignored"])}
-    left_out = [f"{count} {what}" for what, count in counts.items() if count]
-    if left_out:
-        listed = ", ".join(left_out[:-1]) + " and " + left_out[-1] if len(left_out) > 1 else left_out[0]
-        lines.append(f"{listed} were left out; {folder / 'search_index.json'} lists each with the reason.")
+def index_summary(index, report, folder, cache_dir) -> str:
+    """What `index` did, in the words of search_index.json: where each embedding came from, what was left out."""
+    info = gallery.read_info(folder)
+    lines = [f"Indexed {report['images']} images into {folder}: {report['added']} new, {report['removed']} removed. "
+             f"Embeddings: {report['embedded']} computed now, {report['from_store']} read from the embed-once store "
+             f"({cache_dir}), {report['reused']} kept from the index."]
+    if report["skipped"] or report["ignored"]:
+        empty = sum(item["reason"] == gallery.EMPTY_CELL for item in report["skipped"])
+        parts = ([f"{len(report['skipped']) - empty} unreadable images"]
+                 + ([f"{empty} empty dataset cells"] if empty else []) + [f"{len(report['ignored'])} other files"])
+        lines.append(f"{', '.join(parts[:-1])} and {parts[-1]} were left out; {folder / 'search_index.json'} lists "
+                     f"each with the reason (\"skipped\": {len(info['skipped'])}, \"ignored\": "
+                     f"{len(info.get('ignored', []))}).")
     if index.recall is not None:
         lines.append(f"{index.settings.kind} index: recall@10 against exact search {index.recall:.4f}.")
     sizes = info["bytes_per_image"]
@@ -215,14 +208,14 @@ def index_summary(index, report, folder) -> str:
 
 
 def run_query(args, state):
-    scorer = read_info(Path(args.index_dir))["scorer"]  # a missing index stops the run before a model loads
+    scorer = gallery.read_info(Path(args.index_dir))["scorer"]  # a missing index stops the run before a model loads
     if args.model is None:  # the index's own scorer embeds the queries: the same folder, or the same commit
-        (args.model, args.revision), args.dtype = pinned_spec(scorer), scorer["dtype"]
-    if args.heatmap and parse_spec(args.model)[0] != "nearid":
+        (args.model, args.revision), args.dtype = scorers.pinned_spec(scorer), scorer["dtype"]
+    if args.heatmap and scorers.parse_spec(args.model)[0] != "nearid":
         raise ValueError(f"--heatmap draws the NearID head's attention, but the queries are embedded by "
-                         f"{args.model}, a '{parse_spec(args.model)[0]}' baseline; drop --heatmap")
+                         f"{args.model}, a '{scorers.parse_spec(args.model)[0]}' baseline; drop --heatmap")
     query_embedder = embedder(args, state)
-    index = SearchIndex.load(args.index_dir, query_embedder)
+    index = gallery.SearchIndex.load(args.index_dir, query_embedder)
     result = index.search(args.images, args.k, args.combine)
     if not state.is_main_process:
         return None
@@ -231,7 +224,7 @@ def run_query(args, state):
     return {"result": result, "records": records}
 
 
-def hit_records(index: SearchIndex, result) -> list:
+def hit_records(index: gallery.SearchIndex, result) -> list:
     entries = index.entries()
     records = []
     for group, (names, scores, rows) in enumerate(zip(result.queries, result.scores, result.rows)):
@@ -239,7 +232,7 @@ def hit_records(index: SearchIndex, result) -> list:
             if row >= 0:
                 entry = entries[row]
                 records.append({"query_group": group, "queries": ";".join(names), "rank": rank,
-                                "score": float(score), "image": describe(entry), **entry})
+                                "score": float(score), "image": gallery.describe(entry), **entry})
     return records
 
 
@@ -286,32 +279,62 @@ def print_query_summary(index, result, records):
 def _thumb(load):
     """A thumbnail of `load()`, or None when the image cannot be read any more (a moved file)."""
     try:
-        return thumbnail(load())
+        return gallery.thumbnail(load())
     except (OSError, ValueError):
         return None
 
 
 def _caption(name: str, width: int = 24) -> str:
-    """The file and its folder (a subject, often), cut from the left to fit under a thumbnail."""
+    """The file and its folder (a subject, often), cut from the left to fit one console column."""
     name = "/".join(Path(name).parts[-2:])
     return name if len(name) <= width else "\u2026" + name[1 - width:]
+
+
+def sheet_captions(names: list, width: int = 24, max_lines: int = 4) -> dict:
+    """{name: caption} that tell the images of one contact sheet apart: each path without the folders all of
+    them share (a lone image keeps its two nearest folders), wrapped at '/' and spaces into at most
+    `max_lines` lines of about `width` characters. What still does not fit loses its start: the file and the
+    folders nearest it (subject, method) are what tells images apart."""
+    parts = {name: Path(name).parts for name in names}
+    shortest = min((len(p) for p in parts.values()), default=1)
+    start = len(os.path.commonprefix(list(parts.values()))) if len(set(names)) > 1 else shortest - 3
+    return {name: _wrap(list(p[max(0, min(start, shortest - 1)):]), width, max_lines) for name, p in parts.items()}
+
+
+def _wrap(parts: list, width: int, max_lines: int) -> str:
+    tokens = [word for index, part in enumerate(parts) for word in
+              (part + ("/" if index < len(parts) - 1 else "")).replace(" ", " \0").split("\0")]
+    lines = [""]
+    for token in reversed(tokens):  # from the file backwards
+        if lines[0] and len(token.rstrip()) + len(lines[0]) > width:
+            lines.insert(0, "")
+        lines[0] = token + lines[0]
+    lines = [line.rstrip() for line in lines]
+    if len(lines) > max_lines:
+        lines = lines[-max_lines:]
+        lines[0] = "\u2026" + lines[0]
+    return "\n".join(line if len(line) <= width + 1 else "\u2026" + line[-width:] for line in lines)
 
 
 def query_sheet(index, result, heatmap_scorer=None) -> list:
     """One row per query group: its query images (with their attention map when `heatmap_scorer` is given), then
     its top hits with their scores."""
     entries = index.entries()
+    groups = list(zip(result.queries, result.scores, result.rows))[:SHEET_QUERIES]
+    captions = sheet_captions([n for names, _, _ in groups for n in names[:SHEET_QUERY_IMAGES]]
+                              + [gallery.describe(entries[r]) for _, _, found in groups for r in found[:SHEET_HITS]
+                                 if r >= 0])
     rows = []
-    for names, scores, found in list(zip(result.queries, result.scores, result.rows))[:SHEET_QUERIES]:
+    for names, scores, found in groups:
         shown = names[:SHEET_QUERY_IMAGES]
         if heatmap_scorer is None:
-            cells = [(_thumb(lambda n=n: load_image(n)), f"query\n{_caption(n)}") for n in shown]
+            cells = [(_thumb(lambda n=n: images.load_image(n)), f"query\n{captions[n]}") for n in shown]
         else:
             attention = heatmaps.attention_map(heatmaps.nearid_head(heatmap_scorer),
                                                heatmaps.image_tokens(heatmap_scorer, shown))
-            cells = [(heatmaps.overlay(load_image(n), a, size=128), f"query, attention\n{_caption(n)}")
+            cells = [(heatmaps.overlay(images.load_image(n), a, size=128), f"query, attention\n{captions[n]}")
                      for n, a in zip(shown, attention)]
-        cells += [(_thumb(lambda r=r: index.image(r)), f"#{rank} {score:.3f}\n{_caption(describe(entries[r]))}")
+        cells += [(_thumb(lambda r=r: index.image(r)), f"#{rank} {score:.3f}\n{captions[gallery.describe(entries[r])]}")
                   for rank, (score, r) in enumerate(zip(scores[:SHEET_HITS], found), start=1) if r >= 0]
         rows.append(cells)
     return rows
@@ -323,13 +346,14 @@ def query_sheet(index, result, heatmap_scorer=None) -> list:
 def run_cluster(args, state):
     if not state.is_main_process:
         return None
-    index = SearchIndex.load(args.index_dir)
+    index = gallery.SearchIndex.load(args.index_dir)
     linkage = IdentityLinkage(index.finite_vectors(), args.threshold)  # cut again at the higher duplicate threshold
     clusters, duplicates = linkage.labels(args.threshold), linkage.labels(args.duplicate_threshold)
     entries = index.entries()
     cluster_sizes, duplicate_sizes = np.bincount(clusters), np.bincount(duplicates)
     records = [{"cluster": int(c), "cluster_size": int(cluster_sizes[c]),
-                "near_duplicate_group": int(d) if duplicate_sizes[d] > 1 else None, "image": describe(entry), **entry}
+                "near_duplicate_group": int(d) if duplicate_sizes[d] > 1 else None, "image": gallery.describe(entry),
+                **entry}
                for c, d, entry in zip(clusters, duplicates, entries)]
     summary = cluster_summary(args, clusters, duplicates)
     write_cluster_outputs(args, index, records, clusters, duplicates, summary)
@@ -352,7 +376,7 @@ def members(labels) -> list:
 
 def label_groups(labels, entries, min_size: int = 2) -> list:
     """[{"group", "size", "images"}] of the labels with at least `min_size` images, largest first."""
-    return [{"group": group, "size": len(rows), "images": [describe(entries[row]) for row in rows]}
+    return [{"group": group, "size": len(rows), "images": [gallery.describe(entries[row]) for row in rows]}
             for group, rows in enumerate(members(labels)) if len(rows) >= min_size]
 
 
@@ -363,7 +387,8 @@ def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
     entries = index.entries()
     large = [(group, rows) for group, rows in enumerate(members(clusters)) if len(rows) >= args.sheet_min_size]
     for group, rows in large[:args.max_sheets]:
-        cells = [(_thumb(lambda r=r: index.image(r)), _caption(describe(entries[r])))
+        captions = sheet_captions([gallery.describe(entries[r]) for r in rows[:SHEET_CLUSTER_IMAGES]])
+        cells = [(_thumb(lambda r=r: index.image(r)), captions[gallery.describe(entries[r])])
                  for r in rows[:SHEET_CLUSTER_IMAGES]]
         name = f"cluster_sheets/cluster_{group:04d}.png"
         outputs.optional(f"drawing {name}", reports.plot_image_grid, outputs.path(name),
@@ -393,7 +418,7 @@ def main(argv=None):
         from accelerate import PartialState
 
         # cpu=True joins the processes of a CPU launch (gloo), as in evaluate.py.
-        state = PartialState(cpu=resolve_device(getattr(args, "device", "cpu")) == "cpu")
+        state = PartialState(cpu=scorers.resolve_device(getattr(args, "device", "cpu")) == "cpu")
         return RUNS[command](args, state)
 
 

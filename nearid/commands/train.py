@@ -32,36 +32,26 @@ from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from nearid import card, checkpoints, data, evaluation, metrics, reports
+from nearid import card, metrics, reports
 from nearid.cli import (
     DatasetSource,
     NearIDSources,
     apply_published_splits,
     build_parser,
+    lazy_module,
     named_sources,
     option,
     parse,
     save_arguments,
     user_errors,
 )
-from nearid.images import ImageLoadError
 from nearid.io import atomic_write_json, atomic_write_text
-from nearid.loss import nearid_loss
-from nearid.models import nearid_from_siglip
 from nearid.numerics import PRECISIONS, resolve_precision
-from nearid.store import FillOptions, ImageIndex, fill
-from nearid.tokens import (
-    BackboneEveryStep,
-    BackboneTokens,
-    CachedTokens,
-    TrainingImages,
-    batch_embeddings,
-    embed_keys,
-    token_loader,
-)
-from nearid.training_data import StepSampler, build_training_set, training_rows
+
+# torch, transformers and datasets come with these: loaded when the run first uses them, not for --help.
+checkpoints, data, evaluation, models, embedding_store, tokens, training_data = (
+    lazy_module(f"nearid.{name}")
+    for name in ("checkpoints", "data", "evaluation", "models", "store", "tokens", "training_data"))
 
 # What a token store that does not fit on its disk can do instead (said before any token is computed).
 DISK_OPTIONS = ("store int8 tokens (--cache-dtype int8, half of float16), train on fewer distractor sources "
@@ -194,12 +184,12 @@ class HeldOutSet:
     name: str
     views: list
     distractors: dict
-    items: ImageIndex
+    items: embedding_store.ImageIndex
 
 
 def held_out_set(benchmark, rows, name, skip_errors):
     """Image keys of held-out rows; `where` in errors names the original dataset row."""
-    items = ImageIndex(skip_errors)
+    items = embedding_store.ImageIndex(skip_errors)
     views = [items.add_column(f"positives ({name} split)", benchmark.positives, c, rows)
              for c in benchmark.view_columns]
     distractors = {source: [items.add_column(f"source {source} ({name} split)", benchmark.sources[source], c, rows)
@@ -213,7 +203,8 @@ def read_splits(data_args, num_rows):
     files = {"train": data_args.train_split, "val": data_args.val_split, "test": data_args.test_split}
     splits = {name: data.load_split_indices(path, num_rows) for name, path in files.items() if path}
     held_out = {name: rows for name, rows in splits.items() if name != "train"}
-    splits["train"] = training_rows(num_rows, splits.get("train"), held_out)  # test rows are never trained on
+    # test rows are never trained on
+    splits["train"] = training_data.training_rows(num_rows, splits.get("train"), held_out)
     return splits
 
 
@@ -225,8 +216,9 @@ def load_data(data_args):
     mtg = None
     if data_args.mtg:
         mtg, provenance["mtg"] = data.open_mtg(DatasetSource.parse(data_args.mtg), "train")
-    training_set = build_training_set(benchmark, splits["train"], mtg=mtg, mtg_repeats=data_args.mtg_repeats,
-                                      skip_errors=data_args.skip_bad_images)
+    training_set = training_data.build_training_set(benchmark, splits["train"], mtg=mtg,
+                                                    mtg_repeats=data_args.mtg_repeats,
+                                                    skip_errors=data_args.skip_bad_images)
     held_out = {name: held_out_set(benchmark, splits[name], name, data_args.skip_bad_images)
                 for name in ("val", "test") if name in splits}
     return training_set, held_out, provenance, {name: len(rows) for name, rows in splits.items()}
@@ -242,10 +234,12 @@ def make_provider(model, processor, training_set, held_out, data_args, args, acc
     items = ChainMap(*indexes)
     unreadable = {where: reason for index in indexes for where, reason in index.unreadable.items()}
     if not args.token_cache:
-        return BackboneEveryStep(model, items, BackboneTokens(model, processor).loader, accelerator.device), unreadable
+        loader = tokens.BackboneTokens(model, processor).loader
+        return tokens.BackboneEveryStep(model, items, loader, accelerator.device), unreadable
     keys = sorted(training_set.used_keys(range(args.num_epochs), args.seed)
                   | {k for held in held_out.values() for k in held.items})
-    store, skipped = build_token_store(model, processor, TrainingImages(items, keys), args, data_args, accelerator)
+    store, skipped = build_token_store(model, processor, tokens.TrainingImages(items, keys), args, data_args,
+                                       accelerator)
     where = {key: next(index.where(key) for index in indexes if key in index) for key in skipped}
     if skipped:
         training_set.drop_images(set(skipped))
@@ -253,7 +247,7 @@ def make_provider(model, processor, training_set, held_out, data_args, args, acc
             held.items.retain(set(held.items) - set(skipped))
         for key, reason in skipped.items():
             accelerator.print(f"skipped unreadable image {where[key]}: {reason}")
-    return CachedTokens(store, accelerator.device), {**unreadable, **{where[k]: r for k, r in skipped.items()}}
+    return tokens.CachedTokens(store, accelerator.device), {**unreadable, **{where[k]: r for k, r in skipped.items()}}
 
 
 def build_token_store(model, processor, images, args, data_args, accelerator):
@@ -261,15 +255,15 @@ def build_token_store(model, processor, images, args, data_args, accelerator):
 
     The free disk space is checked against the store's size before anything is computed.
     """
-    encoder = BackboneTokens(model, processor, args.cache_dtype, args.mixed_precision, accelerator.device,
-                             args.compile)
+    encoder = tokens.BackboneTokens(model, processor, args.cache_dtype, args.mixed_precision, accelerator.device,
+                                    args.compile)
     root = Path(args.cache_dir or Path(args.output_dir) / "token_cache")
-    options = FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
-                          skip_errors=data_args.skip_bad_images, device=str(accelerator.device),
-                          progress=accelerator.is_main_process, description="caching backbone tokens",
-                          disk_options=DISK_OPTIONS)
-    store, report = fill(root / encoder.fingerprint, encoder.fingerprint, encoder.format, images, encoder.loader,
-                         encoder, options, accelerator.state)
+    options = embedding_store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
+                                          skip_errors=data_args.skip_bad_images, device=str(accelerator.device),
+                                          progress=accelerator.is_main_process, description="caching backbone tokens",
+                                          disk_options=DISK_OPTIONS)
+    store, report = embedding_store.fill(root / encoder.fingerprint, encoder.fingerprint, encoder.format, images,
+                                         encoder.loader, encoder, options, accelerator.state)
     return store, report.skipped
 
 
@@ -296,10 +290,19 @@ class Run:
     history: dict = field(default_factory=lambda: {"validation": [], "loss": []})
 
 
+def nearid_loss(*args, **kwargs):
+    """`nearid.loss.nearid_loss`, imported with torch when the first step runs."""
+    from nearid.loss import nearid_loss as loss_function
+
+    return loss_function(*args, **kwargs)
+
+
 def train_step(run, epoch, batch):
     """One optimisation step on this process's batch (`TokenBatches`); returns the loss output (global values)."""
+    import torch
+
     with run.accelerator.autocast():
-        embeddings = batch_embeddings(run.head, run.provider, batch)
+        embeddings = tokens.batch_embeddings(run.head, run.provider, batch)
         loss = nearid_loss(embeddings, batch["mask"], run.args.temperature, run.args.alpha, run.args.mask_padded)
     if not torch.isfinite(loss.total):
         samples = batch["samples"].tolist()
@@ -332,7 +335,7 @@ def validate(run, name="val"):
         run.accelerator.wait_for_everyone()
         return None
     head = run.accelerator.unwrap_model(run.head).eval()
-    scores = held_out_scores(held, embed_keys(head, run.provider, list(held.items)))
+    scores = held_out_scores(held, tokens.embed_keys(head, run.provider, list(held.items)))
     head.train()
     pooled = scores["pooled"]
     run.accelerator.log({f"{name}/ssr": pooled["ssr"], f"{name}/pa": pooled["pa"]}, step=run.global_step)
@@ -374,9 +377,9 @@ def training_loader(run, last_step):
     at the current step, so a resumed run reads none of the batches before it.
     """
     args, accelerator = run.args, run.accelerator
-    sampler = StepSampler(run.training_set, args.seed, args.per_device_batch_size, accelerator.num_processes,
-                          run.steps_per_epoch, run.global_step, last_step)
-    loader = token_loader(run.provider, sampler, args.num_workers, accelerator.device)
+    sampler = training_data.StepSampler(run.training_set, args.seed, args.per_device_batch_size,
+                                        accelerator.num_processes, run.steps_per_epoch, run.global_step, last_step)
+    loader = tokens.token_loader(run.provider, sampler, args.num_workers, accelerator.device)
     return accelerator.prepare_data_loader(loader, device_placement=True)
 
 
@@ -537,6 +540,8 @@ def make_accelerator(args):
 
 
 def has_accelerator():
+    import torch
+
     if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, MPS, XPU, ...
         return torch.accelerator.is_available()
     return torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -569,6 +574,7 @@ def jsonl_tracker(path):
 
 
 def make_run(data_args, model_args, args, accelerator, training_set, held_out, provider, model):
+    import torch
     from transformers import get_cosine_schedule_with_warmup
 
     global_batch = args.per_device_batch_size * accelerator.num_processes
@@ -665,12 +671,15 @@ def finish(run, processor, data_args, model_args, all_args, skipped, describe):
 
 def main(argv=None):
     data_args, model_args, args, debug = parse_arguments(argv)
-    with user_errors(debug, {ImageLoadError: "Pass --skip-bad-images to train without unreadable images; they are "
-                                              "counted and listed in train_results.json."}):
+    hint = ("Pass --skip-bad-images to train without unreadable images; they are counted and listed in "
+            "train_results.json.")
+    with user_errors(debug, {"image_processing_nearid.ImageLoadError": hint}):
         return run_training(data_args, model_args, args)
 
 
 def run_training(data_args, model_args, args):
+    import torch
+
     check_arguments(data_args, args)
     split_notes = apply_published_splits([data_args], data_args.positives, {"val_split": "val", "test_split": "test"})
     # Resolved before anything records it: "auto" is bf16 on a CUDA GPU, none elsewhere.
@@ -686,7 +695,7 @@ def run_training(data_args, model_args, args):
     accelerator.init_trackers("nearid", config={k: str(v) for k, v in all_args.items()})
     training_set, held_out, provenance, split_sizes = load_data(data_args)
     accelerator.print(f"training data: {json.dumps(training_set.describe(), default=str)}")
-    model, processor = nearid_from_siglip(model_args.base_model, model_args.base_revision)
+    model, processor = models.nearid_from_siglip(model_args.base_model, model_args.base_revision)
     model.to(accelerator.device)
     provider, skipped = make_provider(model, processor, training_set, held_out, data_args, args, accelerator)
     describe = {**training_set.describe(), "splits": split_sizes, "datasets": provenance}  # counts skipped images
