@@ -635,10 +635,17 @@ class _Items(Dataset):
             return key, None, str(error)
 
 
-def _collate(batch):
-    good = [(key, pixels) for key, pixels, _ in batch if pixels is not None]
-    failed = {key: reason for key, pixels, reason in batch if pixels is None}
-    return [key for key, _ in good], torch.stack([pixels for _, pixels in good]) if good else None, failed
+class _Collate:
+    """(keys, one batch of pixels or None, {key: failure reason}) of a batch of `_Items`; `stack` is the
+    loader's own (`PixelLoader.collate`: uint8 codes stay uint8) or torch.stack."""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def __call__(self, batch):
+        good = [(key, pixels) for key, pixels, _ in batch if pixels is not None]
+        failed = {key: reason for key, pixels, reason in batch if pixels is None}
+        return [key for key, _ in good], self.stack([pixels for _, pixels in good]) if good else None, failed
 
 
 def _compute(folder, fmt, batches, items, loader, encoder, options, state) -> FillReport:
@@ -648,7 +655,8 @@ def _compute(folder, fmt, batches, items, loader, encoder, options, state) -> Fi
     keys = [key for batch in batches for key in batch]
     sizes = np.cumsum([0] + [len(batch) for batch in batches])
     loader_ = DataLoader(_Items(keys, items, loader), batch_sampler=[list(range(a, b)) for a, b in zip(sizes, sizes[1:])],
-                         num_workers=options.num_workers, collate_fn=_collate,
+                         num_workers=options.num_workers,
+                         collate_fn=_Collate(getattr(loader, "collate", torch.stack)),
                          pin_memory=torch.device(options.device).type == "cuda")
     report = FillReport()
     writer = _ShardWriter(folder, fmt, state.process_index, options.shard_size, keys)
