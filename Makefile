@@ -24,6 +24,7 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_train_compute.py
 	$(PY) benchmarks/bench_token_loader.py
 	$(PY) benchmarks/bench_embedding_pipeline.py
+	$(PY) benchmarks/profile_input_path.py
 	$(PY) benchmarks/bench_int8_cache.py
 	$(PY) benchmarks/estimate_real_run.py
 	$(PY) benchmarks/bench_search.py

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from image_processing_nearid import (
     DECODE_RULES,
@@ -91,10 +92,9 @@ class PixelLoader:
 
     def collate(self, images: list) -> torch.Tensor:
         """What `__call__` gave for each image -> one batch; uint8 unless a float one (a pad) is among them."""
-        if all(image.dtype == torch.uint8 for image in images):
-            return torch.stack(images)
-        return torch.stack([self.normalise(image[None])[0] if image.dtype == torch.uint8 else image
-                            for image in images])
+        if not all(image.dtype == torch.uint8 for image in images):
+            images = [self.normalise(image[None])[0] if image.dtype == torch.uint8 else image for image in images]
+        return _stack(images)
 
     def model_input(self, batch: torch.Tensor, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         """A batch of `collate` (or float pixels) -> the model's float pixels [B, 3, H, W] on `device`, in
@@ -123,6 +123,17 @@ class PixelLoader:
     def pixels(self, item) -> torch.Tensor:
         """One image -> its float32 pixels [3, H, W] on the CPU, equal to the processor's `pixel_values`."""
         return self.model_input(self.collate([self(item)]))[0]
+
+
+def _stack(images: list) -> torch.Tensor:
+    """torch.stack; in a DataLoader worker straight into shared memory, as PyTorch's default collate does,
+    so the batch is not copied again to be sent to the main process."""
+    if get_worker_info() is None:
+        return torch.stack(images)
+    first = images[0]
+    storage = first.untyped_storage()._new_shared(len(images) * first.numel() * first.element_size())
+    out = torch.empty(0, dtype=first.dtype).set_(storage, 0, (len(images), *first.shape))
+    return torch.stack(images, out=out)
 
 
 def image_suffixes() -> frozenset:

@@ -53,6 +53,7 @@ def smoke(tmp_path_factory):
         "bench_train_compute.py": ["--smoke"],
         "bench_token_loader.py": ["--smoke"],
         "bench_embedding_pipeline.py": ["--smoke"],
+        "profile_input_path.py": ["--smoke"],
         "bench_int8_cache.py": ["--smoke"],
         "gpu_check.py": ["--smoke", "--output", str(out / "gpu_check.json")],
         "estimate_real_run.py": ["--output", str(out / "estimate.txt")],
@@ -81,6 +82,13 @@ def output_of(smoke, name):
                                   "bench_int8_cache.py"])
 def test_benchmark_smoke_modes_run(smoke, name):
     output_of(smoke, name)
+
+
+def test_the_input_path_profile_times_every_stage_and_both_hand_overs(smoke):
+    output = output_of(smoke, "profile_input_path.py")
+    for stage in ("decode", "resize", "normalise", "collate", "hash", "hand-over", "pinning: not measured",
+                  "2 workers / 1 worker, uint8", "float16", "int8", "load average"):
+        assert stage in output, stage
 
 
 def test_the_image_processor_benchmark_checks_agreement(smoke):

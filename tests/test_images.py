@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from nearid.data import image_ref, image_refs
 from nearid.images import ImageLoadError, PixelLoader, content_hash, find_images, image_suffixes, load_image
@@ -101,6 +102,9 @@ def test_pixels_travel_as_uint8_and_are_normalised_to_the_processors_exact_value
     torch.testing.assert_close(loader.model_input(batch), expected, rtol=0, atol=0)
     torch.testing.assert_close(loader.model_input(batch, dtype=torch.bfloat16), expected.to(torch.bfloat16),
                                rtol=0, atol=0)
+    in_worker = DataLoader(list(zip(images, "abcd")), batch_size=4, num_workers=1, collate_fn=lambda items: loader.collate(
+        [loader(item) for item in items]))  # a worker collates into shared memory
+    torch.testing.assert_close(loader.model_input(next(iter(in_worker))), expected, rtol=0, atol=0)
     with_pad = loader.collate([sent[0], loader(None), sent[1]])  # the pad's zeros are not a code: float
     assert with_pad.dtype == torch.float32
     torch.testing.assert_close(loader.model_input(with_pad),
