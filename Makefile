@@ -28,6 +28,7 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_int8_cache.py
 	$(PY) benchmarks/estimate_real_run.py
 	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_checksums.py
 
 $(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt

@@ -8,28 +8,36 @@ A checkpoint is a folder `OUTPUT_DIR/checkpoints/step-NNNNNNN/` with
     scheduler.json          the learning-rate schedule's position
     scaler.json             the fp16 loss scaler's state (fp16 mixed precision only)
     position.json           the global step, the settings the run must keep, the validation history
+    checksums.json          the size and XXH3-128 checksum of every file above (`nearid.integrity`)
 
 Only safetensors and JSON are read back, never pickle; there are no RNG states to restore because
 every random draw of the data follows from (seed, epoch, sample) and the head has no dropout. The
 global step is the whole data position: the resumed run's training loader starts at that step, so no
 batch before it is drawn or read, and nothing of the loader (workers, prefetched batches) is saved. The
 folder is written under a staging name and renamed when complete, so a crash while saving leaves
-the previous checkpoint as the latest. A damaged file is named on resume, with the previous
-checkpoint offered instead.
+the previous checkpoint as the latest. Resuming verifies every file against checksums.json first, so
+a damaged file (truncated, or a single flipped bit in the weights that still loads) is named, with
+the newest earlier checkpoint that verifies offered instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from nearid.integrity import damaged, manifest
 from nearid.io import atomic_path, atomic_write_json, explain_disk_error, is_disk_full, read_json
 
 PREFIX = "step-"
-FILES = ("head.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "position.json")
+CHECKSUMS = "checksums.json"
+FILES = ("head.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "position.json", CHECKSUMS)
+
+logger = logging.getLogger(__name__)
+_WARNED_UNVERIFIED = set()  # checkpoints without checksums already said so
 
 
 class CheckpointError(ValueError):
@@ -82,7 +90,9 @@ def save(folder, head, optimizer, scheduler, scaler, position: dict, keep: int) 
         atomic_write_json(staging / "scheduler.json", scheduler.state_dict())
         if scaler is not None:
             atomic_write_json(staging / "scaler.json", scaler.state_dict())
-        atomic_write_json(staging / "position.json", position)  # last: its presence means complete
+        atomic_write_json(staging / "position.json", position)  # its presence means complete
+        written = [path.name for path in staging.iterdir() if not path.name.startswith(".")]
+        atomic_write_json(staging / CHECKSUMS, {"files": manifest(staging, written)})
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
     except BaseException as error:
@@ -106,10 +116,17 @@ def _optimizer_parts(optimizer) -> tuple:
     return tensors, {"param_groups": groups}
 
 
+def read_position(folder) -> dict:
+    """The checkpoint's position.json (global step, the run's settings, history); CheckpointError when unreadable."""
+    folder = Path(folder)
+    return _read(folder, "position.json", lambda: read_json(folder / "position.json", "checkpoint position"))
+
+
 def load(folder, head, optimizer, scheduler, scaler) -> dict:
     """Load a checkpoint into the (unwrapped) head, optimizer, scheduler and scaler; return its position."""
     folder = Path(folder)
-    position = _read(folder, "position.json", lambda: read_json(folder / "position.json", "checkpoint position"))
+    check_intact(folder)
+    position = read_position(folder)
     _read(folder, "head.safetensors", lambda: head.load_state_dict(_load_tensors(folder / "head.safetensors")))
     groups = _read(folder, "optimizer.json",
                    lambda: read_json(folder / "optimizer.json", "optimizer state")["param_groups"])
@@ -122,6 +139,42 @@ def load(folder, head, optimizer, scheduler, scaler) -> dict:
     return position
 
 
+def problems(folder: Path) -> dict | None:
+    """{file: what is wrong} against the checkpoint's checksums.json (empty: intact); None for a checkpoint
+    written before checksums."""
+    if not (folder / CHECKSUMS).is_file():
+        return None
+    try:
+        recorded = read_json(folder / CHECKSUMS, "checkpoint checksums")["files"]
+        return damaged(folder, recorded)
+    except (ValueError, KeyError, TypeError) as error:
+        return {CHECKSUMS: f"cannot be read ({error})"}
+
+
+def check_intact(folder: Path) -> None:
+    """CheckpointError naming each damaged file of the checkpoint in `folder`, offering an intact earlier one."""
+    found = problems(folder)
+    if found is None:
+        if folder not in _WARNED_UNVERIFIED:  # once per checkpoint, though a resume checks it twice
+            _WARNED_UNVERIFIED.add(folder)
+            logger.warning("%s has no %s (written before checkpoints carried checksums): its files are loaded "
+                           "unverified.", folder, CHECKSUMS)
+        return
+    if found:
+        listed = "; ".join(f"{folder / name} {problem}" for name, problem in sorted(found.items()))
+        raise CheckpointError(f"the checkpoint {folder} is damaged: {listed}. {_way_out(folder)}")
+
+
+def _way_out(folder: Path) -> str:
+    """What to do instead of resuming from the damaged checkpoint in `folder`: the newest intact earlier one."""
+    older = [p for p in completed(folder.parent.parent) if p.name < folder.name]
+    intact = next((p for p in reversed(older) if not problems(p)), None)
+    if intact is not None:
+        return (f"Resume from the previous intact checkpoint with --resume-from-checkpoint {intact.name}, or delete "
+                f"{folder}.")
+    return f"No intact earlier checkpoint exists; start the run again without resuming, or delete {folder}."
+
+
 def _read(folder: Path, name: str, step):
     """`step()`, with any failure turned into a CheckpointError naming the file and the way out."""
     from safetensors import SafetensorError
@@ -130,11 +183,8 @@ def _read(folder: Path, name: str, step):
         return step()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
         detail = "is missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
-        older = [p.name for p in completed(folder.parent.parent) if p.name < folder.name]
-        way_out = (f"Resume from the previous checkpoint with --resume-from-checkpoint {older[-1]}"
-                   if older else "No earlier checkpoint exists; start the run again without resuming")
         raise CheckpointError(f"the checkpoint file {folder / name} {detail}: the checkpoint is damaged. "
-                              f"{way_out}, or delete {folder}.") from None
+                              f"{_way_out(folder)}") from None
 
 
 def _load_tensors(path: Path) -> dict:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from nearid.integrity import check_weights
+
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent  # the three *_nearid.py files live at the root
 CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
 # Everything a model load reads: configs and weights, never code, never pickle.
@@ -131,6 +133,7 @@ def load_nearid(folder: Path, dtype=torch.float32, name: str | None = None, comm
 
     folder = Path(folder)
     check_nearid_folder(folder, name)
+    check_weights(folder)  # a truncated weights file is named, not a raw SafetensorError traceback
     warn_if_code_differs(folder, name or str(folder), commit)
     model = NearIDModel.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     processor = NearIDImageProcessor.from_pretrained(str(folder))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nearid.images import PixelLoader
+from nearid.integrity import check_weights
 from nearid.loading import has_safetensors, load_nearid, resolve_model_folder
 from nearid.numerics import autocast
 from nearid.store import StoreFormat, fingerprint, weights_digest
@@ -138,6 +139,7 @@ class Scorer:
                 raise FileNotFoundError(f"{self.model_name} has no safetensors weights (model.safetensors); weights "
                                         "are read only from safetensors, since pickled ones can run code. Give a repo "
                                         "or a local folder with safetensors weights.")
+            check_weights(folder)  # a truncated weights file is named, not a raw SafetensorError traceback
             model, self.processor = load_baseline(kind, folder, dtype)
         self.model = model.to(device).eval()
         self.loader = PixelLoader(self.processor)

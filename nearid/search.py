@@ -20,14 +20,21 @@ gallery does not hold yet; `sync` makes the gallery exactly the images listed (r
 On disk an index is a folder:
 
     search_index.json   format, the scorer's fingerprint and provenance, the FAISS settings, the
-                        measured recall of an approximate index, bytes per image (written last)
+                        measured recall of an approximate index, bytes per image, the checksums
+                        of every other file and of itself (written last)
     gallery/            a Hugging Face `datasets` Dataset (`save_to_disk`), one row per image: its
                         content hash, its place (file path, or dataset, split, row and column) and
                         its embedding in float16
     faiss.index         the FAISS index over the embedding column (`Dataset.add_faiss_index`)
 
 The folder is written under a staging name and renamed when complete, so an interrupted save leaves
-the previous index (or none), never a half-written one that looks complete.
+the previous index (or none), never a half-written one that looks complete. Loading verifies every
+file against the checksums recorded at save (`nearid.integrity`): a truncated or damaged file, a
+`faiss.index` from another gallery, or an edited `search_index.json` is refused with the command that
+builds the index again. One run at a time writes an index (`one_writer_of`, a lock beside the folder):
+`search.py index` holds it from loading the index to saving it, so a second run waits and then
+builds on the first run's result; a save that would replace an index changed since it was loaded is
+refused.
 
 Search is exact inner product (`IndexFlatIP`) by default; IVF and HNSW are options for large
 galleries, and their recall@10 against exact search is measured when the index is built.
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,11 +56,13 @@ from nearid import data, evaluation
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.cli import DatasetSource
 from nearid.clustering import IdentityLinkage
-from nearid.images import find_images, link_problem, load_image
+from nearid.images import ImageLoadError, find_images, link_problem, load_image
+from nearid.integrity import ALGORITHM, checksum_json, damaged, manifest, manifest_of_tree
 from nearid.io import atomic_write_json, read_json
+from nearid.locking import one_writer
 from nearid.store import FillOptions, ImageIndex
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of every file
 INFO_FILE = "search_index.json"
 GALLERY_DIR = "gallery"
 FAISS_FILE = "faiss.index"
@@ -64,6 +74,14 @@ EMPTY_CELL = "no image in this row"  # the reason a dataset row without an image
 
 class SearchIndexMismatch(ValueError):
     """The index was built by another scorer (weights, preprocessing or dimension)."""
+
+
+class SearchIndexDamaged(ValueError):
+    """A file of a saved index differs from what was written (truncated, damaged, replaced or edited)."""
+
+
+class SearchIndexChanged(ValueError):
+    """Another run saved the index after this one loaded it; saving now would drop that run's work."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +215,7 @@ class SearchIndex:
         self._faiss_file = None  # the saved FAISS index to attach when needed; None: build one
         self._checked_gallery = None  # the gallery whose embeddings were last found finite
         self._datasets = {}  # opened datasets by name, to show their images
+        self._loaded = None  # (folder, checksum of its search_index.json) of the saved index this one was loaded from
 
     @classmethod
     def create(cls, embedder: Embedder, settings: IndexSettings = IndexSettings()) -> "SearchIndex":
@@ -214,9 +233,11 @@ class SearchIndex:
         if embedder is not None:
             check_scorer(info, embedder.scorer, folder)
         index = cls(info["fingerprint"], info["dim"], info["scorer"], IndexSettings(**info["settings"]), embedder)
+        check_intact(folder, info)
         index.gallery = datasets.load_from_disk(str(folder / GALLERY_DIR))
         index.skipped, index.recall = info["skipped"], info["recall_at_10"]
         index._faiss_file = folder / FAISS_FILE
+        index._loaded = (folder.resolve(), info["checksums"]["info"])
         return index
 
     def __len__(self) -> int:
@@ -420,22 +441,37 @@ class SearchIndex:
     def save(self, folder, extra: dict | None = None) -> Path:
         """Write the index to `folder` (a staging folder, renamed when complete); `extra` joins search_index.json."""
         folder = Path(folder)
-        check_replaceable(folder)
-        staging = folder.parent / f".{folder.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            self.faiss_index()
-            self.gallery.save_faiss_index(EMBEDDING, str(staging / FAISS_FILE))
-            self.gallery.drop_index(EMBEDDING)  # datasets saves no dataset with an index attached
-            self._faiss_file = None  # should the save fail from here on, the index is built again when needed
-            self.gallery.save_to_disk(str(staging / GALLERY_DIR))
-            atomic_write_json(staging / INFO_FILE, {**self.info(staging), **(extra or {})})  # last: complete
-            _replace_folder(staging, folder)
-        finally:
+        with one_writer_of(folder):
+            check_replaceable(folder)
+            self._check_unchanged(folder)
+            staging = folder.parent / f".{folder.name}.partial"
             shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            try:
+                self.faiss_index()
+                self.gallery.save_faiss_index(EMBEDDING, str(staging / FAISS_FILE))
+                self.gallery.drop_index(EMBEDDING)  # datasets saves no dataset with an index attached
+                self._faiss_file = None  # should the save fail from here on, the index is built again when needed
+                self.gallery.save_to_disk(str(staging / GALLERY_DIR))
+                info = with_checksums(staging, {**self.info(staging), **(extra or {})})
+                atomic_write_json(staging / INFO_FILE, info)  # last: complete
+                _replace_folder(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         self._faiss_file = folder / FAISS_FILE
+        self._loaded = (folder.resolve(), info["checksums"]["info"])
         return folder
+
+    def _check_unchanged(self, folder: Path) -> None:
+        """Refuse to replace the index this one was loaded from when another run has saved it since."""
+        if self._loaded is None or self._loaded[0] != folder.resolve() or not (folder / INFO_FILE).is_file():
+            return
+        now = read_json(folder / INFO_FILE, "search index description").get("checksums", {}).get("info")
+        if now != self._loaded[1]:
+            raise SearchIndexChanged(
+                f"the search index in {folder} was saved by another run after this one loaded it; saving now would "
+                "drop that run's images, so nothing was saved. Load the index again and add the images to it (the "
+                "`search.py index` command does this itself: it waits for the other run).")
 
     def info(self, folder: Path) -> dict:
         """What search_index.json says about the index saved in `folder`, with the bytes per image stored."""
@@ -482,8 +518,53 @@ def read_info(folder: Path) -> dict:
     info = read_json(path, "search index description")
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"the search index in {folder} has format version {info.get('format_version')}; this code "
-                         f"reads version {FORMAT_VERSION}. Build it again with `python search.py index`.")
+                         f"reads version {FORMAT_VERSION}. {rebuild_hint(folder)}")
     return info
+
+
+def rebuild_hint(folder: Path) -> str:
+    return (f"Build it again: python search.py index --index-dir {folder} --overwrite with the same --images or "
+            f"--dataset as before (listed in {folder / 'index_args.json'}).")
+
+
+def with_checksums(folder: Path, info: dict) -> dict:
+    """`info` with the checksums of the index files in `folder` and of `info` itself (`nearid.integrity`)."""
+    files = {**manifest(folder, [FAISS_FILE]), **manifest_of_tree(folder, GALLERY_DIR)}
+    info = {**info, "checksums": {"algorithm": ALGORITHM, "files": files}}
+    info["checksums"]["info"] = checksum_json(info)
+    return info
+
+
+def check_intact(folder: Path, info: dict) -> None:
+    """SearchIndexDamaged, naming what differs and what to run, unless every file of the index in `folder`
+    is as it was saved: search_index.json (e.g. an edited dim), faiss.index and the gallery."""
+    recorded = info.get("checksums") or {}
+    unsigned = {**info, "checksums": {k: v for k, v in recorded.items() if k != "info"}}
+    if recorded.get("algorithm") != ALGORITHM or recorded.get("info") != checksum_json(unsigned):
+        raise SearchIndexDamaged(f"{folder / INFO_FILE} differs from what was saved (it was edited or damaged), so "
+                                 f"the index cannot be trusted. {rebuild_hint(folder)}")
+    problems = damaged(folder, recorded["files"])
+    if problems:
+        listed = "; ".join(f"{name} {problem}" for name, problem in sorted(problems.items()))
+        raise SearchIndexDamaged(f"the search index in {folder} is damaged: {listed}. {rebuild_hint(folder)}")
+
+
+def lock_file(folder: Path) -> Path:
+    # Beside the folder, not in it: a save replaces the folder as a whole.
+    return folder.parent / f".{folder.name}.lock"
+
+
+@contextmanager
+def one_writer_of(folder, state=None):
+    """Hold the lock of the index in `folder` for the block: the main process takes it for all processes of
+    its run (`state`, accelerate's PartialState, None for this process alone); others wait, saying who holds it."""
+    folder = Path(folder)
+    with ExitStack() as stack:
+        if state is None or state.is_main_process:
+            stack.enter_context(one_writer(lock_file(folder), f"the search index in {folder}"))
+        if state is not None:
+            state.wait_for_everyone()  # no process loads the index before its run holds the lock
+        yield
 
 
 def check_replaceable(folder: Path) -> None:

@@ -21,11 +21,20 @@ The pieces:
 - `EmbeddingStore`: the read view, memory-mapped; what it reads is checked (shape, dtype, finite
   values) and a damaged shard is named.
 
+Every shard carries the checksum of its bytes in its name (`nearid.integrity`), taken when it is
+written; each fill verifies every shard before it trusts it, and drops (with a warning naming it)
+and computes again any shard that is truncated, of another layout, or of other content, including
+finite values changed by bit rot or a bad copy. One fill at a time writes to a store folder: a
+second run that shares the folder (the same --cache-dir) waits for the first, then computes only
+what the first left undone (`nearid.locking`).
+
 Layout of a store folder:
 
-    store.json            fingerprint, payload shape and storage dtype (written first)
-    shard-p<P>-<N>.npy    numpy record arrays (key, [scale,] values), written by process P
-    index.json            the shards and their keys, and the last build's report (written last)
+    store.json                  fingerprint, payload shape and storage dtype (written first)
+    shard-p<P>-<N>-<XXH>.npy    numpy record arrays (key, [scale,] values), written by process P;
+                                XXH is the XXH3-128 checksum of the file
+    index.json                  the shards and their keys, and the last build's report (written last)
+    store.lock                  held by the run filling the store (store.lock.owner.json says which)
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import logging
 import os
 import re
 import secrets
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
@@ -47,7 +56,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nearid.images import DECODE_RULES, ImageLoadError, content_hash
+from nearid.integrity import checksum_file
 from nearid.io import atomic_write_json, disk_free_bytes, human_bytes, read_json
+from nearid.locking import one_writer
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +66,9 @@ FORMAT_VERSION = 2
 META_FILE = "store.json"
 INDEX_FILE = "index.json"
 STORAGE_DTYPES = {"float32": "<f4", "float16": "<f2", "int8": "i1"}  # little-endian on every machine
-_SHARD_NAME = re.compile(r"shard-p(\d+)-(\d+)\.npy")
+LOCK_FILE = "store.lock"
+# shard-p<process>-<number>-<checksum>.npy; shards written before checksums have no checksum part.
+_SHARD_NAME = re.compile(r"shard-p(\d+)-(\d+)(?:-([0-9a-f]{32}))?\.npy")
 
 
 DISK_OPTIONS = ("store fewer bytes per image (int8 is half of float16), compute fewer images (fewer sources or "
@@ -328,8 +341,9 @@ class EmbeddingStore:
         self._shards = self._map_shards()
 
     @classmethod
-    def open(cls, folder, fingerprint_: str | None = None) -> "EmbeddingStore":
-        """Open a built store; StoreMismatchError for another fingerprint, clear errors for a damaged one."""
+    def open(cls, folder, fingerprint_: str | None = None, verify: bool = True) -> "EmbeddingStore":
+        """Open a built store; StoreMismatchError for another fingerprint, StoreCorruptError naming a damaged
+        shard (`verify`: every shard's checksum is checked first; `fill` has just checked them)."""
         folder = Path(folder)
         meta = _read_meta(folder)
         if meta is None:
@@ -340,6 +354,9 @@ class EmbeddingStore:
             raise FileNotFoundError(f"the store in {folder} has no {INDEX_FILE}: its build did not finish. Run the "
                                     "same command again; it keeps the finished shards and computes only the rest.")
         index = read_json(folder / INDEX_FILE, "store index")
+        if verify:
+            for name, _ in _index_shards(index):
+                _verify_shard(folder / name)
         return cls(folder, meta["fingerprint"], _format_from_meta(meta, folder), _index_shards(index))
 
     @property
@@ -399,6 +416,17 @@ class EmbeddingStore:
         raise StoreCorruptError(
             f"the store shard {shard} holds non-finite values (NaN or inf) for image {keys[bad]!r}: the file is "
             "damaged. Delete it and run the command again; only the images in that shard are computed again.")
+
+
+def _verify_shard(path: Path) -> None:
+    """StoreCorruptError naming the shard when its bytes differ from the checksum in its name."""
+    recorded = _SHARD_NAME.fullmatch(path.name).group(3)
+    if recorded is None or not path.is_file():
+        return  # written before checksums (checked when a fill indexes it), or missing (`_map_shard` says so)
+    if checksum_file(path) != recorded:
+        raise StoreCorruptError(f"the store shard {path} does not match the checksum recorded when it was written: "
+                                "its bytes changed since (bit rot, a bad copy, or an edit). Run the command again: it "
+                                "drops the shard and computes its images again.")
 
 
 def _map_shard(path: Path, fmt: StoreFormat) -> np.ndarray:
@@ -477,8 +505,23 @@ def fill(folder, fingerprint_: str, fmt: StoreFormat, items: Mapping, loader, en
     """
     options = options or FillOptions()
     folder, state = Path(folder), state if state is not None else _OneProcess()
-    if state.is_main_process:
-        _prepare(folder, fmt, fingerprint_)
+    with ExitStack() as lock:
+        if state.is_main_process:  # for every process of this run: one run at a time fills a store
+            folder.mkdir(parents=True, exist_ok=True)
+            lock.enter_context(one_writer(folder / LOCK_FILE, f"the embedding store in {folder}"))
+            _prepare(folder, fmt, fingerprint_)
+        report = _fill_locked(folder, fingerprint_, fmt, items, loader, encoder, options, state)
+    store = EmbeddingStore.open(folder, fingerprint_, verify=False)  # every shard was verified while indexing
+    if report.skipped and not options.skip_errors:
+        first = sorted(report.skipped)[0]
+        raise ImageLoadError(report.skipped[first] + (f" ({len(report.skipped) - 1} more unreadable images)"
+                                                      if len(report.skipped) > 1 else ""))
+    return store, report
+
+
+def _fill_locked(folder: Path, fingerprint_: str, fmt: StoreFormat, items: Mapping, loader, encoder: Encoder,
+                 options: FillOptions, state) -> FillReport:
+    """The part of `fill` done under the store's lock, once the main process has prepared the folder."""
     state.wait_for_everyone()
     meta = _read_meta(folder)  # every process checks the same file, so an error stops all of them
     _check_fingerprint(meta, fingerprint_, folder)
@@ -493,15 +536,9 @@ def fill(folder, fingerprint_: str, fmt: StoreFormat, items: Mapping, loader, en
     atomic_write_json(folder / f"report-p{state.process_index:03d}.json", report.__dict__)
     state.wait_for_everyone()
     if state.is_main_process:
-        _write_index(folder, fmt)
+        _write_index(folder, fmt, verify_known=False)  # the shards indexed by _prepare were verified there
     state.wait_for_everyone()
-    store = EmbeddingStore.open(folder, fingerprint_)
-    merged = FillReport(**read_json(folder / INDEX_FILE, "store index")["last_fill"])
-    if merged.skipped and not options.skip_errors:
-        first = sorted(merged.skipped)[0]
-        raise ImageLoadError(merged.skipped[first] + (f" ({len(merged.skipped) - 1} more unreadable images)"
-                                                      if len(merged.skipped) > 1 else ""))
-    return store, merged
+    return FillReport(**read_json(folder / INDEX_FILE, "store index")["last_fill"])
 
 
 class _OneProcess:
@@ -537,7 +574,7 @@ def _prepare(folder: Path, fmt: StoreFormat, fingerprint_: str) -> None:
     meta = _read_meta(folder)
     _check_fingerprint(meta, fingerprint_, folder)
     _check_format(meta, fmt, folder)
-    _write_index(folder, fmt)
+    _write_index(folder, fmt, verify_known=True)
 
 
 def _read_meta(folder: Path):
@@ -570,8 +607,12 @@ def _index_shards(index: dict) -> list:
     return [(shard["file"], shard["keys"]) for shard in index["shards"]]
 
 
-def _write_index(folder: Path, fmt: StoreFormat) -> None:
-    """Index every sound shard on disk (dropping damaged ones) and merge the processes' fill reports."""
+def _write_index(folder: Path, fmt: StoreFormat, verify_known: bool) -> None:
+    """Index every sound shard on disk (dropping damaged ones) and merge the processes' fill reports.
+
+    Each shard's checksum is verified, except (`verify_known` False) those the current index lists
+    as the very file it saw: that index was written by this fill after verifying them.
+    """
     known = {}
     if (folder / INDEX_FILE).exists():
         try:
@@ -583,15 +624,20 @@ def _write_index(folder: Path, fmt: StoreFormat) -> None:
         if not _SHARD_NAME.fullmatch(path.name):
             continue
         try:
-            records = _map_shard(path, fmt)
             identity = {"bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
             entry = known.get(path.name, {})
-            # The index's keys are trusted only for the very file it saw; any other file's keys are read.
-            keys = entry["keys"] if {k: entry.get(k) for k in identity} == identity else \
-                [key.decode("utf-8") for key in records["key"]]
+            seen = {k: entry.get(k) for k in identity} == identity
+            if verify_known or not seen:
+                _verify_shard(path)
+            records = _map_shard(path, fmt)
+            # The index's keys are trusted only for the very file it saw and verified; others are read.
+            keys = entry["keys"] if seen and not verify_known else [key.decode("utf-8") for key in records["key"]]
             if len(keys) != len(records):
                 raise StoreCorruptError(f"the store shard {path} holds {len(records)} rows, its index {len(keys)}")
             _check_finite_shard(path, records, fmt)
+            if _SHARD_NAME.fullmatch(path.name).group(3) is None:  # written before checksums: record one now
+                path = _with_checksum(path)
+                identity["mtime_ns"] = path.stat().st_mtime_ns
         except StoreCorruptError as error:
             logger.warning("%s Dropping it: its images will be computed again.", error)
             path.unlink()
@@ -606,6 +652,13 @@ def _write_index(folder: Path, fmt: StoreFormat) -> None:
     atomic_write_json(folder / INDEX_FILE, {"shards": shards, "last_fill": last.__dict__})
     for path in folder.glob("report-p*.json"):
         path.unlink()
+
+
+def _with_checksum(path: Path) -> Path:
+    """Rename a shard to the name that carries its checksum; returns the new path."""
+    named = path.with_name(f"{path.stem}-{checksum_file(path)}.npy")
+    os.replace(path, named)
+    return named
 
 
 def _check_finite_shard(path: Path, records: np.ndarray, fmt: StoreFormat) -> None:
@@ -713,14 +766,15 @@ class _ShardWriter:
     def flush(self):
         """Write the filled rows as a new shard (temporary file, fsync, rename) and start a new buffer."""
         if self.buffer is not None and self.filled:
-            name = f"shard-p{self.process_index:03d}-{self.next_number:06d}.npy"
+            name = f"shard-p{self.process_index:03d}-{self.next_number:06d}"
             temp = self.folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
                 with open(temp, "xb") as stream:
                     np.save(stream, self.buffer[:self.filled])
                     stream.flush()
                     os.fsync(stream.fileno())
-                os.replace(temp, self.folder / name)
+                # The checksum of the bytes on disk (just written, so read back from memory) goes into the name.
+                os.replace(temp, self.folder / f"{name}-{checksum_file(temp)}.npy")
             finally:
                 temp.unlink(missing_ok=True)
             self.next_number += 1

@@ -1,6 +1,6 @@
 """NearID in the browser: score generations against references, compare two images, search an index.
 
-    python space/app.py --model demo_outputs/release                 # a NearID model folder, or a Hub id
+    python space/app.py --model demo_outputs/training/release                 # a NearID model folder, or a Hub id
     python space/app.py --model Aleksandar/nearid-siglip2 --index my_index --port 7860
 
 On a Hugging Face Space the same file is the app; the model comes from the NEARID_MODEL variable

@@ -55,6 +55,7 @@ def smoke(tmp_path_factory):
         "bench_embedding_pipeline.py": ["--smoke"],
         "profile_input_path.py": ["--smoke"],
         "bench_int8_cache.py": ["--smoke"],
+        "bench_checksums.py": ["--smoke"],
         "gpu_check.py": ["--smoke", "--output", str(out / "gpu_check.json")],
         "estimate_real_run.py": ["--output", str(out / "estimate.txt")],
         "bench_search.py": ["--n", "3000", "--dim", "32", "--queries", "50", "--categories", "5", "--kinds", "ivf",
@@ -111,6 +112,13 @@ def test_the_estimate_reads_the_recorded_figures(smoke):
     assert "vs 6.5 h" in report and (smoke[1] / "estimate.txt").read_text() == report
     # benchmarks/results/gpu_check.json is recorded, so its own rates make two rows of their own.
     assert "float16 as measured on the " in report and "int8    as measured on the" in report
+
+
+def test_the_checksum_benchmark_prints_the_cost_of_verifying(smoke):
+    output = output_of(smoke, "bench_checksums.py")
+    assert "largest cost of verifying" in output and "xxh3_128 (xxhash)" in output
+    rows = [line.split() for line in output.splitlines() if line.split()[:1] in (["pooled"], ["tokens"])]
+    assert [row[0] for row in rows] == ["pooled", "tokens"] and all(row[-1].endswith("%") for row in rows)
 
 
 def test_the_search_benchmark_runs_and_records_its_table(smoke):

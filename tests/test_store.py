@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -70,6 +71,12 @@ def reference_tokens(model, items, keys):
 @pytest.fixture
 def model():
     return make_tiny_nearid()
+
+
+def shard(folder, number, process=0):
+    """The shard file of `process` numbered `number` (its name ends in its checksum)."""
+    (path,) = folder.glob(f"shard-p{process:03d}-{number:06d}*.npy")
+    return path
 
 
 def shuffled_keys(items):
@@ -197,12 +204,12 @@ def test_interrupted_fill_resumes_with_the_rest(model, tmp_path):
 def test_deleted_shard_is_recomputed_under_a_new_name(model, tmp_path):
     items = make_items(9)  # 10 images in shards of 4, 4, 2
     build(tmp_path, Counting(model), items)
-    (tmp_path / "shard-p000-000002.npy").unlink()
+    shard(tmp_path, 2).unlink()
     encoder = Counting(model)
     store, _ = build(tmp_path, encoder, items)
     assert encoder.images == 2 and len(store) == len(items)
-    index = {shard["file"]: shard["keys"] for shard in json.loads((tmp_path / "index.json").read_text())["shards"]}
-    assert sorted(index["shard-p000-000002.npy"]) == sorted(list(items)[8:])  # the new file's own keys
+    index = {entry["file"]: entry["keys"] for entry in json.loads((tmp_path / "index.json").read_text())["shards"]}
+    assert sorted(index[shard(tmp_path, 2).name]) == sorted(list(items)[8:])  # the new file's own keys
     torch.testing.assert_close(store.get(list(items)), reference_tokens(model, items, list(items)), rtol=1e-5,
                                atol=1e-5)
 
@@ -317,35 +324,69 @@ def _poison(shard, value=np.nan):
 def test_a_shard_with_nan_values_is_named_when_read(model, tmp_path):
     items = make_items(9)
     build(tmp_path, Counting(model), items)
-    _poison(tmp_path / "shard-p000-000001.npy")
-    store = EmbeddingStore.open(tmp_path, "tiny-fp")  # large shards are checked as they are read
-    with pytest.raises(StoreCorruptError, match=r"shard-p000-000001\.npy holds non-finite values.*Delete it"):
+    _poison(shard(tmp_path, 1))
+    store = EmbeddingStore.open(tmp_path, "tiny-fp", verify=False)  # large shards are checked as they are read
+    with pytest.raises(StoreCorruptError, match=r"shard-p000-000001-\w+\.npy holds non-finite values.*Delete it"):
         store.get(list(items))
 
 
 def test_a_damaged_shard_is_dropped_and_recomputed_by_the_next_fill(model, tmp_path, caplog):
     items = make_items(9)
     build(tmp_path, Counting(model), items)
-    _poison(tmp_path / "shard-p000-000000.npy")
-    truncated = tmp_path / "shard-p000-000001.npy"
+    poisoned, truncated = shard(tmp_path, 0), shard(tmp_path, 1)
+    _poison(poisoned)
     truncated.write_bytes(truncated.read_bytes()[:1000])
-    with pytest.raises(StoreCorruptError, match=r"shard-p000-000001\.npy cannot be read.*damaged"):
+    with pytest.raises(StoreCorruptError, match=r"shard-p000-000000-\w+\.npy does not match the checksum"):
         EmbeddingStore.open(tmp_path, "tiny-fp")
+    with pytest.raises(StoreCorruptError, match=r"shard-p000-000001-\w+\.npy cannot be read.*damaged"):
+        EmbeddingStore.open(tmp_path, "tiny-fp", verify=False)
     encoder = Counting(model)
     with caplog.at_level("WARNING", logger="nearid.store"):
         store, _ = build(tmp_path, encoder, items)
     assert encoder.images == 8  # the images of both damaged shards, and only those
-    assert "shard-p000-000000.npy holds non-finite values" in caplog.text
-    assert "shard-p000-000001.npy cannot be read" in caplog.text
+    assert f"{poisoned.name} does not match the checksum" in caplog.text
+    assert f"{truncated.name} does not match the checksum" in caplog.text
     torch.testing.assert_close(store.get(list(items)), reference_tokens(model, items, list(items)), rtol=1e-5,
                                atol=1e-5)
 
 
+def test_a_finite_wrong_value_is_found_by_the_checksum_dropped_and_recomputed(model, tmp_path, caplog):
+    items = make_items(9)
+    build(tmp_path, Counting(model), items, dtype="float16")
+    rotten = shard(tmp_path, 1)
+    _poison(rotten, 3.0e4)  # finite, in float16 range: a bit flip or a bad copy, not a NaN
+    with pytest.raises(StoreCorruptError, match=rf"{rotten.name} does not match the checksum.*computes its images"):
+        EmbeddingStore.open(tmp_path, "tiny-fp")
+    encoder = Counting(model)
+    with caplog.at_level("WARNING", logger="nearid.store"):
+        store, _ = build(tmp_path, encoder, items, dtype="float16")
+    assert f"{rotten.name} does not match the checksum" in caplog.text and "Dropping it" in caplog.text
+    assert encoder.images == 4  # that shard's images, and only those
+    values = store.get(list(items))
+    assert values.abs().max() < 1e3
+    torch.testing.assert_close(values, reference_tokens(model, items, list(items)), rtol=1e-2, atol=1e-2)
+
+
+def test_a_shard_written_before_checksums_gets_one_without_being_computed_again(model, tmp_path):
+    items = make_items(5)
+    build(tmp_path, Counting(model), items)
+    for path in tmp_path.glob("shard-*.npy"):  # the names of stores written before checksums
+        path.rename(path.with_name("-".join(path.name.split("-")[:3]) + ".npy"))
+    encoder = Counting(model)
+    store, _ = build(tmp_path, encoder, items)
+    assert encoder.images == 0 and len(store) == len(items)
+    names = sorted(path.name for path in tmp_path.glob("shard-*.npy"))
+    assert names and all(len(name.split("-")) == 4 for name in names)  # shard-p000-000000-<checksum>.npy
+    EmbeddingStore.open(tmp_path, "tiny-fp")  # and they verify
+
+
 def test_a_shard_of_another_layout_is_refused(model, tmp_path):
     build(tmp_path, Counting(model), make_items(2))
-    np.save(tmp_path / "shard-p000-000000.npy", np.zeros(3, dtype=[("key", "S4"), ("values", "<f4", (2,))]))
-    with pytest.raises(StoreCorruptError, match="does not belong here"):
+    np.save(shard(tmp_path, 0), np.zeros(3, dtype=[("key", "S4"), ("values", "<f4", (2,))]))
+    with pytest.raises(StoreCorruptError, match="does not match the checksum"):
         EmbeddingStore.open(tmp_path, "tiny-fp")
+    with pytest.raises(StoreCorruptError, match="does not belong here"):
+        EmbeddingStore.open(tmp_path, "tiny-fp", verify=False)
 
 
 def test_a_damaged_index_is_rebuilt_from_the_shards(model, tmp_path):
@@ -357,6 +398,54 @@ def test_a_damaged_index_is_rebuilt_from_the_shards(model, tmp_path):
     encoder = Counting(model)
     store, _ = build(tmp_path, encoder, items)
     assert encoder.images == 0 and len(store) == len(items)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two runs sharing one store
+
+
+class Paused(Counting):
+    """A Counting encoder that, on its first batch, says it started and waits until it is released."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode(self, pixels):
+        self.started.set()
+        assert self.release.wait(60), "never released"
+        return super().encode(pixels)
+
+
+def test_a_second_run_on_a_shared_store_waits_then_adds_its_images(model, tmp_path, caplog):
+    items = make_items(8)
+    first_items = {key: items[key] for key in list(items)[:4]}
+    second_items = {key: items[key] for key in list(items)[4:]}
+    first, second = Paused(model), Counting(model)
+    errors = []
+
+    def run(encoder, part):
+        try:
+            build(tmp_path, encoder, part)
+        except BaseException as error:  # noqa: BLE001 -- reported by the test below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(first, first_items)),
+               threading.Thread(target=run, args=(second, second_items))]
+    with caplog.at_level("WARNING", logger="nearid.locking"):
+        threads[0].start()
+        assert first.started.wait(60)  # the first run is computing, its rows not yet written
+        threads[1].start()
+        threads[1].join(timeout=3)
+        assert threads[1].is_alive(), "the second run did not wait for the first"
+        first.release.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not errors, errors
+    assert "waiting for the embedding store" in caplog.text and f"process {os.getpid()}" in caplog.text
+    store = EmbeddingStore.open(tmp_path, "tiny-fp")
+    assert sorted(store.keys()) == sorted(items)  # neither run's work was lost
+    assert first.images == len(first_items) and second.images == len(second_items)
 
 
 # --------------------------------------------------------------------------------------------------

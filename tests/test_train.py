@@ -106,7 +106,7 @@ def test_resume_refuses_changed_settings(train_synthetic, base_model, tmp_path, 
     message = user_error(capsys, train.main, train_args(train_synthetic, base_model, out, "--max-steps", "2",
                                                         "--no-export", "--resume-from-checkpoint", "latest",
                                                         "--per-device-batch-size", "3"))
-    assert "per_device_batch_size" in message
+    assert "--per-device-batch-size is 4 in the checkpoint and 3 now" in message
 
 
 def test_bad_arguments_are_explained(train_synthetic, base_model, tmp_path, capsys):

@@ -70,16 +70,17 @@ def test_a_pickle_in_place_of_a_checkpoint_file_is_refused_unread(run, tmp_path,
     ran = tmp_path / "code_ran"
     (latest / "optimizer.safetensors").write_bytes(pickle.dumps(Payload(ran)))
     message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
-    assert "optimizer.safetensors cannot be read" in message and "--resume-from-checkpoint step-0000002" in message
+    assert "optimizer.safetensors has" in message and "--resume-from-checkpoint step-0000002" in message
     assert not ran.exists()
 
 
 @pytest.mark.parametrize("name, damage, says", [
-    ("head.safetensors", "truncate", "head.safetensors cannot be read"),
-    ("optimizer.safetensors", "truncate", "optimizer.safetensors cannot be read"),
+    ("head.safetensors", "truncate", "head.safetensors has 20 bytes"),
+    ("optimizer.safetensors", "truncate", "optimizer.safetensors has 20 bytes"),
     ("head.safetensors", "delete", "head.safetensors is missing"),
-    ("position.json", "garble", "position.json cannot be read"),
-    ("scheduler.json", "garble", "scheduler.json cannot be read"),
+    ("position.json", "garble", "position.json has 17 bytes"),
+    ("scheduler.json", "garble", "scheduler.json has 17 bytes"),
+    ("checksums.json", "garble", "checksums.json cannot be read"),
 ])
 def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint_offered(run, capsys, name, damage, says):
     args, out = run
@@ -93,6 +94,33 @@ def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint_offered
     message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
     assert says in message and "--resume-from-checkpoint step-0000002" in message, message
     assert "step-0000004" in message  # the damaged checkpoint is named too
+
+
+def flip_lowest_bit(path):
+    """A single-bit change in the lowest mantissa bit of the first tensor: the file still loads, one value off."""
+    data = bytearray(path.read_bytes())
+    header_bytes = int.from_bytes(data[:8], "little")
+    data[8 + header_bytes] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_low_bit_flip_in_the_head_is_named_with_the_intact_previous_checkpoint_offered(run, capsys):
+    args, out = run
+    head = checkpoints.completed(out)[-1] / "head.safetensors"
+    before = {k: v.clone() for k, v in load_file(head).items()}
+    flip_lowest_bit(head)
+    assert any((load_file(head)[k] != v).any() for k, v in before.items())  # loads, slightly different
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
+    assert "step-0000004/head.safetensors does not match the checksum" in message, message
+    assert "--resume-from-checkpoint step-0000002" in message
+
+
+def test_a_damaged_earlier_checkpoint_is_not_offered(run, capsys):
+    args, out = run
+    for folder in checkpoints.completed(out):
+        flip_lowest_bit(folder / "head.safetensors")
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest"))
+    assert "step-0000004/head.safetensors does not match" in message and "No intact earlier checkpoint" in message
 
 
 def test_the_previous_checkpoint_then_resumes(run):
@@ -167,3 +195,46 @@ def test_disk_full_errors_are_recognised():
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4032 vs 3936"))
     assert not is_disk_full(RuntimeError("CUDA out of memory"))
+
+
+@pytest.mark.parametrize("changed, says", [
+    (["--max-grad-norm", "0.5"], "--max-grad-norm is 1.0 in the checkpoint and 0.5 now"),
+    (["--cache-dtype", "int8"], "--cache-dtype is 'float16' in the checkpoint and 'int8' now"),
+    (["--no-token-cache"], "--token-cache is True in the checkpoint and False now"),
+])
+def test_resume_refuses_each_changed_setting_naming_both_values(run, capsys, changed, says):
+    args, _ = run
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest", *changed))
+    assert says in message, message
+
+
+def test_a_changed_setting_is_refused_before_any_token_is_computed(run, capsys, tmp_path):
+    args, out = run
+    cache = tmp_path / "new_cache"
+    message = user_error(capsys, train.main, args("--resume-from-checkpoint", "latest", "--cache-dtype", "int8",
+                                                  "--max-grad-norm", "2", "--cache-dir", str(cache)))
+    assert "--cache-dtype is 'float16'" in message and "--max-grad-norm is 1.0" in message
+    assert not cache.exists()
+
+
+def test_logs_do_not_repeat_steps_after_a_resume(train_synthetic, base_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    kill_training_at_step(monkeypatch, 6)  # steps 1-5 logged, the last checkpoint at step 3
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(train_synthetic, base_model, out, "--checkpointing-steps", "3", "--no-export"))
+    monkeypatch.undo()
+    train.main(train_args(train_synthetic, base_model, out, "--checkpointing-steps", "3", "--no-export",
+                          "--resume-from-checkpoint", "latest", "--max-steps", "8"))
+    steps = [json.loads(line)["step"] for line in (out / "logs.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))
+
+
+def test_a_checkpoint_written_before_checksums_resumes_with_a_warning(run, caplog):
+    args, out = run
+    (checkpoints.completed(out)[-1] / "checksums.json").unlink()
+    with caplog.at_level("WARNING", logger="nearid.checkpoints"):
+        train.main(args("--resume-from-checkpoint", "latest", "--max-steps", "6"))
+    assert "has no checksums.json" in caplog.text and "unverified" in caplog.text
+    assert checkpoints.completed(out)[-1].name == "step-0000006"
+    assert (checkpoints.completed(out)[-1] / "checksums.json").is_file()  # new checkpoints carry them

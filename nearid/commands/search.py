@@ -41,6 +41,7 @@ from nearid.search import (
     SearchIndexMismatch,
     check_replaceable,
     describe,
+    one_writer_of,
     read_info,
     thumbnail,
 )
@@ -178,13 +179,15 @@ def open_or_create(args, embedder_: Embedder) -> SearchIndex:
 def run_index(args, state):
     images, columns, dataset_provenance = gallery_sources(args)
     embedder_ = embedder(args, state)
-    index = open_or_create(args, embedder_)
-    report = index.sync(images, columns)
-    if not state.is_main_process:
-        return report
-    prov = reports.provenance(embedder_.scorer.provenance(), dataset_provenance, extra={"last_update": report})
-    folder = index.save(args.index_dir, {"provenance": prov})
-    save_arguments(folder / "index_args.json", "search.py index", *args.groups.values())
+    # One run at a time, from loading the index to saving it: a second run waits, then builds on this one's index.
+    with one_writer_of(args.index_dir, state):
+        index = open_or_create(args, embedder_)
+        report = index.sync(images, columns)
+        if not state.is_main_process:
+            return report
+        prov = reports.provenance(embedder_.scorer.provenance(), dataset_provenance, extra={"last_update": report})
+        folder = index.save(args.index_dir, {"provenance": prov})
+        save_arguments(folder / "index_args.json", "search.py index", *args.groups.values())
     print(index_summary(index, report, folder))
     return {**report, "index": str(folder), "recall_at_10": index.recall}
 

@@ -47,7 +47,7 @@ from nearid.cli import (
     user_errors,
 )
 from nearid.images import ImageLoadError
-from nearid.io import atomic_write_json
+from nearid.io import atomic_write_json, atomic_write_text
 from nearid.loss import nearid_loss
 from nearid.models import nearid_from_siglip
 from nearid.numerics import PRECISIONS, resolve_precision
@@ -422,23 +422,82 @@ def resume(run):
         return 0
     position = checkpoints.load(path, run.accelerator.unwrap_model(run.head), run.optimizer.optimizer,
                                 run.scheduler, run.accelerator.scaler)
-    changed = {k: (position["run"].get(k), v) for k, v in run.run_key.items() if position["run"].get(k) != v}
-    if changed:
-        raise ValueError(f"cannot resume from {path}: these settings differ from the checkpoint's "
-                         f"(checkpoint, now): {changed}. Resume with the same settings or start a new --output-dir.")
-    run.history = position["history"]
+    run.history = position["history"]  # its settings were checked before the data was read (`check_resume`)
+    if run.accelerator.is_main_process:
+        trim_log(Path(run.args.output_dir) / "logs.jsonl", position["global_step"])
     run.accelerator.print(f"resumed from {path} at step {position['global_step']}")
     return position["global_step"]
 
 
+# Every argument that changes the trained weights: a resumed run must keep each one. Left out are where
+# things go (--output-dir, --cache-dir), when the run stops, logs, validates or saves (--max-steps,
+# --log-steps, --validation-steps, --checkpointing-*), speed alone (--batch-size and --num-workers change no
+# value; --compile changes values only within rounding, as the token store's fingerprint says), publishing
+# (--export, --push-to-hub, --hub-*), and --skip-bad-images (a run with unreadable images stops before
+# its first checkpoint without it).
+RESUME_KEY = {
+    TrainingArguments: ("seed", "num_epochs", "per_device_batch_size", "learning_rate", "weight_decay",
+                        "warmup_steps", "max_grad_norm", "mixed_precision", "temperature", "alpha", "mask_padded",
+                        "token_cache", "cache_dtype"),
+    ModelArguments: ("base_model", "base_revision"),
+    DataArguments: ("positives", "source", "mtg", "mtg_repeats", "train_split", "val_split", "test_split"),
+}
+
+
 def resume_key(data_args, model_args, train_args, num_processes):
-    """Settings a resumed run must share with the checkpoint for the data order and schedule to line up."""
-    names = ("seed", "num_epochs", "per_device_batch_size", "learning_rate", "weight_decay", "warmup_steps",
-             "temperature", "alpha", "mask_padded")
-    key = {name: getattr(train_args, name) for name in names}
-    key.update({k: v for k, v in vars(data_args).items() if k != "skip_bad_images"},
-               base_model=model_args.base_model, num_processes=num_processes)
-    return key
+    """The settings a resumed run must share with the checkpoint (`RESUME_KEY`), and the process count (the
+    global batch and the data order follow from it)."""
+    key = {name: getattr(args, name) for args in (train_args, model_args, data_args)
+           for name in RESUME_KEY[type(args)]}
+    return {**key, "num_processes": num_processes}
+
+
+def check_resume_settings(path, position, key):
+    """Refuse to resume with settings other than the checkpoint's, naming each with both values.
+
+    A setting the checkpoint does not record (it was written before the setting joined the key) is not
+    compared, and is said."""
+    recorded = position["run"]
+    differ = [f"{_flag(name)} is {recorded[name]!r} in the checkpoint and {value!r} now"
+              for name, value in key.items() if name in recorded and recorded[name] != value]
+    if differ:
+        raise ValueError(f"cannot resume from {path}: {'; '.join(differ)}. These change the result, so a resumed "
+                         "run must keep the checkpoint's values: pass them, or start a new --output-dir.")
+    unrecorded = [_flag(name) for name in key if name not in recorded]
+    if unrecorded:
+        print(f"warning: {path} does not record {', '.join(unrecorded)} (written by an earlier version); these are "
+              "taken as given now, unchecked.", file=sys.stderr)
+
+
+def _flag(name):
+    return "the number of processes" if name == "num_processes" else f"--{name.replace('_', '-')}"
+
+
+def check_resume(args, key):
+    """Before the data and the token pass: the checkpoint to resume is intact and was made with these settings."""
+    path = checkpoints.resolve(args.output_dir, args.resume_from_checkpoint)
+    if path is not None:
+        checkpoints.check_intact(path)
+        check_resume_settings(path, checkpoints.read_position(path), key)
+
+
+def trim_log(path, step):
+    """Keep only the log lines of steps up to `step` (and the runs' configuration lines, which have none), so
+    the steps a resumed run trains again are logged once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _is_logged_up_to(line, step)]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
+def _is_logged_up_to(line, step):
+    try:
+        logged = json.loads(line).get("step")
+    except ValueError:
+        return False  # a line cut short by a kill
+    return logged is None or logged <= step
 
 
 def prepare_output_dir(args, accelerator):
@@ -621,6 +680,7 @@ def run_training(data_args, model_args, args):
         accelerator.print(note)
     out = prepare_output_dir(args, accelerator)
     all_args = {**vars(data_args), **vars(model_args), **vars(args), "num_processes": accelerator.num_processes}
+    check_resume(args, resume_key(data_args, model_args, args, accelerator.num_processes))
     if accelerator.is_main_process:
         save_arguments(out / "train_args.json", "train.py", data_args, model_args, args)
     accelerator.init_trackers("nearid", config={k: str(v) for k, v in all_args.items()})
