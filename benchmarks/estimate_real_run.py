@@ -63,17 +63,17 @@ def unique_images_per_step() -> float:
     return REAL_BATCH * (SLOTS - 2 * mtg_share) + 1
 
 
-def estimate(dtype: str, disk: tuple, gpu: dict, loader: dict, writes_overlapped: bool) -> dict:
+def estimate(dtype: str, disk: tuple, gpu: dict, loader: dict, overlap: dict) -> dict:
     """Seconds of the token pass and of the head steps for a cache of `dtype` on `disk`."""
     _, read_rate, write_rate, cached = disk
     loader_efficiency = efficiency(loader, "warm" if cached else "cold")
     item = StoreFormat((729, 1152), dtype).bytes_per_item
     images = expected_cached_images([3] * REAL_NEARID_ROWS, REAL_MTG_ROWS, SOURCES, EPOCHS)
-    # fill() writes shards in a thread beside the forward (bench_fill_overlap.py measures it): the longer of
-    # the two sets the time; without that measurement, they add up.
+    # fill() writes shards in a thread beside the forward: the longer of the two, times the share of the
+    # overlap bench_fill_overlap.py measured (fill / max(encode, write)); without that measurement, their sum.
     forward = gpu.get("forward_eager_images_per_s", GPU_FORWARD_IMAGES_PER_S)
     compute, writes = images / forward, images * item / (write_rate * 1e9)
-    token_pass = max(compute, writes) if writes_overlapped else compute + writes
+    token_pass = min(compute + writes, max(compute, writes) * overlap.get("fill_over_max", math.inf))
     step_bytes = unique_images_per_step() * item
     compute = 1 / gpu["head_resident_steps_per_s"] if "head_resident_steps_per_s" in gpu else HEAD_COMPUTE_S
     # The loader's workers read the next steps while a step copies its tokens to the GPU and trains.
@@ -143,7 +143,7 @@ def input_lines(gpu: dict, loader: dict, pipeline: dict, int8: dict, overlap: di
           for side in (512, 1024) if f"decode_per_worker_{side}px" in pipeline],
         (f"  int8 against float16 tokens on the synthetic benchmark: SSR {int8['int8_ssr']:.2f} vs "
          f"{int8['float16_ssr']:.2f}, PA {int8['int8_pa']:.2f} vs {int8['float16_pa']:.2f} {source('int8_cache')}"
-         if int8 else "  int8 against float16: not measured (run benchmarks/bench_int8_cache.py)"),
+         if int8 else "  int8 against float16 [assumed equal: not measured, run benchmarks/bench_int8_cache.py]"),
         (f"  the store's fill overlaps shard writes with the forward: fill / max(encode, write) = "
          f"{overlap['fill_over_max']:.2f} with a fake encoder {source('fill_overlap')}" if overlap else
          "  shard writes overlapped with the forward: not measured (run benchmarks/bench_fill_overlap.py) [assumed]"),
@@ -160,7 +160,8 @@ def assumption_lines(any_run: dict, loader: dict, overlap: dict) -> list:
         f"  {any_run['images']:,.0f} images in the token pass (bench_train_compute.py's expected count for 4 sources: "
         f"{REAL_NEARID_ROWS:,} NearID rows with 3 views, {REAL_MTG_ROWS:,} MTG rows), once each",
         "  token pass: the forward rate above, decoding kept up with by the workers above, and "
-        + ("shard writes beside the forward (the longer of the two, not their sum)" if overlap else
+        + (f"shard writes beside the forward (the longer of the two x {overlap['fill_over_max']:.2f}, the measured "
+           "fill / max(encode, write), not their sum)" if overlap else
            "shard writes after each forward (their sum)"),
         f"  {EPOCHS * REAL_STEPS_PER_EPOCH:,} head steps, each reading {unique_images_per_step():.0f} unique images "
         f"(MTG samples have 2 padded slots; the pad is read once); a step takes the longer of its read (workers, at "
@@ -180,7 +181,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     loader, pipeline, int8 = load("token_loader"), load("embedding_pipeline"), load("int8_cache")
     overlap, gpu = load("fill_overlap"), load("gpu_check").get("figures", {})
-    runs = {(dtype, disk[0]): estimate(dtype, disk, gpu, loader, bool(overlap)) for dtype in ("float16", "int8") for disk in DISKS}
+    runs = {(dtype, disk[0]): estimate(dtype, disk, gpu, loader, overlap) for dtype in ("float16", "int8") for disk in DISKS}
     any_run = next(iter(runs.values()))
     gpu_source = "GPU rates measured" if gpu else "GPU rates assumed"
     lines = ["Estimate of the paper's recipe on one GPU (4 sources, 11 epochs, batch 128), this repo's design:", "",
@@ -216,7 +217,7 @@ def main(argv=None):
             "bytes/s.")
         lines.append(f"Not measured: the GPU figures predate the uint8 hand-over of pixels and the fill's writer "
                      f"thread (recorded {check['environment']['date'][:10]}); no GPU run has measured them since, so "
-                     "the issue's GPU targets (token pass >= 0.9 of the compiled forward, head steps >= 0.8 of "
+                     "the GPU targets (token pass >= 0.9 of the compiled forward, head steps >= 0.8 of "
                      "resident, int8 <= 15 min, float16 <= 20 min) are not shown met or missed by this estimate.")
     write_results(args.output, lines)
 

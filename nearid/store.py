@@ -738,13 +738,16 @@ def _compute(folder, fmt, batches, items, loader, encoder, options, state) -> Fi
 class _BackgroundWriter:
     """A `_ShardWriter` in a thread of its own, fed through a queue of at most `depth` computed batches.
 
-    The forward of the next batch runs while this one is converted, checked and written (the
-    bounded queue keeps memory bounded when the disk is the slower side). An error of the writer
+    The forward of the next batch runs while this one is converted, checked and written. The queue
+    is bounded, so memory stays bounded when the disk is the slower side; it holds `depth` batches
+    because writing a full shard takes a few batches' time (benchmarks/bench_fill_overlap.py), and
+    the forward goes on meanwhile. The price is host memory: so400m tokens at batch 256 are 0.86 GB
+    of float32 per batch. An error of the writer
     (non-finite values, a full disk) is raised in the filling thread at its next `add` or at
     `close`; batches queued after it are not written, those before it are.
     """
 
-    def __init__(self, writer: "_ShardWriter", depth: int = 2):
+    def __init__(self, writer: "_ShardWriter", depth: int = 4):
         self.writer, self.error, self.raised = writer, None, False
         self.queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(target=self._run, name="nearid-shard-writer", daemon=True)
