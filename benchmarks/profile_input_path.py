@@ -84,7 +84,7 @@ def best_seconds(repeats: int, run) -> float:
 
 def stage_times(paths, processor, repeats: int) -> dict:
     """{stage: ms per image}, each stage timed alone on the output of the one before."""
-    count, table = len(paths), processor.value_table()
+    count = len(paths)
     data = [read_image_bytes(str(path), "bench") for path in paths]
     decoded = [load_image(blob, "bench") for blob in data]
     resized = [processor.pixel_codes(image) for image in decoded]
@@ -113,7 +113,6 @@ def stage_times(paths, processor, repeats: int) -> dict:
     times = {name: 1000 * best_seconds(repeats, run) / count for name, run in stages.items()}
     # processor(decoded) also resizes: its normalisation alone is the difference.
     times["before: rescale + normalise in the worker"] -= times["resize to 384 x 384 (PIL, bilinear)"]
-    del table
     return times
 
 
