@@ -24,7 +24,9 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_train_compute.py
 	$(PY) benchmarks/bench_token_loader.py
 	$(PY) benchmarks/bench_embedding_pipeline.py
+	$(PY) benchmarks/profile_input_path.py
 	$(PY) benchmarks/bench_int8_cache.py
+	$(PY) benchmarks/bench_fill_overlap.py
 	$(PY) benchmarks/estimate_real_run.py
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_checksums.py

@@ -305,6 +305,13 @@ def _lookup_into(pixels: np.ndarray, table: torch.Tensor, codes: np.ndarray, out
         torch.index_select(table[channel], 0, flat_codes[channel], out=out[channel].view(-1))
 
 
+def _resized_codes(image: Image.Image, cfg: Mapping[str, Any]) -> np.ndarray:
+    """RGB image -> (H, W, 3) uint8, resized with PIL when `do_resize`."""
+    if cfg["do_resize"]:
+        image = image.resize((cfg["size"]["width"], cfg["size"]["height"]), resample=cfg["resample"])
+    return np.asarray(image)
+
+
 def _size_dict(size: Any) -> dict[str, int]:
     if isinstance(size, int):
         size = {"height": size, "width": size}
@@ -439,15 +446,25 @@ class NearIDImageProcessor(BaseImageProcessor):
         cfg.update(overrides)
         return _validated(cfg)  # attributes may have been reassigned since __init__
 
+    def pixel_codes(self, image: Image.Image, **overrides) -> np.ndarray:
+        """An RGB PIL image (from `load_image`) -> its resized uint8 codes (H, W, 3), before rescale and normalise.
+
+        With `value_table`, the two halves of `preprocess`: `value_table()[c][codes[..., c]]` is
+        bit-identical to `pixel_values`, so pixels can travel as uint8 (a quarter of the bytes) and
+        be normalised where they are used (nearid.images.PixelLoader).
+        """
+        return _resized_codes(image, self._settings(overrides))
+
+    def value_table(self, **overrides) -> torch.Tensor:
+        """[3, 256] float32: the output value of every uint8 code per channel (rescale and normalise)."""
+        return _value_table(self._settings(overrides))
+
     def _fill_batch(self, items: list[Any], cfg: dict[str, Any], input_data_format: str | None) -> torch.Tensor:
         """Decode, resize and normalise one image at a time into a preallocated batch."""
         table = _value_table(cfg)
         batch = codes = None
         for index, item in enumerate(items):
-            image = self._to_rgb_image(item, index, cfg, input_data_format)
-            if cfg["do_resize"]:
-                image = image.resize((cfg["size"]["width"], cfg["size"]["height"]), resample=cfg["resample"])
-            pixels = np.asarray(image)  # (H, W, 3) uint8
+            pixels = _resized_codes(self._to_rgb_image(item, index, cfg, input_data_format), cfg)
             if batch is None:
                 batch = _new_batch(len(items), *pixels.shape[:2])
                 codes = np.empty((3, *pixels.shape[:2]), dtype=np.int32)

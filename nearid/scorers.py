@@ -162,13 +162,17 @@ class Scorer:
 
     def preprocess(self, image) -> torch.Tensor:
         """One image (anything `load_image` takes) -> pixel tensor [C, H, W]."""
-        return self.loader((image, None))
+        return self.loader.pixels((image, None))
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, C, H, W] -> L2-normalised float32 embeddings [B, D] on the CPU."""
+        """pixel_values [B, C, H, W] -> L2-normalised float32 embeddings [B, D] on the CPU.
+
+        The pixels are float, or the uint8 codes of `self.loader` (normalised on the device).
+        """
+        pixels = self.loader.model_input(pixel_values, self.device, self.dtype)
         with autocast(self.device, self.mixed_precision):
-            features = self._features(self.model, pixel_values.to(self.device, self.dtype, non_blocking=True))
+            features = self._features(self.model, pixels)
         embeddings = F.normalize(features.float(), dim=-1)
         if not torch.isfinite(embeddings).all():
             raise FloatingPointError(

@@ -16,8 +16,10 @@ The pieces:
 - `fill`: compute what a store folder lacks. Images are decoded and preprocessed in DataLoader
   workers, cut into batches before they are shared between processes (so every image meets the
   same batch mates whatever the process count, and results are bit-identical), computed, and
-  written as shards. Shards are written to a temporary name and renamed, so an interrupted build
-  keeps every finished shard and the next build computes only the rest.
+  written as shards by a thread beside the forward (a bounded queue between them), so a fill takes
+  the longer of its forwards and its writes, not their sum. Shards are written to a temporary name
+  and renamed, so an interrupted build keeps every finished shard and the next build computes only
+  the rest.
 - `EmbeddingStore`: the read view, memory-mapped; what it reads is checked (shape, dtype, finite
   values) and a damaged shard is named.
 
@@ -44,8 +46,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import secrets
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -688,10 +692,17 @@ class _Items(Dataset):
             return key, None, str(error)
 
 
-def _collate(batch):
-    good = [(key, pixels) for key, pixels, _ in batch if pixels is not None]
-    failed = {key: reason for key, pixels, reason in batch if pixels is None}
-    return [key for key, _ in good], torch.stack([pixels for _, pixels in good]) if good else None, failed
+class _Collate:
+    """(keys, one batch of pixels or None, {key: failure reason}) of a batch of `_Items`; `stack` is the
+    loader's own (`PixelLoader.collate`: uint8 codes stay uint8) or torch.stack."""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def __call__(self, batch):
+        good = [(key, pixels) for key, pixels, _ in batch if pixels is not None]
+        failed = {key: reason for key, pixels, reason in batch if pixels is None}
+        return [key for key, _ in good], self.stack([pixels for _, pixels in good]) if good else None, failed
 
 
 def _compute(folder, fmt, batches, items, loader, encoder, options, state) -> FillReport:
@@ -701,10 +712,11 @@ def _compute(folder, fmt, batches, items, loader, encoder, options, state) -> Fi
     keys = [key for batch in batches for key in batch]
     sizes = np.cumsum([0] + [len(batch) for batch in batches])
     loader_ = DataLoader(_Items(keys, items, loader), batch_sampler=[list(range(a, b)) for a, b in zip(sizes, sizes[1:])],
-                         num_workers=options.num_workers, collate_fn=_collate,
+                         num_workers=options.num_workers,
+                         collate_fn=_Collate(getattr(loader, "collate", torch.stack)),
                          pin_memory=torch.device(options.device).type == "cuda")
     report = FillReport()
-    writer = _ShardWriter(folder, fmt, state.process_index, options.shard_size, keys)
+    writer = _BackgroundWriter(_ShardWriter(folder, fmt, state.process_index, options.shard_size, keys))
     progress = options.progress and state.is_main_process and bool(keys)
     try:
         with torch.inference_mode(), tqdm(total=len(keys), desc=options.description, unit="img",
@@ -719,8 +731,61 @@ def _compute(folder, fmt, batches, items, loader, encoder, options, state) -> Fi
                     report.forward_passes += 1
                 bar.update(len(batch_keys) + len(failed))
     finally:
-        writer.flush()  # also when interrupted: the rows already computed are kept for the next fill
+        writer.close()  # also when interrupted: the rows already computed are kept for the next fill
     return report
+
+
+class _BackgroundWriter:
+    """A `_ShardWriter` in a thread of its own, fed through a queue of at most `depth` computed batches.
+
+    The forward of the next batch runs while this one is converted, checked and written. The queue
+    is bounded, so memory stays bounded when the disk is the slower side; it holds `depth` batches
+    because writing a full shard takes a few batches' time (benchmarks/bench_fill_overlap.py), and
+    the forward goes on meanwhile. The price is host memory: so400m tokens at batch 256 are 0.86 GB
+    of float32 per batch. An error of the writer
+    (non-finite values, a full disk) is raised in the filling thread at its next `add` or at
+    `close`; batches queued after it are not written, those before it are.
+    """
+
+    def __init__(self, writer: "_ShardWriter", depth: int = 4):
+        self.writer, self.error, self.raised = writer, None, False
+        self.queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="nearid-shard-writer", daemon=True)
+        self.thread.start()
+
+    def add(self, keys: list, values: torch.Tensor) -> None:
+        self._raise()
+        event = None
+        if values.device.type == "cuda":  # copied to pinned memory without blocking; the thread waits for it
+            values = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.queue.put((keys, values, event))
+
+    def close(self) -> None:
+        """Write every queued batch and the last, partial shard; raise the writer's error if it had one."""
+        self.queue.put(None)
+        self.thread.join()
+        self.writer.flush()
+        self._raise()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while (item := self.queue.get()) is not None:
+                if self.error is not None:
+                    continue  # drain, so the filling thread never waits on a full queue
+                keys, values, event = item
+                try:
+                    if event is not None:
+                        event.synchronize()
+                    self.writer.add(keys, values)
+                except BaseException as error:  # handed to the filling thread
+                    self.error = error
+
+    def _raise(self) -> None:
+        if self.error is not None and not self.raised:
+            self.raised = True  # once: `close` after the error's own exception adds nothing
+            raise self.error
 
 
 class _ShardWriter:

@@ -70,8 +70,9 @@ class BackboneTokens:
         was_training = self.model.training
         self.model.eval()
         try:
+            pixels = self.loader.model_input(pixels, self.device)  # uint8 codes are normalised on the device
             with autocast(self.device, self.mixed_precision):
-                return self.forward(pixels.to(self.device, non_blocking=True))
+                return self.forward(pixels)
         finally:
             self.model.train(was_training)
 
@@ -131,7 +132,8 @@ class BackboneEveryStep:
         self.model, self.items, self.loader, self.device = model, items, loader, device
 
     def tokens(self, keys) -> tuple:
-        pixels = torch.stack([self.loader(None if key is None else self.items[key]) for key in keys]).to(self.device)
+        batch = self.loader.collate([self.loader(None if key is None else self.items[key]) for key in keys])
+        pixels = self.loader.model_input(batch, self.device)
         with torch.no_grad():
             return self.model.forward_features(pixels), torch.arange(len(keys), device=self.device)
 

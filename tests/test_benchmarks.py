@@ -53,6 +53,8 @@ def smoke(tmp_path_factory):
         "bench_train_compute.py": ["--smoke"],
         "bench_token_loader.py": ["--smoke"],
         "bench_embedding_pipeline.py": ["--smoke"],
+        "profile_input_path.py": ["--smoke"],
+        "bench_fill_overlap.py": ["--smoke"],
         "bench_int8_cache.py": ["--smoke"],
         "bench_checksums.py": ["--smoke"],
         "gpu_check.py": ["--smoke", "--output", str(out / "gpu_check.json")],
@@ -79,9 +81,16 @@ def output_of(smoke, name):
 
 
 @pytest.mark.parametrize("name", ["bench_train_compute.py", "bench_token_loader.py", "bench_embedding_pipeline.py",
-                                  "bench_int8_cache.py"])
+                                  "bench_int8_cache.py", "bench_fill_overlap.py"])
 def test_benchmark_smoke_modes_run(smoke, name):
     output_of(smoke, name)
+
+
+def test_the_input_path_profile_times_every_stage_and_both_hand_overs(smoke):
+    output = output_of(smoke, "profile_input_path.py")
+    for stage in ("decode", "resize", "normalise", "collate", "hash", "hand-over", "pinning: not measured",
+                  "2 workers / 1 worker, uint8", "float16", "int8", "load average"):
+        assert stage in output, stage
 
 
 def test_the_image_processor_benchmark_checks_agreement(smoke):
@@ -104,6 +113,11 @@ def test_the_estimate_reads_the_recorded_figures(smoke):
     assert "vs 6.5 h" in report and (smoke[1] / "estimate.txt").read_text() == report
     # benchmarks/results/gpu_check.json is recorded, so its own rates make two rows of their own.
     assert "float16 as measured on the " in report and "int8    as measured on the" in report
+    inputs = report[report.index("inputs:"):report.index("assumed (the method):")].strip().splitlines()[1:]
+    assert inputs and all("[measured: results/" in line or "[assumed" in line for line in inputs), inputs
+    rows = [line for line in report.splitlines() if line.startswith(("float16 ", "int8 "))]
+    assert rows and all("measured" in row or "assumed" in row for row in rows)
+    assert "Not measured: the GPU figures predate" in report
 
 
 def test_the_checksum_benchmark_prints_the_cost_of_verifying(smoke):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from nearid.data import image_ref, image_refs
 from nearid.images import ImageLoadError, PixelLoader, content_hash, find_images, image_suffixes, load_image
@@ -66,11 +67,60 @@ def test_pixel_loader_decodes_then_preprocesses_and_pads_with_zeros(tmp_path):
     loader = PixelLoader(processor)
     path = tmp_path / "a.png"
     path.write_bytes(png_bytes("red", (20, 12)))
-    pixels = loader(({"bytes": None, "path": str(path)}, "a file"))
+    pixels = loader.pixels(({"bytes": None, "path": str(path)}, "a file"))
     torch.testing.assert_close(pixels, processor(str(path))["pixel_values"][0], rtol=0, atol=0)
     assert torch.equal(loader(None), torch.zeros(3, 30, 30))
     with pytest.raises(ImageLoadError, match="the corrupt one"):
         loader(({"bytes": b"junk", "path": None}, "the corrupt one"))
+
+
+def photo_like(seed, size):
+    """A JPEG of smooth gradients and noise: every code 0-255 occurs, as in photographs."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size[0] * size[1]).reshape(size[1], size[0], 1)
+    pixels = (ramp + rng.normal(0, 40, (size[1], size[0], 3))).clip(0, 255).astype(np.uint8)
+    stream = io.BytesIO()
+    Image.fromarray(pixels).save(stream, format="JPEG")
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize("settings", [{}, {"image_mean": [0.481, 0.458, 0.408], "image_std": [0.269, 0.261, 0.276],
+                                           "resample": 3}])
+def test_pixels_travel_as_uint8_and_are_normalised_to_the_processors_exact_values(settings):
+    """Tolerance 0: the codes are the processor's resized uint8 pixels and the lookup uses its own table, so
+    the pixels the model sees (and every stored embedding's fingerprint) are those of `processor(...)`."""
+    from image_processing_nearid import NearIDImageProcessor
+
+    processor = NearIDImageProcessor(size={"height": 48, "width": 40}, **settings)
+    loader = PixelLoader(processor)
+    images = [photo_like(seed, (64 + 8 * seed, 50)) for seed in range(4)]
+    sent = [loader((image, f"image {i}")) for i, image in enumerate(images)]
+    assert all(codes.dtype == torch.uint8 and codes.shape == (3, 48, 40) for codes in sent)  # 1 byte per value
+    batch = loader.collate(sent)
+    assert batch.dtype == torch.uint8
+    expected = processor(images)["pixel_values"]
+    torch.testing.assert_close(loader.model_input(batch), expected, rtol=0, atol=0)
+    torch.testing.assert_close(loader.model_input(batch, dtype=torch.bfloat16), expected.to(torch.bfloat16),
+                               rtol=0, atol=0)
+    in_worker = DataLoader(list(zip(images, "abcd")), batch_size=4, num_workers=1, collate_fn=lambda items: loader.collate(
+        [loader(item) for item in items]))  # a worker collates into shared memory
+    torch.testing.assert_close(loader.model_input(next(iter(in_worker))), expected, rtol=0, atol=0)
+    with_pad = loader.collate([sent[0], loader(None), sent[1]])  # the pad's zeros are not a code: float
+    assert with_pad.dtype == torch.float32
+    torch.testing.assert_close(loader.model_input(with_pad),
+                               torch.stack([expected[0], torch.zeros(3, 48, 40), expected[1]]), rtol=0, atol=0)
+
+
+def test_a_processor_without_codes_sends_its_float_pixels():
+    class Plain:  # a baseline's processor: pixel_values only
+        size = {"height": 8, "width": 8}
+
+        def __call__(self, images, return_tensors):
+            return {"pixel_values": torch.full((1, 3, 8, 8), 0.25)}
+
+    loader = PixelLoader(Plain())
+    pixels = loader((png_bytes("red"), "a red square"))
+    assert pixels.dtype == torch.float32 and torch.equal(loader.model_input(loader.collate([pixels])), pixels[None])
 
 
 def test_every_format_pillow_reads_is_an_image_and_other_files_are_listed(tmp_path):

@@ -236,6 +236,48 @@ def test_values_that_cannot_be_stored_are_an_error(model, tmp_path, dtype, scale
         build(tmp_path, Scaled(model), make_items(2), dtype=dtype)
 
 
+def test_the_next_batch_is_computed_while_a_shard_is_written(model, tmp_path, monkeypatch):
+    """The writes run beside the forward: writing batch 0 waits for batch 1's forward, which a fill that
+    wrote each batch before computing the next would never reach."""
+    import nearid.store
+
+    encoder, second_batch = Counting(model), threading.Event()
+    real_add = nearid.store._ShardWriter.add
+
+    def add_after_the_next_forward(self, keys, values):
+        assert second_batch.wait(timeout=20), "batch 0 was written before batch 1 was computed"
+        real_add(self, keys, values)
+
+    class Signalling(Counting):
+        def encode(self, pixels):
+            if self.batches == 1:
+                second_batch.set()
+            return super().encode(pixels)
+
+    monkeypatch.setattr(nearid.store._ShardWriter, "add", add_after_the_next_forward)
+    items = make_items(7)
+    store, report = build(tmp_path, Signalling(model), items)
+    assert report.images_computed == len(items)
+    torch.testing.assert_close(store.get(sorted(items)), reference_tokens(model, items, sorted(items)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_write_error_stops_the_fill_and_keeps_the_rows_before_it(model, tmp_path):
+    class NanInThirdBatch(Counting):
+        def encode(self, pixels):
+            tokens = super().encode(pixels)
+            return tokens * float("nan") if self.batches == 3 else tokens
+
+    items = make_items(12)  # batches of 3: img-00..02, 03..05, 06..08 (NaN), 09..11
+    with pytest.raises(FloatingPointError, match=r"\['img-06', 'img-07', 'img-08'\] are not finite"):
+        build(tmp_path, NanInThirdBatch(model), items, shard_size=3)
+    resumed = Counting(model)
+    store, _ = build(tmp_path, resumed, items, shard_size=3)
+    assert resumed.images == len(items) - 6  # the 6 rows before the bad batch were kept; it and the next were not
+    torch.testing.assert_close(store.get(sorted(items)), reference_tokens(model, items, sorted(items)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_not_enough_disk_space_stops_before_computing_and_names_the_options(model, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(nearid.io.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
