@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from nearid.commands import train
 from nearid import checkpoints
 from nearid.models import nearid_from_siglip
+from nearid.training import inputs, loop
 from tests.helpers import kill_training_at_step, logged_losses, serve_as_hub_datasets, train_args, user_error
 
 HEAD_PREFIX = "backbone.vision_model.head."
@@ -57,7 +58,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(train_synthetic, base_mo
     real_step = kill_training_at_step(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(train_synthetic, base_model, interrupted, *common))
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     assert checkpoints.completed(interrupted)[-1].name == "step-0000006"
     train.main(train_args(train_synthetic, base_model, interrupted, *common, "--resume-from-checkpoint", "latest"))
 
@@ -72,21 +73,21 @@ def test_test_rows_are_never_trained_on(train_synthetic, base_model):
     data_args = train.DataArguments(positives=str(train_synthetic / "positives"),
                                     source=[f"flux={train_synthetic / 'flux'}"],
                                     test_split=str(train_synthetic / "splits" / "test.json"))
-    training_set, held_out, _, sizes = train.load_data(data_args)
+    training_set, held_out, _, sizes = inputs.load_data(data_args)
     test_images = set(held_out["test"].items)
     assert sizes["test"] > 0 and test_images
     assert not test_images & set(training_set.items)
 
 
 def test_non_finite_loss_stops_with_the_step_named(train_synthetic, base_model, tmp_path, monkeypatch, capsys):
-    real_loss = train.nearid_loss
+    real_loss = loop.nearid_loss
 
     def poisoned(*args, **kwargs):
         output = real_loss(*args, **kwargs)
         output.total = output.total * float("nan")
         return output
 
-    monkeypatch.setattr(train, "nearid_loss", poisoned)
+    monkeypatch.setattr(loop, "nearid_loss", poisoned)
     out = tmp_path / "nan"
     assert "at step 1 (epoch 0" in user_error(capsys, train.main, train_args(train_synthetic, base_model, out))
     assert not checkpoints.completed(out) and not (out / "release").exists()
