@@ -26,6 +26,12 @@ def test_end_to_end_outputs(train_synthetic, base_model, tmp_path):
         {p.name for p in out.iterdir()}
     assert len(checkpoints.completed(out)) == 2  # the newest K kept
     assert results["final_split"] == "test" and results["final"]["pooled"]["n_samples"] > 0
+    written = json.loads((out / "train_results.json").read_text())
+    provenance = written["provenance"]  # as every evaluate result has it
+    assert provenance["model"]["name_or_path"] == str(base_model) and provenance["git"] and provenance["versions"]
+    assert provenance["split_file"] == str(train_synthetic / "splits" / "test.json")
+    assert provenance["split_file_sha256"] and len(provenance["datasets"]) == 4  # positives, flux, sdxl, mtg
+    assert {"train_args.json", "training_loss.png"} <= set(written["files"])
     losses = logged_losses(out)
     assert [s for s, _ in losses] == list(range(1, results["global_step"] + 1))
     release = out / "release"
@@ -190,3 +196,37 @@ def test_evaluating_a_release_with_model_index_replaces_its_entries(train_synthe
         (r.dataset_type, r.dataset_split, r.metric_type) for r in before]
     assert [r.metric_value for r in after] == [round(result["pooled_given"][k], 4) for k in ("ssr", "pa")]
     assert readme.read_text().split("\n---\n", 1)[1] == before_text.split("\n---\n", 1)[1]  # the body is kept
+
+
+def test_the_train_card_and_the_evaluate_card_publish_one_headline(train_synthetic, base_model, tmp_path,
+                                                                    monkeypatch):
+    """FluxC is reported apart and enters no pool: the card train.py writes and the one evaluate.py
+    --model-index writes name the same headline, measured on the same samples."""
+    from huggingface_hub import ModelCard
+
+    from nearid.commands import evaluate
+
+    hub = serve_as_hub_datasets(monkeypatch, {"someone/nearid-mini": train_synthetic / "positives",
+                                              "someone/nearid-mini-Flux": train_synthetic / "flux",
+                                              "someone/nearid-mini-FluxC": train_synthetic / "sdxl"})
+    sources = ["--source", f"flux={hub['someone/nearid-mini-Flux']}",
+               "--source", f"fluxc={hub['someone/nearid-mini-FluxC']}"]
+    local = {str(train_synthetic / "positives"): hub["someone/nearid-mini"]}
+    args = [local.get(a, a) for a in train_args(train_synthetic, base_model, tmp_path / "run", "--max-steps", "2")]
+    args = [*args[:2], *sources, *args[6:]]  # flux and fluxc instead of flux and sdxl
+    trained = train.main(args)
+    readme = tmp_path / "run" / "release" / "README.md"
+    before = ModelCard.load(readme).data.eval_results
+
+    result = evaluate.main(["nearid", "--model", str(tmp_path / "run" / "release"), "--positives",
+                            hub["someone/nearid-mini"], *sources,
+                            "--split-file", str(train_synthetic / "splits" / "test.json"), "--model-index", str(readme),
+                            "--output-dir", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")])
+    after = ModelCard.load(readme).data.eval_results
+    headline, final = result["pooled_given"], trained["final"]["pooled"]
+    assert (final["n_samples"], final["n_sources"]) == (headline["n_samples"], headline["n_sources"]) == \
+        (trained["final"]["per_source"]["flux"]["n_samples"], 1)
+    assert [(r.dataset_type, r.dataset_split, r.metric_type) for r in after] == [
+        (r.dataset_type, r.dataset_split, r.metric_type) for r in before]
+    assert [r.metric_value for r in before] == [round(final[k], 4) for k in ("ssr", "pa")]
+    assert [r.metric_value for r in after] == [round(headline[k], 4) for k in ("ssr", "pa")]
