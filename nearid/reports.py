@@ -511,7 +511,8 @@ def plot_training_loss(path, history: Mapping, model: str) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (Tier 1 + alpha Tier 2)")
     ax.grid(alpha=0.3)
-    validation = [v for v in history.get("validation", []) if v.get("split") == "val"]
+    # A validation of FluxC sources alone has no pooled score (FluxC enters no pool).
+    validation = [v for v in history.get("validation", []) if v.get("split") == "val" and v.get("pooled")]
     if validation:
         right = ax.twinx()
         right.plot([v["step"] for v in validation], [v["pooled"]["ssr"] for v in validation], "o-",
