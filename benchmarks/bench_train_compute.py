@@ -178,6 +178,7 @@ def warm_up_imports():
 
     import image_processing_nearid  # noqa: F401
     from nearid import reports  # noqa: F401
+    from nearid.training import inputs, loop, release, state, tracking  # noqa: F401
 
 
 # --- compute model ----------------------------------------------------------------------------------

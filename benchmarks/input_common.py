@@ -16,13 +16,14 @@ from PIL import Image, ImageDraw
 
 from image_processing_nearid import NearIDImageProcessor
 from modeling_nearid import NearIDModel
+from nearid.commands.train import TrainingArguments
 from nearid.evaluation import embed_images
 from nearid.hub import export_hub_folder
 from nearid.images import PixelLoader
-from nearid.loss import nearid_loss
-from nearid.numerics import autocast
 from nearid.store import EmbeddingStore, FillOptions, ImageIndex, StoreFormat, fill
-from nearid.tokens import CachedTokens, batch_embeddings, token_loader
+from nearid.tokens import CachedTokens, token_loader
+from nearid.training.loop import steps_only_run, train_step
+from nearid.training.tracking import make_accelerator
 from nearid.training_data import SLOT_NAMES, StepSampler
 
 SLOTS = len(SLOT_NAMES)
@@ -175,17 +176,19 @@ def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int,
 # --- the head's training step -----------------------------------------------------------------------
 
 
-def head_step(model, provider, optimizer, batch, precision: str) -> float:
-    """One training step of the head as train.py takes it: embeddings, loss, backward, clip, AdamW."""
-    device = model.device
-    with autocast(device, precision):
-        embeddings = batch_embeddings(model.head, provider, batch)
-        loss = nearid_loss(embeddings, batch["mask"].to(device))
-    loss.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.head.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.total.item()  # waits for the step, as train.py's finiteness check does
+def head_step(run, provider, batch) -> float:
+    """One training step of the head: train.py's own `train_step` (embeddings, loss, backward, clip, AdamW,
+    schedule), on `provider`'s tokens."""
+    run.provider = provider
+    loss = train_step(run, 0, batch)
+    run.global_step += 1
+    return loss.total.item()  # waits for the step, as train_step's finiteness check does
+
+
+def step_run(model, precision: str, steps: int):
+    """A training run of train.py's defaults (AdamW, warmup and cosine schedule, clip) that takes only steps."""
+    args = TrainingArguments(mixed_precision=precision, report_to="none")
+    return steps_only_run(args, make_accelerator(args), model, None, steps)
 
 
 class Resident(CachedTokens):
@@ -208,30 +211,32 @@ class Resident(CachedTokens):
         return self.widen(fields, keys), index
 
 
-def loader_fed_seconds(model, store, samples, optimizer, per_device, steps, workers, precision) -> tuple:
+def loader_fed_seconds(run, store, samples, per_device, steps, workers) -> tuple:
     """Seconds of `steps` head steps fed by the training loader, after two warm-up steps; and those two batches."""
+    model = run.model
     loader, provider = training_loader(store, samples, per_device, steps + 2, workers, model.device)
     warm_up = []
     for number, batch in enumerate(loader):
         if number == 2:  # allocator, kernels and the workers' start are behind us
             synchronize(model.device)
             start = time.perf_counter()
-        head_step(model, provider, optimizer, batch, precision)
+        head_step(run, provider, batch)
         if number < 2:
             warm_up.append(batch)
     synchronize(model.device)
     return time.perf_counter() - start, warm_up
 
 
-def resident_seconds(model, store, batches, optimizer, steps, precision) -> float:
+def resident_seconds(run, store, batches, steps) -> float:
     """Seconds of `steps` head steps on `batches` whose rows are already in memory on the device."""
+    model = run.model
     resident = Resident(store, batches, model.device)
     for batch in batches:  # warm-up
-        head_step(model, resident, optimizer, batch, precision)
+        head_step(run, resident, batch)
     synchronize(model.device)
     start = time.perf_counter()
     for number in range(steps):
-        head_step(model, resident, optimizer, batches[number % len(batches)], precision)
+        head_step(run, resident, batches[number % len(batches)])
     synchronize(model.device)
     return time.perf_counter() - start
 
@@ -243,12 +248,12 @@ def step_rates(model, store, samples, per_device: int, steps: int, workers: int,
     The two alternate for `rounds` rounds and each keeps its best round, so a burst of other work on a
     shared machine does not decide the ratio.
     """
-    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4, weight_decay=1e-4)
+    run = step_run(model, precision, rounds * (2 * steps + 4))
     loaded, resident = [], []
     for _ in range(rounds):
-        seconds, batches = loader_fed_seconds(model, store, samples, optimizer, per_device, steps, workers, precision)
+        seconds, batches = loader_fed_seconds(run, store, samples, per_device, steps, workers)
         loaded.append(seconds)
-        resident.append(resident_seconds(model, store, batches, optimizer, steps, precision))
+        resident.append(resident_seconds(run, store, batches, steps))
     return {"loader_steps_per_s": steps / min(loaded), "resident_steps_per_s": steps / min(resident),
             "overlap": min(resident) / min(loaded)}
 

@@ -5,7 +5,7 @@
 - `VectorTable`, `embedding_matrix`, `slot_embeddings`: embeddings by image key, stacked into the
   arrays the metrics take (a missing image is a zero row with presence False, never compacted).
 - The NearID benchmark (`nearid_keys`, `nearid_margins_by_source`, `nearid_summary`,
-  `nearid_rows`), MTG (`mtg_keys`, `mtg_oracles`, `mtg_similarities`, `mtg_rows`), DreamBench++
+  `nearid_headline`, `nearid_rows`), MTG (`mtg_keys`, `mtg_oracles`, `mtg_similarities`, `mtg_rows`), DreamBench++
   from images (`dreambench_pairs_index`, `dreambench_scores`) and near-identity retrieval
   (`retrieval_gallery`, `retrieval_ranking`, `retrieval_threshold`, `retrieval_clustering`,
   `retrieval_rows`): keys in, metric inputs out; the metrics themselves are `nearid.metrics`'.
@@ -104,10 +104,15 @@ def slot_embeddings(vectors: Mapping, slot_keys: Sequence[Sequence], dim: int) -
 # NearID benchmark
 
 
-def nearid_keys(bench, index: ImageIndex) -> tuple:
-    """Image keys of a joined benchmark: views [3][rows] and distractors {source: [3][rows]}."""
-    views = [index.add_column("positives", bench.positives, column) for column in bench.view_columns]
-    sources = {name: [index.add_column(f"source {name}", bench.sources[name], column) for column in columns]
+def nearid_keys(bench, index: ImageIndex, rows: Sequence[int] | None = None, split: str | None = None) -> tuple:
+    """Image keys of a joined benchmark: views [3][rows] and distractors {source: [3][rows]}.
+
+    rows: the benchmark rows to take (default all); split: its name, said in errors beside the
+    dataset (training's held-out sets)."""
+    suffix = f" ({split} split)" if split else ""
+    views = [index.add_column(f"positives{suffix}", bench.positives, column, rows) for column in bench.view_columns]
+    sources = {name: [index.add_column(f"source {name}{suffix}", bench.sources[name], column, rows)
+                      for column in columns]
                for name, columns in bench.distractor_columns.items()}
     return views, sources
 
@@ -132,6 +137,13 @@ def nearid_summary(margins: Mapping) -> dict:
     if all(name in margins for name in metrics.NEARID_TABLE1_SOURCES):
         summary["table1_average"] = metrics.nearid_pooled_scores(margins)
     return summary
+
+
+def nearid_headline(summary: Mapping) -> dict | None:
+    """The NearID numbers a model card publishes: Table 1's 7-setting average when all 7 were given,
+    else the pool of the given sources (FluxC never in it); None when only FluxC was given.
+    Training's final evaluation and `evaluate.py --model-index` both publish this one."""
+    return summary.get("table1_average", summary.get("pooled_given"))
 
 
 def nearid_rows(ids: Sequence, margins: Mapping) -> list:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -510,7 +511,8 @@ def plot_training_loss(path, history: Mapping, model: str) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (Tier 1 + alpha Tier 2)")
     ax.grid(alpha=0.3)
-    validation = [v for v in history.get("validation", []) if v.get("split") == "val"]
+    # A validation of FluxC sources alone has no pooled score (FluxC enters no pool).
+    validation = [v for v in history.get("validation", []) if v.get("split") == "val" and v.get("pooled")]
     if validation:
         right = ax.twinx()
         right.plot([v["step"] for v in validation], [v["pooled"]["ssr"] for v in validation], "o-",
@@ -586,9 +588,14 @@ class RunOutputs:
     presence means the run finished.
     """
 
-    def __init__(self, folder, results_name: str):
+    def __init__(self, folder, results_name: str, *, always: Sequence[str] = (), keep_previous: bool = False):
+        """always: files or folders the run writes whatever happens (a training run's checkpoints):
+        removed too, even when no results file lists them (the previous run stopped before its end).
+        keep_previous: leave the previous run's outputs (a resumed run continues them)."""
         self.folder, self.results_name = require_folder(folder), results_name
         self.files, self.warnings = [], []
+        if keep_previous:
+            return
         previous = self.folder / results_name
         listed = []
         if previous.is_file():
@@ -601,6 +608,9 @@ class RunOutputs:
             path = (self.folder / name).resolve()
             if path.is_relative_to(self.folder.resolve()) and path.is_file():
                 path.unlink()
+        for name in always:
+            path = self.folder / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def path(self, name: str) -> Path:
         """Where output `name` goes, recorded as one of this run's files."""

@@ -282,10 +282,11 @@ def snapshot(folder):
 
 
 def kill_training_at_step(monkeypatch, step):
-    """Make train.py's `step`-th call of `train_step` (counted from now) raise KeyboardInterrupt, as a kill would."""
-    from nearid.commands import train
+    """Make the training loop's `step`-th call of `train_step` (counted from now) raise KeyboardInterrupt, as a
+    kill would."""
+    from nearid.training import loop
 
-    real_step, calls = train.train_step, {"n": 0}
+    real_step, calls = loop.train_step, {"n": 0}
 
     def killed(*args, **kwargs):
         calls["n"] += 1
@@ -293,7 +294,7 @@ def kill_training_at_step(monkeypatch, step):
             raise KeyboardInterrupt("simulated kill")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", killed)
+    monkeypatch.setattr(loop, "train_step", killed)
     return real_step
 
 

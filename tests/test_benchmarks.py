@@ -134,3 +134,13 @@ def test_the_search_benchmark_runs_and_records_its_table(smoke):
     assert len(rows) == 1 + 6 + 5 and any(line.startswith("| numpy brute force") for line in lines)
     assert all(0.0 <= float(row.split("|")[5]) <= 1.0 for row in rows)  # recall@10
     assert lines[-1].startswith(("Fastest at recall@10 >= 0.99", "No approximate setting"))
+
+
+def test_the_head_step_benchmarks_time_the_trainers_own_step(monkeypatch):
+    """bench_token_loader.py and gpu_check.py time train.py's `train_step` and optimizer set-up, not a copy."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import input_common
+
+    from nearid.training import loop
+
+    assert input_common.train_step is loop.train_step and input_common.steps_only_run is loop.steps_only_run

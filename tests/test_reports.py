@@ -184,6 +184,18 @@ def test_plot_ssr_pa_png(tmp_path):
 # The files of one run
 
 
+def test_run_outputs_always_remove_a_stopped_runs_outputs_unless_they_are_continued(tmp_path):
+    """A run stopped before its results file still leaves files and folders it always writes (a
+    training run's checkpoints): a new run removes them, a resumed one keeps them."""
+    (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
+    (tmp_path / "logs.jsonl").write_text("{}\n")
+    (tmp_path / "token_cache").mkdir()  # not a run output: kept
+    reports.RunOutputs(tmp_path, "x_results.json", always=("checkpoints", "logs.jsonl"), keep_previous=True)
+    assert (tmp_path / "checkpoints" / "step-1").is_dir() and (tmp_path / "logs.jsonl").is_file()
+    reports.RunOutputs(tmp_path, "x_results.json", always=("checkpoints", "logs.jsonl", "release"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["token_cache"]
+
+
 def test_run_outputs_remove_the_previous_runs_files_and_list_their_own(tmp_path):
     first = reports.RunOutputs(tmp_path, "x_results.json")
     for name in ("a.csv", "scores/old_method.json"):

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from nearid.commands import train
 from nearid import checkpoints
 from nearid.models import nearid_from_siglip
+from nearid.training import inputs, loop
 from tests.helpers import kill_training_at_step, logged_losses, serve_as_hub_datasets, train_args, user_error
 
 HEAD_PREFIX = "backbone.vision_model.head."
@@ -25,6 +26,12 @@ def test_end_to_end_outputs(train_synthetic, base_model, tmp_path):
         {p.name for p in out.iterdir()}
     assert len(checkpoints.completed(out)) == 2  # the newest K kept
     assert results["final_split"] == "test" and results["final"]["pooled"]["n_samples"] > 0
+    written = json.loads((out / "train_results.json").read_text())
+    provenance = written["provenance"]  # as every evaluate result has it
+    assert provenance["model"]["name_or_path"] == str(base_model) and provenance["git"] and provenance["versions"]
+    assert provenance["split_file"] == str(train_synthetic / "splits" / "test.json")
+    assert provenance["split_file_sha256"] and len(provenance["datasets"]) == 4  # positives, flux, sdxl, mtg
+    assert {"train_args.json", "training_loss.png"} <= set(written["files"])
     losses = logged_losses(out)
     assert [s for s, _ in losses] == list(range(1, results["global_step"] + 1))
     release = out / "release"
@@ -57,7 +64,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(train_synthetic, base_mo
     real_step = kill_training_at_step(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(train_synthetic, base_model, interrupted, *common))
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     assert checkpoints.completed(interrupted)[-1].name == "step-0000006"
     train.main(train_args(train_synthetic, base_model, interrupted, *common, "--resume-from-checkpoint", "latest"))
 
@@ -72,21 +79,21 @@ def test_test_rows_are_never_trained_on(train_synthetic, base_model):
     data_args = train.DataArguments(positives=str(train_synthetic / "positives"),
                                     source=[f"flux={train_synthetic / 'flux'}"],
                                     test_split=str(train_synthetic / "splits" / "test.json"))
-    training_set, held_out, _, sizes = train.load_data(data_args)
+    training_set, held_out, _, sizes = inputs.load_data(data_args)
     test_images = set(held_out["test"].items)
     assert sizes["test"] > 0 and test_images
     assert not test_images & set(training_set.items)
 
 
 def test_non_finite_loss_stops_with_the_step_named(train_synthetic, base_model, tmp_path, monkeypatch, capsys):
-    real_loss = train.nearid_loss
+    real_loss = loop.nearid_loss
 
     def poisoned(*args, **kwargs):
         output = real_loss(*args, **kwargs)
         output.total = output.total * float("nan")
         return output
 
-    monkeypatch.setattr(train, "nearid_loss", poisoned)
+    monkeypatch.setattr(loop, "nearid_loss", poisoned)
     out = tmp_path / "nan"
     assert "at step 1 (epoch 0" in user_error(capsys, train.main, train_args(train_synthetic, base_model, out))
     assert not checkpoints.completed(out) and not (out / "release").exists()
@@ -189,3 +196,37 @@ def test_evaluating_a_release_with_model_index_replaces_its_entries(train_synthe
         (r.dataset_type, r.dataset_split, r.metric_type) for r in before]
     assert [r.metric_value for r in after] == [round(result["pooled_given"][k], 4) for k in ("ssr", "pa")]
     assert readme.read_text().split("\n---\n", 1)[1] == before_text.split("\n---\n", 1)[1]  # the body is kept
+
+
+def test_the_train_card_and_the_evaluate_card_publish_one_headline(train_synthetic, base_model, tmp_path,
+                                                                    monkeypatch):
+    """FluxC is reported apart and enters no pool: the card train.py writes and the one evaluate.py
+    --model-index writes name the same headline, measured on the same samples."""
+    from huggingface_hub import ModelCard
+
+    from nearid.commands import evaluate
+
+    hub = serve_as_hub_datasets(monkeypatch, {"someone/nearid-mini": train_synthetic / "positives",
+                                              "someone/nearid-mini-Flux": train_synthetic / "flux",
+                                              "someone/nearid-mini-FluxC": train_synthetic / "sdxl"})
+    sources = ["--source", f"flux={hub['someone/nearid-mini-Flux']}",
+               "--source", f"fluxc={hub['someone/nearid-mini-FluxC']}"]
+    local = {str(train_synthetic / "positives"): hub["someone/nearid-mini"]}
+    args = [local.get(a, a) for a in train_args(train_synthetic, base_model, tmp_path / "run", "--max-steps", "2")]
+    args = [*args[:2], *sources, *args[6:]]  # flux and fluxc instead of flux and sdxl
+    trained = train.main(args)
+    readme = tmp_path / "run" / "release" / "README.md"
+    before = ModelCard.load(readme).data.eval_results
+
+    result = evaluate.main(["nearid", "--model", str(tmp_path / "run" / "release"), "--positives",
+                            hub["someone/nearid-mini"], *sources,
+                            "--split-file", str(train_synthetic / "splits" / "test.json"), "--model-index", str(readme),
+                            "--output-dir", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")])
+    after = ModelCard.load(readme).data.eval_results
+    headline, final = result["pooled_given"], trained["final"]["pooled"]
+    assert (final["n_samples"], final["n_sources"]) == (headline["n_samples"], headline["n_sources"]) == \
+        (trained["final"]["per_source"]["flux"]["n_samples"], 1)
+    assert [(r.dataset_type, r.dataset_split, r.metric_type) for r in after] == [
+        (r.dataset_type, r.dataset_split, r.metric_type) for r in before]
+    assert [r.metric_value for r in before] == [round(final[k], 4) for k in ("ssr", "pa")]
+    assert [r.metric_value for r in after] == [round(headline[k], 4) for k in ("ssr", "pa")]

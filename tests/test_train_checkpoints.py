@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from nearid.commands import train
 from nearid import checkpoints
+from nearid.training import loop
 from tests.helpers import kill_training_at_step, train_args, user_error
 
 STEPS = ("--checkpointing-steps", "2", "--no-export")
@@ -172,13 +173,13 @@ def test_the_validation_history_survives_two_kills(train_synthetic, base_model, 
     common = ("--validation-steps", "1", "--checkpointing-steps", "2", "--no-export")
     full = train.main(train_args(train_synthetic, base_model, tmp_path / "full", *common))
     out = tmp_path / "killed"
-    real_step = train.train_step
+    real_step = loop.train_step
     for _ in range(2):  # the first run dies at its 3rd step, the resumed one at its 3rd too
         kill_training_at_step(monkeypatch, 3)
         resume = ("--resume-from-checkpoint", "latest") if checkpoints.completed(out) else ()
         with pytest.raises(KeyboardInterrupt):
             train.main(train_args(train_synthetic, base_model, out, *common, *resume))
-        monkeypatch.setattr(train, "train_step", real_step)
+        monkeypatch.setattr(loop, "train_step", real_step)
     resumed = train.main(train_args(train_synthetic, base_model, out, *common, "--resume-from-checkpoint", "latest"))
     assert [(v["step"], v["split"]) for v in resumed["history"]] == [(v["step"], v["split"]) for v in full["history"]]
     on_disk = json.loads((out / "train_results.json").read_text())

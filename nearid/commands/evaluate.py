@@ -392,7 +392,7 @@ def write_nearid_outputs(args, scorer, bench, margins, summary, embedded, datase
     outputs.optional("plotting nearid_ssr_pa.png", reports.plot_ssr_pa, outputs.path("nearid_ssr_pa.png"),
                      summary["per_source"], scorer.spec)
     split = Path(args.split_file).stem if args.split_file else "train"
-    headline = summary.get("table1_average", summary.get("pooled_given"))
+    headline = evaluation.nearid_headline(summary)
     record_model_index(args, outputs, "nearid", headline, split, scorer.spec, list(dataset_provenance.values()))
     outputs.finish(results_document("nearid", scorer.provenance(), summary, list(dataset_provenance.values()),
                                     embedded.skipped, embedded.stats, args.split_file))
@@ -608,7 +608,7 @@ def run_table1(args, state):
         dreambench = mode("dreambench", DreamBenchArguments(ratings=args.ratings, samples=args.samples))
     if not state.is_main_process:
         return None
-    headline = nearid.get("table1_average", nearid.get("pooled_given"))
+    headline = evaluation.nearid_headline(nearid)
     row = reports.table1_row(nearid=headline, mtg=mtg, dreambench=dreambench)
     write_table1_outputs(args, row, list(named_sources(args.source)))
     return row
