@@ -128,11 +128,11 @@ def test_help_and_argument_errors_import_no_heavy_module(argv):
 
 
 def test_the_commands_lists_of_kinds_and_modes_are_the_librarys():
-    from nearid import numerics, scorers
+    from nearid import numerics, options, scorers
     from nearid import search as gallery
     from nearid.commands import search
 
-    assert set(evaluate.BASELINE_KINDS) == set(scorers.SCORER_KINDS) - {"nearid"}
+    assert set(options.BASELINE_KINDS) == set(scorers.SCORER_KINDS) - {"nearid"}
     assert search.COMBINE == gallery.COMBINE and set(numerics.WEIGHT_DTYPES) == set(scorers.DTYPES)
 
 
