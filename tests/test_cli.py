@@ -149,3 +149,21 @@ def test_a_command_run_from_a_fresh_interpreter_loads_its_lazy_modules(tmp_path)
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "dreambench_results.json").read_text())["metrics"]["mh_object"] > 0.5
+
+
+def test_no_command_imports_another():
+    """A command is parsing plus calls into the library; what two commands share lives in the package
+    (demo.py, which runs the commands, aside)."""
+    import ast
+    from pathlib import Path
+
+    import nearid.commands
+
+    folder = Path(nearid.commands.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        if path.stem in ("demo", "console", "__init__"):
+            continue
+        tree = ast.parse(path.read_text())
+        imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        assert not [name for name in imported if name.startswith("nearid.commands")], path.name
