@@ -40,13 +40,17 @@ from PIL import Image
 
 from nearid import hub_ids
 from nearid.images import ImageLoadError, find_images, load_image
-from nearid.metrics import DREAMBENCH_METHODS, canonicalize_dreambench_scores, dreambench_key, dreambench_mh
+from nearid.metrics import (
+    DREAMBENCH_METHODS,
+    MTG_COLUMNS,
+    canonicalize_dreambench_scores,
+    dreambench_key,
+    dreambench_mh,
+)
 from nearid.resources import PUBLISHED_SPLITS
 
 logger = logging.getLogger(__name__)
 
-MTG_COLUMNS = tuple(f"image_{v}_{kind}" for v in (1, 2)
-                    for kind in ("original", "inpainted", "object_mask", "part_mask"))
 _FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # The positives the published splits index, and their row count (nearid/splits/PROVENANCE.md).
