@@ -29,7 +29,8 @@ import torch
 
 from nearid import data, evaluation, heatmaps, scoring
 from nearid.images import find_images
-from nearid.scorers import DTYPES, Scorer, resolve_device
+from nearid.numerics import resolve_device
+from nearid.scorers import DTYPES, Scorer
 from nearid.store import FillOptions, ImageIndex
 
 DEFAULT_MODEL = "Aleksandar/nearid-siglip2"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nearid.cli import REQUIRED, lazy_module, option
-from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_precision
+from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_device, resolve_precision
 
 scorers, store = lazy_module("nearid.scorers"), lazy_module("nearid.store")
 # The KIND of KIND:MODEL baselines (the keys of nearid.scorers.SCORER_KINDS but nearid; a test keeps them equal).
@@ -64,12 +64,12 @@ def process_state(device: str = "cpu"):
     process would run alone and embed every image."""
     from accelerate import PartialState
 
-    return PartialState(cpu=scorers.resolve_device(device) == "cpu")
+    return PartialState(cpu=resolve_device(device) == "cpu")
 
 
 def load_scorer(args, state) -> "scorers.Scorer":
     """The scorer of `ScorerArguments`, on this process's device."""
-    device = scorers.resolve_device(args.device)
+    device = resolve_device(args.device)
     if device.startswith("cuda") and state.num_processes > 1:
         device = str(state.device)  # under a multi-GPU launch, each process on its own GPU
     return scorers.Scorer(args.model, args.revision, device, scorers.DTYPES[args.dtype],
