@@ -508,15 +508,7 @@ def run_score(args, state):
 def write_score_outputs(args, scorer, records, summary, skipped, source, stats, items, unused=()):
     outputs = reports.RunOutputs(args.output_dir, "score_results.json")
     save_arguments(outputs.path("score_args.json"), "evaluate.py score", *args.groups.values())
-    markdown = scoring.score_markdown(summary)
-    if len(summary) > 1:
-        markdown += "\n### Methods side by side (mean identity score)\n\n" + scoring.methods_table(summary)
-    if skipped:
-        counts = reports.skipped_by_reason(skipped)
-        markdown += (f"\n{len(skipped)} images or files were left out "
-                     f"({', '.join(f'{n} {reason}' for reason, n in counts.items())}); score_results.json lists "
-                     "each with the reason.\n")
-    markdown += scoring.unused_references_markdown(unused)
+    markdown = scoring.summary_markdown(summary, skipped, unused)
     write_csv(outputs.path("score_per_image.csv"), [{k: v for k, v in r.items() if k != "references"}
                                                      for r in records])
     atomic_write_json(outputs.path("score_per_image.json"), records)
