@@ -116,5 +116,10 @@ class NearIDConfig(PretrainedConfig):
         """Patch tokens per image (27 x 27 = 729 for so400m/14 at 384)."""
         return (self.vision_config["image_size"] // self.vision_config["patch_size"]) ** 2
 
+    @property
+    def token_shape(self):
+        """(patch tokens, width) of one image's backbone output: what the head reads (729 x 1152 for so400m/14)."""
+        return self.num_patches, self.vision_config["hidden_size"]
+
 
 __all__ = ["NearIDConfig"]

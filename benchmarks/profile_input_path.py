@@ -216,7 +216,7 @@ def stage_lines(stages: dict) -> list:
     before = sum(v for k, v in stages.items() if not k.startswith(("now", "collate")) or k.endswith("float32"))
     worker_now = sum(v for k, v in stages.items() if not k.startswith(("before", "now: rescale", "collate"))
                      or k.endswith("uint8"))
-    lines = [f"1. one image, one process (ms per image; share of a worker's work before / now):"]
+    lines = ["1. one image, one process (ms per image; share of a worker's work before / now):"]
     for name, ms in stages.items():
         share_before = "" if name.startswith("now") or name.endswith("uint8") else f"{100 * ms / before:5.1f}%"
         share_now = "" if name.startswith(("before", "now: rescale")) or name.endswith("float32") else \

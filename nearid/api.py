@@ -29,7 +29,8 @@ import torch
 
 from nearid import data, evaluation, heatmaps, scoring
 from nearid.images import find_images
-from nearid.scorers import DTYPES, Scorer, resolve_device
+from nearid.numerics import resolve_device
+from nearid.scorers import DTYPES, Scorer
 from nearid.store import FillOptions, ImageIndex
 
 DEFAULT_MODEL = "Aleksandar/nearid-siglip2"
@@ -43,15 +44,12 @@ class ScoreTable:
     records: list
     summary: dict
     skipped: list = field(default_factory=list)
+    unused_references: list = field(default_factory=list)  # (reference folder, method) pairs nothing was generated for
 
     def markdown(self) -> str:
-        """The summary tables, methods side by side when there are several, and what was left out."""
-        text = scoring.score_markdown(self.summary)
-        if len(self.summary) > 1:
-            text += "\n### Methods side by side (mean identity score)\n\n" + scoring.methods_table(self.summary)
-        if self.skipped:
-            text += f"\n{len(self.skipped)} images or files were left out (see `.skipped`).\n"
-        return text
+        """The summary as `evaluate.py score` writes it (score_summary.md): the tables, methods side by side
+        when there are several, what was left out and the references no method generated for."""
+        return scoring.summary_markdown(self.summary, self.skipped, self.unused_references, "`ScoreTable.skipped`")
 
 
 @dataclass
@@ -132,13 +130,13 @@ class IdentityScorer:
         """Score the DreamBooth layout: references/<subject>/* against generations/<method>/<subject>/*
         (or generations/<subject>/* for one method); every generation against all references of its
         subject. The same numbers and tables as `evaluate.py score --references ... --generations ...`."""
-        items, other_files, _ = data.score_items_from_subject_folders(references, generations, methods)
+        items, other_files, unused = data.score_items_from_subject_folders(references, generations, methods)
         index = ImageIndex(self.skip_bad_images)
         generated, refs = scoring.index_items(items, index)
         embedded = self._embed(index)
         records, unscored = scoring.score_records(items, generated, refs, embedded.vectors)
         skipped = scoring.left_out(embedded.skipped, unscored, other_files)
-        return ScoreTable(records, scoring.summarize_scores(records, unscored), skipped)
+        return ScoreTable(records, scoring.summarize_scores(records, unscored), skipped, unused)
 
     def heatmaps(self, references, generated) -> Heatmaps:
         """Attention and correspondence maps of `generated` (one image or a list) against `references`.

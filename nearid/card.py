@@ -38,6 +38,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from nearid import hub_ids
 from nearid.io import atomic_write_bytes, atomic_write_text
 from nearid.resources import readme_text
 
@@ -61,7 +62,6 @@ BENCHMARK_METRICS = {
     "mtg": (("mo", "MTG MO"), ("mo_pair", "MTG MOpair"), ("ssr", "MTG SSR"), ("pa", "MTG PA")),
     "dreambench": (("mh_object", "DB++ MH (object)"), ("mh_all_categories", "DB++ MH (all categories)")),
 }
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # namespace/name
 
 
 LOCAL_DATA = "local data"
@@ -165,14 +165,15 @@ def hub_dataset_id(data) -> str | None:
 
 
 def is_hub_id(name) -> bool:
-    """`name` is a valid Hub repo id of the form namespace/name and not an existing local path."""
+    """`name` is a valid Hub repo id of the form namespace/name (`nearid.hub_ids`, and as huggingface_hub
+    validates one) and not an existing local path."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(str(name))
     except HFValidationError:
         return False
-    return bool(_HUB_ID.fullmatch(str(name))) and not Path(str(name)).exists()
+    return hub_ids.is_hub_id(str(name))
 
 
 def check_card_metadata(readme) -> None:
@@ -197,7 +198,7 @@ def check_card_metadata(readme) -> None:
                 for key in ("base_model", "datasets") for value in _as_list(data.to_dict().get(key))
                 if not is_hub_id(value)]
     for r in data.eval_results or []:
-        if not (isinstance(r.dataset_type, str) and _HUB_ID.fullmatch(r.dataset_type)):
+        if not (isinstance(r.dataset_type, str) and hub_ids.looks_like_hub_id(r.dataset_type)):
             problems.append(f"model-index result {r.metric_type!r} names its dataset {r.dataset_type!r}, not a "
                             "Hub dataset id")
         if isinstance(r.metric_value, bool) or not isinstance(r.metric_value, (int, float)):
@@ -385,7 +386,7 @@ def _read_json(path) -> dict:
 
 def _hub_link(repo_id: str, prefix: str = "") -> str:
     """A link to the Hub page of `repo_id` (prefix "datasets/" for a dataset); a local path stays plain code."""
-    if _HUB_ID.fullmatch(repo_id) and not Path(repo_id).exists():
+    if hub_ids.is_hub_id(repo_id):
         return f"[{repo_id}](https://huggingface.co/{prefix}{repo_id})"
     return _code(repo_id)
 

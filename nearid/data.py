@@ -38,17 +38,19 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from nearid import hub_ids
 from nearid.images import ImageLoadError, find_images, load_image
-from nearid.metrics import DREAMBENCH_METHODS, canonicalize_dreambench_scores, dreambench_key, dreambench_mh
+from nearid.metrics import (
+    DREAMBENCH_METHODS,
+    MTG_COLUMNS,
+    canonicalize_dreambench_scores,
+    dreambench_key,
+    dreambench_mh,
+)
 from nearid.resources import PUBLISHED_SPLITS
 
 logger = logging.getLogger(__name__)
 
-MTG_COLUMNS = tuple(f"image_{v}_{kind}" for v in (1, 2)
-                    for kind in ("original", "inpainted", "object_mask", "part_mask"))
-# `name` or `owner/name`: what a Hub dataset id can look like. Anything else that does not exist
-# locally is reported as a missing path rather than sent to the Hub.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # The positives the published splits index, and their row count (nearid/splits/PROVENANCE.md).
@@ -134,7 +136,9 @@ def _hub_commit(dataset, revision: str | None) -> str | None:
 
 
 def _looks_like_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and ".." not in source and not source.endswith(_FILE_SUFFIXES)
+    """`name` or `owner/name`, and no file name: what a Hub dataset id can look like. Anything else that does not
+    exist locally is reported as a missing path rather than sent to the Hub."""
+    return hub_ids.looks_like_hub_id(source, namespace=False) and not source.endswith(_FILE_SUFFIXES)
 
 
 def _open_hub(source: str, split: str, revision: str | None):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 
+from nearid.hub_ids import is_hub_id
 from nearid.integrity import check_weights
 
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent  # the three *_nearid.py files live at the root
@@ -29,7 +29,6 @@ CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing
 # Everything a model load reads: configs and weights, never code, never pickle.
 MODEL_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json")
 SIGLIP_TYPES = ("siglip", "siglip_vision_model")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 logger = logging.getLogger(__name__)
 _warned_code = set()  # (folder or Hub id, commit) pairs already compared
 
@@ -54,11 +53,6 @@ def resolve_model_folder(name_or_path: str, revision: str | None = None) -> tupl
                                 "model id (owner/name). Check the path.")
     folder = _download(name_or_path, revision, path)
     return folder, folder.name
-
-
-def is_hub_id(name: str) -> bool:
-    """'owner/name' that cannot be read as a relative or absolute path."""
-    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
 def _download(repo_id: str, revision: str | None, local: Path) -> Path:

@@ -211,6 +211,10 @@ def fisher_z_mean(rs) -> float:
 # --------------------------------------------------------------------------------------------------
 # MTG (part-level)
 
+# The MTG dataset's image columns: both images of a pair, then their inpainted versions, object masks, part masks.
+MTG_COLUMNS = tuple(f"image_{v}_{kind}" for kind in ("original", "inpainted", "object_mask", "part_mask")
+                    for v in (1, 2))
+
 
 def mtg_oracle(object_mask, part_mask) -> float:
     """oracle = 1 - |part_mask > 0| / |object_mask > 0|: the share of the object left unchanged.

@@ -17,14 +17,34 @@ PRECISIONS = ("auto", *AUTOCAST)
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # dtypes a scorer's weights load in (`--dtype`)
 
 
-def resolve_precision(precision: str, device) -> str:
-    """"auto" -> "bf16" on a CUDA device, "no" elsewhere; "no", "fp16" and "bf16" as they are."""
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when available, else cpu; an unavailable device is an error, never a silent fallback."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise ValueError(f"--device {device} is not available on this machine (torch {torch.__version__}, CUDA "
+                         f"available: {torch.cuda.is_available()}); use --device cpu or auto")
+    return device
+
+
+def resolve_precision(precision: str, device="auto") -> str:
+    """The autocast precision of a run on `device` (a torch device, or "auto": the one `resolve_device` picks).
+
+    "auto" -> "bf16" on a CUDA device, "no" elsewhere; "no", "fp16" and "bf16" as they are. train.py
+    (on the device accelerate picks) and evaluate.py (on --device) both resolve it here."""
     if precision not in PRECISIONS:
         raise ValueError(f"mixed precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     import torch
 
+    if device == "auto":
+        device = resolve_device(device)
     return "bf16" if torch.device(device).type == "cuda" else "no"
 
 

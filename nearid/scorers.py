@@ -100,19 +100,6 @@ def pinned_spec(provenance: dict) -> tuple:
     return provenance["spec"], provenance.get("commit") or provenance.get("revision")
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> cuda when available, else cpu; an unavailable device is an error, never a silent fallback."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = torch.device(device).type
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if not available.get(kind, False):
-        raise ValueError(f"--device {device} is not available on this machine (torch {torch.__version__}, CUDA "
-                         f"available: {torch.cuda.is_available()}); use --device cpu or auto")
-    return device
-
-
 # --------------------------------------------------------------------------------------------------
 # The scorer
 

@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from nearid.reports import skipped_by_reason
+
 
 def index_items(items: Sequence, index) -> tuple:
     """Register the images of `items` in an `ImageIndex`: (generated keys, [reference keys per item])."""
@@ -57,6 +59,22 @@ def left_out(unreadable: Sequence, unscored: Sequence, other_files: Sequence = (
     entries = [dict(entry) for entry in unreadable]
     entries += [dict(entry) for entry in unscored if entry["reason"] != NOT_SCORED_UNREADABLE]
     return entries + [{"image": str(path), "reason": reason} for path, reason in other_files]
+
+
+def summary_markdown(summary: Mapping, skipped: Sequence = (), unused: Sequence = (),
+                     listed_in: str = "score_results.json") -> str:
+    """The score summary of `evaluate.py score` (score_summary.md) and of `ScoreTable.markdown`: a table per
+    method, the methods side by side when there are several, what was left out by reason (each listed, with
+    its message, in `listed_in`) and the reference folders no method generated for."""
+    text = score_markdown(summary)
+    if len(summary) > 1:
+        text += "\n### Methods side by side (mean identity score)\n\n" + methods_table(summary)
+    if skipped:
+        counts = skipped_by_reason(skipped)
+        text += (f"\n{len(skipped)} images or files were left out "
+                 f"({', '.join(f'{n} {reason}' for reason, n in counts.items())}); {listed_in} lists each with the "
+                 "reason.\n")
+    return text + unused_references_markdown(unused)
 
 
 def unused_references_markdown(unused: Sequence) -> str:

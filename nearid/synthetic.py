@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nearid.cli import REQUIRED, build_parser, option, parse, user_errors
+from nearid.metrics import DREAMBENCH_CATEGORIES, MTG_COLUMNS
 
 SUPERSAMPLE = 4
 # category -> description; the body polygon is built in `_body_polygon`.
@@ -67,7 +68,6 @@ VARIATIONS = ("marking_color", "marking_shape", "body_color", "marking_position"
 SCENES = ("in a meadow", "on a wooden desk", "on a beach", "in a kitchen", "on a city street",
           "in a forest", "on a snowy hill", "in a living room")
 HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "blue", "violet", "pink")
-DREAMBENCH_CATEGORIES = ("object", "style", "live_subject_animal", "live_subject_human")
 # Random-stream tags: one per kind of item, so streams never collide.
 _IDENTITY, _VIEW, _DISTRACTOR, _MTG, _DREAMBENCH, _SPLIT = range(6)
 
@@ -431,10 +431,6 @@ def build_benchmark(cfg: SyntheticConfig) -> tuple:
 
 # --------------------------------------------------------------------------------------------------
 # MTG (part-level)
-
-
-MTG_COLUMNS = tuple(f"image_{v}_{kind}" for kind in ("original", "inpainted", "object_mask", "part_mask")
-                    for v in (1, 2))
 
 
 def _part_polygon(spec: ObjectSpec, rng: np.random.Generator) -> tuple:

@@ -58,8 +58,7 @@ class BackboneTokens:
         self.model, self.device, self.mixed_precision = model, device, mixed_precision
         self.forward = torch.compile(model.forward_features) if compile else model.forward_features
         self.loader = PixelLoader(processor)
-        self.format = StoreFormat((model.config.num_patches, model.config.vision_config["hidden_size"]),
-                                  storage_dtype)
+        self.format = StoreFormat(model.config.token_shape, storage_dtype)
         backbone = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
         # Tokens depend on the backbone weights, the preprocessing and the numeric formats only.
         self.fingerprint = fingerprint("tokens", weights_digest(backbone), processor.to_dict(),

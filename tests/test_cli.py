@@ -128,11 +128,11 @@ def test_help_and_argument_errors_import_no_heavy_module(argv):
 
 
 def test_the_commands_lists_of_kinds_and_modes_are_the_librarys():
-    from nearid import numerics, scorers
+    from nearid import numerics, options, scorers
     from nearid import search as gallery
     from nearid.commands import search
 
-    assert set(evaluate.BASELINE_KINDS) == set(scorers.SCORER_KINDS) - {"nearid"}
+    assert set(options.BASELINE_KINDS) == set(scorers.SCORER_KINDS) - {"nearid"}
     assert search.COMBINE == gallery.COMBINE and set(numerics.WEIGHT_DTYPES) == set(scorers.DTYPES)
 
 
@@ -149,3 +149,21 @@ def test_a_command_run_from_a_fresh_interpreter_loads_its_lazy_modules(tmp_path)
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "dreambench_results.json").read_text())["metrics"]["mh_object"] > 0.5
+
+
+def test_no_command_imports_another():
+    """A command is parsing plus calls into the library; what two commands share lives in the package
+    (demo.py, which runs the commands, aside)."""
+    import ast
+    from pathlib import Path
+
+    import nearid.commands
+
+    folder = Path(nearid.commands.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        if path.stem in ("demo", "console", "__init__"):
+            continue
+        tree = ast.parse(path.read_text())
+        imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        assert not [name for name in imported if name.startswith("nearid.commands")], path.name

@@ -14,6 +14,7 @@ from datasets import Image as HFImage
 from PIL import Image
 
 from nearid import data as nd
+from nearid import metrics
 from nearid import synthetic as syn
 from nearid.cli import DatasetSource
 from nearid.images import load_image
@@ -338,7 +339,8 @@ def test_undecoded_turns_off_decoding(positives):
 
 
 def test_open_mtg_checks_columns(root, tmp_path):
-    assert set(nd.MTG_COLUMNS) == set(syn.MTG_COLUMNS) and len(nd.MTG_COLUMNS) == 8
+    assert nd.MTG_COLUMNS is syn.MTG_COLUMNS and len(nd.MTG_COLUMNS) == 8  # one schema, read and written
+    assert syn.DREAMBENCH_CATEGORIES is metrics.DREAMBENCH_CATEGORIES
     dataset, prov = nd.open_mtg(str(root / "mtg"))
     assert len(dataset) == 3 and prov["split"] == "test"
     mtg = load_from_disk(str(root / "mtg"))

@@ -91,6 +91,7 @@ def test_config_defaults_are_so400m_and_round_trip(tmp_path):
     config = NearIDConfig()
     assert config.vision_config["hidden_size"] == 1152 and config.vision_config["num_hidden_layers"] == 27
     assert config.num_patches == 729 and config.embed_dim == 1152 and config.normalize_embeddings is True
+    assert config.token_shape == (729, 1152)  # what the token store holds per image
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "nearid" and isinstance(saved["vision_config"], dict)

@@ -16,6 +16,9 @@ def test_auto_precision_is_bf16_on_a_gpu_only():
     assert resolve_precision("auto", "cpu") == "no"
     assert resolve_precision("auto", "cuda:1") == resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert resolve_precision("fp16", "cpu") == "fp16"
+    # "auto" device: the one a run without --device gets (train.py's, evaluate.py's default)
+    assert resolve_precision("auto", "auto") == resolve_precision("auto") == ("bf16" if torch.cuda.is_available()
+                                                                              else "no")
     with pytest.raises(ValueError, match="must be one of"):
         resolve_precision("fp8", "cpu")
 

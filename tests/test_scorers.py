@@ -13,7 +13,8 @@ from PIL import Image
 from nearid.evaluation import embed_images
 from nearid.images import ImageLoadError
 from nearid.loading import resolve_model_folder
-from nearid.scorers import Scorer, parse_spec, resolve_device
+from nearid.numerics import resolve_device
+from nearid.scorers import Scorer, parse_spec
 from nearid.store import FillOptions, ImageIndex
 from tests.helpers import make_hostile, make_tiny_siglip, markers_written, random_pixels
 

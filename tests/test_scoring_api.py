@@ -209,4 +209,6 @@ def test_left_out_files_are_counted_once_with_short_reasons(tiny_repo, layout, t
     assert any(str(broken) in image and "Could not decode" in reason for image, reason in messages.items())
     summary = (tmp_path / "out" / "score_summary.md").read_text()
     assert "2 images or files were left out (1 unreadable, 1 not an image)" in summary
+    table = IdentityScorer(str(tiny_repo), device="cpu", skip_bad_images=True).score_folders(references, generations)
+    assert table.markdown().replace("`ScoreTable.skipped`", "score_results.json") == summary  # one summary, two ways
     assert result["summary"][METHODS[0]]["subjects"][SUBJECTS[0]]["n_skipped"] == 1  # the tables still count it

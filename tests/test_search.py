@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 
+from nearid import search_reports
 from nearid.commands import search
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.search import (
@@ -538,11 +539,11 @@ def test_contact_sheet_captions_keep_the_method_folder_and_the_file(tmp_path):
     index = new_index(tmp_path)
     index.add([root])
     result = index.search([root / "emu2" / "tgt_image" / "object_00_red_crate" / "0_0.png"], 4, "each")
-    captions = [caption for row in search.query_sheet(index, result) for _, caption in row]
+    captions = [caption for row in search_reports.query_sheet(index, result) for _, caption in row]
     assert captions[0] == "query\nemu2/tgt_image/\nobject_00_red_crate/\n0_0.png"
     hits = [caption.split("\n", 1)[1] for caption in captions[1:]]
     assert {hit.split("/")[0] for hit in hits} == {"blip_diffusion", "emu2"} and len(hits) == 4
     assert all(len(line) <= 25 for caption in captions for line in caption.split("\n"))
-    long = search.sheet_captions([f"/x/{'folder_' * 6}/{'deeper_' * 5}/{'file_' * 8}{n}.png" for n in (1, 2)])
+    long = search_reports.sheet_captions([f"/x/{'folder_' * 6}/{'deeper_' * 5}/{'file_' * 8}{n}.png" for n in (1, 2)])
     assert all(caption.endswith(f"file_file_{n}.png") and "\u2026" in caption
                for n, caption in zip((1, 2), long.values()))  # what does not fit loses its start, not its end

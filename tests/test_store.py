@@ -241,7 +241,7 @@ def test_the_next_batch_is_computed_while_a_shard_is_written(model, tmp_path, mo
     wrote each batch before computing the next would never reach."""
     import nearid.store
 
-    encoder, second_batch = Counting(model), threading.Event()
+    second_batch = threading.Event()
     real_add = nearid.store._ShardWriter.add
 
     def add_after_the_next_forward(self, keys, values):

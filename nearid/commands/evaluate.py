@@ -42,49 +42,28 @@ from nearid.cli import (
     user_errors,
 )
 from nearid.io import atomic_write_json, atomic_write_text, write_csv
-from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_precision
+from nearid.options import (
+    HINTS,
+    Arguments,
+    EmbeddingArguments,
+    ScorerArguments,
+    fill_options,
+    load_scorer,
+    process_state,
+)
 
 # torch, transformers and datasets come with these: loaded when a run first uses them, not for --help.
 data, evaluation, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
                                                       ("data", "evaluation", "heatmaps", "images", "scorers", "store"))
-# The KIND of KIND:MODEL baselines (the keys of nearid.scorers.SCORER_KINDS but nearid; a test keeps them equal).
-BASELINE_KINDS = ("clip", "dinov2", "dinov3", "siglip", "siglip-mean")
 
 # --- arguments -------------------------------------------------------------------------------------
 
 
 @dataclass
-class ModelArguments:
-    """The scorer"""
-
-    model: str = option(REQUIRED, "scorer: a NearID model (Hub id or folder), or a baseline as KIND:MODEL with "
-                                  f"KIND one of {', '.join(BASELINE_KINDS)}")
-    revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model; pin a commit hash for "
-                                        "reproducible scores (the commit used is recorded either way)")
-    dtype: str = option("float32", "dtype of the model's weights and activations", choices=sorted(WEIGHT_DTYPES))
-    device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda or cuda:N")
-    mixed_precision: str = option("auto", "autocast precision of the forward pass: auto is bf16 on a CUDA GPU and "
-                                          "none elsewhere", choices=PRECISIONS)
-    compile: bool = option(False, "run the model through torch.compile (GPU: faster once compiled; the first and "
-                                  "the last, smaller batch compile)")
-
-
-@dataclass
-class OptionalModelArguments(ModelArguments):
+class OptionalScorerArguments(ScorerArguments):
     """The scorer (not needed with --scores-from)"""
 
     model: str | None = option(None, "scorer, as for the other modes; needed with --samples")
-
-
-@dataclass
-class EmbeddingArguments:
-    """Embedding images (none of these change the numbers)"""
-
-    cache_dir: str = option(".cache/embeddings", "the embed-once store: every image is embedded once per scorer "
-                                                 "and kept here for later runs", folder=True)
-    batch_size: int = option(32, "images per forward pass", min=1)
-    num_workers: int = option(0, "DataLoader worker processes that decode and preprocess images", min=0)
-    skip_bad_images: bool = option(False, "leave unreadable images out (listed in the results) instead of stopping")
 
 
 @dataclass
@@ -207,7 +186,7 @@ class Table1Arguments:
     samples: str | None = option(None, "DreamBench++ samples folder: <method>/{src_image,tgt_image}/...")
 
 
-COMMON = (ModelArguments, EmbeddingArguments, OutputArguments)
+COMMON = (ScorerArguments, EmbeddingArguments, OutputArguments)
 MODES = {
     "nearid": ("NearID benchmark: SSR and PA per distractor source",
                "NearID benchmark: SSR and PA per distractor source, and pooled. Writes nearid_results.json (last), "
@@ -227,7 +206,7 @@ MODES = {
                    "DreamBench++ MH from published score files or by scoring a samples folder. Writes "
                    "dreambench_results.json (last), dreambench_table.md and, from images, "
                    "dreambench_scores/<method>.json.",
-                   (DreamBenchArguments, OptionalModelArguments, EmbeddingArguments, OutputArguments,
+                   (DreamBenchArguments, OptionalScorerArguments, EmbeddingArguments, OutputArguments,
                     ModelIndexArguments)),
     "score": ("score your own generated images against references",
               SCORE_DESCRIPTION,
@@ -238,15 +217,6 @@ MODES = {
                "table1_results.json (last).",
                (Table1Arguments, *COMMON)),
 }
-
-
-class Arguments:
-    """All groups of one mode, read as one namespace (`args.model`, `args.output_dir`, ...)."""
-
-    def __init__(self, mode: str, groups: dict):
-        self.mode, self.groups = mode, groups
-        for group in groups.values():
-            self.__dict__.update(vars(group))
 
 
 def parse_arguments(argv=None) -> tuple:
@@ -289,21 +259,6 @@ def check_score_inputs(args: Arguments) -> None:
 
 
 # --- shared steps ----------------------------------------------------------------------------------
-
-
-def load_scorer(args, state) -> "scorers.Scorer":
-    device = scorers.resolve_device(args.device)
-    if device.startswith("cuda") and state.num_processes > 1:
-        device = str(state.device)  # under a multi-GPU launch, each process on its own GPU
-    return scorers.Scorer(args.model, args.revision, device, scorers.DTYPES[args.dtype],
-                          resolve_precision(args.mixed_precision, device), args.compile)
-
-
-def fill_options(args, scorer) -> "store.FillOptions":
-    """How the embed-once store computes images, from `EmbeddingArguments` (also search.py's)."""
-    return store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
-                             skip_errors=args.skip_bad_images, device=scorer.device,
-                             description=f"embedding ({scorer.kind_name})")
 
 
 def embed(index, args, state) -> tuple:
@@ -553,15 +508,7 @@ def run_score(args, state):
 def write_score_outputs(args, scorer, records, summary, skipped, source, stats, items, unused=()):
     outputs = reports.RunOutputs(args.output_dir, "score_results.json")
     save_arguments(outputs.path("score_args.json"), "evaluate.py score", *args.groups.values())
-    markdown = scoring.score_markdown(summary)
-    if len(summary) > 1:
-        markdown += "\n### Methods side by side (mean identity score)\n\n" + scoring.methods_table(summary)
-    if skipped:
-        counts = reports.skipped_by_reason(skipped)
-        markdown += (f"\n{len(skipped)} images or files were left out "
-                     f"({', '.join(f'{n} {reason}' for reason, n in counts.items())}); score_results.json lists "
-                     "each with the reason.\n")
-    markdown += scoring.unused_references_markdown(unused)
+    markdown = scoring.summary_markdown(summary, skipped, unused)
     write_csv(outputs.path("score_per_image.csv"), [{k: v for k, v in r.items() if k != "references"}
                                                      for r in records])
     atomic_write_json(outputs.path("score_per_image.json"), records)
@@ -592,7 +539,7 @@ def write_heatmap_sheets(outputs, scorer, records, items, count: int) -> None:
 
 def run_table1(args, state):
     """The nearid, mtg and dreambench modes for one model, then its Table-1 row beside the paper's."""
-    common = {ModelArguments: args.groups[ModelArguments], EmbeddingArguments: args.groups[EmbeddingArguments],
+    common = {ScorerArguments: args.groups[ScorerArguments], EmbeddingArguments: args.groups[EmbeddingArguments],
               ModelIndexArguments: ModelIndexArguments()}
     out = Path(args.output_dir)
 
@@ -658,23 +605,17 @@ def table1_data_origin(args) -> str:
 
 RUNS = {"nearid": run_nearid, "retrieval": run_retrieval, "mtg": run_mtg, "dreambench": run_dreambench,
         "score": run_score, "table1": run_table1}
-HINTS = {"image_processing_nearid.ImageLoadError": "Pass --skip-bad-images to leave unreadable images out; they are "
-                                                   "listed in the results."}
 
 
 def main(argv=None):
     args, debug = parse_arguments(argv)
     with user_errors(debug, HINTS):
-        from accelerate import PartialState
-
         check_arguments(args)
         notes = apply_published_splits(args.groups.values(), getattr(args, "positives", None),
                                        {"split_file": "test", "val_split_file": "val"})
         args = Arguments(args.mode, args.groups)  # the namespace again, with the published splits
         device = args.device if getattr(args, "model", None) else "cpu"
-        # cpu=True is what makes accelerate join the processes of a CPU launch (gloo); without it
-        # every process would run alone and embed every image.
-        state = PartialState(cpu=scorers.resolve_device(device) == "cpu")
+        state = process_state(device)
         if state.is_main_process and notes:
             print("\n".join(notes))
         return RUNS[args.mode](args, state)

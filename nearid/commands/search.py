@@ -17,26 +17,29 @@ refused) and writes CSV, JSON and a contact sheet; `cluster` groups the gallery 
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from nearid.commands.evaluate import HINTS, Arguments, EmbeddingArguments, ModelArguments, fill_options, load_scorer
 from nearid import reports
 from nearid.ann import INDEX_KINDS, IndexSettings
 from nearid.cli import REQUIRED, DatasetSource, build_parser, lazy_module, option, parse, save_arguments, user_errors
 from nearid.clustering import IdentityLinkage
 from nearid.io import write_csv
+from nearid.options import (
+    HINTS,
+    Arguments,
+    EmbeddingArguments,
+    ScorerArguments,
+    fill_options,
+    load_scorer,
+    process_state,
+)
 
 # torch, transformers, datasets and faiss come with these: loaded when a run first uses them, not for --help.
-data, heatmaps, images, scorers, gallery = (lazy_module(f"nearid.{name}") for name in
-                                             ("data", "heatmaps", "images", "scorers", "search"))
+data, scorers, gallery, shown = (lazy_module(f"nearid.{name}") for name in
+                                 ("data", "scorers", "search", "search_reports"))
 COMBINE = ("each", "mean", "max")  # nearid.search.COMBINE (a test keeps them equal), for --combine's choices
-
-SHEET_QUERIES, SHEET_QUERY_IMAGES, SHEET_HITS, SHEET_CLUSTER_IMAGES = 16, 3, 10, 40
 
 # --- arguments -------------------------------------------------------------------------------------
 
@@ -62,7 +65,7 @@ class IndexArguments:
 
 
 @dataclass
-class IndexedModelArguments(ModelArguments):
+class IndexedScorerArguments(ScorerArguments):
     """The scorer (default: the index's own)"""
 
     model: str | None = option(None, "scorer that embeds the query images; default: the one the index was built "
@@ -118,11 +121,11 @@ COMMANDS = {
               "Embed image files and folders (recursively) or a dataset's image column into a search index: a "
               "datasets Dataset (path or row, content hash, float16 embedding) with a FAISS index. Re-running "
               "embeds only new images; files that are gone leave the index.",
-              (IndexArguments, ModelArguments, EmbeddingArguments)),
+              (IndexArguments, ScorerArguments, EmbeddingArguments)),
     "query": ("the top-k gallery images of query images",
               "The top-k gallery images of query images, by cosine similarity. Writes query_results.json (last), "
               "query_results.csv and query_contact_sheet.png.",
-              (QueryArguments, IndexedModelArguments, EmbeddingArguments, SearchOutputArguments)),
+              (QueryArguments, IndexedScorerArguments, EmbeddingArguments, SearchOutputArguments)),
     "cluster": ("group the gallery by identity, and find near-duplicates",
                 "Average-linkage clustering on cosine distance, cut at 1 - threshold, and the near-duplicate groups "
                 "at a higher threshold. Writes cluster_results.json (last), clusters.csv and "
@@ -179,29 +182,8 @@ def run_index(args, state):
         prov = reports.provenance(embedder_.scorer.provenance(), dataset_provenance, extra={"last_update": report})
         folder = index.save(args.index_dir, {"provenance": prov, "ignored": report["ignored"]})
         save_arguments(folder / "index_args.json", "search.py index", *args.groups.values())
-    print(index_summary(index, report, folder, args.cache_dir))
+    print(shown.index_summary(index, report, folder, args.cache_dir))
     return {**report, "index": str(folder), "recall_at_10": index.recall}
-
-
-def index_summary(index, report, folder, cache_dir) -> str:
-    """What `index` did, in the words of search_index.json: where each embedding came from, what was left out."""
-    info = gallery.read_info(folder)
-    lines = [f"Indexed {report['images']} images into {folder}: {report['added']} new, {report['removed']} removed. "
-             f"Embeddings: {report['embedded']} computed now, {report['from_store']} read from the embed-once store "
-             f"({cache_dir}), {report['reused']} kept from the index."]
-    if report["skipped"] or report["ignored"]:
-        empty = sum(item["reason"] == gallery.EMPTY_CELL for item in report["skipped"])
-        parts = ([f"{len(report['skipped']) - empty} unreadable images"]
-                 + ([f"{empty} empty dataset cells"] if empty else []) + [f"{len(report['ignored'])} other files"])
-        lines.append(f"{', '.join(parts[:-1])} and {parts[-1]} were left out; {folder / 'search_index.json'} lists "
-                     f"each with the reason (\"skipped\": {len(info['skipped'])}, \"ignored\": "
-                     f"{len(info.get('ignored', []))}).")
-    if index.recall is not None:
-        lines.append(f"{index.settings.kind} index: recall@10 against exact search {index.recall:.4f}.")
-    sizes = info["bytes_per_image"]
-    lines.append(f"Bytes per image: {sizes['faiss_index']:.0f} in the FAISS index (held in memory to search), "
-                 f"{sizes['gallery']:.0f} in the gallery dataset (memory-mapped).")
-    return "\n".join(lines)
 
 
 # --- query -----------------------------------------------------------------------------------------
@@ -219,36 +201,24 @@ def run_query(args, state):
     result = index.search(args.images, args.k, args.combine)
     if not state.is_main_process:
         return None
-    records = hit_records(index, result)
+    records = shown.hit_records(index, result)
     write_query_outputs(args, index, result, records, query_embedder.scorer if args.heatmap else None)
     return {"result": result, "records": records}
-
-
-def hit_records(index: gallery.SearchIndex, result) -> list:
-    entries = index.entries()
-    records = []
-    for group, (names, scores, rows) in enumerate(zip(result.queries, result.scores, result.rows)):
-        for rank, (score, row) in enumerate(zip(scores, rows), start=1):
-            if row >= 0:
-                entry = entries[row]
-                records.append({"query_group": group, "queries": ";".join(names), "rank": rank,
-                                "score": float(score), "image": gallery.describe(entry), **entry})
-    return records
 
 
 def write_query_outputs(args, index, result, records, heatmap_scorer=None):
     outputs = reports.RunOutputs(args.output_dir, "query_results.json")
     save_arguments(outputs.path("query_args.json"), "search.py query", *args.groups.values())
     write_csv(outputs.path("query_results.csv"), records)
-    gone = missing_files(records)
+    gone = shown.missing_files(records)
     if gone:
         outputs.warn(f"{len(gone)} of the hits are gallery files that no longer exist (deleted or moved since the "
                      f"index was built): {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}. Run `python "
                      "search.py index` on the gallery again to bring the index up to date.")
     overlaid = "; queries with the attention map of the head" if heatmap_scorer else ""
     outputs.optional("drawing query_contact_sheet.png", reports.plot_image_grid,
-                     outputs.path("query_contact_sheet.png"), query_sheet(index, result, heatmap_scorer),
-                     f"Top {min(result.k, SHEET_HITS)} gallery images per query ({args.combine}){overlaid}\n"
+                     outputs.path("query_contact_sheet.png"), shown.query_sheet(index, result, heatmap_scorer),
+                     f"Top {min(result.k, shown.SHEET_HITS)} gallery images per query ({args.combine}){overlaid}\n"
                      f"{index.scorer['spec']}")
     summary = {"k": result.k, "requested_k": result.requested_k, "combine": args.combine,
                "n_query_groups": len(result.queries), "n_gallery": len(index)}
@@ -256,88 +226,8 @@ def write_query_outputs(args, index, result, records, heatmap_scorer=None):
     document = reports.results_document("search-query", index.scorer, summary, prov, result.skipped)
     outputs.finish({**document, "results": [{key: r[key] for key in ("query_group", "queries", "rank", "score",
                                                                        "image", "hash")} for r in records]})
-    print_query_summary(index, result, records)
+    print(shown.query_summary(index, result, records))
     print(f"Results in {outputs.folder}")
-
-
-def missing_files(records) -> list:
-    """The gallery files among the hits that are not on disk any more, each once."""
-    paths = dict.fromkeys(r["path"] for r in records if r["path"] is not None)
-    return [path for path in paths if not Path(path).is_file()]
-
-
-def print_query_summary(index, result, records):
-    if result.clamped:
-        print(f"k = {result.requested_k} is more than the gallery's {len(index)} images: all {result.k} are returned.")
-    if result.skipped:
-        print(f"{len(result.skipped)} query images or files were left out; query_results.json lists each.")
-    for group in range(min(len(result.queries), SHEET_QUERIES)):
-        best = [f"{_caption(r['image'])} {r['score']:.3f}" for r in records if r["query_group"] == group][:3]
-        print(f"{'; '.join(_caption(n) for n in result.queries[group][:3])} -> {', '.join(best)}")
-
-
-def _thumb(load):
-    """A thumbnail of `load()`, or None when the image cannot be read any more (a moved file)."""
-    try:
-        return gallery.thumbnail(load())
-    except (OSError, ValueError):
-        return None
-
-
-def _caption(name: str, width: int = 24) -> str:
-    """The file and its folder (a subject, often), cut from the left to fit one console column."""
-    name = "/".join(Path(name).parts[-2:])
-    return name if len(name) <= width else "\u2026" + name[1 - width:]
-
-
-def sheet_captions(names: list, width: int = 24, max_lines: int = 4) -> dict:
-    """{name: caption} that tell the images of one contact sheet apart: each path without the folders all of
-    them share (a lone image keeps its two nearest folders), wrapped at '/' and spaces into at most
-    `max_lines` lines of about `width` characters. What still does not fit loses its start: the file and the
-    folders nearest it (subject, method) are what tells images apart."""
-    parts = {name: Path(name).parts for name in names}
-    shortest = min((len(p) for p in parts.values()), default=1)
-    start = len(os.path.commonprefix(list(parts.values()))) if len(set(names)) > 1 else shortest - 3
-    return {name: _wrap(list(p[max(0, min(start, shortest - 1)):]), width, max_lines) for name, p in parts.items()}
-
-
-def _wrap(parts: list, width: int, max_lines: int) -> str:
-    tokens = [word for index, part in enumerate(parts) for word in
-              (part + ("/" if index < len(parts) - 1 else "")).replace(" ", " \0").split("\0")]
-    lines = [""]
-    for token in reversed(tokens):  # from the file backwards
-        if lines[0] and len(token.rstrip()) + len(lines[0]) > width:
-            lines.insert(0, "")
-        lines[0] = token + lines[0]
-    lines = [line.rstrip() for line in lines]
-    if len(lines) > max_lines:
-        lines = lines[-max_lines:]
-        lines[0] = "\u2026" + lines[0]
-    return "\n".join(line if len(line) <= width + 1 else "\u2026" + line[-width:] for line in lines)
-
-
-def query_sheet(index, result, heatmap_scorer=None) -> list:
-    """One row per query group: its query images (with their attention map when `heatmap_scorer` is given), then
-    its top hits with their scores."""
-    entries = index.entries()
-    groups = list(zip(result.queries, result.scores, result.rows))[:SHEET_QUERIES]
-    captions = sheet_captions([n for names, _, _ in groups for n in names[:SHEET_QUERY_IMAGES]]
-                              + [gallery.describe(entries[r]) for _, _, found in groups for r in found[:SHEET_HITS]
-                                 if r >= 0])
-    rows = []
-    for names, scores, found in groups:
-        shown = names[:SHEET_QUERY_IMAGES]
-        if heatmap_scorer is None:
-            cells = [(_thumb(lambda n=n: images.load_image(n)), f"query\n{captions[n]}") for n in shown]
-        else:
-            attention = heatmaps.attention_map(heatmaps.nearid_head(heatmap_scorer),
-                                               heatmaps.image_tokens(heatmap_scorer, shown))
-            cells = [(heatmaps.overlay(images.load_image(n), a, size=128), f"query, attention\n{captions[n]}")
-                     for n, a in zip(shown, attention)]
-        cells += [(_thumb(lambda r=r: index.image(r)), f"#{rank} {score:.3f}\n{captions[gallery.describe(entries[r])]}")
-                  for rank, (score, r) in enumerate(zip(scores[:SHEET_HITS], found), start=1) if r >= 0]
-        rows.append(cells)
-    return rows
 
 
 # --- cluster ---------------------------------------------------------------------------------------
@@ -349,56 +239,27 @@ def run_cluster(args, state):
     index = gallery.SearchIndex.load(args.index_dir)
     linkage = IdentityLinkage(index.finite_vectors(), args.threshold)  # cut again at the higher duplicate threshold
     clusters, duplicates = linkage.labels(args.threshold), linkage.labels(args.duplicate_threshold)
-    entries = index.entries()
-    cluster_sizes, duplicate_sizes = np.bincount(clusters), np.bincount(duplicates)
-    records = [{"cluster": int(c), "cluster_size": int(cluster_sizes[c]),
-                "near_duplicate_group": int(d) if duplicate_sizes[d] > 1 else None, "image": gallery.describe(entry),
-                **entry}
-               for c, d, entry in zip(clusters, duplicates, entries)]
-    summary = cluster_summary(args, clusters, duplicates)
+    records = shown.cluster_records(index, clusters, duplicates)
+    summary = shown.cluster_summary(clusters, duplicates, args.threshold, args.duplicate_threshold)
     write_cluster_outputs(args, index, records, clusters, duplicates, summary)
     return {"summary": summary, "records": records}
-
-
-def cluster_summary(args, clusters, duplicates) -> dict:
-    sizes, duplicate_sizes = np.bincount(clusters), np.bincount(duplicates)
-    return {"threshold": args.threshold, "duplicate_threshold": args.duplicate_threshold, "n_images": len(clusters),
-            "n_clusters": len(sizes), "n_singletons": int((sizes == 1).sum()), "largest_cluster": int(sizes.max()),
-            "n_near_duplicate_groups": int((duplicate_sizes > 1).sum()),
-            "n_images_in_near_duplicate_groups": int(duplicate_sizes[duplicate_sizes > 1].sum())}
-
-
-def members(labels) -> list:
-    """The gallery rows of every label 0, 1, ... (labels are numbered by size: the largest first)."""
-    order = np.argsort(labels, kind="stable")
-    return np.split(order, np.cumsum(np.bincount(labels))[:-1])
-
-
-def label_groups(labels, entries, min_size: int = 2) -> list:
-    """[{"group", "size", "images"}] of the labels with at least `min_size` images, largest first."""
-    return [{"group": group, "size": len(rows), "images": [gallery.describe(entries[row]) for row in rows]}
-            for group, rows in enumerate(members(labels)) if len(rows) >= min_size]
 
 
 def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
     outputs = reports.RunOutputs(args.output_dir, "cluster_results.json")
     save_arguments(outputs.path("cluster_args.json"), "search.py cluster", *args.groups.values())
     write_csv(outputs.path("clusters.csv"), records)
-    entries = index.entries()
-    large = [(group, rows) for group, rows in enumerate(members(clusters)) if len(rows) >= args.sheet_min_size]
-    for group, rows in large[:args.max_sheets]:
-        captions = sheet_captions([gallery.describe(entries[r]) for r in rows[:SHEET_CLUSTER_IMAGES]])
-        cells = [(_thumb(lambda r=r: index.image(r)), captions[gallery.describe(entries[r])])
-                 for r in rows[:SHEET_CLUSTER_IMAGES]]
+    for group, rows in shown.large_clusters(clusters, args.sheet_min_size)[:args.max_sheets]:
         name = f"cluster_sheets/cluster_{group:04d}.png"
         outputs.optional(f"drawing {name}", reports.plot_image_grid, outputs.path(name),
-                         [cells[i:i + 8] for i in range(0, len(cells), 8)],
+                         shown.cluster_sheet(index, rows),
                          f"Cluster {group}: {len(rows)} images at similarity >= {args.threshold}\n"
                          f"{index.scorer.get('spec')}")
     prov = reports.provenance(index.scorer, [{"kind": "search index", "path": str(Path(args.index_dir).resolve())}])
     document = reports.results_document("search-cluster", index.scorer, summary, prov, [])
-    outputs.finish({**document, "clusters": label_groups(clusters, entries),
-                    "near_duplicates": label_groups(duplicates, entries)})
+    entries = index.entries()
+    outputs.finish({**document, "clusters": shown.label_groups(clusters, entries),
+                    "near_duplicates": shown.label_groups(duplicates, entries)})
     print(f"{summary['n_images']} images in {summary['n_clusters']} clusters at similarity >= {args.threshold} "
           f"(largest {summary['largest_cluster']}, {summary['n_singletons']} single images); "
           f"{summary['n_near_duplicate_groups']} near-duplicate groups at >= {args.duplicate_threshold} hold "
@@ -415,10 +276,7 @@ def main(argv=None):
     command, groups, debug = parse(parser, {name: spec[2] for name, spec in COMMANDS.items()}, argv)
     args = Arguments(command, groups)
     with user_errors(debug, HINTS):
-        from accelerate import PartialState
-
-        # cpu=True joins the processes of a CPU launch (gloo), as in evaluate.py.
-        state = PartialState(cpu=scorers.resolve_device(getattr(args, "device", "cpu")) == "cpu")
+        state = process_state(getattr(args, "device", "cpu"))
         return RUNS[command](args, state)
 
 
