@@ -66,3 +66,32 @@ def test_two_processes_give_the_retrieval_results_of_one(runs):
     assert second["metrics"] == first["metrics"] and first["metrics"]["n_queries"] > 0
     for name in ("retrieval_per_query.csv", "retrieval_table.md"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+TORCHRUN_FAILURE = """Traceback (most recent call last):
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+Failures:
+[1]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : {other} (pid: 4243)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : {first} (pid: 4242)
+============================================================
+"""
+
+
+@pytest.mark.parametrize("first, other, tolerated", [(-6, -6, True), (-11, -6, True), (1, -15, False),
+                                                     (-6, 1, False)])
+def test_only_a_signal_at_exit_after_complete_results_is_tolerated(first, other, tolerated):
+    output = TORCHRUN_FAILURE.format(first=first, other=other)
+    if tolerated:
+        assert_finished(1, output, complete=True)
+    else:
+        with pytest.raises(AssertionError, match="not the known exit-time abort"):
+            assert_finished(1, output, complete=True)
+    with pytest.raises(AssertionError, match="results are missing"):
+        assert_finished(0, "", complete=False)

@@ -189,3 +189,11 @@ def test_evaluating_a_release_with_model_index_replaces_its_entries(train_synthe
         (r.dataset_type, r.dataset_split, r.metric_type) for r in before]
     assert [r.metric_value for r in after] == [round(result["pooled_given"][k], 4) for k in ("ssr", "pa")]
     assert readme.read_text().split("\n---\n", 1)[1] == before_text.split("\n---\n", 1)[1]  # the body is kept
+
+
+def test_no_test_inherits_the_accelerator_state_of_an_earlier_training():
+    """Runs after this module's in-process trainings (pytest keeps the file's order): conftest.py's
+    `fresh_accelerator_state` has reset accelerate's process-wide state, mixed precision included."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    assert AcceleratorState._shared_state == {} and PartialState._shared_state == {}
