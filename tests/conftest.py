@@ -50,7 +50,8 @@ def tiny_repo(tmp_path_factory):
     """A tiny random NearID exported as a complete Hub repo folder."""
     from nearid.hub import export_hub_folder
 
-    with unchanged(export_hub_folder(make_tiny_nearid(), make_tiny_processor(), tmp_path_factory.mktemp("model") / "repo")) as repo:
+    folder = tmp_path_factory.mktemp("model") / "repo"
+    with unchanged(export_hub_folder(make_tiny_nearid(), make_tiny_processor(), folder)) as repo:
         yield repo
 
 
@@ -71,8 +72,9 @@ def base_model(tmp_path_factory):
     """A tiny SigLIP checkpoint folder with a SigLIP-style preprocessor config, like a Hub snapshot."""
     from nearid.models import save_siglip_checkpoint
 
-    with unchanged(save_siglip_checkpoint(tmp_path_factory.mktemp("base") / "tiny-siglip", model=make_tiny_siglip())) as folder:
-        yield folder
+    folder = tmp_path_factory.mktemp("base") / "tiny-siglip"
+    with unchanged(save_siglip_checkpoint(folder, model=make_tiny_siglip())) as checkpoint:
+        yield checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +117,7 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_cache")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def embed(tiny_repo):
     """An image (PIL image or file) -> its normalised embedding, one image per forward, through the model's
     public API."""

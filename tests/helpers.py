@@ -153,7 +153,8 @@ def assert_finished(code, output, complete):
     assert complete, f"the run's results are missing, exit code {code}:\n{output[-4000:]}"
     if code != 0:
         codes = [int(found) for found in EXIT_CODE.findall(output)]
-        assert codes and all(found < 0 for found in codes), f"exit code {code}, not the known exit-time abort:\n{output[-4000:]}"
+        assert codes and all(found < 0 for found in codes), \
+            f"exit code {code}, not the known exit-time abort:\n{output[-4000:]}"
 
 
 def train_args(train_synthetic, base_model, out, *extra):
