@@ -42,14 +42,14 @@ def compiled(monkeypatch):
     """torch.compile recorded, and still applied: the functions it is given, and dynamo's count of the graphs
     it then captured (torch._dynamo.utils.counters). The "eager" backend runs the captured graphs as they
     are: TorchDynamo traces each call as with the default backend, without the seconds of inductor's code
-    generation."""
+    generation; static shapes spare the slower symbolic trace of a second batch size."""
     import torch._dynamo
 
     real, seen = torch.compile, []
 
     def recorded(fn, **kwargs):
         seen.append(fn)
-        return real(fn, **{**kwargs, "backend": "eager"})
+        return real(fn, **{**kwargs, "backend": "eager", "dynamic": False})
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
