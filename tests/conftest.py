@@ -1,8 +1,22 @@
-"""Shared fixtures: tiny random SigLIP towers, NearID models built from them, Hub-style folders."""
+"""Shared fixtures: tiny random SigLIP towers, NearID models built from them, Hub-style folders.
+
+The deterministic folders (`synthetic`, `train_synthetic`, `tiny_repo`, `base_model`) are built once per
+session and shared by every module, so no test may change them: a test that damages data copies it
+first. `unchanged` checks that at the end of the session.
+"""
+
+import sys
 
 import pytest
 
-from tests.helpers import export_with_card, make_tiny_nearid, make_tiny_processor, make_tiny_siglip, random_pixels
+from tests.helpers import (
+    export_with_card,
+    make_tiny_nearid,
+    make_tiny_processor,
+    make_tiny_siglip,
+    random_pixels,
+    unchanged,
+)
 
 
 @pytest.fixture
@@ -20,25 +34,28 @@ def pixels():
     return random_pixels()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """A small synthetic benchmark (nearid_synthetic) with some distractors missing."""
     import nearid.synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
     nearid.synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
-    return root
+    with unchanged(root):
+        yield root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory):
     """A tiny random NearID exported as a complete Hub repo folder."""
     from nearid.hub import export_hub_folder
 
-    return export_hub_folder(make_tiny_nearid(), make_tiny_processor(), tmp_path_factory.mktemp("model") / "repo")
+    folder = tmp_path_factory.mktemp("model") / "repo"
+    with unchanged(export_hub_folder(make_tiny_nearid(), make_tiny_processor(), folder)) as repo:
+        yield repo
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def train_synthetic(tmp_path_factory):
     """Synthetic training data: 16 identities, two sources with missing distractors, MTG."""
     import nearid.synthetic
@@ -46,15 +63,18 @@ def train_synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     nearid.synthetic.main(["--output-dir", str(root), "--num-identities", "16", "--image-size", "48",
                            "--missing-distractor-rate", "0.2", "--mtg-train", "4", "--mtg-test", "2"])
-    return root
+    with unchanged(root):
+        yield root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_model(tmp_path_factory):
     """A tiny SigLIP checkpoint folder with a SigLIP-style preprocessor config, like a Hub snapshot."""
     from nearid.models import save_siglip_checkpoint
 
-    return save_siglip_checkpoint(tmp_path_factory.mktemp("base") / "tiny-siglip", model=make_tiny_siglip())
+    folder = tmp_path_factory.mktemp("base") / "tiny-siglip"
+    with unchanged(save_siglip_checkpoint(folder, model=make_tiny_siglip())) as checkpoint:
+        yield checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +107,45 @@ def hub():
 def repo(tmp_path):
     """A tiny random NearID exported with its model card (tests/helpers.py `card_kwargs`)."""
     return export_with_card(tmp_path / "nearid-test")
+
+
+@pytest.fixture
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Parquet and Hub loads write an Arrow cache; keep it out of the user's cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_cache")
+
+
+@pytest.fixture(scope="session")
+def embed(tiny_repo):
+    """An image (PIL image or file) -> its normalised embedding, one image per forward, through the model's
+    public API."""
+    from image_processing_nearid import NearIDImageProcessor
+    from modeling_nearid import NearIDModel
+    import torch
+
+    model = NearIDModel.from_pretrained(tiny_repo, dtype=torch.float32).eval()
+    processor = NearIDImageProcessor.from_pretrained(tiny_repo)
+
+    def run(image):
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            return model.get_image_features(pixels, normalize=True)[0].double().numpy()
+
+    return run
+
+
+def reset_accelerator_state():
+    if "accelerate.state" in sys.modules:  # accelerate not imported yet: nothing to reset
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state (AcceleratorState, PartialState), fixed by the first
+    Accelerator, its mixed precision included: every in-process `train.main` sets it. Reset it before each
+    test (a module or session fixture may have trained) and after it, so that no test inherits another's."""
+    reset_accelerator_state()
+    yield
+    reset_accelerator_state()

@@ -140,6 +140,23 @@ def launch(num_processes, script_args, tmp_path, log_name, modules_cache=None):
     return result.returncode, output
 
 
+# torchrun's report of each failed process: "exitcode  : -6 (pid: ...)", negative for a process killed by a
+# signal, as CPU (gloo) process groups sometimes are at exit after the work is done.
+EXIT_CODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.M)
+
+
+def assert_finished(code, output, complete):
+    """A launched run (`launch`) exited 0, or each of its failed processes was killed by a signal (the known
+    exit-time abort) after the results were written: `complete` says they are all there, and the caller
+    then checks their contents. A process that exits with an error (a status, not a signal) fails the run
+    whatever it wrote."""
+    assert complete, f"the run's results are missing, exit code {code}:\n{output[-4000:]}"
+    if code != 0:
+        codes = [int(found) for found in EXIT_CODE.findall(output)]
+        assert codes and all(found < 0 for found in codes), \
+            f"exit code {code}, not the known exit-time abort:\n{output[-4000:]}"
+
+
 def train_args(train_synthetic, base_model, out, *extra):
     return ["--positives", str(train_synthetic / "positives"), "--source", f"flux={train_synthetic / 'flux'}",
             "--source", f"sdxl={train_synthetic / 'sdxl'}", "--mtg", str(train_synthetic / "mtg"),
@@ -357,3 +374,20 @@ def project_requirements() -> dict:
     dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pairs = (re.match(r"([A-Za-z0-9_.-]+)\s*(.*)", line).groups() for line in dependencies)
     return {name.lower(): specifier.split(";")[0].strip() for name, specifier in pairs}
+
+
+@contextlib.contextmanager
+def unchanged(folder):
+    """Yield `folder`, then check that no file in it was changed, removed or added meanwhile: for folders
+    shared by many tests (conftest.py's session fixtures), which a test must copy before damaging.
+    datasets' own cache files (`cache-*.arrow`, written beside a loaded dataset by `map`) may appear."""
+
+    def listing():
+        return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(Path(folder).rglob("*")) if p.is_file() and not p.name.startswith("cache-")}
+
+    before = listing()
+    yield folder
+    after = listing()
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"tests changed the shared folder {folder}: {changed[:10]}"

@@ -8,6 +8,7 @@ one per script saves the import of torch and transformers, seconds each.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -80,10 +81,41 @@ def output_of(smoke, name):
     return results[name]["stdout"]
 
 
-@pytest.mark.parametrize("name", ["bench_train_compute.py", "bench_token_loader.py", "bench_embedding_pipeline.py",
-                                  "bench_int8_cache.py", "bench_fill_overlap.py"])
-def test_benchmark_smoke_modes_run(smoke, name):
-    output_of(smoke, name)
+NUMBER = r"(\d+(?:\.\d+)?)"
+# What each benchmark measures, as its smoke run prints it: one pattern per figure line, its numbers captured.
+FIGURE_LINES = {
+    "bench_train_compute.py": [rf"^wall-time ratio reference / cache: {NUMBER}x \(>= 5x: (?:yes|NO)\)$",
+                               rf"^backbone-forward ratio: {NUMBER}x \(>= 5x: (?:yes|NO)\)$",
+                               rf"^compute ratio \(forwards x backbone FLOPs .*\): {NUMBER}x \(>= 5x: (?:yes|NO)\)$",
+                               r"^same training: yes: final loss \S+ \(cache\) vs \S+ \(reference\)"],
+    "bench_token_loader.py": [rf"^loader / plain read, warm \(best worker count\): {NUMBER} \(>= 0.8: (?:yes|NO)\)$",
+                              rf"^loader / plain read, cold \(best worker count\): {NUMBER} \(>= 0.8: (?:yes|NO)\)$",
+                              rf"^  ratio loader / in memory: {NUMBER} \(>= 0.9: (?:yes|NO)\)$"],
+    "bench_embedding_pipeline.py": [rf"^  512 px JPEG: {NUMBER} images/s per worker",
+                                    rf"^  1024 px JPEG: {NUMBER} images/s per worker",
+                                    rf"^small\s+\d+\s+\d+\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$"],
+    "bench_int8_cache.py": [rf"^\s+0\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+\S+$",
+                            rf"^mean over seeds: SSR {NUMBER} \(fp16\) vs {NUMBER} \(int8\), PA {NUMBER} vs {NUMBER}$"],
+    "bench_fill_overlap.py": [rf"^float16\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+(?:yes|NO)$",
+                              rf"^int8\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+(?:yes|NO)$"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIGURE_LINES))
+def test_benchmark_smoke_modes_print_what_they_measure(smoke, name):
+    """Each smoke run prints every figure line of its recorded report, with finite numbers (a score may be 0)."""
+    output = output_of(smoke, name)
+    for pattern in FIGURE_LINES[name]:
+        match = re.search(pattern, output, re.M)
+        assert match, f"{name} printed no line matching {pattern!r}:\n{output}"
+        assert all(0 <= float(value) < math.inf for value in match.groups() if value), match.group(0)
+
+
+def test_the_embedding_benchmark_ratio_is_end_to_end_over_forward(smoke):
+    output = output_of(smoke, "bench_embedding_pipeline.py")
+    forward, end_to_end, ratio = map(float, re.search(FIGURE_LINES["bench_embedding_pipeline.py"][2], output,
+                                                      re.M).groups())
+    assert ratio == pytest.approx(end_to_end / forward, abs=0.01)
 
 
 def test_the_input_path_profile_times_every_stage_and_both_hand_overs(smoke):

@@ -31,10 +31,7 @@ def root(tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Parquet loads write an Arrow cache; keep it out of the user's cache."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_cache")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -31,23 +30,6 @@ def synthetic(tmp_path_factory):
                            "--mtg-test", str(MTG_TEST_ROWS), "--dreambench-subjects", "2",
                            "--dreambench-prompts", "2", "--image-size", "32"])
     return root
-
-
-@pytest.fixture(scope="module")
-def embed(tiny_repo):
-    """PIL image -> normalised embedding, one image per forward, through the model's public API."""
-    from image_processing_nearid import NearIDImageProcessor
-    from modeling_nearid import NearIDModel
-
-    model = NearIDModel.from_pretrained(tiny_repo, dtype=torch.float32).eval()
-    processor = NearIDImageProcessor.from_pretrained(tiny_repo)
-
-    def run(image):
-        pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            return model.get_image_features(pixels, normalize=True)[0].double().numpy()
-
-    return run
 
 
 def read_csv(path):

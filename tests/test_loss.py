@@ -216,7 +216,8 @@ def test_slot_names():
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    """What each of 2 worker processes saved; a process may abort at exit after saving."""
+    """What each of 2 worker processes saved. Each exits 0, or is killed by a signal after saving: gloo
+    processes sometimes abort (or hang, and are killed) at exit after finishing their work."""
     out = tmp_path_factory.mktemp("loss_ranks")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     store = out / "store"  # a file store: no TCP port to find or collide on
@@ -231,22 +232,26 @@ def two_process_results(tmp_path_factory):
         )
         for rank in range(2)
     ]
-    logs = [finish(process, timeout=240) for process in processes]
+    finished = [finish(process, timeout=240) for process in processes]
     results = []
-    for rank in range(2):
+    for rank, (code, log) in enumerate(finished):
         path = out / f"rank{rank}.pt"
-        assert path.exists(), f"rank {rank} saved no results; its output:\n{logs[rank]}"
+        assert path.exists(), f"rank {rank} saved no results, exit code {code}; its output:\n{log}"
+        assert code <= 0, f"rank {rank} exited with status {code}; its output:\n{log}"  # < 0: a signal
         results.append(torch.load(path))
     return results
 
 
 def finish(process, timeout):
-    """The output of `process`, killed if it has not ended within `timeout` seconds (a hang at exit)."""
+    """The exit code and output of `process`, killed if it has not ended within `timeout` seconds (a hang at
+    exit)."""
     try:
-        return process.communicate(timeout=timeout)[0]
+        output = process.communicate(timeout=timeout)[0]
+        return process.returncode, output
     except subprocess.TimeoutExpired:
         process.kill()
-        return process.communicate()[0] + f"\n[killed after {timeout} s]"
+        output = process.communicate()[0] + f"\n[killed after {timeout} s]"
+        return process.returncode, output
 
 
 @pytest.mark.parametrize("mask_padded", [False, True])

@@ -5,12 +5,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from nearid.commands import evaluate
-from image_processing_nearid import NearIDImageProcessor
-from modeling_nearid import NearIDModel
 from nearid import IdentityScorer
 from tests.helpers import user_error
 
@@ -38,19 +35,6 @@ def layout(tmp_path):
             for g in range(3):
                 picture(1000 + 100 * m + 10 * s + g).save(folder / f"gen{g}.png")
     return tmp_path / "references", tmp_path / "generations"
-
-
-@pytest.fixture(scope="module")
-def embed(tiny_repo):
-    """An image file -> its normalised embedding, one image per forward, through the model's public API."""
-    model = NearIDModel.from_pretrained(tiny_repo, dtype=torch.float32).eval()
-    processor = NearIDImageProcessor.from_pretrained(tiny_repo)
-
-    def run(path):
-        with torch.no_grad():
-            return model.get_image_features(processor(path)["pixel_values"])[0].double().numpy()
-
-    return run
 
 
 def score_args(tiny_repo, tmp_path, *extra):

@@ -30,6 +30,7 @@ from nearid.store import (
 from nearid.tokens import BackboneTokens
 from tests.helpers import (
     TINY_VISION,
+    assert_finished,
     load_pixels,
     make_items,
     make_tiny_nearid,
@@ -522,9 +523,13 @@ def test_two_processes_fill_one_store(model, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path()}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(script), str(folder)]
-    # Judged by the files the processes wrote: gloo runs sometimes abort at exit after finishing.
+    # Judged by the files the processes wrote, and by the exit code: 0, or the abort at exit that gloo runs
+    # sometimes meet after finishing (helpers.assert_finished).
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     logs = textwrap.shorten(finished.stdout + finished.stderr, 4000)
+    assert_finished(finished.returncode, finished.stdout + finished.stderr,
+                    all((folder / f"{name}-{rank}.{ext}").exists() for rank in (0, 1)
+                        for name, ext in (("result", "json"), ("seen-by", "pt"))))
     items = make_items(9, corrupt=["broken"])
     good = sorted(key for key in items if key != "broken")
     computed = []

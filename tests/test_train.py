@@ -230,3 +230,11 @@ def test_the_train_card_and_the_evaluate_card_publish_one_headline(train_synthet
         (r.dataset_type, r.dataset_split, r.metric_type) for r in before]
     assert [r.metric_value for r in before] == [round(final[k], 4) for k in ("ssr", "pa")]
     assert [r.metric_value for r in after] == [round(headline[k], 4) for k in ("ssr", "pa")]
+
+
+def test_no_test_inherits_the_accelerator_state_of_an_earlier_training():
+    """Runs after this module's in-process trainings (pytest keeps the file's order): conftest.py's
+    `fresh_accelerator_state` has reset accelerate's process-wide state, mixed precision included."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    assert AcceleratorState._shared_state == {} and PartialState._shared_state == {}

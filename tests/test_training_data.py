@@ -28,9 +28,7 @@ SYNTHETIC = ["--num-identities", "14", "--image-size", "16", "--seed", "3", "--s
 EPOCHS = range(40)
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_cache")
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest.py
 
 
 @pytest.fixture(scope="module")
