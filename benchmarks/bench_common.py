@@ -47,6 +47,17 @@ def best_time(fn, repeats):
     return min(times)
 
 
+def first_batch_timed(loader) -> tuple:
+    """(images after the first batch, seconds from the first batch on): the workers' start is not counted."""
+    images, start = 0, None
+    for batch in loader:
+        if start is None:
+            start = time.perf_counter()
+            continue
+        images += len(batch)
+    return images, time.perf_counter() - start
+
+
 def write_results(path, lines):
     """Print the lines and record them (unless `path` is None), so the repo keeps the latest output."""
     text = "\n".join(lines) + "\n"

@@ -17,14 +17,13 @@ Usage: python benchmarks/bench_token_loader.py [--images 1536] [--smoke]
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, write_results  # noqa: E402
+from bench_common import environment_lines, first_batch_timed, write_results  # noqa: E402
 from input_common import (  # noqa: E402
     SLOTS,
     EpochSamples,
@@ -83,13 +82,8 @@ def fresh_batch_rate(store, samples, per_device, workers) -> float:
     """GB/s of FreshBatches through a DataLoader (warm), timed from the first batch."""
     loader = DataLoader(FreshBatches(store), batch_sampler=step_sampler(samples, per_device, len(samples) // per_device),
                         collate_fn=lambda batch: batch, num_workers=workers)
-    count, start = 0, None
-    for values in loader:
-        if start is None:
-            start = time.perf_counter()
-            continue
-        count += len(values)
-    return count * store.format.bytes_per_item / (time.perf_counter() - start) / 1e9
+    count, seconds = first_batch_timed(loader)
+    return count * store.format.bytes_per_item / seconds / 1e9
 
 
 def best_of(repeats: int, measure) -> float:

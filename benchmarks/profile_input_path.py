@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, write_results  # noqa: E402
+from bench_common import environment_lines, first_batch_timed, write_results  # noqa: E402
 from input_common import Precomputed, image_number, write_jpegs, write_json  # noqa: E402
 
 from image_processing_nearid import NearIDImageProcessor, _pil_to_rgb, read_image_bytes  # noqa: E402
@@ -141,17 +141,6 @@ def handover_ms(batch: torch.Tensor, batches: int, repeats: int) -> float:
         return seconds
 
     return 1000 * min(run() for _ in range(repeats)) / (batches * len(batch))
-
-
-def first_batch_timed(loader) -> tuple:
-    """(images after the first batch, seconds from the first batch on): the workers' start is not counted."""
-    images, start = 0, None
-    for batch in loader:
-        if start is None:
-            start = time.perf_counter()
-            continue
-        images += len(batch)
-    return images, time.perf_counter() - start
 
 
 # --- 3. the input path alone ------------------------------------------------------------------------
