@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nearid import data, evaluation, heatmaps, scoring
+from nearid import evaluation, heatmaps, scoring
+from nearid.data import score_inputs
 from nearid.images import find_images
 from nearid.numerics import resolve_device
 from nearid.scorers import DTYPES, Scorer
@@ -130,7 +131,7 @@ class IdentityScorer:
         """Score the DreamBooth layout: references/<subject>/* against generations/<method>/<subject>/*
         (or generations/<subject>/* for one method); every generation against all references of its
         subject. The same numbers and tables as `evaluate.py score --references ... --generations ...`."""
-        items, other_files, unused = data.score_items_from_subject_folders(references, generations, methods)
+        items, other_files, unused = score_inputs.score_items_from_subject_folders(references, generations, methods)
         index = ImageIndex(self.skip_bad_images)
         generated, refs = scoring.index_items(items, index)
         embedded = self._embed(index)

@@ -78,7 +78,7 @@ def benchmark_results(benchmark: str, values: Mapping, split: str | None, data=N
                       source: Mapping | None = None) -> list:
     """`EvalResult`s of the finite headline metrics of `benchmark` ("nearid", "mtg", ...), 4 decimals.
 
-    data: the provenance of the data the metrics were measured on (a `nearid.data.open_dataset`
+    data: the provenance of the data the metrics were measured on (a `nearid.data.readers.open_dataset`
         provenance dict, or a list of them, e.g. the positives and every distractor source). The
         results are filed under its Hub id, at its revision, only when all of it was read from the
         Hub at a recorded revision (`hub_dataset_id`); otherwise they carry no dataset type and
@@ -145,7 +145,7 @@ def _hub_revision(data) -> str | None:
 def hub_dataset_id(data) -> str | None:
     """The Hub dataset id `data` came from, or None.
 
-    `data` is a dataset provenance dict (`nearid.data.open_dataset`), a list of them (all must
+    `data` is a dataset provenance dict (`nearid.data.readers.open_dataset`), a list of them (all must
     qualify; the first names the dataset), or a string. A provenance qualifies when it was read
     from the Hub (kind "hub") at a recorded revision (a resolved commit or a requested revision).
     A string is the caller's word that it is a Hub id; it qualifies when it looks like one and is
@@ -269,7 +269,7 @@ def write_model_card(folder, *, base_model: str, datasets: Sequence[str], traini
             size and input resolution shown in the card.
         base_model: the SigLIP checkpoint the backbone and the initial head come from; in the
             front matter only when it is a Hub id.
-        datasets: the training datasets: provenance dicts (`nearid.data.open_dataset`) or strings
+        datasets: the training datasets: provenance dicts (`nearid.data.readers.open_dataset`) or strings
             (Hub ids or paths). Only those from the Hub at a recorded revision (`hub_dataset_id`)
             are listed in the front matter; the text names the others as local data.
         training_args: argument name -> value, shown as a table in this order.

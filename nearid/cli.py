@@ -221,17 +221,17 @@ def apply_published_splits(groups, positives, flags: typing.Mapping[str, str]) -
     """With `positives` Aleksandar/NearID, each split flag of `flags` ({field: "test" or "val"}) that `groups`
     leave unset becomes the paper's published split file (nearid/splits), set in the groups so that the saved
     arguments show it. Other positives keep their defaults. Returns one line per flag set, for the log."""
-    from nearid import data
+    from nearid.data import split_files
 
-    if not positives or not data.uses_published_splits(DatasetSource.parse(positives)):
+    if not positives or not split_files.uses_published_splits(DatasetSource.parse(positives)):
         return []
     notes = []
     for group in groups:
         for field, split in flags.items():
             if hasattr(group, field) and getattr(group, field) is None:
-                setattr(group, field, str(data.published_split_file(split)))
-                notes.append(f"--{field.replace('_', '-')}: the published {split} split of {data.NEARID_POSITIVES} "
-                             f"({getattr(group, field)})")
+                setattr(group, field, str(split_files.published_split_file(split)))
+                notes.append(f"--{field.replace('_', '-')}: the published {split} split of "
+                             f"{split_files.NEARID_POSITIVES} ({getattr(group, field)})")
     return notes
 
 
@@ -272,7 +272,7 @@ def named_sources(texts, flag: str = "--source") -> dict:
 # Heavy modules, imported when first used
 
 
-class lazy_module:  # noqa: N801 (used like a function: `data = lazy_module("nearid.data")`)
+class lazy_module:  # noqa: N801 (used like a function: `readers = lazy_module("nearid.data.readers")`)
     """The module `name`, imported on first attribute access rather than now.
 
     Commands import the library modules that pull in torch, transformers or datasets this way, so

@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from nearid import clustering, data, metrics
+from nearid import clustering, metrics
+from nearid.data import dreambench_files, readers
 from nearid.images import ImageLoadError
 from nearid.store import FillOptions, ImageIndex, fill
 
@@ -191,13 +192,13 @@ def mtg_oracles(dataset, skip_errors: bool) -> tuple:
     error, or with `skip_errors` NaN and listed.
     """
     columns = [f"image_{view}_{kind}_mask" for view in (1, 2) for kind in ("object", "part")]
-    refs = {c: data.image_refs(dataset, c, range(len(dataset))) for c in columns}
+    refs = {c: readers.image_refs(dataset, c, range(len(dataset))) for c in columns}
     oracles, skipped = np.full((len(dataset), 2), np.nan), []
     for row in range(len(dataset)):
         for view in (1, 2):
             where = f"MTG row {row} view {view}"
             try:
-                masks = data.mtg_masks(refs[f"image_{view}_object_mask"][row], refs[f"image_{view}_part_mask"][row],
+                masks = readers.mtg_masks(refs[f"image_{view}_object_mask"][row], refs[f"image_{view}_part_mask"][row],
                                        where)
                 oracles[row, view - 1] = metrics.mtg_oracle(*masks)
             except ValueError as error:  # ImageLoadError (names `where` itself), or an empty object mask
@@ -250,7 +251,7 @@ def dreambench_pairs_index(samples, methods: Sequence[str], index: ImageIndex) -
     """{method: (keys, reference image keys, generated image keys)} of a samples folder."""
     pairs = {}
     for method in methods:
-        triples = data.dreambench_pairs(samples, method)
+        triples = dreambench_files.dreambench_pairs(samples, method)
         pairs[method] = ([k for k, _, _ in triples], index.add_files([s for _, s, _ in triples]),
                          index.add_files([t for _, _, t in triples]))
     return pairs

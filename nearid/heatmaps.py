@@ -167,16 +167,16 @@ def image_tokens(scorer, images, batch_size: int = 16) -> torch.Tensor:
 def mtg_object_attention(scorer, mtg_source, split: str = "test") -> dict:
     """Attention on the object over the original views of an MTG split (their object masks are known):
     `object_attention`'s numbers."""
-    from nearid import data
+    from nearid.data import readers
 
-    dataset, _ = data.open_mtg(mtg_source, split)
-    refs = data.undecoded(dataset)
+    dataset, _ = readers.open_mtg(mtg_source, split)
+    refs = readers.undecoded(dataset)
     images, masks = [], []
     for row in range(len(dataset)):
         item = refs[row]
         for view in (1, 2):
             images.append(item[f"image_{view}_original"])
-            masks.append(data.mtg_masks(item[f"image_{view}_object_mask"], item[f"image_{view}_part_mask"],
+            masks.append(readers.mtg_masks(item[f"image_{view}_object_mask"], item[f"image_{view}_part_mask"],
                                         f"MTG {split} row {row} view {view}")[0])
     return object_attention(scorer, images, masks)
 

@@ -118,6 +118,14 @@ def read_json(path, what: str):
         raise ValueError(f"{what} {path} is not valid JSON ({error}); it is damaged. Delete or restore it.") from None
 
 
+def parse_json(text: str, where: str):
+    """`json.loads(text)`; a ValueError naming `where` (a file, line or entry) when it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error})") from error
+
+
 def write_csv(path, rows: Sequence[Mapping]) -> Path:
     """One CSV row per dict; columns are the union of keys in first-seen order (missing -> empty)."""
     fields = list(dict.fromkeys(k for row in rows for k in row))

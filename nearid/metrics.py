@@ -10,7 +10,7 @@ without pulling in anything heavy.
 - Correlations: `pearson`, `fisher_z_mean`.
 - DreamBench++ metric-to-human (MH): `canonical_dreambench_key`, `canonicalize_dreambench_scores`,
   `metric_to_human`, `human_agreement`, `dreambench_mh`, `dreambench_human_ceiling`. The rating
-  files are read by `nearid.data` (`load_dreambench_scores`, `load_dreambench_human`).
+  files are read by `nearid.data.dreambench_files` (`load_dreambench_scores`, `load_dreambench_human`).
 - Near-identity retrieval: `retrieval_per_query`, `retrieval_scores`, `clustering_scores`.
 """
 

@@ -2,7 +2,7 @@
 
 Used by `evaluate.py score` and by the Python API (`nearid.api`), so both give the same numbers for
 the same files. The inputs are `ScoreItem`s
-(`nearid.data`): a generated image, its reference image(s), its subject and method. Each
+(`nearid.data.score_inputs`): a generated image, its reference image(s), its subject and method. Each
 generated image gets the cosine similarity to every reference, their mean (`score_mean`) and max
 (`score_max`); images that could not be scored (an unreadable file, or no readable reference)
 are listed with the reason, and counted in the summaries and tables beside the scored ones.

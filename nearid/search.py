@@ -52,7 +52,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from nearid import data, evaluation
+from nearid import evaluation
+from nearid.data import readers
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.cli import DatasetSource
 from nearid.clustering import IdentityLinkage
@@ -284,8 +285,9 @@ class SearchIndex:
             return load_image(entry["path"])
         key = (entry["dataset"], entry["split"])
         if key not in self._datasets:
-            self._datasets[key] = data.open_dataset(DatasetSource.parse(entry["dataset"]), entry["split"] or "train")[0]
-        return load_image(data.image_ref(self._datasets[key], entry["column"], entry["row"]), name=describe(entry))
+            source = DatasetSource.parse(entry["dataset"])
+            self._datasets[key] = readers.open_dataset(source, entry["split"] or "train")[0]
+        return load_image(readers.image_ref(self._datasets[key], entry["column"], entry["row"]), name=describe(entry))
 
     def add(self, images: Sequence = (), datasets: Sequence[DatasetColumn] = ()) -> dict:
         """Add image files and folders (recursively) and dataset columns; embeds only content the gallery lacks.

@@ -114,7 +114,7 @@ class ImageIndex(Mapping):
 
     def add_column(self, dataset_name: str, dataset, column: str, rows: Sequence[int] | None = None) -> list:
         """Hash `column` at `rows` (default all) and register each image; one key per row, None where missing."""
-        from nearid.data import undecoded
+        from nearid.data.readers import undecoded
 
         part = undecoded(dataset.select_columns([column]), [column])
         self._columns[(dataset_name, column)] = part

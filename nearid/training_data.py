@@ -2,7 +2,7 @@
 
 A sample is 6 image slots `[anchor, pos1, pos2, neg_a, neg_p1, neg_p2]`, where `neg_s` is the
 distractor inpainted into the *same scene* as positive slot s, and `PAD` (None) marks an empty slot.
-Slots hold image keys: the sha256 of the encoded image (`data.content_hash`), which is also
+Slots hold image keys: the sha256 of the encoded image (`images.content_hash`), which is also
 the key of the token and embedding caches.
 
 - NearID rows: the positives joined by row index with the distractor sources. Per epoch the present
@@ -33,7 +33,8 @@ from typing import Iterable, Sequence
 import datasets
 import numpy as np
 
-from nearid.data import check_disjoint, check_indices, require_columns
+from nearid.data.readers import require_columns
+from nearid.data.split_files import check_disjoint, check_indices
 from nearid.store import ImageIndex
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def training_rows(num_rows: int, train: Sequence[int] | None = None,
                   held_out: Mapping[str, Sequence[int]] | None = None) -> list:
     """Rows to train on, checked so that no held-out row (val, test, ...) is ever trained on.
 
-    `train` (e.g. `data.load_split_indices("splits/train.json")`) is checked to be disjoint
+    `train` (e.g. `split_files.load_split_indices("splits/train.json")`) is checked to be disjoint
     from every held-out split; without it, training uses every row outside the held-out splits.
     `held_out` maps a split name to its row indices. Raises ValueError on overlaps or bad indices.
     """
@@ -255,7 +256,7 @@ def build_training_set(benchmark, rows: Sequence[int] | None = None, mtg=None,
                        skip_errors: bool = False) -> TrainingSet:
     """Index the images of the training rows and lay out the samples.
 
-    `benchmark`: a `data.NearIDBenchmark` (positives joined with the training distractor
+    `benchmark`: a `nearid_benchmark.NearIDBenchmark` (positives joined with the training distractor
     sources). `rows`: its rows to train on (default all; see `training_rows`). `mtg`: the MTG train
     split as a Dataset, or None; `mtg_rows` its rows (default all); `mtg_repeats`: samples per MTG
     row per epoch. Rows with fewer than 2 views are excluded (counted in `describe()`). An image file
@@ -298,7 +299,8 @@ def _check_benchmark(benchmark) -> None:
         if len(source) != len(benchmark.positives):
             raise ValueError(f"distractor source {name!r} has {len(source)} rows but the positives have "
                              f"{len(benchmark.positives)}; rows pair by index, so join them with "
-                             "data.join_sources (or open_benchmark), which checks lengths and ids")
+                             "nearid.data.nearid_benchmark.join_sources (or open_benchmark), which checks lengths "
+                             "and ids")
         require_columns(source, benchmark.distractor_columns[name], f"distractor source {name!r}")
 
 

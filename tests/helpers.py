@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import torch
 
-from nearid import data
+from nearid.data import readers
 from nearid.hub import export_hub_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,12 +106,12 @@ def corrupt_image(dataset, row, column):
             example[column] = {"bytes": b"these bytes are not an image", "path": None}
         return example
 
-    raw = data.undecoded(dataset, [column])
+    raw = readers.undecoded(dataset, [column])
     return raw.map(garble, with_indices=True).cast_column(column, datasets.Image())
 
 
 def present(dataset, column):
-    return [ref is not None for ref in data.image_refs(dataset, column, range(len(dataset)))]
+    return [ref is not None for ref in readers.image_refs(dataset, column, range(len(dataset)))]
 
 
 def drop_column(column):

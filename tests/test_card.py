@@ -178,7 +178,7 @@ def test_update_model_card_errors_leave_file_unchanged(tmp_path):
 
 
 def _hub(dataset_id, commit="a" * 40):
-    """The provenance nearid.data.open_dataset records for a Hub dataset read at `commit`."""
+    """The provenance nearid.data.readers.open_dataset records for a Hub dataset read at `commit`."""
     return {"kind": "hub", "source": dataset_id, "format": "hub", "split": "train", "revision": None,
             "commit": commit, "fingerprint": "f", "num_rows": 10}
 

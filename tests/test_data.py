@@ -13,7 +13,7 @@ from datasets import Dataset, DatasetDict, Features, Value, load_from_disk
 from datasets import Image as HFImage
 from PIL import Image
 
-from nearid import data as nd
+from nearid.data import dreambench_files, nearid_benchmark, readers, split_files
 from nearid import metrics
 from nearid import synthetic as syn
 from nearid.cli import DatasetSource
@@ -67,7 +67,7 @@ def ids(dataset):
 
 
 def test_open_save_to_disk_dataset(root, positives):
-    dataset, prov = nd.open_dataset(str(root / "positives"))
+    dataset, prov = readers.open_dataset(str(root / "positives"))
     assert ids(dataset) == ids(positives)
     assert prov == {"kind": "local", "source": str((root / "positives").resolve()), "format": "save_to_disk",
                     "split": None, "revision": None, "commit": None, "fingerprint": dataset._fingerprint,
@@ -75,51 +75,51 @@ def test_open_save_to_disk_dataset(root, positives):
 
 
 def test_open_dataset_dict_picks_split_and_names_available(root):
-    test, prov = nd.open_dataset(str(root / "mtg"), split="test")
-    train, _ = nd.open_dataset(str(root / "mtg"), split="train")
+    test, prov = readers.open_dataset(str(root / "mtg"), split="test")
+    train, _ = readers.open_dataset(str(root / "mtg"), split="train")
     assert (len(test), len(train), prov["split"]) == (3, 2, "test")
     with pytest.raises(ValueError, match=r"'validation'.*available splits: \['test', 'train'\]"):
-        nd.open_dataset(str(root / "mtg"), split="validation")
+        readers.open_dataset(str(root / "mtg"), split="validation")
 
 
 def test_open_parquet_file_and_folders(positives, tmp_path):
     positives.to_parquet(str(tmp_path / "one.parquet"))
-    dataset, prov = nd.open_dataset(str(tmp_path / "one.parquet"))
+    dataset, prov = readers.open_dataset(str(tmp_path / "one.parquet"))
     assert ids(dataset) == ids(positives) and prov["format"] == "parquet" and prov["split"] is None
     assert isinstance(dataset.features["img1"], HFImage)  # features survive the parquet round trip
     (tmp_path / "flat").mkdir()
     positives.select(range(3)).to_parquet(str(tmp_path / "flat" / "a.parquet"))
     positives.select(range(3, 6)).to_parquet(str(tmp_path / "flat" / "b.parquet"))
-    dataset, _ = nd.open_dataset(str(tmp_path / "flat"))
+    dataset, _ = readers.open_dataset(str(tmp_path / "flat"))
     assert sorted(ids(dataset)) == sorted(ids(positives))
     (tmp_path / "hub" / "data").mkdir(parents=True)  # a local clone of a Hub dataset repo
     positives.select(range(4)).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
     positives.select([4, 5]).to_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"))
-    dataset, prov = nd.open_dataset(str(tmp_path / "hub"), split="test")
+    dataset, prov = readers.open_dataset(str(tmp_path / "hub"), split="test")
     assert ids(dataset) == ids(positives)[4:] and prov["split"] == "test"
     with pytest.raises(ValueError, match=r"available splits: \['test', 'train'\]"):
-        nd.open_dataset(str(tmp_path / "hub"), split="val")
+        readers.open_dataset(str(tmp_path / "hub"), split="val")
 
 
 def test_open_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such dataset.*save_to_disk folder"):
-        nd.open_dataset(str(tmp_path / "missing" / "positives"))
+        readers.open_dataset(str(tmp_path / "missing" / "positives"))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="unknown dataset format.*notes.txt.*not .parquet"):
-        nd.open_dataset(str(tmp_path / "notes.txt"))
+        readers.open_dataset(str(tmp_path / "notes.txt"))
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "image.png").write_bytes(png_bytes("red"))
     with pytest.raises(ValueError, match=r"unknown dataset format in folder.*\['image.png'\]"):
-        nd.open_dataset(str(tmp_path / "folder"))
+        readers.open_dataset(str(tmp_path / "folder"))
     image_dataset([]).save_to_disk(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="has no rows"):
-        nd.open_dataset(str(tmp_path / "empty"))
+        readers.open_dataset(str(tmp_path / "empty"))
     image_dataset([]).to_parquet(str(tmp_path / "empty.parquet"))
     with pytest.raises(ValueError, match="has no rows"):
-        nd.open_dataset(str(tmp_path / "empty.parquet"))
+        readers.open_dataset(str(tmp_path / "empty.parquet"))
     (tmp_path / "fake.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match="fake.parquet is not a readable parquet file"):
-        nd.open_dataset(str(tmp_path / "fake.parquet"))
+        readers.open_dataset(str(tmp_path / "fake.parquet"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def fake_hub(monkeypatch):
 
 def test_hub_id_goes_to_load_dataset(fake_hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing named like the id exists here
-    dataset, prov = nd.open_dataset("someone/nearid-missing", split="test", revision="abc123")
+    dataset, prov = readers.open_dataset("someone/nearid-missing", split="test", revision="abc123")
     assert fake_hub == [(("someone/nearid-missing",), {"split": "test", "revision": "abc123"})]
     assert ids(dataset) == ["a", "b"]
     assert prov == {"kind": "hub", "source": "someone/nearid-missing", "format": "hub", "split": "test",
@@ -154,19 +154,19 @@ def test_a_hub_dataset_records_the_commit_it_was_read_at(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *args, **kwargs: datasets.load_from_disk(str(tmp_path / "cache" / commit)))
     monkeypatch.chdir(tmp_path)
-    assert nd.open_dataset("someone/nearid")[1]["commit"] == commit
-    assert nd.open_dataset("someone/nearid", revision="f" * 40)[1]["commit"] == "f" * 40  # a commit asked for
+    assert readers.open_dataset("someone/nearid")[1]["commit"] == commit
+    assert readers.open_dataset("someone/nearid", revision="f" * 40)[1]["commit"] == "f" * 40  # a commit asked for
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: Dataset.from_dict({"id": ["a"]}))
-    assert nd.open_dataset("someone/nearid", revision="main")[1]["commit"] is None  # in memory: unknown
+    assert readers.open_dataset("someone/nearid", revision="main")[1]["commit"] is None  # in memory: unknown
 
 
 def test_local_paths_never_go_to_the_hub(fake_hub, tmp_path, monkeypatch, positives):
     monkeypatch.chdir(tmp_path)
     for path in (str(tmp_path / "nope"), "./nope", "some/deep/nope", "nope.parquet"):
         with pytest.raises(FileNotFoundError, match="no such dataset"):
-            nd.open_dataset(path)
+            readers.open_dataset(path)
     positives.save_to_disk(str(tmp_path / "someone" / "nearid"))  # an existing folder wins over the Hub
-    _, prov = nd.open_dataset("someone/nearid")
+    _, prov = readers.open_dataset("someone/nearid")
     assert prov["kind"] == "local" and fake_hub == []
 
 
@@ -177,7 +177,7 @@ def test_hub_not_found_says_neither_local_nor_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no local folder.*doesn't exist on the Hub.*HF_HUB_OFFLINE"):
-        nd.open_dataset("someone/x")
+        readers.open_dataset("someone/x")
 
 
 def test_an_unreachable_hub_says_so_and_names_local_copies(monkeypatch, tmp_path):
@@ -187,16 +187,16 @@ def test_an_unreachable_hub_says_so_and_names_local_copies(monkeypatch, tmp_path
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="Couldn't reach.*local copy.*HF_HUB_OFFLINE=1"):
-        nd.open_dataset("someone/x")
+        readers.open_dataset("someone/x")
 
 
 def test_a_revision_pins_a_hub_dataset_and_is_refused_for_a_local_path(fake_hub, tmp_path, monkeypatch, positives):
     monkeypatch.chdir(tmp_path)
-    nd.open_dataset(DatasetSource.parse("someone/nearid@v1.0"), split="train")
+    readers.open_dataset(DatasetSource.parse("someone/nearid@v1.0"), split="train")
     assert fake_hub[-1] == (("someone/nearid",), {"split": "train", "revision": "v1.0"})
     positives.save_to_disk(str(tmp_path / "local"))
     with pytest.raises(ValueError, match="applies to Hub datasets.*local path"):
-        nd.open_dataset(str(tmp_path / "local"), revision="v1.0")
+        readers.open_dataset(str(tmp_path / "local"), revision="v1.0")
     at_sign = tmp_path / "copy@2"  # an existing folder keeps its '@'
     positives.save_to_disk(str(at_sign))
     assert DatasetSource.parse(str(at_sign)) == DatasetSource(str(at_sign))
@@ -207,29 +207,29 @@ def test_a_revision_pins_a_hub_dataset_and_is_refused_for_a_local_path(fake_hub,
 
 
 def test_view_columns_accepts_both_namings_and_says_which(positives, caplog):
-    with caplog.at_level(logging.INFO, logger="nearid.data"):
-        assert nd.view_columns(positives) == ("img1", "img2", "img3")
+    with caplog.at_level(logging.INFO, logger="nearid.data.nearid_benchmark"):
+        assert nearid_benchmark.view_columns(positives) == ("img1", "img2", "img3")
         renamed = positives.rename_columns({f"img{k}": f"images{k}" for k in (1, 2, 3)})
-        assert nd.view_columns(renamed) == ("images1", "images2", "images3")
+        assert nearid_benchmark.view_columns(renamed) == ("images1", "images2", "images3")
     assert "dataset-card naming 'img'" in caplog.text and "reference-code naming 'images'" in caplog.text
 
 
 def test_view_columns_errors_list_the_columns(positives):
     with pytest.raises(ValueError, match=r"img1\.\.img3 or images1\.\.images3; found img1, img2 but not img3.*'cat"):
-        nd.view_columns(positives.remove_columns(["img3"]))
+        nearid_benchmark.view_columns(positives.remove_columns(["img3"]))
     both = positives.add_column("images1", [None] * 6).add_column("images2", [None] * 6)
     with pytest.raises(ValueError, match="more than one of"):
-        nd.view_columns(both.add_column("images3", [None] * 6))
+        nearid_benchmark.view_columns(both.add_column("images3", [None] * 6))
 
 
 def test_distractor_columns(sources, positives):
-    assert nd.distractor_columns(sources["flux"]) == ("nimg1", "nimg2", "nimg3")
+    assert nearid_benchmark.distractor_columns(sources["flux"]) == ("nimg1", "nimg2", "nimg3")
     with pytest.raises(ValueError, match=r"nimg1\.\.nimg3.*'img1'"):
-        nd.distractor_columns(positives)
+        nearid_benchmark.distractor_columns(positives)
 
 
 def test_join_sources_and_select_keep_alignment(positives, sources):
-    bench = nd.join_sources(positives, sources)
+    bench = nearid_benchmark.join_sources(positives, sources)
     assert len(bench) == 6 and bench.view_columns == ("img1", "img2", "img3")
     assert bench.distractor_columns == {"flux": ("nimg1", "nimg2", "nimg3"), "sdxl": ("nimg1", "nimg2", "nimg3")}
     picked = bench.select([4, 1])
@@ -241,26 +241,26 @@ def test_join_refuses_id_mismatch_naming_first_bad_row(positives, sources):
     shuffled = sources["sdxl"].select([0, 1, 3, 2, 5, 4])
     all_ids = ids(positives)
     with pytest.raises(ValueError, match=rf"'sdxl'.*row 2: id '{all_ids[3]}' vs positives id '{all_ids[2]}'"):
-        nd.join_sources(positives, {"flux": sources["flux"], "sdxl": shuffled})
+        nearid_benchmark.join_sources(positives, {"flux": sources["flux"], "sdxl": shuffled})
 
 
 def test_join_refuses_length_mismatch(positives, sources):
     with pytest.raises(ValueError, match="'flux' has 5 rows but positives have 6"):
-        nd.join_sources(positives, {"flux": sources["flux"].select(range(5))})
+        nearid_benchmark.join_sources(positives, {"flux": sources["flux"].select(range(5))})
     with pytest.raises(ValueError, match="at least one"):
-        nd.join_sources(positives, {})
+        nearid_benchmark.join_sources(positives, {})
     with pytest.raises(ValueError, match="no 'id' column"):
-        nd.join_sources(positives, {"flux": sources["flux"].remove_columns(["id"])})
+        nearid_benchmark.join_sources(positives, {"flux": sources["flux"].remove_columns(["id"])})
 
 
 def test_join_reads_ids_without_decoding_images(positives, sources):
     corrupt = image_dataset([b"not an image"] * 6, column="nimg1", ids=ids(positives))
     corrupt = corrupt.add_column("nimg2", [None] * 6).add_column("nimg3", [None] * 6)
-    assert nd.join_sources(positives, {"broken": corrupt}).distractor_columns["broken"][0] == "nimg1"
+    assert nearid_benchmark.join_sources(positives, {"broken": corrupt}).distractor_columns["broken"][0] == "nimg1"
 
 
 def test_open_benchmark(root):
-    bench, prov = nd.open_benchmark(str(root / "positives"), {"flux": str(root / "flux")})
+    bench, prov = nearid_benchmark.open_benchmark(str(root / "positives"), {"flux": str(root / "flux")})
     assert set(prov) == {"positives", "flux"} and prov["flux"]["num_rows"] == len(bench) == 6
 
 
@@ -269,18 +269,18 @@ def test_open_benchmark(root):
 
 
 def test_split_files_of_the_synthetic_build(root, positives):
-    splits = {name: nd.load_split_indices(root / "splits" / f"{name}.json", num_rows=6)
+    splits = {name: split_files.load_split_indices(root / "splits" / f"{name}.json", num_rows=6)
               for name in ("train", "val", "test")}
     assert sorted(sum(splits.values(), [])) == list(range(6))
-    nd.check_disjoint(splits)
-    assert ids(nd.select_rows(positives, splits["test"])) == [ids(positives)[i] for i in splits["test"]]
+    split_files.check_disjoint(splits)
+    assert ids(split_files.select_rows(positives, splits["test"])) == [ids(positives)[i] for i in splits["test"]]
 
 
 def test_split_file_object_form_and_overlap(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps({"indices": [3, 0], "note": "kept order"}))
-    assert nd.load_split_indices(tmp_path / "s.json", num_rows=4) == [3, 0]
+    assert split_files.load_split_indices(tmp_path / "s.json", num_rows=4) == [3, 0]
     with pytest.raises(ValueError, match="'train' and 'test' share 1 rows.*first: 3"):
-        nd.check_disjoint({"train": [0, 3], "test": [3, 5]})
+        split_files.check_disjoint({"train": [0, 3], "test": [3, 5]})
 
 
 @pytest.mark.parametrize("content, message", [
@@ -297,14 +297,14 @@ def test_split_file_object_form_and_overlap(tmp_path):
 def test_split_file_validation(tmp_path, content, message):
     (tmp_path / "split.json").write_text(content)
     with pytest.raises(ValueError, match=message):
-        nd.load_split_indices(tmp_path / "split.json", num_rows=6)
+        split_files.load_split_indices(tmp_path / "split.json", num_rows=6)
 
 
 def test_split_file_missing_and_select_rows_range(tmp_path, positives):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        nd.load_split_indices(tmp_path / "none.json")
+        split_files.load_split_indices(tmp_path / "none.json")
     with pytest.raises(ValueError, match="out of range"):
-        nd.select_rows(positives, [0, 6])
+        split_files.select_rows(positives, [0, 6])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,20 +315,20 @@ def test_image_refs_are_encoded_and_missing_stays_none(positives):
     two_view = [i for i, n in enumerate(positives["n_images"]) if n == 2]
     three_view = [i for i, n in enumerate(positives["n_images"]) if n == 3]
     assert two_view and three_view
-    refs = nd.image_refs(positives, "img3", [three_view[0], two_view[0], three_view[-1]])
+    refs = readers.image_refs(positives, "img3", [three_view[0], two_view[0], three_view[-1]])
     assert refs[1] is None and isinstance(refs[0]["bytes"], bytes) and set(refs[0]) == {"bytes", "path"}
     decoded = load_image(refs[0], name=f"positives row {three_view[0]} column img3")
     expected = positives.select_columns(["img3"])[three_view[0]]["img3"]
     assert np.array_equal(np.asarray(decoded), np.asarray(expected.convert("RGB")))
-    assert nd.image_ref(positives, "img3", two_view[0]) is None
+    assert readers.image_ref(positives, "img3", two_view[0]) is None
 
 
 def test_undecoded_turns_off_decoding(positives):
-    raw = nd.undecoded(positives)
+    raw = readers.undecoded(positives)
     assert [raw.features[f"img{k}"].decode for k in (1, 2, 3)] == [False] * 3
     assert positives.features["img1"].decode  # the input is left alone
     with pytest.raises(ValueError, match="'id' is not an image column"):
-        nd.undecoded(positives, ["id"])
+        readers.undecoded(positives, ["id"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,21 +336,21 @@ def test_undecoded_turns_off_decoding(positives):
 
 
 def test_open_mtg_checks_columns(root, tmp_path):
-    assert nd.MTG_COLUMNS is syn.MTG_COLUMNS and len(nd.MTG_COLUMNS) == 8  # one schema, read and written
+    assert readers.MTG_COLUMNS is syn.MTG_COLUMNS and len(readers.MTG_COLUMNS) == 8  # one schema, read and written
     assert syn.DREAMBENCH_CATEGORIES is metrics.DREAMBENCH_CATEGORIES
-    dataset, prov = nd.open_mtg(str(root / "mtg"))
+    dataset, prov = readers.open_mtg(str(root / "mtg"))
     assert len(dataset) == 3 and prov["split"] == "test"
     mtg = load_from_disk(str(root / "mtg"))
     DatasetDict({"test": mtg["test"].remove_columns(["image_2_part_mask", "image_1_inpainted"])}).save_to_disk(
         str(tmp_path / "partial"))
     with pytest.raises(ValueError, match=r"lacks columns \['image_1_inpainted', 'image_2_part_mask'\]"):
-        nd.open_mtg(str(tmp_path / "partial"))
+        readers.open_mtg(str(tmp_path / "partial"))
 
 
 def test_dreambench_pairs_match_the_rating_keys(root):
     samples = root / "dreambench" / "samples"
-    assert nd.dreambench_methods(samples) == ["blip_diffusion", "dreambooth_sd"]
-    pairs = nd.dreambench_pairs(samples, "blip_diffusion")
+    assert dreambench_files.dreambench_methods(samples) == ["blip_diffusion", "dreambooth_sd"]
+    pairs = dreambench_files.dreambench_pairs(samples, "blip_diffusion")
     oracle = json.loads((root / "dreambench" / "ratings" / "data_synthetic_oracle_rating" / "blip_diffusion.json")
                         .read_text())
     assert [key for key, _, _ in pairs] == sorted(oracle)
@@ -362,23 +362,23 @@ def test_dreambench_pairs_match_the_rating_keys(root):
 def test_dreambench_errors(root, tmp_path):
     samples = tmp_path / "samples"
     shutil.copytree(root / "dreambench" / "samples", samples)
-    _, src, tgt = nd.dreambench_pairs(samples, "dreambooth_sd")[1]
+    _, src, tgt = dreambench_files.dreambench_pairs(samples, "dreambooth_sd")[1]
     src.unlink()
     with pytest.raises(FileNotFoundError, match=f"{tgt}.*no reference image at {src}"):
-        nd.dreambench_pairs(samples, "dreambooth_sd")
+        dreambench_files.dreambench_pairs(samples, "dreambooth_sd")
     with pytest.raises(FileNotFoundError, match=r"methods with one: \['blip_diffusion', 'dreambooth_sd'\]"):
-        nd.dreambench_pairs(samples, "unknown_method")
-    _, src, tgt = nd.dreambench_pairs(samples, "blip_diffusion")[0]
+        dreambench_files.dreambench_pairs(samples, "unknown_method")
+    _, src, tgt = dreambench_files.dreambench_pairs(samples, "blip_diffusion")[0]
     shutil.copy(tgt, tgt.with_suffix(".jpg"))
     shutil.copy(src, src.with_suffix(".jpg"))
     with pytest.raises(ValueError, match="same key"):
-        nd.dreambench_pairs(samples, "blip_diffusion")
+        dreambench_files.dreambench_pairs(samples, "blip_diffusion")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        nd.dreambench_methods(tmp_path / "nowhere")
+        dreambench_files.dreambench_methods(tmp_path / "nowhere")
 
 
 def test_a_missing_view_column_is_named_beside_the_ones_found(positives):
     with pytest.raises(ValueError) as error:
-        nd.view_columns(positives.remove_columns(["img2"]))
+        nearid_benchmark.view_columns(positives.remove_columns(["img2"]))
     message = str(error.value)
     assert "none of" not in message and "img2" in message and "img1, img3" in message

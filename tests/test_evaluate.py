@@ -161,11 +161,11 @@ def test_dreambench_categories_without_samples_say_so_instead_of_nan(tmp_path, c
 
 
 def test_table1_labels_this_runs_row_by_its_data(synthetic, tmp_path):
-    from nearid import data
+    from nearid.data import readers
 
-    assert data.data_origin(synthetic / "positives") == "synthetic"
-    assert data.data_origin(synthetic / "dreambench" / "samples") == "synthetic"
-    assert data.data_origin(tmp_path) == "local" and data.data_origin("Aleksandar/NearID") == "hub"
+    assert readers.data_origin(synthetic / "positives") == "synthetic"
+    assert readers.data_origin(synthetic / "dreambench" / "samples") == "synthetic"
+    assert readers.data_origin(tmp_path) == "local" and readers.data_origin("Aleksandar/NearID") == "hub"
     args, _ = evaluate.parse_arguments([
         "table1", "--model", "my-model", "--positives", str(synthetic / "positives"),
         "--source", f"flux={synthetic / 'flux'}", "--mtg", str(synthetic / "mtg"), "--output-dir", str(tmp_path)])

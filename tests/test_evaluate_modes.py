@@ -17,7 +17,8 @@ from PIL import Image
 
 from nearid.commands import evaluate
 import nearid.synthetic
-from nearid import data, metrics
+from nearid import metrics
+from nearid.data import score_inputs
 from tests.helpers import REPO_ROOT, serve_as_hub_datasets, user_error
 
 MTG_TEST_ROWS = 8
@@ -385,7 +386,7 @@ def test_bad_metadata_is_reported_with_its_line(user_images, tmp_path, name, tex
     metadata.write_text(text)
     try:
         with pytest.raises(error, match=message):
-            data.read_score_metadata(metadata)
+            score_inputs.read_score_metadata(metadata)
     finally:
         metadata.unlink()
 

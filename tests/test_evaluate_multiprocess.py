@@ -14,7 +14,7 @@ import datasets
 import pytest
 
 from nearid.commands import evaluate
-from nearid import data
+from nearid.data import readers
 from tests.helpers import REPO_ROOT, assert_finished, launch, run_isolated, single_threaded
 
 RESULTS = "nearid_results.json"
@@ -36,8 +36,8 @@ def benchmark(synthetic, tiny_repo, tmp_path_factory):
     tiny model: {"positives", "flux", "sdxl_broken", "model", "hf_modules" (a module cache already holding
     the model's remote code), "broken_row"}."""
     root = tmp_path_factory.mktemp("benchmark")
-    sdxl = data.undecoded(datasets.load_from_disk(str(synthetic / "sdxl")), ["nimg1"])
-    present = [r for r, ref in enumerate(data.image_refs(sdxl, "nimg1", range(len(sdxl)))) if ref]
+    sdxl = readers.undecoded(datasets.load_from_disk(str(synthetic / "sdxl")), ["nimg1"])
+    present = [r for r, ref in enumerate(readers.image_refs(sdxl, "nimg1", range(len(sdxl)))) if ref]
     broken_row = present[len(present) // 2]
     garbage = {"bytes": b"not an image", "path": None}
     sdxl = sdxl.map(lambda e, i: {"nimg1": garbage if i == broken_row else e["nimg1"]}, with_indices=True)

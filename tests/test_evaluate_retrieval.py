@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from nearid.commands import evaluate
-from nearid import data
+from nearid.data import nearid_benchmark
 from tests.helpers import PixelScorer, draw_vector, serve_as_hub_datasets, user_error
 
 DIM = 27
@@ -153,7 +153,7 @@ def test_agrees_with_a_naive_loop_on_the_synthetic_benchmark(synthetic, tmp_path
                             "--split-file", str(synthetic / "splits" / "test.json"),
                             "--val-split-file", str(synthetic / "splits" / "val.json"),
                             "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
-    bench, _ = data.open_benchmark(str(synthetic / "positives"), {"flux": str(synthetic / "flux"),
+    bench, _ = nearid_benchmark.open_benchmark(str(synthetic / "positives"), {"flux": str(synthetic / "flux"),
                                                                   "sdxl": str(synthetic / "sdxl")})
 
     def embed(image):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from nearid.data import image_ref, image_refs
+from nearid.data.readers import image_ref, image_refs
 from nearid.images import ImageLoadError, PixelLoader, content_hash, find_images, image_suffixes, load_image
 from tests.helpers import make_tiny_processor
 

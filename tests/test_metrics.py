@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nearid.data import dreambench_mh_from_files, load_dreambench_human
+from nearid.data.dreambench_files import dreambench_mh_from_files, load_dreambench_human
 from nearid.metrics import (
     DREAMBENCH_CATEGORIES,
     DREAMBENCH_METHODS,

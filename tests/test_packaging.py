@@ -77,11 +77,12 @@ def test_installed_package_imports_from_another_folder(installed):
     _, target, elsewhere, _ = installed
     probe = """
 import json, modeling_nearid, nearid
-from nearid import card, data, hub, resources
+from nearid import card, hub, resources
+from nearid.data import split_files
 print(json.dumps({
     "nearid": nearid.__file__, "modeling": modeling_nearid.__file__, "clone": str(resources.checkout_root()),
     "remote_code": [str(resources.remote_code_file(n[:-3])) for n in hub.REMOTE_CODE_FILES],
-    "splits": {name: len(data.published_split(name)) for name in ("train", "val", "test")},
+    "splits": {name: len(split_files.published_split(name)) for name in ("train", "val", "test")},
     "citation": card.readme_section("Citation"),
 }))
 """

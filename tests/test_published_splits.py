@@ -13,7 +13,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from nearid import data
+from nearid.data import readers, split_files
 from nearid.cli import apply_published_splits
 from nearid.commands import evaluate, train
 from nearid.resources import PUBLISHED_SPLITS
@@ -54,7 +54,7 @@ def fake_hub(fake_datasets, monkeypatch):
         positives, distractors = fake_datasets[served["rows"]]
         return positives if source == "Aleksandar/NearID" else distractors
 
-    monkeypatch.setattr(data, "_open_hub", open_hub)
+    monkeypatch.setattr(readers, "_open_hub", open_hub)
     return served
 
 
@@ -68,9 +68,9 @@ def per_sample_ids(path):
 
 
 def test_shipped_splits_are_disjoint_and_cover_every_row():
-    splits = {name: data.published_split(name) for name in ("train", "val", "test")}
+    splits = {name: split_files.published_split(name) for name in ("train", "val", "test")}
     assert {name: len(rows) for name, rows in splits.items()} == {"train": 18_786, "val": 100, "test": 500}
-    data.check_disjoint(splits)
+    split_files.check_disjoint(splits)
     assert sorted(row for rows in splits.values() for row in rows) == list(range(NUM_ROWS))
     assert (PUBLISHED_SPLITS / "PROVENANCE.md").read_text().count("1a2cc718b28d8da763bd35cbe75b0ce5f0e2c73a") == 1
 
@@ -80,7 +80,7 @@ def test_only_nearid_positives_get_the_published_splits(tmp_path):
     group = evaluate.RetrievalArguments(positives="Aleksandar/NearID@main", source=["flux=x"], split_file=str(mine))
     notes = apply_published_splits([group], group.positives, {"split_file": "test", "val_split_file": "val"})
     assert group.split_file == str(mine)  # a split file given is kept
-    assert group.val_split_file == str(data.published_split_file("val")) and len(notes) == 1
+    assert group.val_split_file == str(split_files.published_split_file("val")) and len(notes) == 1
     local = evaluate.RetrievalArguments(positives=str(tmp_path), source=["flux=x"])
     assert apply_published_splits([local], local.positives, {"split_file": "test", "val_split_file": "val"}) == []
     assert local.split_file is None and local.val_split_file is None
@@ -91,10 +91,10 @@ def test_nearid_mode_evaluates_the_published_test_split_by_default(fake_hub, tin
     result = evaluate.main(["nearid", "--model", str(tiny_repo), "--positives", "Aleksandar/NearID",
                             "--source", "flux=Aleksandar/NearID-Flux", "--cache-dir", str(tmp_path / "cache"),
                             "--output-dir", str(out)])
-    assert per_sample_ids(out / "nearid_per_sample.csv") == ids_of(data.published_split("test"))
+    assert per_sample_ids(out / "nearid_per_sample.csv") == ids_of(split_files.published_split("test"))
     assert result["pooled_given"]["n_samples"] == 500
     assert result["embedding"]["unique_images"] == 2  # one view image, one distractor image
-    test_file = str(data.published_split_file("test"))
+    test_file = str(split_files.published_split_file("test"))
     assert json.loads((out / "nearid_args.json").read_text())["split_file"] == test_file
     assert json.loads((out / "nearid_results.json").read_text())["provenance"]["split_file"] == test_file
 
@@ -106,7 +106,7 @@ def test_retrieval_uses_the_published_test_and_val_splits(fake_hub, tiny_repo, t
     # Checked first: retrieval over all 19,386 rows would rank a gallery of 116,316 images against itself.
     args, _ = evaluate.parse_arguments(argv)
     apply_published_splits(args.groups.values(), args.positives, {"split_file": "test", "val_split_file": "val"})
-    assert args.groups[evaluate.RetrievalArguments].split_file == str(data.published_split_file("test"))
+    assert args.groups[evaluate.RetrievalArguments].split_file == str(split_files.published_split_file("test"))
     scores = evaluate.main(argv)
     assert scores["n_views"] == 3 * 500 and scores["n_distractors"] == 3 * 500
     assert "val" in scores["cluster_threshold_split"]
@@ -117,7 +117,7 @@ def test_table1_needs_no_split_file(fake_hub, tiny_repo, synthetic, tmp_path):
     row = evaluate.main(["table1", "--model", str(tiny_repo), "--mtg", str(synthetic / "mtg"),
                          "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)])
     assert set(fake_hub["opened"]) >= {"Aleksandar/NearID", "Aleksandar/NearID-Flux"}
-    assert per_sample_ids(out / "nearid" / "nearid_per_sample.csv") == ids_of(data.published_split("test"))
+    assert per_sample_ids(out / "nearid" / "nearid_per_sample.csv") == ids_of(split_files.published_split("test"))
     assert "the authors' published test split (500 rows)" in (out / "table1.md").read_text()
     assert row["nearid_ssr"] is not None
 
@@ -131,7 +131,7 @@ def test_train_defaults_to_the_published_splits(fake_hub, base_model, tmp_path):
     assert results["data"]["splits"] == {"train": 18_786, "val": 100, "test": 500}
     assert results["final_split"] == "test" and results["final"]["pooled"]["n_samples"] == 500
     arguments = json.loads((out / "train_args.json").read_text())
-    assert str(data.published_split_file("test")) in json.dumps(arguments)
+    assert str(split_files.published_split_file("test")) in json.dumps(arguments)
 
 
 @pytest.mark.parametrize("command", ["nearid", "train"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nearid.data import dreambench_mh_from_files, load_dreambench_human
+from nearid.data.dreambench_files import dreambench_mh_from_files, load_dreambench_human
 from nearid.metrics import dreambench_human_ceiling
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

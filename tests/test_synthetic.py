@@ -11,7 +11,7 @@ from datasets import Image as HFImage
 from PIL import Image
 
 from nearid import synthetic as syn
-from nearid.data import dreambench_mh_from_files
+from nearid.data.dreambench_files import dreambench_mh_from_files
 from nearid.metrics import canonical_dreambench_key, dreambench_key
 from tests.helpers import user_error
 

@@ -16,7 +16,7 @@ import pytest
 from datasets import Dataset, Features, Value, load_from_disk
 from datasets import Image as HFImage
 
-from nearid import data as nd
+from nearid.data import nearid_benchmark, split_files
 from nearid import synthetic as syn
 from nearid import training_data as td
 
@@ -40,7 +40,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench(root):
-    return nd.join_sources(load_from_disk(str(root / "positives")),
+    return nearid_benchmark.join_sources(load_from_disk(str(root / "positives")),
                            {name: load_from_disk(str(root / name)) for name in SOURCES})
 
 
@@ -316,7 +316,7 @@ def test_building_decodes_nothing(bench, mtg, monkeypatch):
 
 
 def test_rows_outside_the_training_rows_never_appear(root, bench, layout):
-    train = nd.load_split_indices(root / "splits" / "train.json", len(bench))
+    train = split_files.load_split_indices(root / "splits" / "train.json", len(bench))
     training = td.build_training_set(bench, rows=train)
     held_out = {key for row in set(range(len(bench))) - set(train)
                 for key in [*layout[row][0], *(k for keys in layout[row][1].values() for k in keys)] if key}
@@ -327,7 +327,7 @@ def test_rows_outside_the_training_rows_never_appear(root, bench, layout):
 
 
 def test_training_rows_refuses_overlap_with_held_out_splits(root, bench):
-    splits = {name: nd.load_split_indices(root / "splits" / f"{name}.json", len(bench))
+    splits = {name: split_files.load_split_indices(root / "splits" / f"{name}.json", len(bench))
               for name in ("train", "val", "test")}
     held_out = {"val": splits["val"], "test": splits["test"]}
     assert td.training_rows(len(bench), splits["train"], held_out) == splits["train"]
@@ -339,7 +339,7 @@ def test_training_rows_refuses_overlap_with_held_out_splits(root, bench):
 
 
 def test_training_rows_without_train_split_excludes_held_out(root, bench):
-    test = nd.load_split_indices(root / "splits" / "test.json", len(bench))
+    test = split_files.load_split_indices(root / "splits" / "test.json", len(bench))
     rows = td.training_rows(len(bench), held_out={"test": test})
     assert rows == sorted(set(range(len(bench))) - set(test))
     assert td.training_rows(len(bench)) == list(range(len(bench)))
@@ -371,7 +371,7 @@ def small():
                                     [(50, 0, 0), None, (60, 0, 0)]])        # views 1 and 3
     a = image_table("nimg", [[(0, 1, 0), (0, 2, 0), None], [(0, 4, 0), None, None], [None, None, (0, 6, 0)]])
     b = image_table("nimg", [[None, None, (0, 0, 3)], [None, None, None], [None, None, None]])
-    return nd.join_sources(positives, {"a": a, "b": b})
+    return nearid_benchmark.join_sources(positives, {"a": a, "b": b})
 
 
 def key_of(colour):
@@ -424,11 +424,11 @@ def test_empty_training_set_is_an_error(small):
 
 
 def test_mismatched_sources_are_refused(small):
-    short = nd.NearIDBenchmark(small.positives, {"a": small.sources["a"].select([0, 1])},
+    short = nearid_benchmark.NearIDBenchmark(small.positives, {"a": small.sources["a"].select([0, 1])},
                                small.view_columns, {"a": small.distractor_columns["a"]})
     with pytest.raises(ValueError, match="source 'a' has 2 rows but the positives have 3.*join_sources"):
         td.build_training_set(short)
-    missing = nd.NearIDBenchmark(small.positives, {"a": small.sources["a"].remove_columns(["nimg2"])},
+    missing = nearid_benchmark.NearIDBenchmark(small.positives, {"a": small.sources["a"].remove_columns(["nimg2"])},
                                  small.view_columns, {"a": small.distractor_columns["a"]})
     with pytest.raises(ValueError, match=r"distractor source 'a' lacks columns \['nimg2'\]"):
         td.build_training_set(missing)

@@ -53,8 +53,11 @@ from nearid.options import (
 )
 
 # torch, transformers and datasets come with these: loaded when a run first uses them, not for --help.
-data, evaluation, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
-                                                      ("data", "evaluation", "heatmaps", "images", "scorers", "store"))
+evaluation, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
+                                                ("evaluation", "heatmaps", "images", "scorers", "store"))
+dreambench_files, nearid_benchmark, readers, score_inputs, split_files = (
+    lazy_module(f"nearid.data.{name}")
+    for name in ("dreambench_files", "nearid_benchmark", "readers", "score_inputs", "split_files"))
 
 # --- arguments -------------------------------------------------------------------------------------
 
@@ -311,9 +314,10 @@ def embed_benchmark(bench, args, state) -> tuple:
 
 
 def run_nearid(args, state):
-    bench, dataset_provenance = data.open_benchmark(DatasetSource.parse(args.positives), named_sources(args.source))
+    bench, dataset_provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(args.positives),
+                                                                named_sources(args.source))
     if args.split_file:
-        bench = bench.select(data.load_split_indices(args.split_file, len(bench)))
+        bench = bench.select(split_files.load_split_indices(args.split_file, len(bench)))
     view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
     if not state.is_main_process:
         return None
@@ -358,10 +362,12 @@ def write_nearid_outputs(args, scorer, bench, margins, summary, embedded, datase
 
 
 def run_retrieval(args, state):
-    bench, dataset_provenance = data.open_benchmark(DatasetSource.parse(args.positives), named_sources(args.source))
-    test_rows = data.load_split_indices(args.split_file, len(bench)) if args.split_file else list(range(len(bench)))
-    val_rows = data.load_split_indices(args.val_split_file, len(bench)) if args.val_split_file else []
-    data.check_disjoint({"--split-file": test_rows, "--val-split-file": val_rows})
+    bench, dataset_provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(args.positives),
+                                                                named_sources(args.source))
+    test_rows = (split_files.load_split_indices(args.split_file, len(bench)) if args.split_file
+                 else list(range(len(bench))))
+    val_rows = split_files.load_split_indices(args.val_split_file, len(bench)) if args.val_split_file else []
+    split_files.check_disjoint({"--split-file": test_rows, "--val-split-file": val_rows})
     # One selection for both splits: the image index names every dataset once.
     bench = bench.select(test_rows + val_rows)
     view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
@@ -394,7 +400,7 @@ def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_proven
 
 
 def run_mtg(args, state):
-    dataset, dataset_provenance = data.open_mtg(DatasetSource.parse(args.mtg), args.split)
+    dataset, dataset_provenance = readers.open_mtg(DatasetSource.parse(args.mtg), args.split)
     index = store.ImageIndex(args.skip_bad_images)
     keys, row_skipped = evaluation.mtg_keys(dataset, index)
     oracles, oracle_skipped = evaluation.mtg_oracles(dataset, args.skip_bad_images)
@@ -434,7 +440,7 @@ def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_prov
 
 def dreambench_from_images(args, state) -> tuple:
     """({method: {key: 100 x cosine}}, scorer provenance with the embedding stats, skipped list)."""
-    methods = args.methods or data.dreambench_methods(args.samples)
+    methods = args.methods or dreambench_files.dreambench_methods(args.samples)
     index = store.ImageIndex(args.skip_bad_images)
     pairs = evaluation.dreambench_pairs_index(args.samples, methods, index)
     scorer, embedded = embed(index, args, state)
@@ -445,14 +451,14 @@ def dreambench_from_images(args, state) -> tuple:
 def run_dreambench(args, state):
     if args.scores_from:
         methods = args.methods or list(metrics.DREAMBENCH_METHODS)
-        scores = data.load_dreambench_scores(args.ratings, args.scores_from, methods)
+        scores = dreambench_files.load_dreambench_scores(args.ratings, args.scores_from, methods)
         scorer, skipped = {"spec": f"score files {args.scores_from}"}, []
     else:
         scores, scorer, skipped = dreambench_from_images(args, state)
         methods = list(scores)
     if not state.is_main_process:
         return None
-    human = data.load_dreambench_human(args.ratings, methods)
+    human = dreambench_files.load_dreambench_human(args.ratings, methods)
     result = metrics.dreambench_mh(scores, human, methods, scorer=scorer["spec"])
     write_dreambench_outputs(args, scorer, scores, result, skipped)
     return result
@@ -482,14 +488,14 @@ def write_dreambench_outputs(args, scorer, scores, result, skipped):
 def run_score(args, state):
     unused = []
     if args.references:
-        items, ignored, unused = data.score_items_from_subject_folders(args.references, args.generations,
+        items, ignored, unused = score_inputs.score_items_from_subject_folders(args.references, args.generations,
                                                                        args.methods or None)
         source = args.generations
     elif args.samples:
-        items, ignored = data.score_items_from_layout(args.samples, args.methods or None)
+        items, ignored = score_inputs.score_items_from_layout(args.samples, args.methods or None)
         source = args.samples
     else:
-        items, ignored, source = data.read_score_metadata(args.metadata, args.images), [], args.metadata
+        items, ignored, source = score_inputs.read_score_metadata(args.metadata, args.images), [], args.metadata
     index = store.ImageIndex(args.skip_bad_images)
     generated, references = scoring.index_items(items, index)
     scorer, embedded = embed(index, args, state)
@@ -584,7 +590,7 @@ def write_table1_outputs(args, row, sources):
 
 def nearid_rows_note(split_file) -> str:
     """Which NearID rows a Table-1 row was computed on, and whether that is comparable to the paper."""
-    if split_file and Path(split_file).resolve() == data.published_split_file("test").resolve():
+    if split_file and Path(split_file).resolve() == split_files.published_split_file("test").resolve():
         return "the authors' published test split (500 rows), as in the paper."
     if split_file:
         return f"the rows of {split_file}."
@@ -596,7 +602,7 @@ def table1_data_origin(args) -> str:
     """"synthetic data", "local data", "Hub data" or a mix ("synthetic data + Hub data"): where the row's data came
     from, so a row on other data is never read as one on the paper's benchmarks."""
     used = [args.positives, *named_sources(args.source).values(), args.mtg] + ([args.samples] if args.samples else [])
-    origins = {data.data_origin(DatasetSource.parse(str(source)).location) for source in used}
+    origins = {readers.data_origin(DatasetSource.parse(str(source)).location) for source in used}
     return " + ".join(f"{'Hub' if origin == 'hub' else origin} data"
                       for origin in ("synthetic", "local", "hub") if origin in origins)
 

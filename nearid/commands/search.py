@@ -37,8 +37,8 @@ from nearid.options import (
 )
 
 # torch, transformers, datasets and faiss come with these: loaded when a run first uses them, not for --help.
-data, scorers, gallery, shown = (lazy_module(f"nearid.{name}") for name in
-                                 ("data", "scorers", "search", "search_reports"))
+readers, scorers, gallery, shown = (lazy_module(f"nearid.{name}") for name in
+                                    ("data.readers", "scorers", "search", "search_reports"))
 COMBINE = ("each", "mean", "max")  # nearid.search.COMBINE (a test keeps them equal), for --combine's choices
 
 # --- arguments -------------------------------------------------------------------------------------
@@ -149,8 +149,8 @@ def gallery_sources(args) -> tuple:
     if not args.dataset:
         return args.images, [], []
     source = DatasetSource.parse(args.dataset)
-    dataset, provenance = data.open_dataset(source, args.split)
-    data.require_columns(dataset, args.column, f"dataset {args.dataset}")
+    dataset, provenance = readers.open_dataset(source, args.split)
+    readers.require_columns(dataset, args.column, f"dataset {args.dataset}")
     columns = [gallery.DatasetColumn(str(source), dataset, column, args.split) for column in args.column]
     return args.images, columns, [provenance]
 

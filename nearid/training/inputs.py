@@ -6,8 +6,9 @@ from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import data, evaluation, tokens, training_data
+from nearid import evaluation, tokens, training_data
 from nearid import store as embedding_store
+from nearid.data import nearid_benchmark, readers, split_files
 from nearid.cli import DatasetSource, named_sources
 
 # What a token store that does not fit on its disk can do instead (said before any token is computed).
@@ -35,7 +36,7 @@ def held_out_set(benchmark, rows, name, skip_errors):
 def read_splits(data_args, num_rows):
     """{split: row indices} from the split files; train defaults to every row not held out."""
     files = {"train": data_args.train_split, "val": data_args.val_split, "test": data_args.test_split}
-    splits = {name: data.load_split_indices(path, num_rows) for name, path in files.items() if path}
+    splits = {name: split_files.load_split_indices(path, num_rows) for name, path in files.items() if path}
     held_out = {name: rows for name, rows in splits.items() if name != "train"}
     # test rows are never trained on
     splits["train"] = training_data.training_rows(num_rows, splits.get("train"), held_out)
@@ -44,12 +45,12 @@ def read_splits(data_args, num_rows):
 
 def load_data(data_args):
     """The training set, held-out sets, dataset provenance and split sizes."""
-    benchmark, provenance = data.open_benchmark(DatasetSource.parse(data_args.positives),
+    benchmark, provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(data_args.positives),
                                                 named_sources(data_args.source))
     splits = read_splits(data_args, len(benchmark))
     mtg = None
     if data_args.mtg:
-        mtg, provenance["mtg"] = data.open_mtg(DatasetSource.parse(data_args.mtg), "train")
+        mtg, provenance["mtg"] = readers.open_mtg(DatasetSource.parse(data_args.mtg), "train")
     training_set = training_data.build_training_set(benchmark, splits["train"], mtg=mtg,
                                                     mtg_repeats=data_args.mtg_repeats,
                                                     skip_errors=data_args.skip_bad_images)
