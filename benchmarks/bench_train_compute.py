@@ -177,7 +177,7 @@ def warm_up_imports():
     from transformers import HfArgumentParser, get_cosine_schedule_with_warmup  # noqa: F401
 
     import image_processing_nearid  # noqa: F401
-    from nearid import reports  # noqa: F401
+    from nearid.reports import plots, results_file, run_outputs  # noqa: F401
     from nearid.training import inputs, loop, release, state, tracking  # noqa: F401
 
 

@@ -106,16 +106,16 @@ def benchmark_results(benchmark: str, values: Mapping, split: str | None, data=N
 
 
 def paper_results() -> list:
-    """NearID's row of the paper's Table 1 (`reports.PAPER_TABLE1`, the one copy of the paper's
+    """NearID's row of the paper's Table 1 (`tables.PAPER_TABLE1`, the one copy of the paper's
     numbers) as `EvalResult`s, each with the paper as its source."""
-    from nearid import reports
+    from nearid.reports import tables
 
-    row = dict(zip((key for _, key, _ in reports.TABLE1_COLUMNS), reports.PAPER_TABLE1["NearID (paper)"]))
+    row = dict(zip((key for _, key, _ in tables.TABLE1_COLUMNS), tables.PAPER_TABLE1["NearID (paper)"]))
     by_benchmark = {  # benchmark: (split the paper measured on, headline metrics)
-        "nearid": ("test", {"ssr": row[reports.NEARID_SSR], "pa": row[reports.NEARID_PA]}),
-        "mtg": ("test", {"mo": row[reports.MTG_MO], "mo_pair": row[reports.MTG_MO_PAIR],
-                         "ssr": row[reports.MTG_SSR], "pa": row[reports.MTG_PA]}),
-        "dreambench": (None, {"mh_object": row[reports.DREAMBENCH_MH]}),
+        "nearid": ("test", {"ssr": row[tables.NEARID_SSR], "pa": row[tables.NEARID_PA]}),
+        "mtg": ("test", {"mo": row[tables.MTG_MO], "mo_pair": row[tables.MTG_MO_PAIR],
+                         "ssr": row[tables.MTG_SSR], "pa": row[tables.MTG_PA]}),
+        "dreambench": (None, {"mh_object": row[tables.DREAMBENCH_MH]}),
     }
     return [r for benchmark, (split, values) in by_benchmark.items()
             for r in benchmark_results(benchmark, values, split, source=PAPER_SOURCE)]

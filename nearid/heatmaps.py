@@ -214,8 +214,8 @@ def score_sheet(path, scorer, scored: list, size: int = 192):
     """A contact sheet of scored generations, one row each: the generation with its score, its attention
     map, its correspondence map against its references, then the first reference, its attention map and
     its correspondence map against the generation. `scored` is [(score record, ScoreItem)]."""
-    from nearid import reports
     from nearid.images import load_image
+    from nearid.reports import plots
     from nearid.search import thumbnail
 
     head = nearid_head(scorer)
@@ -240,5 +240,5 @@ def score_sheet(path, scorer, scored: list, size: int = 192):
     caption = textwrap.fill(f"{CORRESPONDENCE_CAPTION}; red adds to it, blue takes away", 120)
     method, subject = scored[0][0]["method"], scored[0][0]["subject"]
     title = f"{method} / {subject}: lowest-scoring generations ({scorer.spec})\n{caption}"
-    return reports.plot_image_grid(path, rows, title, cell_inches=2.0)
+    return plots.plot_image_grid(path, rows, title, cell_inches=2.0)
 

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from nearid.reports import skipped_by_reason
+from nearid.reports.results_file import skipped_by_reason
 
 
 def index_items(items: Sequence, index) -> tuple:

@@ -2,7 +2,7 @@
 
 The index and its searches live in `nearid.search`; this module turns them into what a person
 reads: the records of the CSV and JSON outputs, the lines printed after a run, and the cells of the
-contact sheets (`nearid.reports.plot_image_grid` draws them), captioned so that the images of one
+contact sheets (`nearid.reports.plots.plot_image_grid` draws them), captioned so that the images of one
 sheet can be told apart.
 """
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from nearid.reports import MTG_SSR, NEARID_PA, NEARID_SSR
+from nearid.reports.tables import MTG_SSR, NEARID_PA, NEARID_SSR
 
 
 def test_demo_trains_a_head_that_beats_the_untrained_one(demo_run):

@@ -133,7 +133,7 @@ def test_table1_runs_every_benchmark_and_prints_the_row_beside_the_papers(synthe
 
 
 def test_table1_says_which_rows_the_nearid_columns_use():
-    from nearid.reports import table1_markdown
+    from nearid.reports.tables import table1_markdown
 
     seven = ["flux", "flux_1024", "powerpaint", "sdxl", "sdxl_1024", "qwen", "qwen_1328"]
     assert "\u2020" not in table1_markdown({"m": {}}, nearid_sources=seven)

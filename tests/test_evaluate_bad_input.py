@@ -223,7 +223,7 @@ def test_a_failing_plot_or_card_update_is_reported_and_the_results_are_still_wri
 
     card = tmp_path / "README.md"
     card.write_text("---\nlicense: mit\n---\n# A card\n")
-    monkeypatch.setattr(evaluate.reports, "plot_margin_histograms", no_matplotlib)
+    monkeypatch.setattr(evaluate.plots, "plot_margin_histograms", no_matplotlib)
     monkeypatch.setattr(evaluate.card, "update_model_card", broken_card)
     # Read as Hub datasets at a recorded commit, so that the run does try to update the card.
     sources = {f"someone/nearid-mini-{name}": path for name, path in clean_sources(synthetic).items()}

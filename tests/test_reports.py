@@ -14,18 +14,11 @@ import numpy as np
 import pytest
 
 import nearid
-from nearid import reports
 from nearid.metrics import NEARID_TABLE1_SOURCES, nearid_pooled_scores, nearid_scores
-from nearid.reports import (
-    TABLE1_COLUMNS,
-    per_source_markdown,
-    plot_margin_histograms,
-    plot_ssr_pa,
-    provenance,
-    results_document,
-    table1_markdown,
-    table1_row,
-)
+from nearid.reports import plots, run_outputs
+from nearid.reports.plots import plot_margin_histograms, plot_ssr_pa
+from nearid.reports.results_file import provenance, results_document
+from nearid.reports.tables import TABLE1_COLUMNS, per_source_markdown, table1_markdown, table1_row
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -190,20 +183,20 @@ def test_run_outputs_always_remove_a_stopped_runs_outputs_unless_they_are_contin
     (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
     (tmp_path / "logs.jsonl").write_text("{}\n")
     (tmp_path / "token_cache").mkdir()  # not a run output: kept
-    reports.RunOutputs(tmp_path, "x_results.json", always=("checkpoints", "logs.jsonl"), keep_previous=True)
+    run_outputs.RunOutputs(tmp_path, "x_results.json", always=("checkpoints", "logs.jsonl"), keep_previous=True)
     assert (tmp_path / "checkpoints" / "step-1").is_dir() and (tmp_path / "logs.jsonl").is_file()
-    reports.RunOutputs(tmp_path, "x_results.json", always=("checkpoints", "logs.jsonl", "release"))
+    run_outputs.RunOutputs(tmp_path, "x_results.json", always=("checkpoints", "logs.jsonl", "release"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["token_cache"]
 
 
 def test_run_outputs_remove_the_previous_runs_files_and_list_their_own(tmp_path):
-    first = reports.RunOutputs(tmp_path, "x_results.json")
+    first = run_outputs.RunOutputs(tmp_path, "x_results.json")
     for name in ("a.csv", "scores/old_method.json"):
         first.path(name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("first run")
     first.finish({"metrics": 1})
     (tmp_path / "mine.txt").write_text("not a run output")  # the user's file stays
-    second = reports.RunOutputs(tmp_path, "x_results.json")
+    second = run_outputs.RunOutputs(tmp_path, "x_results.json")
     assert not (tmp_path / "x_results.json").exists()  # nothing vouches for a half-written run
     assert not (tmp_path / "scores" / "old_method.json").exists() and not (tmp_path / "a.csv").exists()
     second.path("a.csv").write_text("second run")
@@ -213,7 +206,7 @@ def test_run_outputs_remove_the_previous_runs_files_and_list_their_own(tmp_path)
 
 
 def test_a_failing_optional_step_is_a_warning_and_the_results_are_still_written(tmp_path, capsys):
-    outputs = reports.RunOutputs(tmp_path, "x_results.json")
+    outputs = run_outputs.RunOutputs(tmp_path, "x_results.json")
 
     def broken_plot(path):
         raise ImportError("No module named 'matplotlib'")
@@ -229,18 +222,18 @@ def test_a_failing_optional_step_is_a_warning_and_the_results_are_still_written(
 def test_training_loss_and_score_plots_name_the_model(tmp_path):
     history = {"loss": [[1, 3.0], [2, 2.5], [3, 2.0]],
                "validation": [{"step": 3, "split": "val", "pooled": {"ssr": 40.0, "pa": 60.0}}]}
-    assert _png_size(reports.plot_training_loss(tmp_path / "loss.png", history, "tiny-model"))[0] > 300
+    assert _png_size(plots.plot_training_loss(tmp_path / "loss.png", history, "tiny-model"))[0] > 300
     records = [{"method": m, "subject": s, "score_mean": v} for m, s, v in
                [("a", "cat", 0.5), ("a", "cat", 0.6), ("a", "dog", 0.2), ("b", "cat", 0.9), ("b", "dog", 0.8)]]
-    assert _png_size(reports.plot_score_distributions(tmp_path / "scores.png", records, "tiny-model"))[0] > 300
+    assert _png_size(plots.plot_score_distributions(tmp_path / "scores.png", records, "tiny-model"))[0] > 300
     with pytest.raises(ValueError, match="no training loss"):
-        reports.plot_training_loss(tmp_path / "none.png", {"loss": []}, "m")
+        plots.plot_training_loss(tmp_path / "none.png", {"loss": []}, "m")
 
 
 def test_run_outputs_refuse_a_file_where_their_folder_should_be(tmp_path):
     (tmp_path / "nearid").write_text("kept")
     with pytest.raises(NotADirectoryError, match=r"expected a folder, but .*nearid is a file"):
-        reports.RunOutputs(tmp_path / "nearid" / "sub", "nearid_results.json")
+        run_outputs.RunOutputs(tmp_path / "nearid" / "sub", "nearid_results.json")
     assert (tmp_path / "nearid").read_text() == "kept"
 
 
@@ -248,7 +241,7 @@ def test_skipped_by_reason_counts_short_reasons_of_the_decodes_own_messages(tmp_
     from PIL import Image
 
     from nearid.images import load_image
-    from nearid.reports import skipped_by_reason
+    from nearid.reports.results_file import skipped_by_reason
 
     Image.new("RGB", (20, 10)).save(tmp_path / "big.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
@@ -271,7 +264,7 @@ def test_score_distributions_show_every_violin_whole_label_the_dots_and_keep_the
     records = [{"method": method, "subject": f"subject{i % 3}", "score_mean": float(np.clip(rng.normal(c, 0.2), -1, 1))}
                for method, c, n in (("near_one", 0.95, 40), ("low", 0.1, 40), ("two", 0.6, 2)) for i in range(n)]
     records.append({"method": "single", "subject": "subject0", "score_mean": 0.7})
-    fig = reports.score_distribution_figure(records, "tiny-model")
+    fig = plots.score_distribution_figure(records, "tiny-model")
     fig.canvas.draw()
     [ax] = fig.axes
     low, high = ax.get_ylim()

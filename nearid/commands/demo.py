@@ -21,9 +21,10 @@ from pathlib import Path
 
 from nearid.commands import evaluate
 from nearid.commands import train
-from nearid import reports, synthetic
+from nearid import synthetic
 from nearid.cli import build_parser, lazy_module, option, parse, user_errors
 from nearid.io import atomic_write_json, atomic_write_text
+from nearid.reports import tables
 
 heatmaps = lazy_module("nearid.heatmaps")
 scorers = lazy_module("nearid.scorers")
@@ -55,7 +56,7 @@ def evaluate_model(model: Path, data: Path, out: Path) -> tuple:
     retrieval = evaluate.main(["retrieval", *common, "--positives", str(data / "positives"), *sources,
                                "--split-file", str(data / "splits" / "test.json"),
                                "--val-split-file", str(data / "splits" / "val.json"), "--output-dir", str(out / "retrieval")])
-    return reports.table1_row(nearid=nearid["pooled_given"], mtg=mtg, dreambench=dreambench), retrieval
+    return tables.table1_row(nearid=nearid["pooled_given"], mtg=mtg, dreambench=dreambench), retrieval
 
 
 def train_head(base: Path, data: Path, out: Path, epochs: int) -> dict:
@@ -87,9 +88,9 @@ def run(output_dir: Path, num_identities: int, epochs: int) -> dict:
     text = (f"Synthetic benchmark, Table-1 format: NearID on the test split ({counts['split_test']} of "
             f"{counts['positives']} identities), MTG on its test split ({counts['mtg_test']} rows), DreamBench++ "
             f"on {counts['dreambench_images_per_method']} generations per method:\n\n"
-            + reports.table1_markdown(dict(zip(names, (before, after))), nearid_sources=SOURCES)
+            + tables.table1_markdown(dict(zip(names, (before, after))), nearid_sources=SOURCES)
             + "\nNear-identity retrieval:\n\n"
-            + reports.retrieval_markdown(dict(zip(names, (retrieval_before, retrieval_after))))
+            + tables.retrieval_markdown(dict(zip(names, (retrieval_before, retrieval_after))))
             + f"\nAttention on the object (share of the head's attention on patches mostly inside the object mask, "
             f"{attention[0]['images']} MTG test views; {100 * attention[0]['object_patches']:.1f}% of patches are "
             f"object): untrained {100 * attention[0]['object_attention']:.1f}%, trained "

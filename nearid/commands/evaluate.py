@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import card, metrics, reports, scoring
+from nearid import card, metrics, scoring
 from nearid.cli import (
     REQUIRED,
     DatasetSource,
@@ -51,6 +51,7 @@ from nearid.options import (
     load_scorer,
     process_state,
 )
+from nearid.reports import plots, results_file, run_outputs, tables
 
 # torch, transformers and datasets come with these: loaded when a run first uses them, not for --help.
 evaluation, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
@@ -271,8 +272,8 @@ def embed(index, args, state) -> tuple:
 
 
 def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, stats, split_file=None):
-    prov = reports.provenance(scorer_provenance, datasets, split_file, extra={"embedding": stats})
-    return reports.results_document(benchmark, scorer_provenance, metrics_, prov, skipped)
+    prov = results_file.provenance(scorer_provenance, datasets, split_file, extra={"embedding": stats})
+    return results_file.results_document(benchmark, scorer_provenance, metrics_, prov, skipped)
 
 
 def record_model_index(args, outputs, benchmark, values, split, model_name, data) -> None:
@@ -329,9 +330,9 @@ def run_nearid(args, state):
 
 def nearid_tables(spec: str, summary: dict) -> str:
     """Per-source table, then Table 1's row only when the 7 Table-1 settings were all given."""
-    table = reports.per_source_markdown(summary["per_source"])
+    table = tables.per_source_markdown(summary["per_source"])
     if "table1_average" in summary:
-        return table + "\n" + reports.table1_markdown({spec: reports.table1_row(nearid=summary["table1_average"])})
+        return table + "\n" + tables.table1_markdown({spec: tables.table1_row(nearid=summary["table1_average"])})
     pooled = summary.get("pooled_given")
     note = (f"Pooled over the given sources ({pooled['n_samples']} samples): SSR {pooled['ssr']:.2f}, PA "
             f"{pooled['pa']:.2f}. This is not Table 1's NearID column, which pools the 7 settings "
@@ -340,15 +341,15 @@ def nearid_tables(spec: str, summary: dict) -> str:
 
 
 def write_nearid_outputs(args, scorer, bench, margins, summary, embedded, dataset_provenance):
-    outputs = reports.RunOutputs(args.output_dir, "nearid_results.json")
+    outputs = run_outputs.RunOutputs(args.output_dir, "nearid_results.json")
     save_arguments(outputs.path("nearid_args.json"), "evaluate.py nearid", *args.groups.values())
     table = nearid_tables(scorer.spec, summary)
     ids = list(bench.positives.select_columns(["id"])["id"])
     write_csv(outputs.path("nearid_per_sample.csv"), evaluation.nearid_rows(ids, margins))
     atomic_write_text(outputs.path("nearid_table.md"), table)
-    outputs.optional("plotting nearid_margins.png", reports.plot_margin_histograms,
+    outputs.optional("plotting nearid_margins.png", plots.plot_margin_histograms,
                      outputs.path("nearid_margins.png"), {n: m[v] for n, (m, v) in margins.items()}, scorer.spec)
-    outputs.optional("plotting nearid_ssr_pa.png", reports.plot_ssr_pa, outputs.path("nearid_ssr_pa.png"),
+    outputs.optional("plotting nearid_ssr_pa.png", plots.plot_ssr_pa, outputs.path("nearid_ssr_pa.png"),
                      summary["per_source"], scorer.spec)
     split = Path(args.split_file).stem if args.split_file else "train"
     headline = evaluation.nearid_headline(summary)
@@ -379,15 +380,15 @@ def run_retrieval(args, state):
 
 
 def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_provenance):
-    outputs = reports.RunOutputs(args.output_dir, "retrieval_results.json")
+    outputs = run_outputs.RunOutputs(args.output_dir, "retrieval_results.json")
     save_arguments(outputs.path("retrieval_args.json"), "evaluate.py retrieval", *args.groups.values())
-    table = reports.retrieval_markdown({scorer.spec: scores}) + (
+    table = tables.retrieval_markdown({scorer.spec: scores}) + (
         f"\n{scores['n_queries']} queries; gallery of {scores['n_gallery']} images ({scores['n_views']} views, "
         f"{scores['n_distractors']} distractors of {', '.join(named_sources(args.source))}); clustering threshold "
         f"{scores['cluster_threshold']:.4f}, chosen on the {scores['cluster_threshold_split']}.\n")
     write_csv(outputs.path("retrieval_per_query.csv"), rows)
     atomic_write_text(outputs.path("retrieval_table.md"), table)
-    outputs.optional("plotting retrieval_scores.png", reports.plot_retrieval, outputs.path("retrieval_scores.png"),
+    outputs.optional("plotting retrieval_scores.png", plots.plot_retrieval, outputs.path("retrieval_scores.png"),
                      scores, scorer.spec)
     split = Path(args.split_file).stem if args.split_file else "train"
     record_model_index(args, outputs, "retrieval", scores, split, scorer.spec, list(dataset_provenance.values()))
@@ -421,13 +422,13 @@ def run_mtg(args, state):
 
 
 def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_provenance, stats):
-    outputs = reports.RunOutputs(args.output_dir, "mtg_results.json")
+    outputs = run_outputs.RunOutputs(args.output_dir, "mtg_results.json")
     save_arguments(outputs.path("mtg_args.json"), "evaluate.py mtg", *args.groups.values())
-    table = reports.mtg_markdown(scorer.spec, scores, evaluation.MTG_CORRELATIONS)
+    table = tables.mtg_markdown(scorer.spec, scores, evaluation.MTG_CORRELATIONS)
     scored = evaluation.mtg_scored_rows(sims, oracles)
     write_csv(outputs.path("mtg_per_sample.csv"), evaluation.mtg_rows(sims, oracles))
     atomic_write_text(outputs.path("mtg_table.md"), table)
-    outputs.optional("plotting mtg_similarity_vs_oracle.png", reports.plot_mtg_similarity_vs_oracle,
+    outputs.optional("plotting mtg_similarity_vs_oracle.png", plots.plot_mtg_similarity_vs_oracle,
                      outputs.path("mtg_similarity_vs_oracle.png"), {k: v[scored] for k, v in sims.items()},
                      oracles[scored], scores, scorer.spec, evaluation.MTG_SIMILARITIES, evaluation.MTG_CORRELATIONS)
     record_model_index(args, outputs, "mtg", scores, args.split, scorer.spec, dataset_provenance)
@@ -465,21 +466,21 @@ def run_dreambench(args, state):
 
 
 def write_dreambench_outputs(args, scorer, scores, result, skipped):
-    outputs = reports.RunOutputs(args.output_dir, "dreambench_results.json")
+    outputs = run_outputs.RunOutputs(args.output_dir, "dreambench_results.json")
     save_arguments(outputs.path("dreambench_args.json"), "evaluate.py dreambench", *args.groups.values())
     if not args.scores_from:
         for method, method_scores in scores.items():  # the published per-image score format
             atomic_write_json(outputs.path(f"dreambench_scores/{method}.json"), method_scores)
-    table = reports.table1_markdown({scorer["spec"]: reports.table1_row(dreambench=result)})
-    table += reports.dreambench_note(result)
+    table = tables.table1_markdown({scorer["spec"]: tables.table1_row(dreambench=result)})
+    table += tables.dreambench_note(result)
     atomic_write_text(outputs.path("dreambench_table.md"), table)
     ratings = {"kind": "local", "path": str(Path(args.ratings).resolve())}  # the authors' rating files
     record_model_index(args, outputs, "dreambench", result, None, scorer["spec"], ratings)
-    prov = reports.provenance(scorer, [ratings])
-    outputs.finish(reports.results_document("dreambench", scorer, result, prov, skipped,
-                                            notes=reports.DREAMBENCH_NOTES))
+    prov = results_file.provenance(scorer, [ratings])
+    outputs.finish(results_file.results_document("dreambench", scorer, result, prov, skipped,
+                                            notes=tables.DREAMBENCH_NOTES))
     print(table)
-    print(f"MH per category: {reports.mh_per_category(result)}")
+    print(f"MH per category: {tables.mh_per_category(result)}")
 
 
 # --- score -----------------------------------------------------------------------------------------
@@ -512,21 +513,21 @@ def run_score(args, state):
 
 
 def write_score_outputs(args, scorer, records, summary, skipped, source, stats, items, unused=()):
-    outputs = reports.RunOutputs(args.output_dir, "score_results.json")
+    outputs = run_outputs.RunOutputs(args.output_dir, "score_results.json")
     save_arguments(outputs.path("score_args.json"), "evaluate.py score", *args.groups.values())
     markdown = scoring.summary_markdown(summary, skipped, unused)
     write_csv(outputs.path("score_per_image.csv"), [{k: v for k, v in r.items() if k != "references"}
                                                      for r in records])
     atomic_write_json(outputs.path("score_per_image.json"), records)
     atomic_write_text(outputs.path("score_summary.md"), markdown)
-    outputs.optional("plotting score_distributions.png", reports.plot_score_distributions,
+    outputs.optional("plotting score_distributions.png", plots.plot_score_distributions,
                      outputs.path("score_distributions.png"), records, scorer.spec)
     if args.heatmaps:
         outputs.optional("drawing the heatmap contact sheets", write_heatmap_sheets, outputs, scorer, records, items,
                          args.heatmaps)
-    prov = reports.provenance(scorer.provenance(), [{"kind": "local", "path": str(Path(source).resolve())}],
+    prov = results_file.provenance(scorer.provenance(), [{"kind": "local", "path": str(Path(source).resolve())}],
                               extra={"embedding": stats})
-    document = reports.results_document("score", scorer.provenance(), summary, prov, skipped)
+    document = results_file.results_document("score", scorer.provenance(), summary, prov, skipped)
     outputs.finish({**document, "unused_references": [{"references": folder, "method": method}
                                                       for folder, method in unused]})
     print(markdown)
@@ -562,19 +563,19 @@ def run_table1(args, state):
     if not state.is_main_process:
         return None
     headline = evaluation.nearid_headline(nearid)
-    row = reports.table1_row(nearid=headline, mtg=mtg, dreambench=dreambench)
+    row = tables.table1_row(nearid=headline, mtg=mtg, dreambench=dreambench)
     write_table1_outputs(args, row, list(named_sources(args.source)))
     return row
 
 
 def write_table1_outputs(args, row, sources):
-    outputs = reports.RunOutputs(args.output_dir, "table1_results.json")
+    outputs = run_outputs.RunOutputs(args.output_dir, "table1_results.json")
     save_arguments(outputs.path("table1_args.json"), "evaluate.py table1", *args.groups.values())
     origin = table1_data_origin(args)
     rows = {f"{args.model} (this run, {origin})": row,
-            **{name: dict(zip((k for _, k, _ in reports.TABLE1_COLUMNS), values))
-               for name, values in reports.PAPER_TABLE1.items()}}
-    table = reports.table1_markdown(rows, nearid_sources=sources)
+            **{name: dict(zip((k for _, k, _ in tables.TABLE1_COLUMNS), values))
+               for name, values in tables.PAPER_TABLE1.items()}}
+    table = tables.table1_markdown(rows, nearid_sources=sources)
     notes = [f"Data: this run's row is on {origin}; the (paper) rows are the paper's Table 1 on the published "
              "benchmarks." + (" Synthetic data (written by nearid.synthetic) shows that the pipeline runs; its "
                               "numbers say nothing about the published benchmarks." if "synthetic" in origin else ""),

@@ -21,7 +21,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import reports
 from nearid.ann import INDEX_KINDS, IndexSettings
 from nearid.cli import REQUIRED, DatasetSource, build_parser, lazy_module, option, parse, save_arguments, user_errors
 from nearid.clustering import IdentityLinkage
@@ -35,6 +34,7 @@ from nearid.options import (
     load_scorer,
     process_state,
 )
+from nearid.reports import plots, results_file, run_outputs
 
 # torch, transformers, datasets and faiss come with these: loaded when a run first uses them, not for --help.
 readers, scorers, gallery, shown = (lazy_module(f"nearid.{name}") for name in
@@ -179,7 +179,7 @@ def run_index(args, state):
         report = index.sync(images, columns)
         if not state.is_main_process:
             return report
-        prov = reports.provenance(embedder_.scorer.provenance(), dataset_provenance, extra={"last_update": report})
+        prov = results_file.provenance(embedder_.scorer.provenance(), dataset_provenance, extra={"last_update": report})
         folder = index.save(args.index_dir, {"provenance": prov, "ignored": report["ignored"]})
         save_arguments(folder / "index_args.json", "search.py index", *args.groups.values())
     print(shown.index_summary(index, report, folder, args.cache_dir))
@@ -207,7 +207,7 @@ def run_query(args, state):
 
 
 def write_query_outputs(args, index, result, records, heatmap_scorer=None):
-    outputs = reports.RunOutputs(args.output_dir, "query_results.json")
+    outputs = run_outputs.RunOutputs(args.output_dir, "query_results.json")
     save_arguments(outputs.path("query_args.json"), "search.py query", *args.groups.values())
     write_csv(outputs.path("query_results.csv"), records)
     gone = shown.missing_files(records)
@@ -216,14 +216,15 @@ def write_query_outputs(args, index, result, records, heatmap_scorer=None):
                      f"index was built): {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}. Run `python "
                      "search.py index` on the gallery again to bring the index up to date.")
     overlaid = "; queries with the attention map of the head" if heatmap_scorer else ""
-    outputs.optional("drawing query_contact_sheet.png", reports.plot_image_grid,
+    outputs.optional("drawing query_contact_sheet.png", plots.plot_image_grid,
                      outputs.path("query_contact_sheet.png"), shown.query_sheet(index, result, heatmap_scorer),
                      f"Top {min(result.k, shown.SHEET_HITS)} gallery images per query ({args.combine}){overlaid}\n"
                      f"{index.scorer['spec']}")
     summary = {"k": result.k, "requested_k": result.requested_k, "combine": args.combine,
                "n_query_groups": len(result.queries), "n_gallery": len(index)}
-    prov = reports.provenance(index.scorer, [{"kind": "search index", "path": str(Path(args.index_dir).resolve())}])
-    document = reports.results_document("search-query", index.scorer, summary, prov, result.skipped)
+    index_place = {"kind": "search index", "path": str(Path(args.index_dir).resolve())}
+    prov = results_file.provenance(index.scorer, [index_place])
+    document = results_file.results_document("search-query", index.scorer, summary, prov, result.skipped)
     outputs.finish({**document, "results": [{key: r[key] for key in ("query_group", "queries", "rank", "score",
                                                                        "image", "hash")} for r in records]})
     print(shown.query_summary(index, result, records))
@@ -246,17 +247,18 @@ def run_cluster(args, state):
 
 
 def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
-    outputs = reports.RunOutputs(args.output_dir, "cluster_results.json")
+    outputs = run_outputs.RunOutputs(args.output_dir, "cluster_results.json")
     save_arguments(outputs.path("cluster_args.json"), "search.py cluster", *args.groups.values())
     write_csv(outputs.path("clusters.csv"), records)
     for group, rows in shown.large_clusters(clusters, args.sheet_min_size)[:args.max_sheets]:
         name = f"cluster_sheets/cluster_{group:04d}.png"
-        outputs.optional(f"drawing {name}", reports.plot_image_grid, outputs.path(name),
+        outputs.optional(f"drawing {name}", plots.plot_image_grid, outputs.path(name),
                          shown.cluster_sheet(index, rows),
                          f"Cluster {group}: {len(rows)} images at similarity >= {args.threshold}\n"
                          f"{index.scorer.get('spec')}")
-    prov = reports.provenance(index.scorer, [{"kind": "search index", "path": str(Path(args.index_dir).resolve())}])
-    document = reports.results_document("search-cluster", index.scorer, summary, prov, [])
+    index_place = {"kind": "search index", "path": str(Path(args.index_dir).resolve())}
+    prov = results_file.provenance(index.scorer, [index_place])
+    document = results_file.results_document("search-cluster", index.scorer, summary, prov, [])
     entries = index.entries()
     outputs.finish({**document, "clusters": shown.label_groups(clusters, entries),
                     "near_duplicates": shown.label_groups(duplicates, entries)})

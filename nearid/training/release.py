@@ -6,7 +6,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from nearid import card, evaluation, reports
+from nearid import card, evaluation
+from nearid.reports import plots, results_file, run_outputs
 from nearid.training.loop import validate
 
 RESULTS = "train_results.json"
@@ -30,7 +31,7 @@ def open_outputs(args, accelerator):
     # All of the old run goes before the new one writes anything, so a crash can never leave old results
     # beside the new run's files; one process removes them.
     keep = bool(args.resume_from_checkpoint) or not accelerator.is_main_process
-    outputs = reports.RunOutputs(out, RESULTS, always=RUN_OUTPUTS, keep_previous=keep)
+    outputs = run_outputs.RunOutputs(out, RESULTS, always=RUN_OUTPUTS, keep_previous=keep)
     accelerator.wait_for_everyone()
     return outputs
 
@@ -90,7 +91,7 @@ def finish(run, outputs, processor, model_args, all_args, skipped, describe):
         for lack in lacks:
             outputs.warn(f"model card: {lack}")
     results["release"] = str(folder) if folder else None
-    outputs.optional("plotting training_loss.png", reports.plot_training_loss, outputs.path("training_loss.png"),
+    outputs.optional("plotting training_loss.png", plots.plot_training_loss, outputs.path("training_loss.png"),
                      run.history, model_args.base_model)
     outputs.finish(results)  # written before the upload: a failed push loses nothing
     if args.push_to_hub:
@@ -100,9 +101,9 @@ def finish(run, outputs, processor, model_args, all_args, skipped, describe):
 
 
 def run_provenance(model_args, args, all_args, datasets, final_split):
-    """`reports.provenance` of a training run: the base model, every dataset, the final split's file."""
+    """`results_file.provenance` of a training run: the base model, every dataset, the final split's file."""
     split_file = {"test": all_args.get("test_split"), "val": all_args.get("val_split")}.get(final_split)
     model = {"name_or_path": model_args.base_model, "revision": model_args.base_revision,
              "mixed_precision": args.mixed_precision}
-    return reports.provenance(model, list(datasets.values()), split_file,
+    return results_file.provenance(model, list(datasets.values()), split_file,
                               extra={"num_processes": all_args.get("num_processes")})

@@ -1,0 +1,226 @@
+"""PNG plots of NearID evaluations and training runs, and contact sheets of images.
+
+matplotlib is imported when a figure is drawn (never pyplot: no global backend switch), so importing
+this module is cheap. Each plot is written atomically through `nearid.io`.
+"""
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from nearid.io import atomic_path
+from nearid.reports.tables import RETRIEVAL_COLUMNS, format_value
+
+
+def _new_figure(width: float, height: float):
+    """A matplotlib Figure drawn by the Agg canvas: no pyplot, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def plot_margin_histograms(path, margins_by_source: Mapping[str, np.ndarray], model: str, bins: int = 40) -> Path:
+    """Histogram of NearID margins per source, one panel each, on a shared x range.
+
+    margins_by_source: source -> margins (any shape; NaN, i.e. absent terms, are dropped). A term
+    wins when its margin is > 0 (right of the dashed line); each title gives the winning share.
+    model: the scorer, named in the figure's title.
+    """
+    data = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in margins_by_source.items()}
+    data = {k: v[np.isfinite(v)] for k, v in data.items()}
+    if not data:
+        raise ValueError("plot_margin_histograms needs at least one source")
+    finite = np.concatenate(list(data.values()))
+    lo, hi = (min(finite.min(), 0.0), max(finite.max(), 0.0)) if finite.size else (-1.0, 1.0)
+    step = (hi - lo or 1.0) / bins
+    edges = step * np.arange(math.floor(lo / step) - 1, math.ceil(hi / step) + 2)  # 0 is an edge
+    ncols = min(4, len(data))
+    nrows = math.ceil(len(data) / ncols)
+    fig = _new_figure(3.6 * ncols, 2.9 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    for ax, (name, m) in zip(axes.flat, data.items()):
+        summary = f"{100 * (m > 0).mean():.1f}% of {m.size} terms win" if m.size else "no terms"
+        ax.hist(m[m > 0], bins=edges, color="tab:green", label="win (> 0)")
+        ax.hist(m[m <= 0], bins=edges, color="tab:red", label="loss (\u2264 0)")
+        ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{name}\n{summary}", fontsize=10)
+        ax.set_xlabel("margin = sim(views) \u2212 sim(view, distractor)", fontsize=8)
+        ax.set_ylabel("terms", fontsize=9)
+        ax.tick_params(labelsize=8, labelbottom=True)
+    for ax in list(axes.flat)[len(data):]:
+        ax.set_visible(False)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside upper right", fontsize=8)
+    fig.suptitle(f"NearID margins per distractor source\n{model}", fontsize=12)
+    return _save_png(fig, path)
+
+
+def plot_ssr_pa(path, per_source: Mapping[str, Mapping], model: str) -> Path:
+    """Grouped bars of SSR and PA (%) per source, each bar labelled with its value.
+
+    per_source: source -> dict with "ssr" and "pa" (e.g. `nearid_scores`); order is kept.
+    """
+    if not per_source:
+        raise ValueError("plot_ssr_pa needs at least one source")
+    names = list(per_source)
+    x = np.arange(len(names))
+    width = 0.38
+    fig = _new_figure(max(5.0, 1.1 * len(names) + 1.5), 4.2)
+    ax = fig.subplots()
+    for offset, key, label, color in ((-width / 2, "ssr", "SSR", "tab:blue"),
+                                      (width / 2, "pa", "PA", "tab:orange")):
+        values = [float(per_source[n][key]) for n in names]
+        bars = ax.bar(x + offset, values, width, label=label, color=color)
+        ax.bar_label(bars, labels=[format_value(v, 1) for v in values], fontsize=7, padding=2)
+    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("%")
+    ax.set_title(f"NearID SSR and PA per distractor source\n{model}", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_png(fig, path)
+
+
+def plot_retrieval(path, scores: Mapping, model: str) -> Path:
+    """Bars of the near-identity retrieval metrics (%): recall@k, mAP, and the distractor-first rate."""
+    names = [(h, k) for h, k, _ in RETRIEVAL_COLUMNS if not k.startswith("cluster_")]
+    values = [float(scores[k]) for _, k in names]
+    fig = _new_figure(6.5, 4.2)
+    ax = fig.subplots()
+    colors = ["tab:red" if k == "distractor_first_rate" else "tab:blue" for _, k in names]
+    bars = ax.bar(range(len(names)), values, color=colors)
+    ax.bar_label(bars, labels=[format_value(v, 1) for v in values], fontsize=8, padding=2)
+    ax.set_xticks(range(len(names)), [h for h, _ in names], fontsize=8)
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("%")
+    ax.set_title(f"Near-identity retrieval, {scores['n_queries']} queries, {scores['n_gallery']} gallery images\n"
+                 f"clustering at {scores['cluster_threshold']:.3f}: ARI {scores['cluster_ari']:.3f}, NMI "
+                 f"{scores['cluster_nmi']:.3f}\n{model}", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_png(fig, path)
+
+
+def plot_score_distributions(path, records: Sequence[Mapping], model: str) -> Path:
+    """Per method, the distribution of generated images' `score_mean` (violin, median bar) with each subject's
+    mean as a labelled dot: how methods compare, and how much subjects differ within a method."""
+    return _save_png(score_distribution_figure(records, model), path)
+
+
+def score_distribution_figure(records: Sequence[Mapping], model: str, labelled_subjects: int = 8):
+    """The figure of `plot_score_distributions`. Each violin is drawn whole (the y-axis spans every violin,
+    and a method with fewer than 2 distinct scores gets dots only); subject dots are named when a method has
+    at most `labelled_subjects` subjects; the legend sits below the axes, never over the data."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    if not methods:
+        raise ValueError("plot_score_distributions needs at least one scored image")
+    fig = _new_figure(max(5.5, 1.6 * len(methods) + 2), 5.0)
+    ax = fig.subplots()
+    values = [np.array([r["score_mean"] for r in records if r["method"] == m], dtype=float) for m in methods]
+    spread = [x for x, v in enumerate(values) if len(np.unique(v)) > 1]  # a KDE needs 2 distinct values
+    bodies = []
+    if spread:
+        bodies = ax.violinplot([values[x] for x in spread], positions=spread, showmedians=True,
+                               showextrema=False)["bodies"]
+        bodies[0].set_label("distribution of the images' scores (bar: median)")
+    for x, method in enumerate(methods):
+        subjects = sorted({r["subject"] for r in records if r["method"] == method})
+        means = [np.mean([r["score_mean"] for r in records if r["method"] == method and r["subject"] == s])
+                 for s in subjects]
+        xs = np.full(len(means), x) + (np.linspace(-0.12, 0.12, len(means)) if len(means) > 1 else 0.0)
+        ax.scatter(xs, means, s=16, color="black", zorder=3, label="mean of one subject's images" if x == 0 else None)
+        if len(subjects) <= labelled_subjects:
+            for dot_x, mean, subject in zip(xs, means, subjects):
+                ax.annotate(subject, (dot_x, mean), xytext=(4, 0), textcoords="offset points", fontsize=6,
+                            va="center", zorder=4)
+    ax.set_ylim(_score_limits(bodies, min(v.min() for v in values), max(v.max() for v in values)))
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_xticks(range(len(methods)), [f"{m}\n({len(v)} image{'s' if len(v) != 1 else ''})"
+                                        for m, v in zip(methods, values)],
+                  rotation=30 if len(methods) > 3 else 0, ha="right" if len(methods) > 3 else "center")
+    ax.set_ylabel("identity score (cosine, mean over references)")
+    ax.set_title(f"Score distribution per method\n{model}", fontsize=10)
+    fig.legend(loc="outside lower center", fontsize=8, ncols=2, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _score_limits(bodies, low: float, high: float) -> tuple:
+    """y-limits that hold every violin body (in data coordinates) and every score from `low` to `high`."""
+    for body in bodies:
+        for path in body.get_paths():
+            if len(path.vertices):
+                low, high = min(low, path.vertices[:, 1].min()), max(high, path.vertices[:, 1].max())
+    pad = max(0.05 * (high - low), 0.02)
+    return low - pad, high + pad
+
+
+def plot_training_loss(path, history: Mapping, model: str) -> Path:
+    """The logged training loss by step, and the validation SSR/PA on a second axis when there are any."""
+    losses = history.get("loss", [])
+    if not losses:
+        raise ValueError("no training loss was logged")
+    fig = _new_figure(7, 4)
+    ax = fig.subplots()
+    steps, values = zip(*losses)
+    ax.plot(steps, values, color="tab:blue", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (Tier 1 + alpha Tier 2)")
+    ax.grid(alpha=0.3)
+    # A validation of FluxC sources alone has no pooled score (FluxC enters no pool).
+    validation = [v for v in history.get("validation", []) if v.get("split") == "val" and v.get("pooled")]
+    if validation:
+        right = ax.twinx()
+        right.plot([v["step"] for v in validation], [v["pooled"]["ssr"] for v in validation], "o-",
+                   color="tab:green", label="val SSR")
+        right.plot([v["step"] for v in validation], [v["pooled"]["pa"] for v in validation], "s-",
+                   color="tab:orange", label="val PA")
+        right.set_ylabel("%")
+        right.legend(loc="center right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"Training the NearID head\nbase model {model}", fontsize=10)
+    return _save_png(fig, path)
+
+
+def plot_image_grid(path, rows: Sequence[Sequence[tuple]], title: str, cell_inches: float = 1.5) -> Path:
+    """A contact sheet: rows of cells `(image, caption)`, an image an [H, W, 3] uint8 array, or None for
+    one that could not be read (drawn as an empty grey cell). `title` says what is shown and the model."""
+    if not rows or not any(rows):
+        raise ValueError("plot_image_grid needs at least one image")
+    ncols = max(len(cells) for cells in rows)
+    caption_lines = max(caption.count("\n") + 1 for cells in rows for _, caption in cells) + 1  # + "(unreadable)"
+    fig = _new_figure(cell_inches * ncols, (cell_inches + 0.13 * caption_lines + 0.1) * len(rows) + 0.6)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax_row, cells in zip(axes, rows):
+        for ax, (image, caption) in zip(ax_row, cells):
+            ax.imshow(image if image is not None else np.full((8, 8, 3), 220, np.uint8))
+            ax.set_title(caption if image is not None else f"{caption}\n(unreadable)", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save_png(fig, path)
+
+
+def plot_mtg_similarity_vs_oracle(path, sims: Mapping, oracles: np.ndarray, scores: Mapping, model: str,
+                                  similarities: Sequence, correlations: Sequence) -> Path:
+    """2x2 scatter of each similarity behind MO against its oracle (scored rows), r in the titles."""
+    fig = _new_figure(8, 7)
+    images = {name: (a, b) for name, a, b in similarities}
+    for ax, (name, view) in zip(fig.subplots(2, 2).flat, correlations):
+        ax.scatter(oracles[:, view - 1], sims[name], s=14, alpha=0.7)
+        ax.set_title(f"{name} vs oracle{view}: r = {scores[f'r_{name}_oracle{view}']:.3f}", fontsize=10)
+        ax.set_xlabel(f"oracle{view}: share of object {view} left unchanged", fontsize=8)
+        ax.set_ylabel(f"{name} = cos({images[name][0]}, {images[name][1]})", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"MTG: similarity vs oracle, {scores['n_rows']} rows "
+                 f"(MO {scores['mo']:.3f}, MOpair {scores['mo_pair']:.3f})\n{model}", fontsize=11)
+    return _save_png(fig, path)
