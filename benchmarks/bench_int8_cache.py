@@ -25,7 +25,7 @@ from input_common import write_json  # noqa: E402
 
 from nearid.commands import train  # noqa: E402
 from nearid.commands.demo import SMALL_SIGLIP, SOURCES  # noqa: E402
-from nearid import synthetic  # noqa: E402
+from nearid.commands import synthetic  # noqa: E402
 from nearid.models import save_siglip_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -45,7 +45,7 @@ from bench_forward import forward_flops  # noqa: E402
 from nearid.commands import train  # noqa: E402
 from configuration_nearid import NearIDConfig  # noqa: E402
 from modeling_nearid import NearIDModel  # noqa: E402
-from nearid import synthetic  # noqa: E402
+from nearid.synthetic import builders  # noqa: E402
 from nearid.models import save_siglip_checkpoint  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_train_compute.txt"
@@ -100,14 +100,14 @@ def write_base_model(folder: Path) -> Path:
 
 def write_training_data(folder: Path, args) -> dict:
     """Positives, one folder per distractor source and MTG; returns the train.py data flags' values."""
-    cfg = synthetic.SyntheticConfig(output_dir=str(folder), num_identities=args.identities,
+    cfg = builders.SyntheticConfig(output_dir=str(folder), num_identities=args.identities,
                                            image_size=args.data_image_size, sources=SOURCE_NAMES[:args.sources],
                                            mtg_train=args.mtg_rows, mtg_test=1)
-    positives, sources = synthetic.build_benchmark(cfg)
+    positives, sources = builders.build_benchmark(cfg)
     positives.save_to_disk(str(folder / "positives"))
     for name, dataset in sources.items():
         dataset.save_to_disk(str(folder / name))
-    synthetic.build_mtg(cfg).save_to_disk(str(folder / "mtg"))
+    builders.build_mtg(cfg).save_to_disk(str(folder / "mtg"))
     return {"positives": folder / "positives", "sources": list(sources), "mtg": folder / "mtg",
             "views_per_row": list(positives["n_images"])}
 

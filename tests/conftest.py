@@ -37,10 +37,10 @@ def pixels():
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """A small synthetic benchmark (nearid_synthetic) with some distractors missing."""
-    import nearid.synthetic
+    import nearid.commands.synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    nearid.synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
+    nearid.commands.synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
     with unchanged(root):
         yield root
 
@@ -58,10 +58,10 @@ def tiny_repo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_synthetic(tmp_path_factory):
     """Synthetic training data: 16 identities, two sources with missing distractors, MTG."""
-    import nearid.synthetic
+    import nearid.commands.synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    nearid.synthetic.main(["--output-dir", str(root), "--num-identities", "16", "--image-size", "48",
+    nearid.commands.synthetic.main(["--output-dir", str(root), "--num-identities", "16", "--image-size", "48",
                            "--missing-distractor-rate", "0.2", "--mtg-train", "4", "--mtg-test", "2"])
     with unchanged(root):
         yield root

@@ -10,7 +10,7 @@ import pytest
 from nearid.commands import demo
 from nearid.commands import evaluate
 import nearid.hub
-import nearid.synthetic
+import nearid.commands.synthetic
 from nearid.commands import train
 from nearid.cli import REQUIRED, DatasetSource, build_parser, named_sources, option, parse, save_arguments
 
@@ -72,7 +72,7 @@ def test_resolved_arguments_are_saved(tmp_path):
 @pytest.mark.parametrize("command, argv", [
     (train.main, ["--help"]),
     (demo.main, ["--help"]),
-    (nearid.synthetic.main, ["--help"]),
+    (nearid.commands.synthetic.main, ["--help"]),
     (nearid.hub.main, ["push", "--help"]),
     *[(evaluate.main, [mode, "--help"]) for mode in evaluate.MODES],
 ])
@@ -113,6 +113,7 @@ print(json.dumps({"exit": code, "imported": [m for m in %r if m in sys.modules]}
 
 @pytest.mark.parametrize("argv", [["train.py", "--help"], ["evaluate.py", "--help"], ["evaluate.py", "score", "--help"],
                                   ["search.py", "index", "--help"], ["demo.py", "--help"],
+                                  ["nearid/commands/synthetic.py", "--help"],
                                   ["evaluate.py", "nearid", "--batch-size", "0"], ["train.py", "--no-such-flag"]])
 def test_help_and_argument_errors_import_no_heavy_module(argv):
     import subprocess

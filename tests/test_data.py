@@ -13,12 +13,13 @@ from datasets import Dataset, DatasetDict, Features, Value, load_from_disk
 from datasets import Image as HFImage
 from PIL import Image
 
-from nearid.data import dreambench_files, nearid_benchmark, readers, split_files
 from nearid import metrics
-from nearid import synthetic as syn
 from nearid.cli import DatasetSource
+from nearid.commands import synthetic as syn
+from nearid.data import dreambench_files, nearid_benchmark, readers, split_files
 from nearid.images import load_image
 from nearid.metrics import dreambench_key
+from nearid.synthetic import builders
 
 SMALL = ["--num-identities", "6", "--image-size", "32", "--mtg-train", "2", "--mtg-test", "3",
          "--dreambench-subjects", "2", "--dreambench-prompts", "2", "--seed", "5"]
@@ -336,8 +337,8 @@ def test_undecoded_turns_off_decoding(positives):
 
 
 def test_open_mtg_checks_columns(root, tmp_path):
-    assert readers.MTG_COLUMNS is syn.MTG_COLUMNS and len(readers.MTG_COLUMNS) == 8  # one schema, read and written
-    assert syn.DREAMBENCH_CATEGORIES is metrics.DREAMBENCH_CATEGORIES
+    assert readers.MTG_COLUMNS is builders.MTG_COLUMNS and len(readers.MTG_COLUMNS) == 8  # one schema, read and written
+    assert builders.DREAMBENCH_CATEGORIES is metrics.DREAMBENCH_CATEGORIES
     dataset, prov = readers.open_mtg(str(root / "mtg"))
     assert len(dataset) == 3 and prov["split"] == "test"
     mtg = load_from_disk(str(root / "mtg"))

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from nearid.commands import evaluate
-import nearid.synthetic
+import nearid.commands.synthetic
 from nearid import metrics
 from nearid.data import score_inputs
 from tests.helpers import REPO_ROOT, serve_as_hub_datasets, user_error
@@ -27,7 +27,7 @@ MTG_TEST_ROWS = 8
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    nearid.synthetic.main(["--output-dir", str(root), "--num-identities", "4", "--mtg-train", "2",
+    nearid.commands.synthetic.main(["--output-dir", str(root), "--num-identities", "4", "--mtg-train", "2",
                            "--mtg-test", str(MTG_TEST_ROWS), "--dreambench-subjects", "2",
                            "--dreambench-prompts", "2", "--image-size", "32"])
     return root

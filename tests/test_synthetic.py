@@ -1,6 +1,7 @@
 """Tests of nearid_synthetic: Hub schemas, determinism, exact shared backgrounds, slot alignment, MTG
 masks, DreamBench++ keys and ratings, split files, and the CLI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,9 +11,10 @@ from datasets import DatasetDict, Value, load_from_disk
 from datasets import Image as HFImage
 from PIL import Image
 
-from nearid import synthetic as syn
+from nearid.commands import synthetic as syn
 from nearid.data.dreambench_files import dreambench_mh_from_files
 from nearid.metrics import canonical_dreambench_key, dreambench_key
+from nearid.synthetic import builders, drawing
 from tests.helpers import user_error
 
 SIZE = 48
@@ -64,13 +66,26 @@ def test_cli_refuses_non_empty_output_unless_overwrite(built, tmp_path, capsys):
     assert not (tmp_path / "keep.txt").exists() and (tmp_path / "positives").is_dir()
 
 
+def test_the_package_runs_as_the_command(tmp_path):
+    """`python -m nearid.synthetic` (docs/evaluation.md) is the command `nearid.commands.synthetic`."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    done = subprocess.run([sys.executable, "-m", "nearid.synthetic", "--output-dir", str(tmp_path), "--image-size",
+                           "8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "python -m nearid.synthetic: error:" in done.stderr
+    assert "must be at least 16" in done.stderr and not any(tmp_path.iterdir())
+
+
 def test_every_flag_has_help_and_bad_values_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         syn.parse_args(["--help"])
     text = capsys.readouterr().out
-    flags = ["--" + f.name.replace("_", "-") for f in syn.dataclasses.fields(syn.SyntheticConfig)]
+    flags = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(builders.SyntheticConfig)]
     assert all(flag in text for flag in flags)
-    assert all(f.metadata.get("help") for f in syn.dataclasses.fields(syn.SyntheticConfig))
+    assert all(f.metadata.get("help") for f in dataclasses.fields(builders.SyntheticConfig))
     assert "unknown variation" in user_error(capsys, syn.main, ["--output-dir", str(tmp_path), "--sources", "flux=hat"],
                                              status=2)
     assert "categories" in user_error(capsys, syn.main, ["--output-dir", str(tmp_path), "--dreambench-categories",
@@ -89,7 +104,7 @@ def test_positives_schema(positives):
         "prompts1": "string", "n_images": "int64", "quality": "float64"}
     assert len(set(positives["id"])) == len(positives)
     for row in positives:
-        assert row["category"] in syn.SHAPES and row["category_description"] == syn.SHAPES[row["category"]]
+        assert row["category"] in drawing.SHAPES and row["category_description"] == drawing.SHAPES[row["category"]]
         assert len(row["objaverse_id"]) == 32 and 0 < row["quality"] <= 1
         for k in (1, 2, 3):
             present = k <= row["n_images"]
@@ -101,8 +116,8 @@ def test_positives_schema(positives):
 
 
 def test_image_column_names_option():
-    cfg = syn.SyntheticConfig(output_dir="unused", num_identities=3, image_size=24, image_columns="images")
-    positives, sources = syn.build_benchmark(cfg)
+    cfg = builders.SyntheticConfig(output_dir="unused", num_identities=3, image_size=24, image_columns="images")
+    positives, sources = builders.build_benchmark(cfg)
     assert positives.column_names == [c.replace("img", "images") for c in POSITIVE_COLUMNS]
     assert isinstance(positives.features["images1"], HFImage) and sorted(sources) == ["flux", "sdxl"]
 
@@ -221,6 +236,6 @@ def test_split_files_are_disjoint_and_cover_all_rows(built, positives):
     assert all(splits.values()) and all(isinstance(i, int) for rows in splits.values() for i in rows)
     union = splits["train"] + splits["val"] + splits["test"]
     assert sorted(union) == list(range(len(positives)))  # disjoint (no duplicates) and complete
-    assert syn.make_splits(10, 3, 0.15, 0.15) == splits
+    assert builders.make_splits(10, 3, 0.15, 0.15) == splits
     with pytest.raises(ValueError, match="no training rows"):
-        syn.make_splits(3, 0, 0.5, 0.5)
+        builders.make_splits(3, 0, 0.5, 0.5)

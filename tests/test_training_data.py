@@ -16,9 +16,9 @@ import pytest
 from datasets import Dataset, Features, Value, load_from_disk
 from datasets import Image as HFImage
 
-from nearid.data import nearid_benchmark, split_files
-from nearid import synthetic as syn
 from nearid import training_data as td
+from nearid.commands import synthetic as syn
+from nearid.data import nearid_benchmark, split_files
 
 SOURCES = ("flux", "sdxl", "qwen")
 SYNTHETIC = ["--num-identities", "14", "--image-size", "16", "--seed", "3", "--sources", *SOURCES,

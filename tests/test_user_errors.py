@@ -118,7 +118,7 @@ def test_the_traceback_is_behind_debug(tiny_repo, tmp_path, monkeypatch, debug):
 @pytest.mark.parametrize("command", ["train", "evaluate", "table1", "query", "cluster", "demo", "synthetic"])
 @pytest.mark.parametrize("below", [False, True])
 def test_an_output_dir_that_is_a_file_says_so(command, below, tmp_path, capsys):
-    import nearid.synthetic
+    import nearid.commands.synthetic
     from nearid.commands import demo, search
 
     file = tmp_path / "results.txt"
@@ -131,7 +131,7 @@ def test_an_output_dir_that_is_a_file_says_so(command, below, tmp_path, capsys):
         "query": (search.main, ["query", "--index-dir", "i", "--images", "q"]),
         "cluster": (search.main, ["cluster", "--index-dir", "i"]),
         "demo": (demo.main, []),
-        "synthetic": (nearid.synthetic.main, []),
+        "synthetic": (nearid.commands.synthetic.main, []),
     }[command]
     message = user_error(capsys, main, [*argv, "--output-dir", out], status=2)
     assert "--output-dir" in message and f"{file} is a file" in message and "expected a folder" in message

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nearid.commands import evaluate
-from nearid.commands import train
-from nearid import synthetic
+from nearid.commands import synthetic, train
 from nearid.cli import build_parser, lazy_module, option, parse, user_errors
 from nearid.io import atomic_write_json, atomic_write_text
 from nearid.reports import tables
