@@ -199,7 +199,7 @@ def mtg_oracles(dataset, skip_errors: bool) -> tuple:
             where = f"MTG row {row} view {view}"
             try:
                 masks = readers.mtg_masks(refs[f"image_{view}_object_mask"][row], refs[f"image_{view}_part_mask"][row],
-                                       where)
+                                          where)
                 oracles[row, view - 1] = metrics.mtg_oracle(*masks)
             except ValueError as error:  # ImageLoadError (names `where` itself), or an empty object mask
                 reason = str(error) if isinstance(error, ImageLoadError) else f"{where}: {error}"

@@ -177,7 +177,7 @@ def mtg_object_attention(scorer, mtg_source, split: str = "test") -> dict:
         for view in (1, 2):
             images.append(item[f"image_{view}_original"])
             masks.append(readers.mtg_masks(item[f"image_{view}_object_mask"], item[f"image_{view}_part_mask"],
-                                        f"MTG {split} row {row} view {view}")[0])
+                                           f"MTG {split} row {row} view {view}")[0])
     return object_attention(scorer, images, masks)
 
 

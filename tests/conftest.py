@@ -40,7 +40,8 @@ def synthetic(tmp_path_factory):
     import nearid.commands.synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    nearid.commands.synthetic.main(["--output-dir", str(root), "--num-identities", "10", "--missing-distractor-rate", "0.2"])
+    nearid.commands.synthetic.main(["--output-dir", str(root), "--num-identities", "10",
+                                    "--missing-distractor-rate", "0.2"])
     with unchanged(root):
         yield root
 
@@ -62,7 +63,7 @@ def train_synthetic(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synthetic")
     nearid.commands.synthetic.main(["--output-dir", str(root), "--num-identities", "16", "--image-size", "48",
-                           "--missing-distractor-rate", "0.2", "--mtg-train", "4", "--mtg-test", "2"])
+                                    "--missing-distractor-rate", "0.2", "--mtg-train", "4", "--mtg-test", "2"])
     with unchanged(root):
         yield root
 

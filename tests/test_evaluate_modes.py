@@ -28,8 +28,8 @@ MTG_TEST_ROWS = 8
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     nearid.commands.synthetic.main(["--output-dir", str(root), "--num-identities", "4", "--mtg-train", "2",
-                           "--mtg-test", str(MTG_TEST_ROWS), "--dreambench-subjects", "2",
-                           "--dreambench-prompts", "2", "--image-size", "32"])
+                                    "--mtg-test", str(MTG_TEST_ROWS), "--dreambench-subjects", "2",
+                                    "--dreambench-prompts", "2", "--image-size", "32"])
     return root
 
 

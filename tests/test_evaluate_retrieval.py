@@ -154,7 +154,7 @@ def test_agrees_with_a_naive_loop_on_the_synthetic_benchmark(synthetic, tmp_path
                             "--val-split-file", str(synthetic / "splits" / "val.json"),
                             "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
     bench, _ = nearid_benchmark.open_benchmark(str(synthetic / "positives"), {"flux": str(synthetic / "flux"),
-                                                                  "sdxl": str(synthetic / "sdxl")})
+                                                                              "sdxl": str(synthetic / "sdxl")})
 
     def embed(image):
         pixels = np.asarray(image.convert("RGB"), np.float64).reshape(-1) - 128

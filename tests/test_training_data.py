@@ -41,7 +41,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bench(root):
     return nearid_benchmark.join_sources(load_from_disk(str(root / "positives")),
-                           {name: load_from_disk(str(root / name)) for name in SOURCES})
+                                         {name: load_from_disk(str(root / name)) for name in SOURCES})
 
 
 @pytest.fixture(scope="module")
@@ -425,11 +425,11 @@ def test_empty_training_set_is_an_error(small):
 
 def test_mismatched_sources_are_refused(small):
     short = nearid_benchmark.NearIDBenchmark(small.positives, {"a": small.sources["a"].select([0, 1])},
-                               small.view_columns, {"a": small.distractor_columns["a"]})
+                                             small.view_columns, {"a": small.distractor_columns["a"]})
     with pytest.raises(ValueError, match="source 'a' has 2 rows but the positives have 3.*join_sources"):
         td.build_training_set(short)
     missing = nearid_benchmark.NearIDBenchmark(small.positives, {"a": small.sources["a"].remove_columns(["nimg2"])},
-                                 small.view_columns, {"a": small.distractor_columns["a"]})
+                                               small.view_columns, {"a": small.distractor_columns["a"]})
     with pytest.raises(ValueError, match=r"distractor source 'a' lacks columns \['nimg2'\]"):
         td.build_training_set(missing)
 

@@ -478,7 +478,7 @@ def write_dreambench_outputs(args, scorer, scores, result, skipped):
     record_model_index(args, outputs, "dreambench", result, None, scorer["spec"], ratings)
     prov = results_file.provenance(scorer, [ratings])
     outputs.finish(results_file.results_document("dreambench", scorer, result, prov, skipped,
-                                            notes=tables.DREAMBENCH_NOTES))
+                                                 notes=tables.DREAMBENCH_NOTES))
     print(table)
     print(f"MH per category: {tables.mh_per_category(result)}")
 
@@ -490,7 +490,7 @@ def run_score(args, state):
     unused = []
     if args.references:
         items, ignored, unused = score_inputs.score_items_from_subject_folders(args.references, args.generations,
-                                                                       args.methods or None)
+                                                                               args.methods or None)
         source = args.generations
     elif args.samples:
         items, ignored = score_inputs.score_items_from_layout(args.samples, args.methods or None)
@@ -526,7 +526,7 @@ def write_score_outputs(args, scorer, records, summary, skipped, source, stats, 
         outputs.optional("drawing the heatmap contact sheets", write_heatmap_sheets, outputs, scorer, records, items,
                          args.heatmaps)
     prov = results_file.provenance(scorer.provenance(), [{"kind": "local", "path": str(Path(source).resolve())}],
-                              extra={"embedding": stats})
+                                   extra={"embedding": stats})
     document = results_file.results_document("score", scorer.provenance(), summary, prov, skipped)
     outputs.finish({**document, "unused_references": [{"references": folder, "method": method}
                                                       for folder, method in unused]})

@@ -46,7 +46,7 @@ def read_splits(data_args, num_rows):
 def load_data(data_args):
     """The training set, held-out sets, dataset provenance and split sizes."""
     benchmark, provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(data_args.positives),
-                                                named_sources(data_args.source))
+                                                            named_sources(data_args.source))
     splits = read_splits(data_args, len(benchmark))
     mtg = None
     if data_args.mtg:

@@ -106,4 +106,4 @@ def run_provenance(model_args, args, all_args, datasets, final_split):
     model = {"name_or_path": model_args.base_model, "revision": model_args.base_revision,
              "mixed_precision": args.mixed_precision}
     return results_file.provenance(model, list(datasets.values()), split_file,
-                              extra={"num_processes": all_args.get("num_processes")})
+                                   extra={"num_processes": all_args.get("num_processes")})
