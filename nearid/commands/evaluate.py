@@ -53,8 +53,9 @@ from nearid.options import (
 )
 
 # torch, transformers and datasets come with these: loaded when a run first uses them, not for --help.
-data, evaluation, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
-                                                      ("data", "evaluation", "heatmaps", "images", "scorers", "store"))
+data, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
+                                          ("data", "heatmaps", "images", "scorers", "store"))
+protocol = lazy_module("nearid.evaluation.protocol")
 
 # --- arguments -------------------------------------------------------------------------------------
 
@@ -264,7 +265,7 @@ def check_score_inputs(args: Arguments) -> None:
 def embed(index, args, state) -> tuple:
     """(scorer, its embeddings of every image of `index`): the step every mode shares."""
     scorer = load_scorer(args, state)
-    return scorer, evaluation.embed_images(scorer, index, args.cache_dir, fill_options(args, scorer), state)
+    return scorer, protocol.embed_images(scorer, index, args.cache_dir, fill_options(args, scorer), state)
 
 
 def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, stats, split_file=None):
@@ -305,7 +306,7 @@ def record_model_index(args, outputs, benchmark, values, split, model_name, data
 def embed_benchmark(bench, args, state) -> tuple:
     """(view keys, distractor keys by source, scorer, embeddings) of every image of a joined NearID benchmark."""
     index = store.ImageIndex(args.skip_bad_images)
-    view_keys, source_keys = evaluation.nearid_keys(bench, index)
+    view_keys, source_keys = protocol.nearid_keys(bench, index)
     scorer, embedded = embed(index, args, state)
     return view_keys, source_keys, scorer, embedded
 
@@ -317,8 +318,8 @@ def run_nearid(args, state):
     view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
     if not state.is_main_process:
         return None
-    margins = evaluation.nearid_margins_by_source(embedded.vectors, view_keys, source_keys, embedded.vectors.dim)
-    summary = evaluation.nearid_summary(margins)
+    margins = protocol.nearid_margins_by_source(embedded.vectors, view_keys, source_keys, embedded.vectors.dim)
+    summary = protocol.nearid_summary(margins)
     write_nearid_outputs(args, scorer, bench, margins, summary, embedded, dataset_provenance)
     return {**summary, "embedding": embedded.stats}
 
@@ -340,14 +341,14 @@ def write_nearid_outputs(args, scorer, bench, margins, summary, embedded, datase
     save_arguments(outputs.path("nearid_args.json"), "evaluate.py nearid", *args.groups.values())
     table = nearid_tables(scorer.spec, summary)
     ids = list(bench.positives.select_columns(["id"])["id"])
-    write_csv(outputs.path("nearid_per_sample.csv"), evaluation.nearid_rows(ids, margins))
+    write_csv(outputs.path("nearid_per_sample.csv"), protocol.nearid_rows(ids, margins))
     atomic_write_text(outputs.path("nearid_table.md"), table)
     outputs.optional("plotting nearid_margins.png", reports.plot_margin_histograms,
                      outputs.path("nearid_margins.png"), {n: m[v] for n, (m, v) in margins.items()}, scorer.spec)
     outputs.optional("plotting nearid_ssr_pa.png", reports.plot_ssr_pa, outputs.path("nearid_ssr_pa.png"),
                      summary["per_source"], scorer.spec)
     split = Path(args.split_file).stem if args.split_file else "train"
-    headline = evaluation.nearid_headline(summary)
+    headline = protocol.nearid_headline(summary)
     record_model_index(args, outputs, "nearid", headline, split, scorer.spec, list(dataset_provenance.values()))
     outputs.finish(results_document("nearid", scorer.provenance(), summary, list(dataset_provenance.values()),
                                     embedded.skipped, embedded.stats, args.split_file))
@@ -367,7 +368,7 @@ def run_retrieval(args, state):
     view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
     if not state.is_main_process:
         return None
-    scores, rows = evaluation.retrieval_benchmark(bench, view_keys, source_keys, embedded.vectors, test_rows, val_rows)
+    scores, rows = protocol.retrieval_benchmark(bench, view_keys, source_keys, embedded.vectors, test_rows, val_rows)
     write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_provenance)
     return {**scores, "embedding": embedded.stats}
 
@@ -396,18 +397,18 @@ def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_proven
 def run_mtg(args, state):
     dataset, dataset_provenance = data.open_mtg(DatasetSource.parse(args.mtg), args.split)
     index = store.ImageIndex(args.skip_bad_images)
-    keys, row_skipped = evaluation.mtg_keys(dataset, index)
-    oracles, oracle_skipped = evaluation.mtg_oracles(dataset, args.skip_bad_images)
+    keys, row_skipped = protocol.mtg_keys(dataset, index)
+    oracles, oracle_skipped = protocol.mtg_oracles(dataset, args.skip_bad_images)
     scorer, embedded = embed(index, args, state)
     if not state.is_main_process:
         return None
     skipped = embedded.skipped + row_skipped + oracle_skipped
-    sims = evaluation.mtg_similarities(embedded.vectors, keys, embedded.vectors.dim)
-    scored = evaluation.mtg_scored_rows(sims, oracles)
+    sims = protocol.mtg_similarities(embedded.vectors, keys, embedded.vectors.dim)
+    scored = protocol.mtg_scored_rows(sims, oracles)
     if scored.sum() < 2:
         raise ValueError(f"only {int(scored.sum())} of {len(dataset)} MTG rows could be scored; the correlations "
                          f"need at least 2. Left out: {skipped[:3]}")
-    scores = metrics.mtg_scores(*(sims[name][scored] for name, _, _ in evaluation.MTG_SIMILARITIES),
+    scores = metrics.mtg_scores(*(sims[name][scored] for name, _, _ in protocol.MTG_SIMILARITIES),
                                 oracles[scored, 0], oracles[scored, 1])
     scores.update(n_rows_dataset=len(dataset), n_rows_unscored=int((~scored).sum()))
     write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_provenance, embedded.stats)
@@ -417,13 +418,13 @@ def run_mtg(args, state):
 def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_provenance, stats):
     outputs = reports.RunOutputs(args.output_dir, "mtg_results.json")
     save_arguments(outputs.path("mtg_args.json"), "evaluate.py mtg", *args.groups.values())
-    table = reports.mtg_markdown(scorer.spec, scores, evaluation.MTG_CORRELATIONS)
-    scored = evaluation.mtg_scored_rows(sims, oracles)
-    write_csv(outputs.path("mtg_per_sample.csv"), evaluation.mtg_rows(sims, oracles))
+    table = reports.mtg_markdown(scorer.spec, scores, protocol.MTG_CORRELATIONS)
+    scored = protocol.mtg_scored_rows(sims, oracles)
+    write_csv(outputs.path("mtg_per_sample.csv"), protocol.mtg_rows(sims, oracles))
     atomic_write_text(outputs.path("mtg_table.md"), table)
     outputs.optional("plotting mtg_similarity_vs_oracle.png", reports.plot_mtg_similarity_vs_oracle,
                      outputs.path("mtg_similarity_vs_oracle.png"), {k: v[scored] for k, v in sims.items()},
-                     oracles[scored], scores, scorer.spec, evaluation.MTG_SIMILARITIES, evaluation.MTG_CORRELATIONS)
+                     oracles[scored], scores, scorer.spec, protocol.MTG_SIMILARITIES, protocol.MTG_CORRELATIONS)
     record_model_index(args, outputs, "mtg", scores, args.split, scorer.spec, dataset_provenance)
     outputs.finish(results_document("mtg", scorer.provenance(), scores, [dataset_provenance], skipped, stats))
     print(table)
@@ -436,9 +437,9 @@ def dreambench_from_images(args, state) -> tuple:
     """({method: {key: 100 x cosine}}, scorer provenance with the embedding stats, skipped list)."""
     methods = args.methods or data.dreambench_methods(args.samples)
     index = store.ImageIndex(args.skip_bad_images)
-    pairs = evaluation.dreambench_pairs_index(args.samples, methods, index)
+    pairs = protocol.dreambench_pairs_index(args.samples, methods, index)
     scorer, embedded = embed(index, args, state)
-    return (evaluation.dreambench_scores(pairs, embedded.vectors),
+    return (protocol.dreambench_scores(pairs, embedded.vectors),
             {**scorer.provenance(), "embedding": embedded.stats}, embedded.skipped)
 
 
@@ -555,7 +556,7 @@ def run_table1(args, state):
         dreambench = mode("dreambench", DreamBenchArguments(ratings=args.ratings, samples=args.samples))
     if not state.is_main_process:
         return None
-    headline = evaluation.nearid_headline(nearid)
+    headline = protocol.nearid_headline(nearid)
     row = reports.table1_row(nearid=headline, mtg=mtg, dreambench=dreambench)
     write_table1_outputs(args, row, list(named_sources(args.source)))
     return row

@@ -6,7 +6,8 @@ from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import data, evaluation, tokens, training_data
+from nearid import data, tokens, training_data
+from nearid.evaluation import protocol
 from nearid import store as embedding_store
 from nearid.cli import DatasetSource, named_sources
 
@@ -28,7 +29,7 @@ class HeldOutSet:
 def held_out_set(benchmark, rows, name, skip_errors):
     """Image keys of held-out rows, as the evaluation takes them; `where` in errors names the dataset row."""
     items = embedding_store.ImageIndex(skip_errors)
-    views, distractors = evaluation.nearid_keys(benchmark, items, rows, split=name)
+    views, distractors = protocol.nearid_keys(benchmark, items, rows, split=name)
     return HeldOutSet(name, views, distractors, items)
 
 
