@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nearid import data, tokens, training_data
-from nearid.evaluation import protocol
 from nearid import store as embedding_store
 from nearid.cli import DatasetSource, named_sources
+from nearid.evaluation import protocol
 
 # What a token store that does not fit on its disk can do instead (said before any token is computed).
 DISK_OPTIONS = ("store int8 tokens (--cache-dtype int8, half of float16), train on fewer distractor sources "
