@@ -271,6 +271,7 @@ def table1_modes(args: Arguments) -> dict:
 
 
 def run(args: Arguments, state):
+    """The mode's run in the library; table1 gets the arguments of the modes it runs."""
     if args.mode == "table1":
         return RUNS["table1"].run(args, state, table1_modes(args))
     return RUNS[args.mode].run(args, state)
