@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from image_processing_nearid import NearIDImageProcessor
 from modeling_nearid import NearIDModel
 from nearid.commands.train import TrainingArguments
-from nearid.evaluation import embed_images
+from nearid.evaluation.protocol import embed_images
 from nearid.hub import export_hub_folder
 from nearid.images import PixelLoader
 from nearid.store import EmbeddingStore, FillOptions, ImageIndex, StoreFormat, fill

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nearid import evaluation, heatmaps, scoring
+from nearid import heatmaps, scoring
 from nearid.data import score_inputs
+from nearid.evaluation import protocol
 from nearid.images import find_images
 from nearid.numerics import resolve_device
 from nearid.scorers import DTYPES, Scorer
@@ -105,7 +106,7 @@ class IdentityScorer:
         index = ImageIndex(self.skip_bad_images)
         keys = self._add(index, _as_list(images))
         embedded = self._embed(index)
-        matrix, present = evaluation.embedding_matrix(embedded.vectors, keys, embedded.vectors.dim)
+        matrix, present = protocol.embedding_matrix(embedded.vectors, keys, embedded.vectors.dim)
         if not present.all():
             matrix[~present] = np.nan  # left out (skip_bad_images): a row that cannot be mistaken for a score
         return matrix
@@ -169,8 +170,8 @@ class IdentityScorer:
                 keys += index.add_images([image])
         return keys
 
-    def _embed(self, index: ImageIndex) -> evaluation.Embedded:
-        return evaluation.embed_images(self.scorer, index, self.cache_dir, self.options)
+    def _embed(self, index: ImageIndex) -> protocol.Embedded:
+        return protocol.embed_images(self.scorer, index, self.cache_dir, self.options)
 
 
 def _as_list(images) -> list:

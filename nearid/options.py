@@ -1,5 +1,5 @@
-"""What the commands that embed images share: the scorer and embedding flags, loading the scorer, and
-joining the processes of a launch.
+"""What the commands that embed images share: the scorer and embedding flags, loading the scorer,
+joining the processes of a launch, embedding a run's images, and a run's output folder.
 
 `evaluate.py` and `search.py` take the same `ScorerArguments` and `EmbeddingArguments` and turn them
 into a `Scorer` and the embed-once store's `FillOptions` here, so a flag means one thing in both.
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nearid.cli import REQUIRED, lazy_module, option
+from nearid.cli import REQUIRED, lazy_module, option, save_arguments
 from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_device, resolve_precision
 
 scorers, store = lazy_module("nearid.scorers"), lazy_module("nearid.store")
+protocol, run_outputs = lazy_module("nearid.evaluation.protocol"), lazy_module("nearid.reports.run_outputs")
 # The KIND of KIND:MODEL baselines (the keys of nearid.scorers.SCORER_KINDS but nearid; a test keeps them equal).
 BASELINE_KINDS = ("clip", "dinov2", "dinov3", "siglip", "siglip-mean")
 # Extra advice for errors that the embedding commands raise (see `nearid.cli.user_errors`).
@@ -81,3 +82,18 @@ def fill_options(args, scorer) -> "store.FillOptions":
     return store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
                              skip_errors=args.skip_bad_images, device=scorer.device,
                              description=f"embedding ({scorer.kind_name})")
+
+
+def embed(index, args, state) -> tuple:
+    """(scorer, its embeddings of every image of `index`): the step every evaluate mode shares."""
+    scorer = load_scorer(args, state)
+    return scorer, protocol.embed_images(scorer, index, args.cache_dir, fill_options(args, scorer), state)
+
+
+def open_outputs(args, program: str) -> "run_outputs.RunOutputs":
+    """The output folder of a run of `program`'s mode or command `args.mode` (`run_outputs.RunOutputs`:
+    the previous run's files removed, `<mode>_results.json` written last), with the resolved
+    arguments saved first as `<mode>_args.json`."""
+    outputs = run_outputs.RunOutputs(args.output_dir, f"{args.mode}_results.json")
+    save_arguments(outputs.path(f"{args.mode}_args.json"), f"{program} {args.mode}", *args.groups.values())
+    return outputs

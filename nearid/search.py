@@ -12,7 +12,7 @@ A `SearchIndex` is a gallery of images embedded by one scorer, searchable by cos
     index.save("gallery_index")
     index = SearchIndex.load("gallery_index", embedder)  # refused if the embedder is another model
 
-Images are embedded through the one embed-once store (`nearid.evaluation.embed_images`): the same
+Images are embedded through the one embed-once store (`nearid.evaluation.protocol.embed_images`): the same
 decode and processor as evaluation, each image computed once per scorer, resumable, split between
 processes under torchrun / accelerate launch. Adding images to an index embeds only content the
 gallery does not hold yet; `sync` makes the gallery exactly the images listed (removed files leave).
@@ -52,11 +52,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from nearid import evaluation
-from nearid.data import readers
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.cli import DatasetSource
 from nearid.clustering import IdentityLinkage
+from nearid.data import readers
+from nearid.evaluation import protocol
 from nearid.images import find_images, link_problem, load_image
 from nearid.integrity import ALGORITHM, checksum_json, damaged, manifest, manifest_of_tree
 from nearid.io import atomic_write_json, read_json
@@ -98,8 +98,8 @@ class Embedder:
     options: FillOptions = field(default_factory=FillOptions)
     state: Any = None  # accelerate's PartialState when several processes embed together
 
-    def __call__(self, images: ImageIndex) -> evaluation.Embedded:
-        return evaluation.embed_images(self.scorer, images, self.cache_dir, self.options, self.state,
+    def __call__(self, images: ImageIndex) -> protocol.Embedded:
+        return protocol.embed_images(self.scorer, images, self.cache_dir, self.options, self.state,
                                        allow_none=True)
 
 

@@ -152,10 +152,21 @@ def test_a_command_run_from_a_fresh_interpreter_loads_its_lazy_modules(tmp_path)
     assert json.loads((tmp_path / "dreambench_results.json").read_text())["metrics"]["mh_object"] > 0.5
 
 
+def imported_modules(path) -> list:
+    """The modules a Python file imports by name (`import x`, `from x import y`) and lazily (`lazy_module("x")`)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and getattr(node.func, "id", None) == "lazy_module" and isinstance(node.args[0], ast.Constant)]
+    return imported
+
+
 def test_no_command_imports_another():
     """A command is parsing plus calls into the library; what two commands share lives in the package
     (demo.py, which runs the commands, aside)."""
-    import ast
     from pathlib import Path
 
     import nearid.commands
@@ -164,7 +175,18 @@ def test_no_command_imports_another():
     for path in sorted(folder.glob("*.py")):
         if path.stem in ("demo", "console", "__init__"):
             continue
-        tree = ast.parse(path.read_text())
-        imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
-        imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
-        assert not [name for name in imported if name.startswith("nearid.commands")], path.name
+        assert not [name for name in imported_modules(path) if name.startswith("nearid.commands")], path.name
+
+
+def test_the_library_imports_no_command():
+    """The programs behind the commands (nearid.evaluation, nearid.training, ...) are library: they never reach
+    back into a command for its arguments or steps."""
+    from pathlib import Path
+
+    import nearid
+
+    package = Path(nearid.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        if package / "commands" in path.parents:
+            continue
+        assert not [name for name in imported_modules(path) if name.startswith("nearid.commands")], path

@@ -4,6 +4,7 @@ import csv
 import json
 
 from nearid.commands import evaluate
+from nearid.evaluation import table1
 from tests.helpers import REPO_ROOT, user_error
 
 RATINGS = REPO_ROOT / "tests" / "data" / "dreambench_plus"
@@ -169,10 +170,10 @@ def test_table1_labels_this_runs_row_by_its_data(synthetic, tmp_path):
     args, _ = evaluate.parse_arguments([
         "table1", "--model", "my-model", "--positives", str(synthetic / "positives"),
         "--source", f"flux={synthetic / 'flux'}", "--mtg", str(synthetic / "mtg"), "--output-dir", str(tmp_path)])
-    evaluate.write_table1_outputs(args, {"nearid_ssr": 50.0}, ["flux"])
+    table1.write_outputs(args, {"nearid_ssr": 50.0}, ["flux"])
     table = (tmp_path / "table1.md").read_text()
     assert "| my-model (this run, synthetic data) | 50.00 |" in table
     assert "this run's row is on synthetic data" in table and "| NearID (paper) |" in table
     args.mtg = "abdo-eldesokey/mtg-dataset"  # the Hub's MTG beside synthetic NearID data: both named
-    evaluate.write_table1_outputs(args, {"nearid_ssr": 50.0}, ["flux"])
+    table1.write_outputs(args, {"nearid_ssr": 50.0}, ["flux"])
     assert "| my-model (this run, synthetic data + Hub data) |" in (tmp_path / "table1.md").read_text()

@@ -207,7 +207,7 @@ def test_failure_while_writing_does_not_leave_previous_results_vouching_for_new_
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(evaluate, "write_csv", full_disk)
+    monkeypatch.setattr("nearid.evaluation.nearid_benchmark.write_csv", full_disk)
     assert "No space left" in user_error(capsys, evaluate.main, run_args(synthetic / "positives",
                                                                          clean_sources(synthetic), tiny_repo, out))
     assert not (out / RESULTS).exists()  # the files present are a mix of two runs; none claims to be complete
@@ -223,8 +223,8 @@ def test_a_failing_plot_or_card_update_is_reported_and_the_results_are_still_wri
 
     card = tmp_path / "README.md"
     card.write_text("---\nlicense: mit\n---\n# A card\n")
-    monkeypatch.setattr(evaluate.plots, "plot_margin_histograms", no_matplotlib)
-    monkeypatch.setattr(evaluate.card, "update_model_card", broken_card)
+    monkeypatch.setattr("nearid.reports.plots.plot_margin_histograms", no_matplotlib)
+    monkeypatch.setattr("nearid.card.update_model_card", broken_card)
     # Read as Hub datasets at a recorded commit, so that the run does try to update the card.
     sources = {f"someone/nearid-mini-{name}": path for name, path in clean_sources(synthetic).items()}
     hub = serve_as_hub_datasets(monkeypatch, {"someone/nearid-mini": synthetic / "positives", **sources})

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from huggingface_hub import ModelCard
 
+from nearid import options
 from nearid.commands import evaluate
 from nearid.data import nearid_benchmark
 from tests.helpers import PixelScorer, draw_vector, serve_as_hub_datasets, user_error
@@ -50,7 +51,7 @@ def write_benchmark(root, a, b, distractors=DISTRACTORS):
 
 @pytest.fixture
 def pixels(monkeypatch):
-    monkeypatch.setattr(evaluate, "load_scorer", lambda args, state: PixelScorer())
+    monkeypatch.setattr(options, "load_scorer", lambda args, state: PixelScorer())
 
 
 def run(root, out, *extra, positives=None, flux=None):
@@ -147,7 +148,7 @@ def naive_retrieval(bench, test_rows, embed):
 
 
 def test_agrees_with_a_naive_loop_on_the_synthetic_benchmark(synthetic, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "load_scorer", lambda args, state: PixelScorer(side=64))
+    monkeypatch.setattr(options, "load_scorer", lambda args, state: PixelScorer(side=64))
     scores = evaluate.main(["retrieval", "--model", "pixels", "--positives", str(synthetic / "positives"),
                             "--source", f"flux={synthetic / 'flux'}", "--source", f"sdxl={synthetic / 'sdxl'}",
                             "--split-file", str(synthetic / "splits" / "test.json"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nearid.evaluation import embed_images
+from nearid.evaluation.protocol import embed_images
 from nearid.images import ImageLoadError
 from nearid.loading import resolve_model_folder
 from nearid.numerics import resolve_device

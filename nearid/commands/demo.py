@@ -19,9 +19,8 @@ Usage: python demo.py [--output-dir demo_outputs] [--num-identities 200] [--epoc
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid.commands import evaluate
-from nearid.commands import synthetic, train
 from nearid.cli import build_parser, lazy_module, option, parse, user_errors
+from nearid.commands import evaluate, synthetic, train
 from nearid.io import atomic_write_json, atomic_write_text
 from nearid.reports import tables
 

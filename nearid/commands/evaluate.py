@@ -27,38 +27,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import card, metrics, scoring
+from nearid import metrics
 from nearid.cli import (
     REQUIRED,
-    DatasetSource,
     NearIDSources,
     apply_published_splits,
     build_parser,
     lazy_module,
-    named_sources,
     option,
     parse,
-    save_arguments,
     user_errors,
 )
-from nearid.io import atomic_write_json, atomic_write_text, write_csv
-from nearid.options import (
-    HINTS,
-    Arguments,
-    EmbeddingArguments,
-    ScorerArguments,
-    fill_options,
-    load_scorer,
-    process_state,
-)
-from nearid.reports import plots, results_file, run_outputs, tables
+from nearid.options import HINTS, Arguments, EmbeddingArguments, ScorerArguments, process_state
 
-# torch, transformers and datasets come with these: loaded when a run first uses them, not for --help.
-evaluation, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
-                                                ("evaluation", "heatmaps", "images", "scorers", "store"))
-dreambench_files, nearid_benchmark, readers, score_inputs, split_files = (
-    lazy_module(f"nearid.data.{name}")
-    for name in ("dreambench_files", "nearid_benchmark", "readers", "score_inputs", "split_files"))
+# torch, transformers and datasets come with the library: loaded when a run first uses it, not for --help.
+scorers = lazy_module("nearid.scorers")
 
 # --- arguments -------------------------------------------------------------------------------------
 
@@ -262,356 +245,36 @@ def check_score_inputs(args: Arguments) -> None:
                          "use its method column")
 
 
-# --- shared steps ----------------------------------------------------------------------------------
+# --- running a mode ------------------------------------------------------------------------------
+
+# The library module that runs each mode (`nearid.evaluation.<module>.run`).
+RUNS = {mode: lazy_module(f"nearid.evaluation.{module}") for mode, module in (
+    ("nearid", "nearid_benchmark"), ("retrieval", "retrieval"), ("mtg", "mtg"), ("dreambench", "dreambench"),
+    ("score", "score"), ("table1", "table1"))}
 
 
-def embed(index, args, state) -> tuple:
-    """(scorer, its embeddings of every image of `index`): the step every mode shares."""
-    scorer = load_scorer(args, state)
-    return scorer, evaluation.embed_images(scorer, index, args.cache_dir, fill_options(args, scorer), state)
-
-
-def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, stats, split_file=None):
-    prov = results_file.provenance(scorer_provenance, datasets, split_file, extra={"embedding": stats})
-    return results_file.results_document(benchmark, scorer_provenance, metrics_, prov, skipped)
-
-
-def record_model_index(args, outputs, benchmark, values, split, model_name, data) -> None:
-    """With --model-index CARD, the headline metrics into the card's model-index (a failure is a warning).
-
-    data: the provenance of the datasets measured on; results are filed only under a Hub dataset
-    read at a recorded revision (`card.benchmark_results`), never as local data under a Hub id.
-    """
-    if not args.model_index:
-        return
-    results = card.benchmark_results(benchmark, values or {}, split, data)
-    if not results:
-        print(f"No finite {benchmark} headline metric to record; {args.model_index} left as it was.")
-        return
-    if not results[0].dataset_type:
-        warning = (f"--model-index {args.model_index}: not updated. The {benchmark} data was not read from the Hub at "
-                   "a recorded revision, and a model-index result names the Hub dataset it was measured on; "
-                   "results on local data would show on the Hub as results on the benchmark. Evaluate the Hub "
-                   "dataset to record them.")
-        outputs.warnings.append(warning)
-        print(f"warning: {warning}", file=sys.stderr)
-        return
-    name = args.model_index_name or card.card_model_name(args.model_index) or Path(model_name.rstrip("/")).name
-    if outputs.optional(f"updating the model card {args.model_index}", card.update_model_card, args.model_index,
-                        name, results):
-        print(f"Recorded {', '.join(r.metric_name for r in results)} in the model-index of {args.model_index} "
-              f"(model {name!r}).")
-
-
-# --- nearid ----------------------------------------------------------------------------------------
-
-
-def embed_benchmark(bench, args, state) -> tuple:
-    """(view keys, distractor keys by source, scorer, embeddings) of every image of a joined NearID benchmark."""
-    index = store.ImageIndex(args.skip_bad_images)
-    view_keys, source_keys = evaluation.nearid_keys(bench, index)
-    scorer, embedded = embed(index, args, state)
-    return view_keys, source_keys, scorer, embedded
-
-
-def run_nearid(args, state):
-    bench, dataset_provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(args.positives),
-                                                                named_sources(args.source))
-    if args.split_file:
-        bench = bench.select(split_files.load_split_indices(args.split_file, len(bench)))
-    view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
-    if not state.is_main_process:
-        return None
-    margins = evaluation.nearid_margins_by_source(embedded.vectors, view_keys, source_keys, embedded.vectors.dim)
-    summary = evaluation.nearid_summary(margins)
-    write_nearid_outputs(args, scorer, bench, margins, summary, embedded, dataset_provenance)
-    return {**summary, "embedding": embedded.stats}
-
-
-def nearid_tables(spec: str, summary: dict) -> str:
-    """Per-source table, then Table 1's row only when the 7 Table-1 settings were all given."""
-    table = tables.per_source_markdown(summary["per_source"])
-    if "table1_average" in summary:
-        return table + "\n" + tables.table1_markdown({spec: tables.table1_row(nearid=summary["table1_average"])})
-    pooled = summary.get("pooled_given")
-    note = (f"Pooled over the given sources ({pooled['n_samples']} samples): SSR {pooled['ssr']:.2f}, PA "
-            f"{pooled['pa']:.2f}. This is not Table 1's NearID column, which pools the 7 settings "
-            f"{', '.join(metrics.NEARID_TABLE1_SOURCES)}.\n") if pooled else ""
-    return table + "\n" + note
-
-
-def write_nearid_outputs(args, scorer, bench, margins, summary, embedded, dataset_provenance):
-    outputs = run_outputs.RunOutputs(args.output_dir, "nearid_results.json")
-    save_arguments(outputs.path("nearid_args.json"), "evaluate.py nearid", *args.groups.values())
-    table = nearid_tables(scorer.spec, summary)
-    ids = list(bench.positives.select_columns(["id"])["id"])
-    write_csv(outputs.path("nearid_per_sample.csv"), evaluation.nearid_rows(ids, margins))
-    atomic_write_text(outputs.path("nearid_table.md"), table)
-    outputs.optional("plotting nearid_margins.png", plots.plot_margin_histograms,
-                     outputs.path("nearid_margins.png"), {n: m[v] for n, (m, v) in margins.items()}, scorer.spec)
-    outputs.optional("plotting nearid_ssr_pa.png", plots.plot_ssr_pa, outputs.path("nearid_ssr_pa.png"),
-                     summary["per_source"], scorer.spec)
-    split = Path(args.split_file).stem if args.split_file else "train"
-    headline = evaluation.nearid_headline(summary)
-    record_model_index(args, outputs, "nearid", headline, split, scorer.spec, list(dataset_provenance.values()))
-    outputs.finish(results_document("nearid", scorer.provenance(), summary, list(dataset_provenance.values()),
-                                    embedded.skipped, embedded.stats, args.split_file))
-    print(table)
-
-
-# --- retrieval -------------------------------------------------------------------------------------
-
-
-def run_retrieval(args, state):
-    bench, dataset_provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(args.positives),
-                                                                named_sources(args.source))
-    test_rows = (split_files.load_split_indices(args.split_file, len(bench)) if args.split_file
-                 else list(range(len(bench))))
-    val_rows = split_files.load_split_indices(args.val_split_file, len(bench)) if args.val_split_file else []
-    split_files.check_disjoint({"--split-file": test_rows, "--val-split-file": val_rows})
-    # One selection for both splits: the image index names every dataset once.
-    bench = bench.select(test_rows + val_rows)
-    view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)
-    if not state.is_main_process:
-        return None
-    scores, rows = evaluation.retrieval_benchmark(bench, view_keys, source_keys, embedded.vectors, test_rows, val_rows)
-    write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_provenance)
-    return {**scores, "embedding": embedded.stats}
-
-
-def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_provenance):
-    outputs = run_outputs.RunOutputs(args.output_dir, "retrieval_results.json")
-    save_arguments(outputs.path("retrieval_args.json"), "evaluate.py retrieval", *args.groups.values())
-    table = tables.retrieval_markdown({scorer.spec: scores}) + (
-        f"\n{scores['n_queries']} queries; gallery of {scores['n_gallery']} images ({scores['n_views']} views, "
-        f"{scores['n_distractors']} distractors of {', '.join(named_sources(args.source))}); clustering threshold "
-        f"{scores['cluster_threshold']:.4f}, chosen on the {scores['cluster_threshold_split']}.\n")
-    write_csv(outputs.path("retrieval_per_query.csv"), rows)
-    atomic_write_text(outputs.path("retrieval_table.md"), table)
-    outputs.optional("plotting retrieval_scores.png", plots.plot_retrieval, outputs.path("retrieval_scores.png"),
-                     scores, scorer.spec)
-    split = Path(args.split_file).stem if args.split_file else "train"
-    record_model_index(args, outputs, "retrieval", scores, split, scorer.spec, list(dataset_provenance.values()))
-    outputs.finish(results_document("retrieval", scorer.provenance(), scores, list(dataset_provenance.values()),
-                                    embedded.skipped, embedded.stats, args.split_file))
-    print(table)
-
-
-# --- mtg -------------------------------------------------------------------------------------------
-
-
-def run_mtg(args, state):
-    dataset, dataset_provenance = readers.open_mtg(DatasetSource.parse(args.mtg), args.split)
-    index = store.ImageIndex(args.skip_bad_images)
-    keys, row_skipped = evaluation.mtg_keys(dataset, index)
-    oracles, oracle_skipped = evaluation.mtg_oracles(dataset, args.skip_bad_images)
-    scorer, embedded = embed(index, args, state)
-    if not state.is_main_process:
-        return None
-    skipped = embedded.skipped + row_skipped + oracle_skipped
-    sims = evaluation.mtg_similarities(embedded.vectors, keys, embedded.vectors.dim)
-    scored = evaluation.mtg_scored_rows(sims, oracles)
-    if scored.sum() < 2:
-        raise ValueError(f"only {int(scored.sum())} of {len(dataset)} MTG rows could be scored; the correlations "
-                         f"need at least 2. Left out: {skipped[:3]}")
-    scores = metrics.mtg_scores(*(sims[name][scored] for name, _, _ in evaluation.MTG_SIMILARITIES),
-                                oracles[scored, 0], oracles[scored, 1])
-    scores.update(n_rows_dataset=len(dataset), n_rows_unscored=int((~scored).sum()))
-    write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_provenance, embedded.stats)
-    return {**scores, "embedding": embedded.stats}
-
-
-def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_provenance, stats):
-    outputs = run_outputs.RunOutputs(args.output_dir, "mtg_results.json")
-    save_arguments(outputs.path("mtg_args.json"), "evaluate.py mtg", *args.groups.values())
-    table = tables.mtg_markdown(scorer.spec, scores, evaluation.MTG_CORRELATIONS)
-    scored = evaluation.mtg_scored_rows(sims, oracles)
-    write_csv(outputs.path("mtg_per_sample.csv"), evaluation.mtg_rows(sims, oracles))
-    atomic_write_text(outputs.path("mtg_table.md"), table)
-    outputs.optional("plotting mtg_similarity_vs_oracle.png", plots.plot_mtg_similarity_vs_oracle,
-                     outputs.path("mtg_similarity_vs_oracle.png"), {k: v[scored] for k, v in sims.items()},
-                     oracles[scored], scores, scorer.spec, evaluation.MTG_SIMILARITIES, evaluation.MTG_CORRELATIONS)
-    record_model_index(args, outputs, "mtg", scores, args.split, scorer.spec, dataset_provenance)
-    outputs.finish(results_document("mtg", scorer.provenance(), scores, [dataset_provenance], skipped, stats))
-    print(table)
-
-
-# --- dreambench ------------------------------------------------------------------------------------
-
-
-def dreambench_from_images(args, state) -> tuple:
-    """({method: {key: 100 x cosine}}, scorer provenance with the embedding stats, skipped list)."""
-    methods = args.methods or dreambench_files.dreambench_methods(args.samples)
-    index = store.ImageIndex(args.skip_bad_images)
-    pairs = evaluation.dreambench_pairs_index(args.samples, methods, index)
-    scorer, embedded = embed(index, args, state)
-    return (evaluation.dreambench_scores(pairs, embedded.vectors),
-            {**scorer.provenance(), "embedding": embedded.stats}, embedded.skipped)
-
-
-def run_dreambench(args, state):
-    if args.scores_from:
-        methods = args.methods or list(metrics.DREAMBENCH_METHODS)
-        scores = dreambench_files.load_dreambench_scores(args.ratings, args.scores_from, methods)
-        scorer, skipped = {"spec": f"score files {args.scores_from}"}, []
-    else:
-        scores, scorer, skipped = dreambench_from_images(args, state)
-        methods = list(scores)
-    if not state.is_main_process:
-        return None
-    human = dreambench_files.load_dreambench_human(args.ratings, methods)
-    result = metrics.dreambench_mh(scores, human, methods, scorer=scorer["spec"])
-    write_dreambench_outputs(args, scorer, scores, result, skipped)
-    return result
-
-
-def write_dreambench_outputs(args, scorer, scores, result, skipped):
-    outputs = run_outputs.RunOutputs(args.output_dir, "dreambench_results.json")
-    save_arguments(outputs.path("dreambench_args.json"), "evaluate.py dreambench", *args.groups.values())
-    if not args.scores_from:
-        for method, method_scores in scores.items():  # the published per-image score format
-            atomic_write_json(outputs.path(f"dreambench_scores/{method}.json"), method_scores)
-    table = tables.table1_markdown({scorer["spec"]: tables.table1_row(dreambench=result)})
-    table += tables.dreambench_note(result)
-    atomic_write_text(outputs.path("dreambench_table.md"), table)
-    ratings = {"kind": "local", "path": str(Path(args.ratings).resolve())}  # the authors' rating files
-    record_model_index(args, outputs, "dreambench", result, None, scorer["spec"], ratings)
-    prov = results_file.provenance(scorer, [ratings])
-    outputs.finish(results_file.results_document("dreambench", scorer, result, prov, skipped,
-                                                 notes=tables.DREAMBENCH_NOTES))
-    print(table)
-    print(f"MH per category: {tables.mh_per_category(result)}")
-
-
-# --- score -----------------------------------------------------------------------------------------
-
-
-def run_score(args, state):
-    unused = []
-    if args.references:
-        items, ignored, unused = score_inputs.score_items_from_subject_folders(args.references, args.generations,
-                                                                               args.methods or None)
-        source = args.generations
-    elif args.samples:
-        items, ignored = score_inputs.score_items_from_layout(args.samples, args.methods or None)
-        source = args.samples
-    else:
-        items, ignored, source = score_inputs.read_score_metadata(args.metadata, args.images), [], args.metadata
-    index = store.ImageIndex(args.skip_bad_images)
-    generated, references = scoring.index_items(items, index)
-    scorer, embedded = embed(index, args, state)
-    if not state.is_main_process:
-        return None
-    records, unscored = scoring.score_records(items, generated, references, embedded.vectors)
-    if not records:
-        raise images.ImageLoadError(f"none of the {len(items)} generated images could be scored: {unscored[:3]}")
-    summary = scoring.summarize_scores(records, unscored)
-    skipped = scoring.left_out(embedded.skipped, unscored, ignored)
-    write_score_outputs(args, scorer, records, summary, skipped, source, embedded.stats, items, unused)
-    return {"summary": summary, "records": records, "skipped": skipped, "embedding": embedded.stats,
-            "unused_references": [{"references": folder, "method": method} for folder, method in unused]}
-
-
-def write_score_outputs(args, scorer, records, summary, skipped, source, stats, items, unused=()):
-    outputs = run_outputs.RunOutputs(args.output_dir, "score_results.json")
-    save_arguments(outputs.path("score_args.json"), "evaluate.py score", *args.groups.values())
-    markdown = scoring.summary_markdown(summary, skipped, unused)
-    write_csv(outputs.path("score_per_image.csv"), [{k: v for k, v in r.items() if k != "references"}
-                                                     for r in records])
-    atomic_write_json(outputs.path("score_per_image.json"), records)
-    atomic_write_text(outputs.path("score_summary.md"), markdown)
-    outputs.optional("plotting score_distributions.png", plots.plot_score_distributions,
-                     outputs.path("score_distributions.png"), records, scorer.spec)
-    if args.heatmaps:
-        outputs.optional("drawing the heatmap contact sheets", write_heatmap_sheets, outputs, scorer, records, items,
-                         args.heatmaps)
-    prov = results_file.provenance(scorer.provenance(), [{"kind": "local", "path": str(Path(source).resolve())}],
-                                   extra={"embedding": stats})
-    document = results_file.results_document("score", scorer.provenance(), summary, prov, skipped)
-    outputs.finish({**document, "unused_references": [{"references": folder, "method": method}
-                                                      for folder, method in unused]})
-    print(markdown)
-
-
-def write_heatmap_sheets(outputs, scorer, records, items, count: int) -> None:
-    paths = {(item.method, item.subject, item.generated): item for item in items}
-    for (method, subject), lowest in heatmaps.lowest_scoring(records, count).items():
-        name = f"heatmaps/{method}__{subject}.png".replace(" ", "_")
-        heatmaps.score_sheet(outputs.path(name), scorer,
-                             [(record, paths[method, subject, record["generated"]]) for record in lowest])
-
-
-# --- table1 ----------------------------------------------------------------------------------------
-
-
-def run_table1(args, state):
-    """The nearid, mtg and dreambench modes for one model, then its Table-1 row beside the paper's."""
+def table1_modes(args: Arguments) -> dict:
+    """The arguments of the modes a table1 run runs, each into its own folder under --output-dir."""
     common = {ScorerArguments: args.groups[ScorerArguments], EmbeddingArguments: args.groups[EmbeddingArguments],
               ModelIndexArguments: ModelIndexArguments()}
     out = Path(args.output_dir)
 
     def mode(name, group):
-        groups = {type(group): group, **common, OutputArguments: OutputArguments(str(out / name))}
-        return RUNS[name](Arguments(name, groups), state)
+        return Arguments(name, {type(group): group, **common, OutputArguments: OutputArguments(str(out / name))})
 
-    nearid = mode("nearid", NearIDArguments(positives=args.positives, source=args.source,
-                                            split_file=args.split_file))
-    mtg = mode("mtg", MTGArguments(mtg=args.mtg, split=args.mtg_split))
-    dreambench = None
+    modes = {"nearid": mode("nearid", NearIDArguments(positives=args.positives, source=args.source,
+                                                      split_file=args.split_file)),
+             "mtg": mode("mtg", MTGArguments(mtg=args.mtg, split=args.mtg_split))}
     if args.ratings and args.samples:
-        dreambench = mode("dreambench", DreamBenchArguments(ratings=args.ratings, samples=args.samples))
-    if not state.is_main_process:
-        return None
-    headline = evaluation.nearid_headline(nearid)
-    row = tables.table1_row(nearid=headline, mtg=mtg, dreambench=dreambench)
-    write_table1_outputs(args, row, list(named_sources(args.source)))
-    return row
+        modes["dreambench"] = mode("dreambench", DreamBenchArguments(ratings=args.ratings, samples=args.samples))
+    return modes
 
 
-def write_table1_outputs(args, row, sources):
-    outputs = run_outputs.RunOutputs(args.output_dir, "table1_results.json")
-    save_arguments(outputs.path("table1_args.json"), "evaluate.py table1", *args.groups.values())
-    origin = table1_data_origin(args)
-    rows = {f"{args.model} (this run, {origin})": row,
-            **{name: dict(zip((k for _, k, _ in tables.TABLE1_COLUMNS), values))
-               for name, values in tables.PAPER_TABLE1.items()}}
-    table = tables.table1_markdown(rows, nearid_sources=sources)
-    notes = [f"Data: this run's row is on {origin}; the (paper) rows are the paper's Table 1 on the published "
-             "benchmarks." + (" Synthetic data (written by nearid.synthetic) shows that the pipeline runs; its "
-                              "numbers say nothing about the published benchmarks." if "synthetic" in origin else ""),
-             "NearID columns: " + nearid_rows_note(args.split_file),
-             "DB++ column: " + ("the object category of the DreamBench++ samples scored here." if args.samples else
-                                "not evaluated (give --ratings and --samples).")]
-    text = table + "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
-    atomic_write_text(outputs.path("table1.md"), text)
-    outputs.finish({"benchmark": "table1", "model": args.model, "row": row, "notes": notes,
-                    "outputs": {name: str(Path(args.output_dir) / name) for name in ("nearid", "mtg", "dreambench")}})
-    print(text)
-
-
-def nearid_rows_note(split_file) -> str:
-    """Which NearID rows a Table-1 row was computed on, and whether that is comparable to the paper."""
-    if split_file and Path(split_file).resolve() == split_files.published_split_file("test").resolve():
-        return "the authors' published test split (500 rows), as in the paper."
-    if split_file:
-        return f"the rows of {split_file}."
-    return ("every row of the positives (no --split-file), which is not the paper's test split: these numbers are "
-            "not comparable to the paper's.")
-
-
-def table1_data_origin(args) -> str:
-    """"synthetic data", "local data", "Hub data" or a mix ("synthetic data + Hub data"): where the row's data came
-    from, so a row on other data is never read as one on the paper's benchmarks."""
-    used = [args.positives, *named_sources(args.source).values(), args.mtg] + ([args.samples] if args.samples else [])
-    origins = {readers.data_origin(DatasetSource.parse(str(source)).location) for source in used}
-    return " + ".join(f"{'Hub' if origin == 'hub' else origin} data"
-                      for origin in ("synthetic", "local", "hub") if origin in origins)
-
-
-# --- command line ----------------------------------------------------------------------------------
-
-RUNS = {"nearid": run_nearid, "retrieval": run_retrieval, "mtg": run_mtg, "dreambench": run_dreambench,
-        "score": run_score, "table1": run_table1}
+def run(args: Arguments, state):
+    """The mode's run in the library; table1 gets the arguments of the modes it runs."""
+    if args.mode == "table1":
+        return RUNS["table1"].run(args, state, table1_modes(args))
+    return RUNS[args.mode].run(args, state)
 
 
 def main(argv=None):
@@ -625,7 +288,7 @@ def main(argv=None):
         state = process_state(device)
         if state.is_main_process and notes:
             print("\n".join(notes))
-        return RUNS[args.mode](args, state)
+        return run(args, state)
 
 
 if __name__ == "__main__":

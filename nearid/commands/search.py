@@ -32,9 +32,10 @@ from nearid.options import (
     ScorerArguments,
     fill_options,
     load_scorer,
+    open_outputs,
     process_state,
 )
-from nearid.reports import plots, results_file, run_outputs
+from nearid.reports import plots, results_file
 
 # torch, transformers, datasets and faiss come with these: loaded when a run first uses them, not for --help.
 readers, scorers, gallery, shown = (lazy_module(f"nearid.{name}") for name in
@@ -207,8 +208,7 @@ def run_query(args, state):
 
 
 def write_query_outputs(args, index, result, records, heatmap_scorer=None):
-    outputs = run_outputs.RunOutputs(args.output_dir, "query_results.json")
-    save_arguments(outputs.path("query_args.json"), "search.py query", *args.groups.values())
+    outputs = open_outputs(args, "search.py")
     write_csv(outputs.path("query_results.csv"), records)
     gone = shown.missing_files(records)
     if gone:
@@ -247,8 +247,7 @@ def run_cluster(args, state):
 
 
 def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
-    outputs = run_outputs.RunOutputs(args.output_dir, "cluster_results.json")
-    save_arguments(outputs.path("cluster_args.json"), "search.py cluster", *args.groups.values())
+    outputs = open_outputs(args, "search.py")
     write_csv(outputs.path("clusters.csv"), records)
     for group, rows in shown.large_clusters(clusters, args.sheet_min_size)[:args.max_sheets]:
         name = f"cluster_sheets/cluster_{group:04d}.png"

@@ -1,6 +1,6 @@
 """Training NearID's pooling head: the library behind `train.py`.
 
-- `inputs`: the training set, the held-out sets (`evaluation.nearid_keys` over split rows) and the
+- `inputs`: the training set, the held-out sets (`protocol.nearid_keys` over split rows) and the
   head's input provider (the embed-once token store, or the backbone at every step).
 - `loop`: the run state (`Run`), `make_run`, `train_step`, `validate`, `train`.
 - `state`: checkpoint save and exact resume, the resume-settings check, the log trimmed to a step.

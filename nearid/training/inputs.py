@@ -6,10 +6,11 @@ from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import evaluation, tokens, training_data
 from nearid import store as embedding_store
-from nearid.data import nearid_benchmark, readers, split_files
+from nearid import tokens, training_data
 from nearid.cli import DatasetSource, named_sources
+from nearid.data import nearid_benchmark, readers, split_files
+from nearid.evaluation import protocol
 
 # What a token store that does not fit on its disk can do instead (said before any token is computed).
 DISK_OPTIONS = ("store int8 tokens (--cache-dtype int8, half of float16), train on fewer distractor sources "
@@ -29,7 +30,7 @@ class HeldOutSet:
 def held_out_set(benchmark, rows, name, skip_errors):
     """Image keys of held-out rows, as the evaluation takes them; `where` in errors names the dataset row."""
     items = embedding_store.ImageIndex(skip_errors)
-    views, distractors = evaluation.nearid_keys(benchmark, items, rows, split=name)
+    views, distractors = protocol.nearid_keys(benchmark, items, rows, split=name)
     return HeldOutSet(name, views, distractors, items)
 
 

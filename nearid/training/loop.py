@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nearid import evaluation, tokens, training_data
+from nearid import tokens, training_data
+from nearid.evaluation import protocol
 from nearid.loss import nearid_loss
 from nearid.training.state import save_checkpoint
 
@@ -99,12 +100,12 @@ def train_step(run, epoch, batch):
 
 
 def held_out_scores(held, embeddings):
-    """The evaluation's NearID summary of a held-out set (`evaluation.nearid_summary`), and under "pooled"
-    the headline a model card publishes (`evaluation.nearid_headline`: FluxC never in it)."""
+    """The evaluation's NearID summary of a held-out set (`protocol.nearid_summary`), and under "pooled"
+    the headline a model card publishes (`protocol.nearid_headline`: FluxC never in it)."""
     dim = len(next(iter(embeddings.values())))
-    margins = evaluation.nearid_margins_by_source(embeddings, held.views, held.distractors, dim)
-    summary = evaluation.nearid_summary(margins)
-    return {**summary, "pooled": evaluation.nearid_headline(summary)}
+    margins = protocol.nearid_margins_by_source(embeddings, held.views, held.distractors, dim)
+    summary = protocol.nearid_summary(margins)
+    return {**summary, "pooled": protocol.nearid_headline(summary)}
 
 
 def validate(run, name="val"):

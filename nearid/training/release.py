@@ -6,7 +6,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from nearid import card, evaluation
+from nearid import card
+from nearid.evaluation import protocol
 from nearid.reports import plots, results_file, run_outputs
 from nearid.training.loop import validate
 
@@ -42,14 +43,14 @@ def export(run, processor, base_model, all_args, final, provenance):
     final: (split, scores of `validate`) or None. provenance: {"positives": ..., <source>: ..., "mtg": ...}
     as `inputs.load_data` recorded them; the card names a dataset by Hub id only when it was read from
     the Hub at a recorded revision. The card's numbers are the headline `evaluate.py --model-index`
-    records (`evaluation.nearid_headline`).
+    records (`protocol.nearid_headline`).
     """
     from nearid.hub import export_hub_folder
 
     args = run.args
     split, scores = final if final else (None, None)
     evaluated = [p for name, p in provenance.items() if name != "mtg"]  # the final evaluation's data
-    headline = evaluation.nearid_headline(scores) if scores else None
+    headline = protocol.nearid_headline(scores) if scores else None
     results = card.benchmark_results("nearid", headline, split, evaluated) if headline else None
     model_card = {"repo_id": args.push_to_hub, "base_model": base_model,
                   "datasets": list(provenance.values()), "training_args": all_args, "results": results,
