@@ -195,8 +195,8 @@ def main(argv=None):
 def run_training(data_args, model_args, args):
     check_arguments(data_args, args)
     split_notes = apply_published_splits([data_args], data_args.positives, {"val_split": "val", "test_split": "test"})
-    # Resolved before anything records it: "auto" is bf16 on a CUDA GPU, none elsewhere.
-    args.mixed_precision = resolve_precision(args.mixed_precision, "auto")
+    # Resolved before anything records it, on the device this process trains on, as evaluate.py does on --device.
+    args.mixed_precision = resolve_precision(args.mixed_precision, tracking.run_device())
     accelerator = tracking.make_accelerator(args)
     for note in split_notes:
         accelerator.print(note)
