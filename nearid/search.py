@@ -56,7 +56,7 @@ from nearid.cli import DatasetSource
 from nearid.clustering import IdentityLinkage
 from nearid.images import find_images, link_problem, load_image
 from nearid.integrity import ALGORITHM, checksum_json, damaged, manifest, manifest_of_tree
-from nearid.io import atomic_write_json, read_json, replacing_folder, set_aside_path
+from nearid.io import atomic_write_json, read_json, recover_folder, replacing_folder, set_aside_path
 from nearid.locking import one_writer
 from nearid.store import FillOptions, ImageIndex
 
@@ -541,11 +541,13 @@ def lock_file(folder: Path) -> Path:
 @contextmanager
 def one_writer_of(folder, state=None):
     """Hold the lock of the index in `folder` for the block: the main process takes it for all processes of
-    its run (`state`, accelerate's PartialState, None for this process alone); others wait, saying who holds it."""
+    its run (`state`, accelerate's PartialState, None for this process alone); others wait, saying who holds it.
+    The holder first puts back an index that a killed save left set aside (`recover_folder`)."""
     folder = Path(folder)
     with ExitStack() as stack:
         if state is None or state.is_main_process:
             stack.enter_context(one_writer(lock_file(folder), f"the search index in {folder}"))
+            recover_folder(folder)
         if state is not None:
             state.wait_for_everyone()  # no process loads the index before its run holds the lock
         yield
