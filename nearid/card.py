@@ -261,7 +261,8 @@ def readme_section(title: str) -> str:
 
 def write_model_card(folder, *, base_model: str, datasets: Sequence[str], training_args: Mapping,
                      results: Sequence | None = None, repo_id: str | None = None,
-                     summary_table: str | None = None, model_name: str | None = None) -> Path:
+                     summary_table: str | None = None, model_name: str | None = None,
+                     base_model_commit: str | None = None) -> Path:
     """Write `folder/README.md`, the model card of an exported NearID repo, in one step.
 
     Args:
@@ -279,6 +280,8 @@ def write_model_card(folder, *, base_model: str, datasets: Sequence[str], traini
         repo_id: the Hub id the folder is published as, used in the quick start.
         summary_table: markdown shown under "Evaluation"; without it the results are listed there.
         model_name: the card's title and `model-index` name; default `repo_id`, else the folder's name.
+        base_model_commit: the Hub commit the base model was read at (`nearid.loading.ResolvedModel`);
+            named beside it when given.
 
     Each thing the card lacks for it (`card_warnings`) is a `CardWarning` (a `UserWarning`).
     """
@@ -312,7 +315,7 @@ def write_model_card(folder, *, base_model: str, datasets: Sequence[str], traini
         f"[arXiv 2604.01973]({PAPER_URL})). Use it to score identity preservation of personalized "
         "generation, or to retrieve and cluster images by identity.",
         _quick_start(repo_id),
-        "## Model details\n\n" + _markdown_table(["", ""], _model_facts(folder, base_model)),
+        "## Model details\n\n" + _markdown_table(["", ""], _model_facts(folder, base_model, base_model_commit)),
         "## Training\n\nDatasets:\n\n" + "".join(f"- {_dataset_line(d)}\n" for d in datasets)
         + "\nTraining arguments:\n\n"
         + _markdown_table(["argument", "value"], [(f"`{k}`", _code(v)) for k, v in training_args.items()]),
@@ -354,9 +357,10 @@ def _dataset_line(dataset) -> str:
     return _hub_link(hub_id, "datasets/") + (f" at revision `{revision}`" if revision else "")
 
 
-def _model_facts(folder, base_model) -> list:
+def _model_facts(folder, base_model, commit=None) -> list:
     base = _hub_link(base_model) if is_hub_id(base_model) else \
         f"a local SigLIP checkpoint `{Path(str(base_model)).name}`"
+    base += f" at commit `{commit}`" if commit else ""
     rows = [("base model", f"{base}: the frozen vision encoder; the trained head starts "
                            "as a copy of its attention-pooling head"),
             ("architecture", "SigLIP vision transformer (frozen) + multi-head attention-pooling (MAP) head "

@@ -23,14 +23,13 @@ the newest earlier checkpoint that verifies offered instead.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from nearid.integrity import damaged, manifest
-from nearid.io import atomic_path, atomic_write_json, explain_disk_error, is_disk_full, read_json
+from nearid.io import atomic_path, atomic_write_json, read_json, replacing_folder
 
 PREFIX = "step-"
 CHECKSUMS = "checksums.json"
@@ -73,14 +72,11 @@ def resolve(output_dir, wanted: str | None) -> Path | None:
 
 
 def save(folder, head, optimizer, scheduler, scaler, position: dict, keep: int) -> Path:
-    """Write a checkpoint of the (unwrapped) `head` into `folder` (staging, then rename); keep the newest `keep`."""
+    """Write a checkpoint of the (unwrapped) `head` into `folder` (`replacing_folder`); keep the newest `keep`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    staging = folder.parent / f".{folder.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with replacing_folder(folder) as staging:
         tensors, groups = _optimizer_parts(optimizer)
         with atomic_path(staging / "head.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp))
@@ -93,13 +89,6 @@ def save(folder, head, optimizer, scheduler, scaler, position: dict, keep: int) 
         atomic_write_json(staging / "position.json", position)  # its presence means complete
         written = [path.name for path in staging.iterdir() if not path.name.startswith(".")]
         atomic_write_json(staging / CHECKSUMS, {"files": manifest(staging, written)})
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if is_disk_full(error) and not isinstance(error, OSError):
-            raise explain_disk_error(error, staging) from error
-        raise
     for old in completed(folder.parent.parent)[:-keep]:
         shutil.rmtree(old)
     return folder

@@ -31,6 +31,7 @@ import typing
 from contextlib import contextmanager
 from pathlib import Path
 
+from nearid.hub_ids import split_revision
 from nearid.io import atomic_write_json, folder_problem
 
 REQUIRED = dataclasses.MISSING  # `option(REQUIRED, ...)`: the flag must be given
@@ -245,10 +246,7 @@ class DatasetSource:
     @classmethod
     def parse(cls, text: str) -> "DatasetSource":
         """`SRC` or `SRC@REVISION`; an existing local path keeps any '@' in its name."""
-        location, sep, revision = text.rpartition("@")
-        if not sep or Path(text).expanduser().exists() or "/" in revision or not location:
-            return cls(text)
-        return cls(location, revision)
+        return cls(*split_revision(text))
 
     def __str__(self) -> str:
         return self.location if self.revision is None else f"{self.location}@{self.revision}"

@@ -12,11 +12,9 @@ A folder written here loads with `AutoModel.from_pretrained(folder, trust_remote
 """
 
 import json
-import os
 import shlex
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 
 from nearid.card import check_card_metadata, write_model_card
 from nearid.cli import REQUIRED, build_parser, option, parse, user_errors
+from nearid.io import replacing_folder
 from nearid.resources import checkout_root, remote_code_file
 
 REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
@@ -60,19 +59,11 @@ def export_hub_folder(model, image_processor, folder, dtype=torch.float16, overw
         raise FileExistsError(
             f"{folder} already exists and is not empty. Choose another folder or pass overwrite=True."
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with replacing_folder(folder) as staging:
         _write_folder(model, image_processor, staging, dtype)
         if model_card is not None:
             # The staging folder has a temporary name: name the card after the destination.
             write_model_card(staging, **{"model_name": model_card.get("repo_id") or folder.name, **model_card})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return folder
 
 

@@ -5,6 +5,9 @@ A repo id is `owner/name`; a dataset may also be a canonical `name` without owne
 with a letter or digit and holds letters, digits, `_`, `.` and `-`, never `..`. A string that also
 names an existing local path is a path, never a Hub id: a folder called `owner/name` in the working
 folder is read from disk, as `from_pretrained` does.
+
+A model or dataset given on the command line may pin a Hub revision as `SRC@REVISION`
+(`split_revision`).
 """
 
 from __future__ import annotations
@@ -26,3 +29,12 @@ def looks_like_hub_id(text, *, namespace: bool = True) -> bool:
 def is_hub_id(text, *, namespace: bool = True) -> bool:
     """`text` has the form of a Hub repo id and is not an existing local path."""
     return looks_like_hub_id(text, namespace=namespace) and not Path(text).expanduser().exists()
+
+
+def split_revision(text: str) -> tuple:
+    """`SRC@REVISION` -> (SRC, REVISION); `SRC` -> (SRC, None). An existing local path keeps any '@' in its
+    name, and so does a text whose '@' is followed by a folder ('dir@2x/file')."""
+    location, sep, revision = text.rpartition("@")
+    if not sep or Path(text).expanduser().exists() or "/" in revision or not location:
+        return text, None
+    return location, revision

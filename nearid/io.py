@@ -4,6 +4,12 @@ A file written here is complete or absent: it is written to a temporary name bes
 destination and renamed (`os.replace`), so an interrupted run leaves the old file or the new one,
 never a partial one. Temporary files get the normal permissions of the user's umask (not the 0600
 of `tempfile.mkstemp`), and an existing file keeps its mode when replaced.
+
+A folder (a checkpoint, an exported Hub repo, a search index) is replaced the same way by
+`replacing_folder`: written under `.NAME.partial` beside it, then swapped in. No platform renames a
+folder onto a non-empty one, so the old folder is first renamed to `.NAME.old`, the new one put in
+its place, and the old one deleted. A run killed between those renames leaves `.NAME.old` and no
+`NAME`; the next replacement (or `recover_folder`) puts it back.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import csv
 import errno
 import io
 import json
+import logging
 import math
 import os
 import secrets
@@ -21,6 +28,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def folder_problem(path) -> str | None:
@@ -65,6 +74,63 @@ def atomic_path(path):
         if is_disk_full(error):
             raise explain_disk_error(error, path) from error
         raise
+
+
+@contextmanager
+def replacing_folder(folder):
+    """Yield an empty staging folder beside `folder`; when the block ends without error, the staging
+    folder takes the place of `folder` (replacing it if it exists). On any error the staging folder is
+    deleted and `folder` is left as it was. One writer per folder at a time: the staging name is fixed,
+    so leftovers of a killed run are found (and cleaned) by the next one."""
+    folder = Path(folder)
+    staging = folder.parent / f".{folder.name}.partial"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(folder)
+    shutil.rmtree(staging, ignore_errors=True)  # never complete: a killed run's leftover
+    staging.mkdir()
+    try:
+        yield staging
+        _swap_in(staging, folder)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error) and not isinstance(error, OSError):  # an OSError already names its file
+            raise explain_disk_error(error, folder) from error
+        raise
+
+
+def set_aside_path(folder) -> Path:
+    """Where `replacing_folder` keeps the previous `folder` while the new one is renamed into place."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.old"
+
+
+def recover_folder(folder) -> Path | None:
+    """Finish a replacement of `folder` that a killed run left half done: the previous folder, set aside
+    with no new one in its place, is put back (and returned); a set-aside copy beside a complete new
+    folder is deleted. None when there was nothing to put back."""
+    folder, aside = Path(folder), set_aside_path(folder)
+    if not aside.is_dir():
+        return None
+    if folder.exists():
+        shutil.rmtree(aside)
+        return None
+    os.replace(aside, folder)
+    logger.warning("%s: an earlier run was stopped while replacing this folder; its previous contents were put "
+                   "back", folder)
+    return folder
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    aside = set_aside_path(folder)
+    if folder.exists():
+        os.replace(folder, aside)
+    try:
+        os.replace(staging, folder)
+    except BaseException:
+        if aside.exists() and not folder.exists():
+            os.replace(aside, folder)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

@@ -7,6 +7,8 @@ project never run those files: a NearID model is built by this checkout's own `N
 which are data. From the Hub only those files are downloaded; a repo whose `*_nearid.py` differ from
 this checkout's is loaded all the same, with a warning naming the files and the revision.
 
+- `ModelSource`: a model as given, `MODEL[@REV]` (a Hub id or a local folder, and a Hub revision),
+  resolved once to a `ResolvedModel`: the local folder and the commit it is (None for a local folder).
 - `resolve_model_folder`: a local folder as is, a Hub id downloaded (or read from the cache).
 - `load_nearid`: (NearIDModel, NearIDImageProcessor) from a NearID model folder.
 """
@@ -16,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 
-from nearid.hub_ids import is_hub_id
+from nearid.hub_ids import is_hub_id, split_revision
 from nearid.integrity import check_weights
 
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent  # the three *_nearid.py files live at the root
@@ -35,6 +38,50 @@ _warned_code = set()  # (folder or Hub id, commit) pairs already compared
 
 # --------------------------------------------------------------------------------------------------
 # Finding a model: a local folder or a Hub snapshot, with errors that say which it was
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as given: a Hub id or a local folder, and a Hub revision (branch, tag or commit) or None."""
+
+    location: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, revision: str | None = None, flag: str = "--model") -> "ModelSource":
+        """`MODEL` or `MODEL@REV`; `revision` (a separate revision flag) pins the same way, and may not
+        contradict an @REV."""
+        location, pinned = split_revision(str(text))
+        if pinned and revision and pinned != revision:
+            raise ValueError(f"{flag} {text} pins the revision {pinned!r}, and the revision flag gives {revision!r}; "
+                             f"give the revision once, as {flag} {location}@REV")
+        return cls(location, pinned or revision)
+
+    def resolve(self) -> "ResolvedModel":
+        """The folder and commit this source names now (a Hub id downloaded, or read from the cache)."""
+        return ResolvedModel(self, *resolve_model_folder(self.location, self.revision))
+
+    def __str__(self) -> str:
+        return self.location if self.revision is None else f"{self.location}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A `ModelSource` resolved once: the local folder its files are in, and the Hub commit (None for a local
+    folder). Everything a run records about its model (provenance, model card, resume key) comes from here."""
+
+    source: ModelSource
+    folder: Path
+    commit: str | None
+
+    @property
+    def name(self) -> str:
+        return self.source.location
+
+    def provenance(self) -> dict:
+        """{"name_or_path", "revision", "commit"}; a revision pins Hub ids only, so a local folder has none."""
+        return {"name_or_path": self.name, "revision": self.source.revision if self.commit else None,
+                "commit": self.commit}
 
 
 def resolve_model_folder(name_or_path: str, revision: str | None = None) -> tuple:

@@ -15,34 +15,50 @@ from pathlib import Path
 import torch
 
 from nearid.io import atomic_write_json
-from nearid.loading import SIGLIP_TYPES, has_safetensors, load_nearid, model_config, resolve_model_folder
+from nearid.loading import (
+    SIGLIP_TYPES,
+    ModelSource,
+    ResolvedModel,
+    has_safetensors,
+    load_nearid,
+    model_config,
+)
 
 
-def nearid_from_siglip(base_model: str, revision: str | None = None):
+def nearid_from_siglip(base_model, revision: str | None = None):
     """(NearIDModel in float32 with a frozen backbone, NearIDImageProcessor) from a SigLIP checkpoint, or from
-    a NearID model to train further; a Hub id or a local folder (`revision` pins a Hub id)."""
+    a NearID model to train further: `base_model` is `MODEL[@REV]` (a Hub id or a local folder; `revision`
+    pins a Hub id too), or a `ResolvedModel` (`resolve_base_model`), whose files are then read as they are."""
     from image_processing_nearid import NearIDImageProcessor
     from modeling_nearid import NearIDModel
 
-    try:
-        folder, commit = resolve_model_folder(base_model, revision)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"--base-model {base_model}: {error}") from None
+    base = base_model if isinstance(base_model, ResolvedModel) else resolve_base_model(base_model, revision)
+    folder, name = base.folder, str(base.source)
     model_type = model_config(folder).get("model_type")
     if model_type == "nearid":
-        model, processor = load_nearid(folder, name=base_model, commit=commit)
+        model, processor = load_nearid(folder, name=base.name, commit=base.commit)
     elif model_type in SIGLIP_TYPES:
         if not has_safetensors(folder):
-            raise FileNotFoundError(f"--base-model {base_model} has no safetensors weights (model.safetensors); "
+            raise FileNotFoundError(f"--base-model {name} has no safetensors weights (model.safetensors); "
                                     "pickled weights are not loaded, since they can run code. Give a SigLIP "
                                     "checkpoint with safetensors weights.")
         model = NearIDModel.from_siglip(str(folder), use_safetensors=True)
         processor = NearIDImageProcessor.from_pretrained(str(folder))
     else:
-        raise ValueError(f"--base-model {base_model} is a {model_type!r} checkpoint; training starts from a "
+        raise ValueError(f"--base-model {name} is a {model_type!r} checkpoint; training starts from a "
                          "fixed-resolution SigLIP or SigLIP2 checkpoint (model_type 'siglip' or 'siglip_vision_model', "
                          "e.g. google/siglip2-so400m-patch14-384) or from a NearID model (model_type 'nearid').")
     return model.float().freeze_backbone(), processor
+
+
+def resolve_base_model(base_model: str, revision: str | None = None) -> ResolvedModel:
+    """The base model of a training run, `--base-model MODEL[@REV]` (and `--base-revision`), resolved once
+    to its folder and commit; errors name the flag."""
+    source = ModelSource.parse(base_model, revision, flag="--base-model")
+    try:
+        return source.resolve()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--base-model {source}: {error}") from None
 
 
 def save_siglip_checkpoint(folder, vision_config: dict | None = None, model=None, seed: int = 0) -> Path:

@@ -5,6 +5,10 @@ and none elsewhere. On a GPU the matrix products then run at bf16 tensor-core sp
 weights, LayerNorms and softmax stay float32; on a CPU nothing changes (float32, as before).
 Attention runs through PyTorch's fused `scaled_dot_product_attention` ("sdpa"), the default of
 NearID's model code and of transformers' models.
+
+This module is the one place that decides: `resolve_precision` turns the flag into a precision for the
+device a process runs on (train.py's accelerator device, evaluate.py's and search.py's --device), and
+`autocast` is the one way into autocast, for the token pass, the scorers and the training step.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def resolve_precision(precision: str, device="auto") -> str:
     """The autocast precision of a run on `device` (a torch device, or "auto": the one `resolve_device` picks).
 
     "auto" -> "bf16" on a CUDA device, "no" elsewhere; "no", "fp16" and "bf16" as they are. train.py
-    (on the device accelerate picks) and evaluate.py (on --device) both resolve it here."""
+    (on the device its accelerator trains on) and evaluate.py (on --device) both resolve it here."""
     if precision not in PRECISIONS:
         raise ValueError(f"mixed precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":

@@ -27,9 +27,10 @@ class ScorerArguments:
     """The scorer"""
 
     model: str = option(REQUIRED, "scorer: a NearID model (Hub id or folder), or a baseline as KIND:MODEL with "
-                                  f"KIND one of {', '.join(BASELINE_KINDS)}")
-    revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model; pin a commit hash for "
-                                        "reproducible scores (the commit used is recorded either way)")
+                                  f"KIND one of {', '.join(BASELINE_KINDS)}; MODEL@REV pins a Hub revision")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of --model, the same as MODEL@REV; pin "
+                                        "a commit hash for reproducible scores (the commit used is recorded either "
+                                        "way)")
     dtype: str = option("float32", "dtype of the model's weights and activations", choices=sorted(WEIGHT_DTYPES))
     device: str = option("auto", "torch device: auto (cuda when available), cpu, cuda or cuda:N")
     mixed_precision: str = option("auto", "autocast precision of the forward pass: auto is bf16 on a CUDA GPU and "

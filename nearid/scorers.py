@@ -30,9 +30,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nearid.hub_ids import split_revision
 from nearid.images import PixelLoader
 from nearid.integrity import check_weights
-from nearid.loading import has_safetensors, load_nearid, resolve_model_folder
+from nearid.loading import ModelSource, has_safetensors, load_nearid
 from nearid.numerics import WEIGHT_DTYPES, autocast
 from nearid.store import StoreFormat, fingerprint, weights_digest
 
@@ -97,7 +98,8 @@ def pinned_spec(provenance: dict) -> tuple:
     read from another folder could name a Hub repo instead)."""
     if provenance.get("path"):
         return f"{provenance['kind']}:{provenance['path']}", None
-    return provenance["spec"], provenance.get("commit") or provenance.get("revision")
+    spec, pinned = split_revision(provenance["spec"])  # the commit pins it, not the revision asked for
+    return spec, provenance.get("commit") or pinned or provenance.get("revision")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,9 +117,10 @@ class Scorer:
     def __init__(self, spec: str, revision: str | None = None, device: str = "cpu", dtype=torch.float32,
                  mixed_precision: str = "no", compile: bool = False):
         self.spec = spec
-        self.kind_name, self.model_name = parse_spec(spec)
+        self.kind_name, model = parse_spec(spec)
         kind = SCORER_KINDS[self.kind_name]
-        folder, self.commit = resolve_model_folder(self.model_name, revision)
+        resolved = ModelSource.parse(model, revision).resolve()  # MODEL@REV, or --revision
+        self.model_name, folder, self.commit = resolved.name, resolved.folder, resolved.commit
         self.path = None if self.commit else str(folder.resolve())  # a local folder, wherever the run started
         if self.kind_name == "nearid":
             model, self.processor = load_nearid(folder, dtype, self.model_name, self.commit)
@@ -132,7 +135,7 @@ class Scorer:
         self.loader = PixelLoader(self.processor)
         self._features = torch.compile(kind.features) if compile else kind.features
         # A revision pins Hub ids only; a local folder ignores it, so it is not recorded.
-        self.revision = revision if self.commit else None
+        self.revision = resolved.provenance()["revision"]
         self.device, self.dtype, self.mixed_precision = device, dtype, mixed_precision
         self.format = StoreFormat((kind.dim(self.model.config),), "float32")
         numerics = {"dtype": str(dtype)}

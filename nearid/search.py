@@ -27,14 +27,14 @@ On disk an index is a folder:
                         its embedding in float16
     faiss.index         the FAISS index over the embedding column (`Dataset.add_faiss_index`)
 
-The folder is written under a staging name and renamed when complete, so an interrupted save leaves
-the previous index (or none), never a half-written one that looks complete. Loading verifies every
-file against the checksums recorded at save (`nearid.integrity`): a truncated or damaged file, a
-`faiss.index` from another gallery, or an edited `search_index.json` is refused with the command that
-builds the index again. One run at a time writes an index (`one_writer_of`, a lock beside the folder):
-`search.py index` holds it from loading the index to saving it, so a second run waits and then
-builds on the first run's result; a save that would replace an index changed since it was loaded is
-refused.
+The folder is written under a staging name and swapped in when complete (`nearid.io.replacing_folder`),
+so an interrupted save leaves the previous index (or none), never a half-written one that looks
+complete. Loading verifies every file against the checksums recorded at save (`nearid.integrity`):
+a truncated or damaged file, a `faiss.index` from another gallery, or an edited `search_index.json`
+is refused with the command that builds the index again. One run at a time writes an index
+(`one_writer_of`, a lock beside the folder): `search.py index` holds it from loading the index to
+saving it, so a second run waits and then builds on the first run's result; a save that would
+replace an index changed since it was loaded is refused.
 
 Search is exact inner product (`IndexFlatIP`) by default; IVF and HNSW are options for large
 galleries, and their recall@10 against exact search is measured when the index is built.
@@ -43,8 +43,6 @@ Clustering is `nearid.clustering`'s average linkage on cosine distance.
 
 from __future__ import annotations
 
-import os
-import shutil
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +57,7 @@ from nearid.data import readers
 from nearid.evaluation import protocol
 from nearid.images import find_images, link_problem, load_image
 from nearid.integrity import ALGORITHM, checksum_json, damaged, manifest, manifest_of_tree
-from nearid.io import atomic_write_json, read_json
+from nearid.io import atomic_write_json, read_json, recover_folder, replacing_folder, set_aside_path
 from nearid.locking import one_writer
 from nearid.store import FillOptions, ImageIndex
 
@@ -167,16 +165,6 @@ def _gallery(places: list, hashes: list, vectors: np.ndarray):
 
 def _place_key(place: dict) -> tuple:
     return tuple(place.get(name) for name in PLACE_FIELDS)
-
-
-def _replace_folder(staging: Path, folder: Path) -> None:
-    """Put the complete `staging` folder in the place of `folder`; the old one is set aside until then."""
-    aside = folder.parent / f".{folder.name}.old"
-    shutil.rmtree(aside, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, aside)
-    os.replace(staging, folder)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,10 +436,7 @@ class SearchIndex:
         with one_writer_of(folder):
             check_replaceable(folder)
             self._check_unchanged(folder)
-            staging = folder.parent / f".{folder.name}.partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            try:
+            with replacing_folder(folder) as staging:
                 self.faiss_index()
                 self.gallery.save_faiss_index(EMBEDDING, str(staging / FAISS_FILE))
                 self.gallery.drop_index(EMBEDDING)  # datasets saves no dataset with an index attached
@@ -459,9 +444,6 @@ class SearchIndex:
                 self.gallery.save_to_disk(str(staging / GALLERY_DIR))
                 info = with_checksums(staging, {**self.info(staging), **(extra or {})})
                 atomic_write_json(staging / INFO_FILE, info)  # last: complete
-                _replace_folder(staging, folder)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
         self._faiss_file = folder / FAISS_FILE
         self._loaded = (folder.resolve(), info["checksums"]["info"])
         return folder
@@ -514,7 +496,7 @@ def read_info(folder: Path) -> dict:
     """search_index.json of the index in `folder`; a clear error when there is none."""
     path = folder / INFO_FILE
     if not path.is_file():
-        aside = folder.parent / f".{folder.name}.old"
+        aside = set_aside_path(folder)
         hint = f" An earlier save was interrupted: the previous index is in {aside}; rename it back." \
             if aside.is_dir() else ""
         raise FileNotFoundError(f"no search index in {folder} ({INFO_FILE} is missing). Build one with `python "
@@ -561,11 +543,13 @@ def lock_file(folder: Path) -> Path:
 @contextmanager
 def one_writer_of(folder, state=None):
     """Hold the lock of the index in `folder` for the block: the main process takes it for all processes of
-    its run (`state`, accelerate's PartialState, None for this process alone); others wait, saying who holds it."""
+    its run (`state`, accelerate's PartialState, None for this process alone); others wait, saying who holds it.
+    The holder first puts back an index that a killed save left set aside (`recover_folder`)."""
     folder = Path(folder)
     with ExitStack() as stack:
         if state is None or state.is_main_process:
             stack.enter_context(one_writer(lock_file(folder), f"the search index in {folder}"))
+            recover_folder(folder)
         if state is not None:
             state.wait_for_everyone()  # no process loads the index before its run holds the lock
         yield

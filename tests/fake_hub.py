@@ -12,6 +12,7 @@ import base64
 import json
 import re
 from contextlib import contextmanager
+from urllib.parse import unquote
 
 from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
@@ -29,14 +30,20 @@ class FakeHub:
         self.requests = []
         self.commit_status = 200
         self.network_down = False
-        self.served = {}  # repo id -> (commit, {repo path: bytes})
+        self.served = {}  # repo id -> {revision: (commit, {repo path: bytes})}
 
-    def serve(self, repo_id, folder, commit="f" * 40):
-        """Publish every file of `folder` as the model repo `repo_id` at `commit` (also its main branch)."""
+    def serve(self, repo_id, folder, commit="f" * 40, branch="main"):
+        """Publish every file of `folder` as the model repo `repo_id` at `commit`, which `branch` then points to
+        (earlier commits stay served by their hash)."""
         from pathlib import Path
 
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-        self.served[repo_id] = (commit, files)
+        revisions = self.served.setdefault(repo_id, {})
+        revisions[commit] = revisions[branch] = (commit, files)
+
+    def _served(self, repo_id, revision):
+        """(commit, files) of `repo_id` at `revision` (a branch or a commit), or None."""
+        return self.served.get(repo_id, {}).get(unquote(revision))
 
     def downloads(self):
         """The repo paths of the files whose content was downloaded (GET .../resolve/...)."""
@@ -46,19 +53,19 @@ class FakeHub:
     def _download_endpoints(self, request):
         path = request.url.path
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
-        if request.method == "GET" and match and match[1] in self.served:
-            commit, files = self.served[match[1]]
+        if request.method == "GET" and match and self._served(match[1], match[2]):
+            commit, files = self._served(match[1], match[2])
             return httpx.Response(200, json={"id": match[1], "sha": commit,
                                              "siblings": [{"rfilename": name} for name in files]})
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
-        if request.method == "GET" and match and match[1] in self.served:
-            files = self.served[match[1]][1]
+        if request.method == "GET" and match and self._served(match[1], match[2]):
+            files = self._served(match[1], match[2])[1]
             return httpx.Response(200, json=[{"type": "file", "path": name, "size": len(content),
                                               "oid": git_blob_id(content)}
                                              for name, content in files.items()])
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-        if match and match[1] in self.served and match[3] in self.served[match[1]][1]:
-            commit, files = self.served[match[1]]
+        if match and self._served(match[1], match[2]) and match[3] in self._served(match[1], match[2])[1]:
+            commit, files = self._served(match[1], match[2])
             content = files[match[3]]
             headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(content).hexdigest()}"',
                        "Content-Length": str(len(content))}

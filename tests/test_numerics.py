@@ -1,9 +1,12 @@
 """How encoders run on a device: mixed precision resolved the same way in every command (CPU results and
 store keys unchanged), bf16 autocast when asked, sdpa attention, and --compile reaching torch.compile."""
 
+import json
+
 import pytest
 import torch
 
+from nearid import models, options
 from nearid.commands import evaluate
 from nearid.commands import train
 from nearid.numerics import resolve_precision
@@ -80,3 +83,45 @@ def test_train_compile_flag_compiles_the_token_pass(train_synthetic, base_model,
                           "--no-export"))
     assert [fn.__name__ for fn in compiled] == ["forward_features"]
     assert captured_graphs() > 0  # the token pass really ran through the compiled function
+
+
+@pytest.fixture
+def head_activations(monkeypatch):
+    """(grad enabled, dtype) of the head's first MLP layer output at each call during a train.main run: a
+    training step runs with grad, validation without."""
+    seen, real = [], models.nearid_from_siglip
+
+    def hooked(*args, **kwargs):
+        model, processor = real(*args, **kwargs)
+        model.head.mlp.fc1.register_forward_hook(lambda module, inputs, output: seen.append(
+            (torch.is_grad_enabled(), output.dtype)))
+        return model, processor
+
+    monkeypatch.setattr(models, "nearid_from_siglip", hooked)
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                              ("no", torch.float32)])
+def test_the_head_step_and_validation_run_under_the_resolved_autocast(precision, dtype, train_synthetic, base_model,
+                                                                       tmp_path, head_activations):
+    train.main(train_args(train_synthetic, base_model, tmp_path / "run", "--mixed-precision", precision,
+                          "--max-steps", "1", "--validation-steps", "1", "--no-export"))
+    steps = {dtype for grad, dtype in head_activations if grad}
+    validation = {dtype for grad, dtype in head_activations if not grad}
+    assert steps == {dtype} and validation == {dtype}
+
+
+def test_train_and_evaluate_resolve_the_same_precision_for_the_same_device(train_synthetic, base_model, tiny_repo,
+                                                                           tmp_path, monkeypatch, head_activations):
+    """A CUDA GPU this process does not train on (accelerate puts the run on the CPU) gives no autocast, as
+    evaluate.py --device cpu does: the precision follows the device the run uses, not the machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_precision("auto", "cpu") == "no"
+    out = tmp_path / "run"
+    train.main(train_args(train_synthetic, base_model, out, "--max-steps", "1", "--no-export"))
+    trained = json.loads((out / "train_args.json").read_text())["mixed_precision"]
+    args = options.Arguments("nearid", {"scorer": options.ScorerArguments(model=str(tiny_repo), device="cpu")})
+    evaluated = options.load_scorer(args, options.process_state("cpu")).provenance()["mixed_precision"]
+    assert trained == evaluated == "no"
+    assert {dtype for _, dtype in head_activations} == {torch.float32}

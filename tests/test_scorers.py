@@ -14,7 +14,7 @@ from nearid.evaluation.protocol import embed_images
 from nearid.images import ImageLoadError
 from nearid.loading import resolve_model_folder
 from nearid.numerics import resolve_device
-from nearid.scorers import Scorer, parse_spec
+from nearid.scorers import Scorer, parse_spec, pinned_spec
 from nearid.store import FillOptions, ImageIndex
 from tests.helpers import make_hostile, make_tiny_siglip, markers_written, random_pixels
 
@@ -208,6 +208,22 @@ def test_a_hub_id_records_the_commit_it_resolved_to(tiny_repo, tmp_path, monkeyp
     scorer = Scorer("someone/nearid")
     assert scorer.provenance()["commit"] == commit and scorer.provenance()["revision"] is None
     assert Scorer("someone/nearid", revision="main").provenance()["commit"] == commit
+
+
+def test_a_scorer_pins_a_hub_revision_as_model_at_rev_like_its_revision_flag(tiny_repo, hub, tmp_path,
+                                                                             monkeypatch):
+    first, second = "a" * 40, "b" * 40
+    hub.serve("someone/nearid", tiny_repo, first)
+    hub.serve("someone/nearid", tiny_repo, second)  # main moves on
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    pinned = Scorer(f"nearid:someone/nearid@{first}").provenance()
+    assert (pinned["model"], pinned["revision"], pinned["commit"]) == ("someone/nearid", first, first)
+    assert Scorer("someone/nearid", revision=first).provenance()["commit"] == first
+    assert Scorer("someone/nearid").provenance()["commit"] == second
+    assert pinned_spec(pinned) == ("nearid:someone/nearid", first)  # loads it again, at that commit
+    with pytest.raises(ValueError, match=f"pins the revision '{first}', and the revision flag gives 'main'"):
+        Scorer(f"someone/nearid@{first}", revision="main")
 
 
 def test_a_revision_for_a_local_folder_is_ignored_as_transformers_does(tiny_repo):

@@ -6,6 +6,7 @@ nearest neighbours and clusters are known by construction; one test runs a real 
 
 import csv
 import json
+import os
 import shutil
 
 import datasets
@@ -15,6 +16,7 @@ import pytest
 from nearid import search_reports
 from nearid.commands import search
 from nearid.ann import IndexSettings, recall_against_exact
+from nearid.io import set_aside_path
 from nearid.search import (
     DatasetColumn,
     Embedder,
@@ -339,6 +341,23 @@ def test_an_interrupted_index_run_resumes_and_never_leaves_a_half_written_index(
     assert left == ["cache", "gallery", "index"]  # no staging folder left
     assert len(SearchIndex.load(tmp_path / "index")) == 13  # the previous index, complete
     assert search.main(argv)["images"] == 14
+
+
+def test_an_index_a_killed_save_left_set_aside_is_put_back_before_the_next_run(tmp_path, gallery, pixels, capsys,
+                                                                              monkeypatch):
+    index = tmp_path / "index"
+    argv = ["index", "--model", "pixels", "--images", str(gallery / "id0"), "--index-dir", str(index),
+            "--cache-dir", str(tmp_path / "cache")]
+    search.main(argv)
+    os.replace(index, set_aside_path(index))  # killed between setting the old index aside and renaming the new in
+    query = ["query", "--index-dir", str(index), "--images", str(gallery / "id0" / "img0.png")]
+    assert "rename it back" in user_error(capsys, search.main, query)
+    # The next writer puts it back first, so another scorer is refused as for any existing index, not given a
+    # new index in its place.
+    monkeypatch.setattr(search, "load_scorer", lambda args, state: PixelScorer(side=2))
+    message = user_error(capsys, search.main, [*argv[:-1], str(tmp_path / "other-cache")])
+    assert "pixels-3x3" in message and "pixels-2x2" in message, message
+    assert (index / "search_index.json").is_file() and not set_aside_path(index).exists()
 
 
 def test_a_real_model_indexes_and_queries_with_its_own_scorer(tmp_path, gallery, tiny_repo, capsys):

@@ -239,3 +239,62 @@ def test_a_checkpoint_written_before_checksums_resumes_with_a_warning(run, caplo
     assert "has no checksums.json" in caplog.text and "unverified" in caplog.text
     assert checkpoints.completed(out)[-1].name == "step-0000006"
     assert (checkpoints.completed(out)[-1] / "checksums.json").is_file()  # new checkpoints carry them
+
+
+# --- the base model, resolved once to a Hub commit -----------------------------------------------------
+
+FIRST, SECOND = "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def hub_base(hub, base_model, tmp_path, monkeypatch):
+    """The tiny SigLIP base model served by the fake Hub as someone/tiny-siglip, main at FIRST; returns
+    (the fake Hub, a function that moves main to SECOND)."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    hub.serve("someone/tiny-siglip", base_model, FIRST)
+    return lambda: hub.serve("someone/tiny-siglip", base_model, SECOND)
+
+
+def test_the_base_models_commit_is_recorded_and_a_moved_branch_is_refused_on_resume(
+        hub_base, train_synthetic, base_model, tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def args(base, *extra):
+        return [*train_args(train_synthetic, base_model, out, "--checkpointing-steps", "2", *extra),
+                "--base-model", base]  # the last --base-model is the one taken
+
+    results = train.main(args("someone/tiny-siglip", "--max-steps", "2"))
+    recorded = {"name_or_path": "someone/tiny-siglip", "revision": None, "commit": FIRST}
+    assert {k: results["provenance"]["model"][k] for k in recorded} == recorded
+    saved = json.loads((out / "train_results.json").read_text())["provenance"]["model"]
+    assert saved["commit"] == FIRST
+    assert f"at commit `{FIRST}`" in (out / "release" / "README.md").read_text()
+    position = checkpoints.read_position(checkpoints.completed(out)[-1])
+    assert position["run"]["base_model"] == "someone/tiny-siglip" and position["run"]["base_commit"] == FIRST
+
+    hub_base()  # main moves on: the same id now resolves to another commit
+    message = user_error(capsys, train.main, args("someone/tiny-siglip", "--resume-from-checkpoint", "latest"))
+    assert f"the commit of --base-model is '{FIRST}' in the checkpoint and '{SECOND}' now" in message, message
+    assert f"--base-model someone/tiny-siglip@{FIRST}" in message
+
+    # Pinned to the checkpoint's commit, as MODEL@REV or with --base-revision: the run goes on.
+    results = train.main(args(f"someone/tiny-siglip@{FIRST}", "--resume-from-checkpoint", "latest",
+                              "--max-steps", "3", "--no-export"))
+    assert results["global_step"] == 3 and results["provenance"]["model"]["commit"] == FIRST
+    assert results["provenance"]["model"]["revision"] == FIRST
+    message = user_error(capsys, train.main, args(f"someone/tiny-siglip@{FIRST}", "--base-revision", "main",
+                                                  "--resume-from-checkpoint", "latest"))
+    assert f"pins the revision '{FIRST}', and the revision flag gives 'main'" in message, message
+
+
+def test_a_checkpoint_without_the_base_commit_resumes_with_a_warning(run, capsys):
+    args, out = run
+    latest = checkpoints.completed(out)[-1]
+    position = json.loads((latest / "position.json").read_text())
+    del position["run"]["base_commit"]  # as an earlier version wrote it
+    (latest / "position.json").write_text(json.dumps(position))
+    (latest / "checksums.json").unlink()
+    train.main(args("--resume-from-checkpoint", "latest", "--max-steps", "5"))
+    assert "does not record the commit of --base-model" in capsys.readouterr().err
+    assert checkpoints.completed(out)[-1].name == "step-0000005"

@@ -73,8 +73,11 @@ class ModelArguments:
 
     base_model: str = option("google/siglip2-so400m-patch14-384", "SigLIP checkpoint (Hub id or folder) whose "
                                                                   "tower and pretrained MAP head start the model, or "
-                                                                  "a NearID model whose head goes on training")
-    base_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --base-model")
+                                                                  "a NearID model whose head goes on training; "
+                                                                  "MODEL@REV pins a Hub revision (the commit used is "
+                                                                  "recorded either way)")
+    base_revision: str | None = option(None, "Hub revision (branch, tag or commit) of --base-model, the same as "
+                                             "--base-model MODEL@REV")
 
 
 @dataclass
@@ -166,22 +169,22 @@ def check_push_possible(args) -> None:
 # --log-steps, --validation-steps, --checkpointing-*), speed alone (--batch-size and --num-workers change no
 # value; --compile changes values only within rounding, as the token store's fingerprint says), publishing
 # (--export, --push-to-hub, --hub-*), and --skip-bad-images (a run with unreadable images stops before
-# its first checkpoint without it).
+# its first checkpoint without it). The base model is keyed by what it resolved to (`resume_key`), not by
+# the revision asked for: a branch that moved on since the checkpoint is another base model.
 RESUME_KEY = {
     TrainingArguments: ("seed", "num_epochs", "per_device_batch_size", "learning_rate", "weight_decay",
                         "warmup_steps", "max_grad_norm", "mixed_precision", "temperature", "alpha", "mask_padded",
                         "token_cache", "cache_dtype"),
-    ModelArguments: ("base_model", "base_revision"),
     DataArguments: ("positives", "source", "mtg", "mtg_repeats", "train_split", "val_split", "test_split"),
 }
 
 
-def resume_key(data_args, model_args, train_args, num_processes):
-    """The settings a resumed run must share with the checkpoint (`RESUME_KEY`), and the process count (the
-    global batch and the data order follow from it)."""
-    key = {name: getattr(args, name) for args in (train_args, model_args, data_args)
-           for name in RESUME_KEY[type(args)]}
-    return {**key, "num_processes": num_processes}
+def resume_key(data_args, train_args, base, num_processes):
+    """The settings a resumed run must share with the checkpoint (`RESUME_KEY`), the base model (its Hub id or
+    folder and the commit it resolved to: `models.resolve_base_model`), and the process count (the global batch
+    and the data order follow from it)."""
+    key = {name: getattr(args, name) for args in (train_args, data_args) for name in RESUME_KEY[type(args)]}
+    return {**key, "base_model": base.name, "base_commit": base.commit, "num_processes": num_processes}
 
 
 def main(argv=None):
@@ -195,21 +198,22 @@ def main(argv=None):
 def run_training(data_args, model_args, args):
     check_arguments(data_args, args)
     split_notes = apply_published_splits([data_args], data_args.positives, {"val_split": "val", "test_split": "test"})
-    # Resolved before anything records it: "auto" is bf16 on a CUDA GPU, none elsewhere.
-    args.mixed_precision = resolve_precision(args.mixed_precision, "auto")
+    # Resolved before anything records it, on the device this process trains on, as evaluate.py does on --device.
+    args.mixed_precision = resolve_precision(args.mixed_precision, tracking.run_device())
     accelerator = tracking.make_accelerator(args)
     for note in split_notes:
         accelerator.print(note)
     outputs = release.open_outputs(args, accelerator)
     all_args = {**vars(data_args), **vars(model_args), **vars(args), "num_processes": accelerator.num_processes}
-    key = resume_key(data_args, model_args, args, accelerator.num_processes)
+    base = models.resolve_base_model(model_args.base_model, model_args.base_revision)  # once: folder and commit
+    key = resume_key(data_args, args, base, accelerator.num_processes)
     state.check_resume(args, key)
     if accelerator.is_main_process:
         save_arguments(outputs.path("train_args.json"), "train.py", data_args, model_args, args)
     accelerator.init_trackers("nearid", config={k: str(v) for k, v in all_args.items()})
     training_set, held_out, provenance, split_sizes = inputs.load_data(data_args)
     accelerator.print(f"training data: {json.dumps(training_set.describe(), default=str)}")
-    model, processor = models.nearid_from_siglip(model_args.base_model, model_args.base_revision)
+    model, processor = models.nearid_from_siglip(base)
     model.to(accelerator.device)
     provider, skipped = inputs.make_provider(model, processor, training_set, held_out, data_args, args, accelerator)
     describe = {**training_set.describe(), "splits": split_sizes, "datasets": provenance}  # counts skipped images
@@ -217,7 +221,7 @@ def run_training(data_args, model_args, args):
     run.global_step = state.resume(run)
     loop.train(run, min(run.total_steps, args.max_steps or run.total_steps))
     state.save_final_checkpoint(run)
-    results = release.finish(run, outputs, processor, model_args, all_args, skipped, describe)
+    results = release.finish(run, outputs, processor, base, all_args, skipped, describe)
     accelerator.end_training()
     return results
 

@@ -10,6 +10,7 @@ import torch
 from nearid import tokens, training_data
 from nearid.evaluation import protocol
 from nearid.loss import nearid_loss
+from nearid.numerics import autocast
 from nearid.training.state import save_checkpoint
 
 
@@ -44,6 +45,17 @@ def make_optimizer(head, args, total_steps):
     return optimizer, get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
 
 
+def prepare_head(model, args, accelerator, total_steps):
+    """(prepared head, prepared optimizer, schedule) of `model`'s head."""
+    optimizer, scheduler = make_optimizer(model.head, args, total_steps)
+    head, optimizer = accelerator.prepare(model.head, optimizer)
+    # accelerate wraps a prepared model's forward in autocast of its own. The step and validation enter
+    # autocast through `numerics.autocast` instead, as the token pass and the scorers do, so that wrapper is
+    # taken off again; the accelerator keeps what autocast cannot do, fp16's loss scaler.
+    accelerator.unwrap_model(head, keep_fp32_wrapper=False)
+    return head, optimizer, scheduler
+
+
 def make_run(args, accelerator, model, provider, training_set, held_out, run_key):
     """The run of `args` over `training_set`: the prepared head, its optimizer and schedule."""
     global_batch = args.per_device_batch_size * accelerator.num_processes
@@ -54,8 +66,7 @@ def make_run(args, accelerator, model, provider, training_set, held_out, run_key
                          "--per-device-batch-size or add data")
     total_steps = steps_per_epoch * args.num_epochs
     warn_long_warmup(args, total_steps, accelerator)
-    optimizer, scheduler = make_optimizer(model.head, args, total_steps)
-    head, optimizer = accelerator.prepare(model.head, optimizer)
+    head, optimizer, scheduler = prepare_head(model, args, accelerator, total_steps)
     return Run(args, accelerator, model, head, optimizer, scheduler, provider, training_set, held_out, run_key,
                steps_per_epoch, total_steps)
 
@@ -63,8 +74,7 @@ def make_run(args, accelerator, model, provider, training_set, held_out, run_key
 def steps_only_run(args, accelerator, model, provider, total_steps):
     """A run that takes `train_step`s on batches it is given, with no data, held-out sets or checkpoints
     (the benchmarks time the real step with it)."""
-    optimizer, scheduler = make_optimizer(model.head, args, total_steps)
-    head, optimizer = accelerator.prepare(model.head, optimizer)
+    head, optimizer, scheduler = prepare_head(model, args, accelerator, total_steps)
     return Run(args, accelerator, model, head, optimizer, scheduler, provider, None, {}, {}, total_steps,
                total_steps)
 
@@ -80,7 +90,7 @@ def warn_long_warmup(args, total_steps, accelerator):
 
 def train_step(run, epoch, batch):
     """One optimisation step on this process's batch (`TokenBatches`); returns the loss output (global values)."""
-    with run.accelerator.autocast():
+    with autocast(run.accelerator.device, run.args.mixed_precision):
         embeddings = tokens.batch_embeddings(run.head, run.provider, batch)
         loss = nearid_loss(embeddings, batch["mask"], run.args.temperature, run.args.alpha, run.args.mask_padded)
     if not torch.isfinite(loss.total):
@@ -115,7 +125,9 @@ def validate(run, name="val"):
         run.accelerator.wait_for_everyone()
         return None
     head = run.accelerator.unwrap_model(run.head).eval()
-    scores = held_out_scores(held, tokens.embed_keys(head, run.provider, list(held.items)))
+    with autocast(run.accelerator.device, run.args.mixed_precision):
+        embeddings = tokens.embed_keys(head, run.provider, list(held.items))
+    scores = held_out_scores(held, embeddings)
     head.train()
     pooled = scores["pooled"]
     if pooled is None:

@@ -37,9 +37,10 @@ def open_outputs(args, accelerator):
     return outputs
 
 
-def export(run, processor, base_model, all_args, final, provenance):
+def export(run, processor, base, all_args, final, provenance):
     """The release folder: a complete Hub repo with its model card; returns (folder, what the card lacks).
 
+    base: the `ResolvedModel` training started from; the card names it and the commit it was at.
     final: (split, scores of `validate`) or None. provenance: {"positives": ..., <source>: ..., "mtg": ...}
     as `inputs.load_data` recorded them; the card names a dataset by Hub id only when it was read from
     the Hub at a recorded revision. The card's numbers are the headline `evaluate.py --model-index`
@@ -52,10 +53,10 @@ def export(run, processor, base_model, all_args, final, provenance):
     evaluated = [p for name, p in provenance.items() if name != "mtg"]  # the final evaluation's data
     headline = protocol.nearid_headline(scores) if scores else None
     results = card.benchmark_results("nearid", headline, split, evaluated) if headline else None
-    model_card = {"repo_id": args.push_to_hub, "base_model": base_model,
+    model_card = {"repo_id": args.push_to_hub, "base_model": base.name, "base_model_commit": base.commit,
                   "datasets": list(provenance.values()), "training_args": all_args, "results": results,
                   "model_name": args.push_to_hub or f"nearid-{Path(args.output_dir).resolve().name}"}
-    lacks = card.card_warnings(base_model, model_card["datasets"], results)
+    lacks = card.card_warnings(base.name, model_card["datasets"], results)
     with warnings.catch_warnings():  # said once by the caller, in this program's own words
         warnings.simplefilter("ignore", card.CardWarning)
         folder = export_hub_folder(run.model, processor, Path(args.output_dir) / "release", overwrite=True,
@@ -74,7 +75,7 @@ def push(args, folder):
     return url
 
 
-def finish(run, outputs, processor, model_args, all_args, skipped, describe):
+def finish(run, outputs, processor, base, all_args, skipped, describe):
     """Final held-out evaluation (test if given, else val), export, loss plot, results file, then the push."""
     final_split = "test" if "test" in run.held_out else ("val" if "val" in run.held_out else None)
     scores = validate(run, final_split) if final_split else None
@@ -84,16 +85,16 @@ def finish(run, outputs, processor, model_args, all_args, skipped, describe):
     results = {"global_step": run.global_step, "final_split": final_split, "final": scores,
                "history": run.history["validation"], "loss": run.history["loss"], "skipped_images": skipped,
                "data": describe, "arguments": all_args,
-               "provenance": run_provenance(model_args, args, all_args, describe["datasets"], final_split)}
+               "provenance": run_provenance(base, args, all_args, describe["datasets"], final_split)}
     folder = None
     if args.export:
-        folder, lacks = export(run, processor, model_args.base_model, all_args,
+        folder, lacks = export(run, processor, base, all_args,
                                (final_split, scores) if scores else None, describe["datasets"])
         for lack in lacks:
             outputs.warn(f"model card: {lack}")
     results["release"] = str(folder) if folder else None
     outputs.optional("plotting training_loss.png", plots.plot_training_loss, outputs.path("training_loss.png"),
-                     run.history, model_args.base_model)
+                     run.history, base.name)
     outputs.finish(results)  # written before the upload: a failed push loses nothing
     if args.push_to_hub:
         results["pushed"] = push(args, folder)
@@ -101,10 +102,10 @@ def finish(run, outputs, processor, model_args, all_args, skipped, describe):
     return {**results, "files": list(dict.fromkeys(outputs.files)), "warnings": list(outputs.warnings)}
 
 
-def run_provenance(model_args, args, all_args, datasets, final_split):
-    """`results_file.provenance` of a training run: the base model, every dataset, the final split's file."""
+def run_provenance(base, args, all_args, datasets, final_split):
+    """`results_file.provenance` of a training run: the base model (Hub id or folder, revision, the commit it resolved
+    to), every dataset, the final split's file."""
     split_file = {"test": all_args.get("test_split"), "val": all_args.get("val_split")}.get(final_split)
-    model = {"name_or_path": model_args.base_model, "revision": model_args.base_revision,
-             "mixed_precision": args.mixed_precision}
+    model = {**base.provenance(), "mixed_precision": args.mixed_precision}
     return results_file.provenance(model, list(datasets.values()), split_file,
                                    extra={"num_processes": all_args.get("num_processes")})

@@ -63,16 +63,23 @@ def check_resume_settings(path, position, key):
     differ = [f"{_flag(name)} is {recorded[name]!r} in the checkpoint and {value!r} now"
               for name, value in key.items() if name in recorded and recorded[name] != value]
     if differ:
+        moved = ("; a Hub base model is pinned to the checkpoint's commit with --base-model "
+                 f"{recorded['base_model']}@{recorded['base_commit']}") \
+            if recorded.get("base_commit") and recorded.get("base_commit") != key.get("base_commit") else ""
         raise ValueError(f"cannot resume from {path}: {'; '.join(differ)}. These change the result, so a resumed "
-                         "run must keep the checkpoint's values: pass them, or start a new --output-dir.")
+                         f"run must keep the checkpoint's values: pass them{moved}, or start a new --output-dir.")
     unrecorded = [_flag(name) for name in key if name not in recorded]
     if unrecorded:
         print(f"warning: {path} does not record {', '.join(unrecorded)} (written by an earlier version); these are "
               "taken as given now, unchecked.", file=sys.stderr)
 
 
+# Resume-key entries that are no flag of their own.
+KEY_NAMES = {"num_processes": "the number of processes", "base_commit": "the commit of --base-model"}
+
+
 def _flag(name):
-    return "the number of processes" if name == "num_processes" else f"--{name.replace('_', '-')}"
+    return KEY_NAMES.get(name, f"--{name.replace('_', '-')}")
 
 
 def trim_log(path, step):

@@ -6,7 +6,16 @@ import json
 from pathlib import Path
 
 
+def run_device():
+    """The device this process trains on: the one the accelerator of `make_accelerator` uses."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not has_accelerator()).device
+
+
 def make_accelerator(args):
+    """The accelerator of a run whose `args.mixed_precision` is resolved (`numerics.resolve_precision` on
+    `run_device()`): it owns the fp16 loss scaler; autocast itself is entered by `numerics.autocast`."""
     from accelerate import Accelerator, DataLoaderConfiguration
 
     trackers = [t for t in args.report_to.split(",") if t and t != "none"]
