@@ -1,7 +1,7 @@
 """The store's fill overlaps its shard writes with the forward: a token pass takes max(encode, write), not the sum.
 
 A fake encoder of fixed cost per batch (it sleeps, as a GPU forward leaves the CPU free) fills a
-store with so400m-sized token rows (729 x 1152, float16 and int8), through nearid.store.fill as
+store with so400m-sized token rows (729 x 1152, float16 and int8), through nearid.store.fill.fill as
 train.py's token pass runs it. Prints, from one run on this machine, best of `--rounds`:
 
   - write: the same fill with an encoder of no cost (conversion, checks, shard writes, fsync);
@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import environment_lines, write_results  # noqa: E402
 from input_common import Precomputed, image_number, write_json  # noqa: E402
 
-from nearid.store import FillOptions, StoreFormat, fill  # noqa: E402
+from nearid.store.fill import FillOptions, fill  # noqa: E402
+from nearid.store.format import StoreFormat  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE, BATCH, GOAL = (729, 1152), 32, 1.1

@@ -31,7 +31,8 @@ from nearid import data, evaluation, heatmaps, scoring
 from nearid.images import find_images
 from nearid.numerics import resolve_device
 from nearid.scorers import DTYPES, Scorer
-from nearid.store import FillOptions, ImageIndex
+from nearid.store.fill import FillOptions
+from nearid.store.image_index import ImageIndex
 
 DEFAULT_MODEL = "Aleksandar/nearid-siglip2"
 

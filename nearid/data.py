@@ -12,7 +12,7 @@ Everything that turns a dataset *source* into rows lives here, once:
   `published_split` / `published_split_file` give the paper authors' splits of `Aleksandar/NearID`
   (shipped in `nearid/splits`), the default when `uses_published_splits(positives)`.
 - Images are read *encoded* (`image_refs`, `image_ref`): `{"bytes": ..., "path": ...}` or None for
-  a missing image (slots are never compacted); `nearid.store.ImageIndex` keys them by content and
+  a missing image (slots are never compacted); `nearid.store.image_index.ImageIndex` keys them by content and
   `nearid.images.load_image` decodes them.
 - `dreambench_methods` / `dreambench_pairs` read the DreamBench++ samples layout
   `<root>/<method>/{src_image,tgt_image}/<relative path>`.

@@ -34,7 +34,7 @@ from nearid.images import PixelLoader
 from nearid.integrity import check_weights
 from nearid.loading import has_safetensors, load_nearid, resolve_model_folder
 from nearid.numerics import WEIGHT_DTYPES, autocast
-from nearid.store import StoreFormat, fingerprint, weights_digest
+from nearid.store.format import StoreFormat, fingerprint, weights_digest
 
 DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
 

@@ -34,7 +34,7 @@ import datasets
 import numpy as np
 
 from nearid.data import check_disjoint, check_indices, require_columns
-from nearid.store import ImageIndex
+from nearid.store.image_index import ImageIndex
 
 logger = logging.getLogger(__name__)
 

@@ -53,8 +53,9 @@ from nearid.options import (
 )
 
 # torch, transformers and datasets come with these: loaded when a run first uses them, not for --help.
-data, evaluation, heatmaps, images, scorers, store = (lazy_module(f"nearid.{name}") for name in
-                                                      ("data", "evaluation", "heatmaps", "images", "scorers", "store"))
+data, evaluation, heatmaps, images, scorers = (lazy_module(f"nearid.{name}") for name in
+                                               ("data", "evaluation", "heatmaps", "images", "scorers"))
+image_index = lazy_module("nearid.store.image_index")
 
 # --- arguments -------------------------------------------------------------------------------------
 
@@ -304,7 +305,7 @@ def record_model_index(args, outputs, benchmark, values, split, model_name, data
 
 def embed_benchmark(bench, args, state) -> tuple:
     """(view keys, distractor keys by source, scorer, embeddings) of every image of a joined NearID benchmark."""
-    index = store.ImageIndex(args.skip_bad_images)
+    index = image_index.ImageIndex(args.skip_bad_images)
     view_keys, source_keys = evaluation.nearid_keys(bench, index)
     scorer, embedded = embed(index, args, state)
     return view_keys, source_keys, scorer, embedded
@@ -395,7 +396,7 @@ def write_retrieval_outputs(args, scorer, scores, rows, embedded, dataset_proven
 
 def run_mtg(args, state):
     dataset, dataset_provenance = data.open_mtg(DatasetSource.parse(args.mtg), args.split)
-    index = store.ImageIndex(args.skip_bad_images)
+    index = image_index.ImageIndex(args.skip_bad_images)
     keys, row_skipped = evaluation.mtg_keys(dataset, index)
     oracles, oracle_skipped = evaluation.mtg_oracles(dataset, args.skip_bad_images)
     scorer, embedded = embed(index, args, state)
@@ -435,7 +436,7 @@ def write_mtg_outputs(args, scorer, scores, sims, oracles, skipped, dataset_prov
 def dreambench_from_images(args, state) -> tuple:
     """({method: {key: 100 x cosine}}, scorer provenance with the embedding stats, skipped list)."""
     methods = args.methods or data.dreambench_methods(args.samples)
-    index = store.ImageIndex(args.skip_bad_images)
+    index = image_index.ImageIndex(args.skip_bad_images)
     pairs = evaluation.dreambench_pairs_index(args.samples, methods, index)
     scorer, embedded = embed(index, args, state)
     return (evaluation.dreambench_scores(pairs, embedded.vectors),
@@ -490,7 +491,7 @@ def run_score(args, state):
         source = args.samples
     else:
         items, ignored, source = data.read_score_metadata(args.metadata, args.images), [], args.metadata
-    index = store.ImageIndex(args.skip_bad_images)
+    index = image_index.ImageIndex(args.skip_bad_images)
     generated, references = scoring.index_items(items, index)
     scorer, embedded = embed(index, args, state)
     if not state.is_main_process:
