@@ -16,10 +16,13 @@ import torch
 import torch.nn.functional as F
 
 import nearid.io
+from nearid.integrity import checksum_file
 from nearid.store.embedding_store import EmbeddingStore
 from nearid.store.fill import FillOptions, NotEnoughDiskSpace, check_free_space, fill
-from nearid.store.format import StoreFormat, quantize_int8
+from nearid.store.format import StoreFormat, finite_rows, quantize_int8
 from nearid.store.layout import StoreCorruptError, StoreMismatchError, store_folder
+from nearid.store.reader import pixel_batches
+from nearid.store.writer import ShardWriter, npy_header
 from nearid.tokens import BackboneTokens
 from tests.helpers import (
     TINY_VISION,
@@ -370,6 +373,68 @@ def test_files_are_written_with_normal_permissions(model, tmp_path):
         os.umask(old)
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder(tmp_path).iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+# --------------------------------------------------------------------------------------------------
+# The fill's stages, each alone: reader -> (the caller's encoder) -> writer
+
+
+def test_the_reader_batches_pixels_and_reports_bad_images_with_their_batch():
+    items = make_items(3, corrupt=["broken"])
+    batches = [["img-00", "broken"], ["img-01", "img-02"], ["broken"]]
+    out = list(pixel_batches(batches, items, load_pixels))
+    assert [keys for keys, _, _ in out] == [["img-00"], ["img-01", "img-02"], []]
+    assert torch.equal(out[1][1], torch.stack([load_pixels(items["img-01"]), load_pixels(items["img-02"])]))
+    assert out[2][1] is None and list(out[0][2]) == ["broken"] and "truncated file" in out[0][2]["broken"]
+
+
+def test_the_writer_puts_each_batch_on_disk_as_it_arrives_under_its_checksum(tmp_path):
+    """No shard-sized buffer: a batch's rows are in the open shard's file before the shard is full, and the
+    checksum taken while writing is the checksum of the file (a short last shard is rewritten for its rows)."""
+    fmt = StoreFormat((2, 3), "float16")
+    keys = [f"k{i}" for i in range(8)]
+    values = torch.randn(8, 2, 3)
+    writer = ShardWriter(tmp_path, fmt, 0, shard_size=4, keys=keys)
+    writer.add(keys[:3], values[:3])
+    [temp] = tmp_path.glob(".shard-p000-000000.*.tmp")
+    item = fmt.record_dtype(2).itemsize
+    header = len(npy_header(fmt.record_dtype(2), 4))
+    assert temp.stat().st_size == header + 3 * item  # three rows of four, on disk already
+    writer.add(keys[3:6], values[3:6])
+    writer.flush()  # 6 of the 8 keys came: the second shard ends short, with 2 rows
+    assert not list(tmp_path.glob("*.tmp"))
+    shards = sorted(tmp_path.glob("shard-*.npy"))
+    assert [entry["file"] for entry in writer.written] == [path.name for path in shards]
+    assert [entry["keys"] for entry in writer.written] == [keys[:4], keys[4:6]]
+    for path, entry in zip(shards, writer.written):
+        assert path.name.endswith(f"-{checksum_file(path)}.npy") and entry["bytes"] == path.stat().st_size
+    rows = np.concatenate([np.load(path) for path in shards])
+    assert [key.decode() for key in rows["key"]] == keys[:6]
+    assert np.array_equal(rows["values"], values[:6].half().numpy())
+
+
+def test_a_fill_checksums_its_shards_as_it_writes_them_and_verifies_the_older_ones(model, tmp_path, monkeypatch):
+    """The shards a fill writes are not read back to be checksummed (that work would follow the last forward);
+    every later fill verifies every shard."""
+    import nearid.store.layout
+
+    verified = []
+    real_verify = nearid.store.layout.verify_shard
+    monkeypatch.setattr(nearid.store.layout, "verify_shard", lambda path: verified.append(path.name) or
+                        real_verify(path))
+    items = make_items(9)
+    build(tmp_path, Counting(model), items)
+    assert verified == []
+    build(tmp_path, Counting(model), items)
+    assert sorted(verified) == sorted(path.name for path in folder(tmp_path).glob("shard-*.npy")) and len(verified) == 3
+
+
+def test_finite_rows_finds_the_bad_rows_also_when_the_sum_overflows():
+    huge = torch.full((3, 4), 3e38)  # every value finite, their sum not
+    assert finite_rows(huge).tolist() == [True, True, True]
+    huge[1, 2] = float("nan")
+    assert finite_rows(huge).tolist() == [True, False, True]
+    assert finite_rows(torch.tensor([[1.0, float("inf")], [0.0, 1.0]], dtype=torch.float16)).tolist() == [False, True]
 
 
 # --------------------------------------------------------------------------------------------------

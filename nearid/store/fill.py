@@ -37,7 +37,6 @@ from nearid.store.layout import (
 from nearid.store.reader import pixel_batches
 from nearid.store.writer import BackgroundWriter, ShardWriter
 
-
 REPORT_PREFIX = "report-p"  # report-p<process>.json: what each process computed, merged into the index
 
 DISK_OPTIONS = ("store fewer bytes per image (int8 is half of float16), compute fewer images (fewer sources or "
@@ -129,26 +128,31 @@ def _fill_locked(folder: Path, fingerprint_: str, fmt: StoreFormat, items: Mappi
     batches = [missing[start:start + options.batch_size] for start in range(0, len(missing), options.batch_size)]
     state.wait_for_everyone()  # everyone listed the store before anyone adds to it
     with state.split_between_processes(batches) as share:
-        report = _compute(folder, fmt, share, items, loader, encoder, options, state)
-    atomic_write_json(folder / f"{REPORT_PREFIX}{state.process_index:03d}.json", report.__dict__)
+        report, written = _compute(folder, fmt, share, items, loader, encoder, options, state)
+    atomic_write_json(folder / f"{REPORT_PREFIX}{state.process_index:03d}.json", {**report.__dict__, "shards": written})
     state.wait_for_everyone()
     if state.is_main_process:
-        # the shards indexed by _prepare were verified there
-        write_index(folder, fmt, verify_known=False, last_fill=_merge_reports(folder).__dict__)
+        # The shards indexed by _prepare were verified there; those this fill wrote were checksummed as written.
+        report, written = _merge_reports(folder)
+        write_index(folder, fmt, verify_known=False, last_fill=report.__dict__, written=written)
     state.wait_for_everyone()
     return FillReport(**read_json(folder / INDEX_FILE, "store index")["last_fill"])
 
 
 def _compute(folder: Path, fmt: StoreFormat, batches: list, items: Mapping, loader, encoder: Encoder,
-             options: FillOptions, state) -> FillReport:
-    """This process's share, through the stages: load (reader, in workers) -> encode -> write (writer thread)."""
+             options: FillOptions, state) -> tuple[FillReport, list]:
+    """This process's share, through the stages: load (reader, in workers) -> encode -> write (writer thread).
+
+    Returns what it did and the index entries of the shards it wrote.
+    """
     from tqdm.auto import tqdm
 
     keys = [key for batch in batches for key in batch]
     reader = pixel_batches(batches, items, loader, options.num_workers,
                            pin_memory=torch.device(options.device).type == "cuda")
     report = FillReport()
-    writer = BackgroundWriter(ShardWriter(folder, fmt, state.process_index, options.shard_size, keys))
+    shards = ShardWriter(folder, fmt, state.process_index, options.shard_size, keys)
+    writer = BackgroundWriter(shards)
     progress = options.progress and state.is_main_process and bool(keys)
     try:
         with torch.inference_mode(), tqdm(total=len(keys), desc=options.description, unit="img",
@@ -164,7 +168,7 @@ def _compute(folder: Path, fmt: StoreFormat, batches: list, items: Mapping, load
                 bar.update(len(batch_keys) + len(failed))
     finally:
         writer.close()  # also when interrupted: the rows already computed are kept for the next fill
-    return report
+    return report, shards.written
 
 
 def _prepare(folder: Path, fmt: StoreFormat, fingerprint_: str) -> None:
@@ -184,16 +188,17 @@ def _check_meta(folder: Path, fingerprint_: str, fmt: StoreFormat) -> None:
     check_format(meta, fmt, folder)
 
 
-def _merge_reports(folder: Path) -> FillReport:
-    """The processes' reports of this fill as one, their files removed."""
-    merged = FillReport()
+def _merge_reports(folder: Path) -> tuple[FillReport, list]:
+    """The processes' reports of this fill as one, and the shards they wrote; their files removed."""
+    merged, written = FillReport(), []
     for path in sorted(folder.glob(f"{REPORT_PREFIX}*.json")):
         report = read_json(path, "fill report")
         merged.skipped.update(report["skipped"])
         merged.images_computed += report["images_computed"]
         merged.forward_passes += report["forward_passes"]
+        written += report["shards"]
         path.unlink()
-    return merged
+    return merged, written
 
 
 class _OneProcess:

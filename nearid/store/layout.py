@@ -121,11 +121,12 @@ def map_shard(path: Path, fmt: StoreFormat) -> np.ndarray:
     return records
 
 
-def write_index(folder: Path, fmt: StoreFormat, verify_known: bool, last_fill: dict) -> None:
+def write_index(folder: Path, fmt: StoreFormat, verify_known: bool, last_fill: dict, written: list = ()) -> None:
     """Index every sound shard on disk (dropping damaged ones), with `last_fill`, the report of the last fill.
 
-    Each shard's checksum is verified, except (`verify_known` False) those the current index lists
-    as the very file it saw: that index was written by this fill after verifying them.
+    Each shard's checksum is verified, except (`verify_known` False) the very files that the current
+    index lists (that index was written by this fill after verifying them) or that this fill wrote
+    (`written`, index entries of the writers: their checksums were taken from the bytes written).
     """
     known = {}
     if (folder / INDEX_FILE).exists():
@@ -133,6 +134,7 @@ def write_index(folder: Path, fmt: StoreFormat, verify_known: bool, last_fill: d
             known = {shard["file"]: shard for shard in read_json(folder / INDEX_FILE, "store index")["shards"]}
         except (ValueError, KeyError, TypeError):
             logger.warning("the store index %s is damaged; rebuilding it from the shards", folder / INDEX_FILE)
+    known.update((shard["file"], shard) for shard in written)
     shards = []
     for path in sorted(folder.glob("shard-p*-*.npy")):
         if not SHARD_NAME.fullmatch(path.name):
@@ -144,7 +146,7 @@ def write_index(folder: Path, fmt: StoreFormat, verify_known: bool, last_fill: d
             if verify_known or not seen:
                 verify_shard(path)
             records = map_shard(path, fmt)
-            # The index's keys are trusted only for the very file it saw and verified; others are read.
+            # Known keys are trusted only for the very file that was verified or written; others are read.
             keys = entry["keys"] if seen and not verify_known else [key.decode("utf-8") for key in records["key"]]
             if len(keys) != len(records):
                 raise StoreCorruptError(f"the store shard {path} holds {len(records)} rows, its index {len(keys)}")

@@ -9,6 +9,7 @@ forwards and its writes, not their sum.
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import secrets
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nearid.integrity import checksum_file
-from nearid.store.format import StoreFormat
+from nearid.integrity import new_checksum
+from nearid.store.format import StoreFormat, finite_rows
 from nearid.store.layout import next_shard_number, shard_stem
 
 
@@ -77,57 +78,146 @@ class BackgroundWriter:
 
 
 class ShardWriter:
-    """Collects encoded rows of one process into a shard-sized buffer and writes it when full."""
+    """Writes the encoded rows of one process into shards of `shard_size` rows, each batch as it arrives.
+
+    Rows go to the open shard's file at once, rather than into a shard-sized buffer written when
+    full, so every batch costs the same write time (no shard-sized stall after every few batches)
+    and host memory holds one batch, not one shard. `written` lists each finished shard as the index
+    records it: its file, keys, size and modification time.
+    """
 
     def __init__(self, folder: Path, fmt: StoreFormat, process_index: int, shard_size: int, keys: list):
         self.folder, self.format, self.process_index, self.shard_size = folder, fmt, process_index, shard_size
         # A new shard never takes the name of one on disk; the index recognises a reused name by its size
         # and modification time.
         self.next_number = next_shard_number(folder, process_index)
-        self.key_bytes = max((len(key.encode("utf-8")) for key in keys), default=1)
+        self.records = fmt.record_dtype(max((len(key.encode("utf-8")) for key in keys), default=1))
         self.unwritten = len(keys)  # an upper bound of the rows still to come
-        self.buffer, self.filled = None, 0
+        self.shard, self.written = None, []
 
-    def add(self, keys: list, values: torch.Tensor):
+    def add(self, keys: list, values: torch.Tensor) -> None:
         fields = self.format.encode(values)
         check_finite(keys, fields, self.format.dtype)
-        fields["key"] = np.array([key.encode("utf-8") for key in keys], dtype=f"S{self.key_bytes}")
+        rows = np.empty(len(keys), self.records)
+        rows["key"] = [key.encode("utf-8") for key in keys]
+        for name, column in fields.items():
+            rows[name] = column
         start = 0
-        while start < len(keys):
-            if self.buffer is None:
+        while start < len(rows):
+            if self.shard is None:
                 capacity = max(1, min(self.shard_size, self.unwritten))
-                self.buffer, self.filled = np.empty(capacity, dtype=self.format.record_dtype(self.key_bytes)), 0
-            count = min(len(keys) - start, len(self.buffer) - self.filled)
-            for name, values in fields.items():
-                self.buffer[name][self.filled:self.filled + count] = values[start:start + count]
-            self.filled += count  # only after the copy: an interruption never flushes half-written rows
-            self.unwritten -= count
-            start += count
-            if self.filled == len(self.buffer):
+                self.shard = OpenShard(self.folder, shard_stem(self.process_index, self.next_number), self.records,
+                                       capacity)
+            end = start + min(self.shard.room, len(rows) - start)
+            self.shard.write(rows[start:end], keys[start:end])
+            self.unwritten -= end - start
+            start = end
+            if not self.shard.room:
                 self.flush()
 
-    def flush(self):
-        """Write the filled rows as a new shard (temporary file, fsync, rename) and start a new buffer."""
-        if self.buffer is not None and self.filled:
-            name = shard_stem(self.process_index, self.next_number)
-            temp = self.folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            try:
-                with open(temp, "xb") as stream:
-                    np.save(stream, self.buffer[:self.filled])
-                    stream.flush()
-                    os.fsync(stream.fileno())
-                # The checksum of the bytes on disk (just written, so read back from memory) goes into the name.
-                os.replace(temp, self.folder / f"{name}-{checksum_file(temp)}.npy")
-            finally:
-                temp.unlink(missing_ok=True)
-            self.next_number += 1
-        self.buffer, self.filled = None, 0
+    def flush(self) -> None:
+        """Finish the open shard (fsync, rename to the name with its checksum), if it holds any row."""
+        if self.shard is not None:
+            shard, self.shard = self.shard, None
+            if shard.keys:
+                self.written.append(shard.finish())
+                self.next_number += 1
+            else:
+                shard.discard()
+
+
+class OpenShard:
+    """One shard being written: a temporary file holding the .npy header for `capacity` rows, then rows.
+
+    Its checksum is taken from the bytes as they are written, so finishing it reads nothing back.
+    A shard that ends with fewer rows (an interrupted fill, or images left out) is rewritten with the
+    header of the rows it holds. Rows written are on disk by `finish` (fsync, then the rename that
+    makes the shard visible), and synced every `SYNC_BYTES` on the way, so the disk writes them
+    evenly rather than all at the fsync.
+    """
+
+    SYNC_BYTES = 16 * 2**20
+
+    def __init__(self, folder: Path, stem: str, records: np.dtype, capacity: int):
+        self.folder, self.stem, self.records, self.capacity = folder, stem, records, capacity
+        self.temp = folder / f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self.stream = open(self.temp, "xb")  # noqa: SIM115 (closed by finish or discard)
+        self.header = npy_header(records, capacity)
+        self.checksum, self.keys, self.unsynced = new_checksum(), [], 0
+        self._write(self.header)
+
+    @property
+    def room(self) -> int:
+        return self.capacity - len(self.keys)
+
+    def write(self, rows: np.ndarray, keys: list) -> None:
+        """Append `rows` (at most `room`) of `keys`."""
+        self._write(memoryview(np.ascontiguousarray(rows).view(np.uint8)))
+        self.stream.flush()  # handed to the OS batch by batch, so the disk can work through them as they come
+        self.keys += keys  # only after the write: a failed write never counts its rows
+        if self.unsynced >= self.SYNC_BYTES:
+            os.fdatasync(self.stream.fileno())
+            self.unsynced = 0
+
+    def _write(self, data) -> None:
+        self.stream.write(data)
+        self.checksum.update(data)
+        self.unsynced += len(data)
+
+    def finish(self) -> dict:
+        """Make the shard durable and visible under its checksum name; returns its index entry."""
+        try:
+            if len(self.keys) < self.capacity:
+                self._rewrite_for_rows_written()
+            self.stream.flush()
+            os.fsync(self.stream.fileno())
+            self.stream.close()
+            path = self.folder / f"{self.stem}-{self.checksum.hexdigest()}.npy"
+            os.replace(self.temp, path)
+        finally:
+            self.discard()
+        return {"file": path.name, "keys": self.keys, "bytes": path.stat().st_size,
+                "mtime_ns": path.stat().st_mtime_ns}
+
+    def discard(self) -> None:
+        self.stream.close()
+        self.temp.unlink(missing_ok=True)
+
+    def _rewrite_for_rows_written(self) -> None:
+        """Copy the rows written into a new temporary file under the header of their count (rare: a short shard)."""
+        self.stream.flush()
+        old, rows_start = self.temp, len(self.header)
+        self.stream.close()
+        self.temp = self.folder / f".{self.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self.stream, self.checksum = open(self.temp, "xb"), new_checksum()  # noqa: SIM115
+        try:
+            self.header = npy_header(self.records, len(self.keys))
+            self._write(self.header)
+            with open(old, "rb") as source:
+                source.seek(rows_start)
+                remaining = len(self.keys) * self.records.itemsize  # a row half-written when interrupted is left
+                while remaining:
+                    chunk = source.read(min(remaining, 64 * 2**20))
+                    if not chunk:
+                        raise OSError(f"{old} lost rows while a shard was being finished")
+                    self._write(chunk)
+                    remaining -= len(chunk)
+        finally:
+            old.unlink(missing_ok=True)
+
+
+def npy_header(records: np.dtype, rows: int) -> bytes:
+    """The .npy header `np.save` writes for `rows` records of `records`."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(records),
+                                                  "fortran_order": False, "shape": (rows,)})
+    return header.getvalue()
 
 
 def check_finite(keys, fields: dict, dtype: str):
     """Refuse values that would be stored as NaN/inf (float16 overflow, or a model producing NaN)."""
     stored = fields["scale"] if dtype == "int8" else fields["values"]  # a NaN vector has a NaN scale
-    finite = np.isfinite(stored.reshape(len(keys), -1)).all(axis=1)
+    finite = finite_rows(torch.from_numpy(stored)).numpy()
     if not finite.all():
         bad = [key for key, ok in zip(keys, finite, strict=True) if not ok]
         raise FloatingPointError(
