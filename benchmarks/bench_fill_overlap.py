@@ -10,9 +10,10 @@ train.py's token pass runs it. Prints, from one run on this machine, best of `--
   - fill: both together, and fill / max(encode, write) (goal <= 1.1) and fill / (encode + write)
     (0.5 is a perfect overlap here, 1 none).
 
-What cannot overlap is the last shard's write, after the last forward: 1/shards of the writes. The
-default run writes 12 shards of 160 rows (269 MB in float16: like train.py's 1024-row shards, above
-the size the store checks whole when it indexes them); a real token pass writes ~290.
+What cannot overlap is the write of the last batch, after the last forward (the writer puts each
+batch's rows into the open shard as they come): 1/batches of the writes. The default run writes 60
+batches into 12 shards of 160 rows (269 MB in float16: like train.py's 1024-row shards, above the
+size the store checks whole when it indexes them); a real token pass writes ~290 shards.
 
 Usage: python benchmarks/bench_fill_overlap.py [--images 256] [--smoke]
 """
@@ -85,6 +86,7 @@ def main(argv=None):
     args = parse_args(argv)
     load_before, figures = os.getloadavg()[0], {}
     shards = -(-args.images // args.shard_size)
+    batches = -(-args.images // BATCH)
     lines = [f"fill of {args.images} token rows of {args.shape[0]} x {args.shape[1]} in batches of {BATCH}, {shards} "
              f"shards of {args.shard_size}, best of {args.rounds} rounds (seconds):",
              f"{'storage':<9}{'write':>8}{'encode':>8}{'fill':>8}{'fill / max':>12}{'fill / sum':>12}{'<= 1.1':>8}"]
@@ -97,8 +99,8 @@ def main(argv=None):
     figures["fill_over_max"] = max(figures[dtype]["fill_over_max"] for dtype in ("float16", "int8"))
     lines += ["write = the fill with an encoder of no cost; encode = the fake encoder alone (sleeps write / batches "
               "per batch, as a GPU forward leaves the CPU free); fill = both: max(encode, write) if the writes are "
-              "overlapped, encode + write if not; the last shard's write follows the last forward, so a perfect "
-              f"overlap gives about 1 + 1/{shards} = {1 + 1 / shards:.2f} here",
+              "overlapped, encode + write if not; the last batch's write follows the last forward, so a perfect "
+              f"overlap gives about 1 + 1/{batches} = {1 + 1 / batches:.2f} here",
               f"load average (1 min) of this shared machine: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
               f"({os.cpu_count()} CPUs)"]
     write_results(args.output, environment_lines() + lines)
