@@ -22,7 +22,7 @@ from nearid.store.fill import FillOptions, NotEnoughDiskSpace, check_free_space,
 from nearid.store.format import StoreFormat, finite_rows, quantize_int8
 from nearid.store.layout import StoreCorruptError, StoreMismatchError, store_folder
 from nearid.store.reader import pixel_batches
-from nearid.store.writer import ShardWriter, npy_header
+from nearid.store.writer import BackgroundWriter, ShardWriter, npy_header
 from nearid.tokens import BackboneTokens
 from tests.helpers import (
     TINY_VISION,
@@ -411,6 +411,34 @@ def test_the_writer_puts_each_batch_on_disk_as_it_arrives_under_its_checksum(tmp
     rows = np.concatenate([np.load(path) for path in shards])
     assert [key.decode() for key in rows["key"]] == keys[:6]
     assert np.array_equal(rows["values"], values[:6].half().numpy())
+
+
+def test_the_writer_queue_holds_batches_by_their_bytes_so_a_slow_write_does_not_stop_the_forward():
+    """Small batches queue well beyond four while a write is slow (the queue is bounded by its memory)."""
+
+    class SlowWriter:
+        def __init__(self):
+            self.release, self.batches = threading.Event(), []
+
+        def add(self, keys, values):
+            assert self.release.wait(60)
+            self.batches.append(keys)
+
+        def flush(self):
+            pass
+
+    slow = SlowWriter()
+    writer = BackgroundWriter(slow)
+    adding = threading.Thread(target=lambda: [writer.add([f"k{i}"], torch.zeros(1, 8)) for i in range(12)])
+    try:
+        adding.start()
+        adding.join(timeout=20)
+        assert not adding.is_alive(), "the forward waited for a slow write with 12 small batches in flight"
+    finally:
+        slow.release.set()
+        adding.join()
+        writer.close()
+    assert slow.batches == [[f"k{i}"] for i in range(12)]
 
 
 def test_a_fill_checksums_its_shards_as_it_writes_them_and_verifies_the_older_ones(model, tmp_path, monkeypatch):

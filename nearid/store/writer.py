@@ -25,25 +25,30 @@ from nearid.store.layout import next_shard_number, shard_stem
 
 
 class BackgroundWriter:
-    """A `ShardWriter` in a thread of its own, fed through a queue of at most `depth` computed batches.
+    """A `ShardWriter` in a thread of its own, fed through a bounded queue of computed batches.
 
     The forward of the next batch runs while this one is converted, checked and written. The queue
-    is bounded, so memory stays bounded when the disk is the slower side; it holds `depth` batches
-    because writing a full shard takes a few batches' time (benchmarks/bench_fill_overlap.py), and
-    the forward goes on meanwhile. The price is host memory: so400m tokens at batch 256 are 0.86 GB
-    of float32 per batch. An error of the writer
-    (non-finite values, a full disk) is raised in the filling thread at its next `add` or at
-    `close`; batches queued after it are not written, those before it are.
+    is bounded, so memory stays bounded when the disk is the slower side. It holds `queue_bytes` of
+    batches (at least `min_depth`), so that writes slower than usual for a while (a busy disk, a
+    shard's fsync) do not stop the forward: when the forward and the writes take the same time on
+    average, a forward stopped by a full queue is time the fill never wins back
+    (benchmarks/bench_fill_overlap.py). The price is host memory: so400m tokens at batch 256 are
+    0.86 GB of float32 per batch. An error of the writer (non-finite values, a full disk) is raised
+    in the filling thread at its next `add` or at `close`; batches queued after it are not written,
+    those before it are.
     """
 
-    def __init__(self, writer: "ShardWriter", depth: int = 4):
+    def __init__(self, writer: "ShardWriter", queue_bytes: int = 2 * 2**30, min_depth: int = 4):
         self.writer, self.error, self.raised = writer, None, False
-        self.queue = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._run, name="nearid-shard-writer", daemon=True)
-        self.thread.start()
+        self.queue_bytes, self.min_depth = queue_bytes, min_depth
+        self.queue = self.thread = None  # sized by the first batch
 
     def add(self, keys: list, values: torch.Tensor) -> None:
         self._raise()
+        if self.queue is None:
+            self.queue = queue.Queue(maxsize=max(self.min_depth, self.queue_bytes // max(1, values.nbytes)))
+            self.thread = threading.Thread(target=self._run, name="nearid-shard-writer", daemon=True)
+            self.thread.start()
         event = None
         if values.device.type == "cuda":  # copied to pinned memory without blocking; the thread waits for it
             values = values.to("cpu", non_blocking=True)
@@ -53,8 +58,9 @@ class BackgroundWriter:
 
     def close(self) -> None:
         """Write every queued batch and the last, partial shard; raise the writer's error if it had one."""
-        self.queue.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
         self.writer.flush()
         self._raise()
 
@@ -140,7 +146,7 @@ class OpenShard:
 
     def __init__(self, folder: Path, stem: str, records: np.dtype, capacity: int):
         self.folder, self.stem, self.records, self.capacity = folder, stem, records, capacity
-        self.temp = folder / f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self.temp = self._new_temp()
         self.stream = open(self.temp, "xb")  # noqa: SIM115 (closed by finish or discard)
         self.header = npy_header(records, capacity)
         self.checksum, self.keys, self.unsynced = new_checksum(), [], 0
@@ -183,12 +189,16 @@ class OpenShard:
         self.stream.close()
         self.temp.unlink(missing_ok=True)
 
+    def _new_temp(self) -> Path:
+        """A temporary name no other writer takes; a later fill drops it as a leftover (`.*.tmp`)."""
+        return self.folder / f".{self.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
     def _rewrite_for_rows_written(self) -> None:
         """Copy the rows written into a new temporary file under the header of their count (rare: a short shard)."""
         self.stream.flush()
         old, rows_start = self.temp, len(self.header)
         self.stream.close()
-        self.temp = self.folder / f".{self.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self.temp = self._new_temp()
         self.stream, self.checksum = open(self.temp, "xb"), new_checksum()  # noqa: SIM115
         try:
             self.header = npy_header(self.records, len(self.keys))
