@@ -1,8 +1,8 @@
-"""What verifying checksums costs a warm run (`nearid.integrity`, `nearid.store`).
+"""What verifying checksums costs a warm run (`nearid.integrity`, `nearid.store.layout`).
 
 Every fill of the embed-once store verifies each shard's XXH3-128 checksum before trusting it. This
 script builds two stores once, then times the warm pass a later run makes, with and without that
-verification (it is switched off by replacing `nearid.store._verify_shard` with a no-op), and prints
+verification (it is switched off by replacing `nearid.store.layout.verify_shard` with a no-op), and prints
 the ratio. Both passes are the store's part alone (the fill that finds nothing to compute, then
 reading every stored value once), so the ratio is the largest share verification can take: a real
 warm run also loads the model and hashes every image file, and training reads the tokens every
@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import environment_lines, write_results  # noqa: E402
 
-import nearid.store  # noqa: E402
-from nearid.store import FillOptions, StoreFormat, fill  # noqa: E402
+import nearid.store.layout  # noqa: E402
+from nearid.store.fill import FillOptions, fill  # noqa: E402
+from nearid.store.format import StoreFormat  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIMIT = 0.05  # verifying may slow a warm run by at most 5%
@@ -81,9 +82,9 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def verify_all(folder):
-    for path in sorted(folder.glob("shard-*.npy")):
-        nearid.store._verify_shard(path)
+def verify_all(root):
+    for path in sorted(nearid.store.layout.store_folder(root, "bench").glob("shard-*.npy")):
+        nearid.store.layout.verify_shard(path)
 
 
 def compare(folder, fmt, items, chunk, repeats):
@@ -91,17 +92,17 @@ def compare(folder, fmt, items, chunk, repeats):
     each, interleaved."""
     fill(folder, "bench", fmt, items, no_pixels, RandomValues(fmt),
          FillOptions(batch_size=64, shard_size=1024, progress=False))  # the cold build, not timed
-    verify = nearid.store._verify_shard
+    verify = nearid.store.layout.verify_shard
     with_, without, alone = [], [], []
     warm_pass(folder, fmt, items, chunk)  # the files in the page cache: a warm run
     for _ in range(repeats):
         alone.append(timed(lambda: verify_all(folder)))
         with_.append(timed(lambda: warm_pass(folder, fmt, items, chunk)))
-        nearid.store._verify_shard = lambda path: None
+        nearid.store.layout.verify_shard = lambda path: None
         try:
             without.append(timed(lambda: warm_pass(folder, fmt, items, chunk)))
         finally:
-            nearid.store._verify_shard = verify
+            nearid.store.layout.verify_shard = verify
     return min(with_), min(without), min(alone)
 
 

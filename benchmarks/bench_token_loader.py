@@ -105,7 +105,7 @@ def read_lines(store, samples, args) -> tuple:
     lines.append(f"{'plain sequential read of the shard files':<44}{figures['sequential_warm']:>10.2f}"
                  f"{figures['sequential_cold']:>10.2f}")
     for workers in args.workers:
-        warm, cold = (best_of(repeats, lambda: loader_read_rate(store.folder, samples, args.read_batch, steps,
+        warm, cold = (best_of(repeats, lambda: loader_read_rate(store, samples, args.read_batch, steps,
                                                                 workers, cold)) for cold in (False, True))
         figures[f"loader_warm_w{workers}"], figures[f"loader_cold_w{workers}"] = warm, cold
         lines.append(f"{f'training loader, {workers} workers':<44}{warm:>10.2f}{cold:>10.2f}")

@@ -31,7 +31,7 @@ from bench_train_compute import (  # noqa: E402
     expected_cached_images,
 )
 
-from nearid.store import StoreFormat  # noqa: E402
+from nearid.store.format import StoreFormat  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPOCHS, SOURCES, REFERENCE_HOURS, TARGET = 11, 4, 6.5, 20

@@ -51,7 +51,9 @@ from input_common import (  # noqa: E402
 from configuration_nearid import NearIDConfig  # noqa: E402
 from nearid.numerics import autocast, resolve_precision  # noqa: E402
 from nearid.scorers import Scorer  # noqa: E402
-from nearid.store import EmbeddingStore, FillOptions, ImageIndex, fill  # noqa: E402
+from nearid.store.embedding_store import EmbeddingStore  # noqa: E402
+from nearid.store.fill import FillOptions, fill  # noqa: E402
+from nearid.store.image_index import ImageIndex  # noqa: E402
 from nearid.tokens import BackboneTokens  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,35 +121,39 @@ def timed(fn, device) -> float:
     return time.perf_counter() - started
 
 
-def cache_build_rate(model, processor, paths, dtype: str, batch: int, workers: int, precision: str, folder) -> float:
-    """images/s of train.py's token pass over image files: decode in workers, backbone, `dtype` tokens on disk."""
+def cache_build_rate(model, processor, paths, dtype: str, batch: int, workers: int, precision: str, root) -> float:
+    """images/s of train.py's token pass over image files: decode in workers, backbone, `dtype` tokens on disk
+    (the store of the tokens' fingerprint under `root`)."""
     encoder = BackboneTokens(model, processor, dtype, precision, model.device)
     index = ImageIndex()
     index.add_files(paths)
     options = FillOptions(batch_size=batch, num_workers=workers, device=str(model.device), progress=False)
-    seconds = timed(lambda: fill(folder, encoder.fingerprint, encoder.format, index, encoder.loader, encoder,
+    seconds = timed(lambda: fill(root, encoder.fingerprint, encoder.format, index, encoder.loader, encoder,
                                  options), model.device)
     return len(paths) / seconds
 
 
 def cache_figures(scorer, paths, args, precision: str, work: Path) -> dict:
-    """Token-cache build images/s from `paths`, float16 and int8."""
+    """Token-cache build images/s from `paths`, float16 and int8 (their stores under work / "cache-<dtype>")."""
     return {f"cache_build_{dtype}_images_per_s": cache_build_rate(scorer.model, scorer.processor, paths, dtype,
                                                                   args.batch, args.workers, precision,
                                                                   work / f"cache-{dtype}")
             for dtype in ("float16", "int8")}
 
 
-def read_and_step_figures(model, args, precision: str, cache: Path) -> dict:
-    """Plain and loader reads of the float16 cache (one epoch: every image once), and head steps on it."""
-    figures = {"sequential_warm_gb_per_s": sequential_read_rate(shard_files(cache), cold=False),
-               "sequential_cold_gb_per_s": sequential_read_rate(shard_files(cache), cold=True)}
-    store = EmbeddingStore.open(cache)
+def read_and_step_figures(scorer, args, precision: str, cache: Path) -> dict:
+    """Plain and loader reads of the float16 cache under `cache` (one epoch: every image once), and head steps
+    on it."""
+    model = scorer.model
+    tokens = BackboneTokens(model, scorer.processor, "float16", precision, model.device)
+    store = EmbeddingStore.open(cache, tokens.fingerprint)
+    figures = {"sequential_warm_gb_per_s": sequential_read_rate(shard_files(store.folder), cold=False),
+               "sequential_cold_gb_per_s": sequential_read_rate(shard_files(store.folder), cold=True)}
     samples = EpochSamples(store.keys())
     per_epoch = len(samples) // args.head_batch
     for cold in (False, True):
         figures[f"loader_{'cold' if cold else 'warm'}_gb_per_s"] = loader_read_rate(
-            cache, samples, args.head_batch, per_epoch, args.loader_workers, cold)
+            store, samples, args.head_batch, per_epoch, args.loader_workers, cold)
     model.freeze_backbone()
     steps = step_rates(model, store, samples, args.head_batch, args.steps, args.loader_workers, precision,
                        rounds=args.rounds)
@@ -209,7 +215,7 @@ def main(argv=None):
                 "end_to_end_images_per_s": end_to_end_rate(scorer, paths, args.batch, args.workers,
                                                            work / "embeddings")},
             "cache_build": lambda: cache_figures(scorer, paths, args, precision, work),
-            "reads_and_steps": lambda: read_and_step_figures(scorer.model, args, precision, work / "cache-float16"),
+            "reads_and_steps": lambda: read_and_step_figures(scorer, args, precision, work / "cache-float16"),
             "compiled": lambda: forward_figures(scorer.model, args.batch, precision, compile_options),
         }
         for name, stage in stages.items():

@@ -20,7 +20,10 @@ from nearid.commands.train import TrainingArguments
 from nearid.evaluation.protocol import embed_images
 from nearid.hub import export_hub_folder
 from nearid.images import PixelLoader
-from nearid.store import EmbeddingStore, FillOptions, ImageIndex, StoreFormat, fill
+from nearid.store.embedding_store import EmbeddingStore
+from nearid.store.fill import FillOptions, fill
+from nearid.store.format import StoreFormat
+from nearid.store.image_index import ImageIndex
 from nearid.tokens import CachedTokens, token_loader
 from nearid.training.loop import steps_only_run, train_step
 from nearid.training.tracking import make_accelerator
@@ -148,17 +151,17 @@ def sequential_read_rate(paths, cold: bool) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
-def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int, cold: bool) -> float:
+def loader_read_rate(store, samples, per_device: int, steps: int, workers: int, cold: bool) -> float:
     """GB/s of stored token rows the training loader delivers into its ring (the step itself does nothing).
 
     The store is opened afresh: pages a live memory map of this process holds cannot be dropped from
     the page cache, so a cold pass needs maps that have read nothing yet. Timed from the first batch
     on, so the workers' start is not counted.
     """
-    store = EmbeddingStore.open(folder)
+    store = EmbeddingStore.open(store.root, store.fingerprint)
     loader, _ = training_loader(store, samples, per_device, steps, workers, "cpu")
     if cold:
-        drop_from_page_cache(shard_files(folder))
+        drop_from_page_cache(shard_files(store.folder))
     images, start = 0, None
     for batch in loader:
         if start is None:

@@ -1,7 +1,7 @@
 """Where the time goes on the embedding / token-pass input path, with the model replaced by a no-op consumer.
 
 A CPU proxy of a GPU profile: the same stages evaluate.py's embedding and train.py's token pass run
-(nearid.store.fill with a nearid.images.PixelLoader), timed one by one on 512 px JPEGs resized to
+(nearid.store.fill.fill with a nearid.images.PixelLoader), timed one by one on 512 px JPEGs resized to
 384 x 384 (so400m's input). Prints, from one run on this machine:
 
   1. per image, in one process: read the file, hash it (the store key, once per image and run),
@@ -39,7 +39,8 @@ from input_common import Precomputed, image_number, write_jpegs, write_json  # n
 
 from image_processing_nearid import NearIDImageProcessor, _pil_to_rgb, read_image_bytes  # noqa: E402
 from nearid.images import PixelLoader, load_image  # noqa: E402
-from nearid.store import FillOptions, StoreFormat, fill  # noqa: E402
+from nearid.store.fill import FillOptions, fill  # noqa: E402
+from nearid.store.format import StoreFormat  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 32

@@ -33,7 +33,8 @@ from nearid.evaluation import protocol
 from nearid.images import find_images
 from nearid.numerics import resolve_device
 from nearid.scorers import DTYPES, Scorer
-from nearid.store import FillOptions, ImageIndex
+from nearid.store.fill import FillOptions
+from nearid.store.image_index import ImageIndex
 
 DEFAULT_MODEL = "Aleksandar/nearid-siglip2"
 

@@ -46,6 +46,12 @@ def checksum_bytes(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def new_checksum():
+    """A checksum of bytes fed piece by piece (`.update(data)`) as a file is written; its `.hexdigest()` is then
+    `checksum_file` of that file, without reading it back."""
+    return xxhash.xxh3_128()
+
+
 def checksum_json(obj) -> str:
     """The checksum of `obj`'s canonical JSON (sorted keys, compact): for a file that records its own checksum."""
     return checksum_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8"))

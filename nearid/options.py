@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from nearid.cli import REQUIRED, lazy_module, option, save_arguments
 from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_device, resolve_precision
 
-scorers, store = lazy_module("nearid.scorers"), lazy_module("nearid.store")
+scorers, store_fill = lazy_module("nearid.scorers"), lazy_module("nearid.store.fill")
 protocol, run_outputs = lazy_module("nearid.evaluation.protocol"), lazy_module("nearid.reports.run_outputs")
 # The KIND of KIND:MODEL baselines (the keys of nearid.scorers.SCORER_KINDS but nearid; a test keeps them equal).
 BASELINE_KINDS = ("clip", "dinov2", "dinov3", "siglip", "siglip-mean")
@@ -78,11 +78,11 @@ def load_scorer(args, state) -> "scorers.Scorer":
                           resolve_precision(args.mixed_precision, device), args.compile)
 
 
-def fill_options(args, scorer) -> "store.FillOptions":
+def fill_options(args, scorer) -> "store_fill.FillOptions":
     """How the embed-once store computes images, from `EmbeddingArguments`."""
-    return store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
-                             skip_errors=args.skip_bad_images, device=scorer.device,
-                             description=f"embedding ({scorer.kind_name})")
+    return store_fill.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
+                                  skip_errors=args.skip_bad_images, device=scorer.device,
+                                  description=f"embedding ({scorer.kind_name})")
 
 
 def embed(index, args, state) -> tuple:

@@ -35,7 +35,7 @@ from nearid.images import PixelLoader
 from nearid.integrity import check_weights
 from nearid.loading import ModelSource, has_safetensors, load_nearid
 from nearid.numerics import WEIGHT_DTYPES, autocast
-from nearid.store import StoreFormat, fingerprint, weights_digest
+from nearid.store.format import StoreFormat, fingerprint, weights_digest
 
 DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
 

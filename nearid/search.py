@@ -59,7 +59,8 @@ from nearid.images import find_images, link_problem, load_image
 from nearid.integrity import ALGORITHM, checksum_json, damaged, manifest, manifest_of_tree
 from nearid.io import atomic_write_json, read_json, recover_folder, replacing_folder, set_aside_path
 from nearid.locking import one_writer
-from nearid.store import FillOptions, ImageIndex
+from nearid.store.fill import FillOptions
+from nearid.store.image_index import ImageIndex
 
 FORMAT_VERSION = 2  # 2: checksums of every file
 INFO_FILE = "search_index.json"

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from nearid.images import PixelLoader
 from nearid.io import disk_free_bytes, human_bytes
 from nearid.numerics import autocast
-from nearid.store import StoreFormat, fingerprint, weights_digest
+from nearid.store.format import StoreFormat, fingerprint, weights_digest
 from nearid.training_data import slot_mask
 
 logger = logging.getLogger(__name__)

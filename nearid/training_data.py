@@ -35,7 +35,7 @@ import numpy as np
 
 from nearid.data.readers import require_columns
 from nearid.data.split_files import check_disjoint, check_indices
-from nearid.store import ImageIndex
+from nearid.store.image_index import ImageIndex
 
 logger = logging.getLogger(__name__)
 

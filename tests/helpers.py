@@ -198,7 +198,7 @@ class PixelScorer:
     device = "cpu"
 
     def __init__(self, side=3):
-        from nearid.store import StoreFormat
+        from nearid.store.format import StoreFormat
 
         self.format, self.fingerprint = StoreFormat((3 * side * side,)), f"pixels-{side}x{side}"
 

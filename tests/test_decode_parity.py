@@ -17,7 +17,9 @@ from nearid.commands import evaluate
 from image_processing_nearid import NearIDImageProcessor
 from modeling_nearid import NearIDModel
 from nearid.images import content_hash
-from nearid.store import EmbeddingStore, FillOptions, ImageIndex, fill
+from nearid.store.embedding_store import EmbeddingStore
+from nearid.store.fill import FillOptions, fill
+from nearid.store.image_index import ImageIndex
 from nearid.tokens import BackboneTokens
 
 
@@ -101,5 +103,5 @@ def test_the_same_file_gives_the_same_pixels_through_every_entry_point(name, tin
 
 
 def stored(cache_dir, key):
-    [folder] = [p for p in cache_dir.iterdir() if p.is_dir()]
-    return EmbeddingStore.open(folder).get([key])[0]
+    [fingerprint] = [p.name for p in cache_dir.iterdir() if p.is_dir()]  # the one store the run filled
+    return EmbeddingStore.open(cache_dir, fingerprint).get([key])[0]

@@ -450,11 +450,11 @@ def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped_white(tmp_path, mode):
 
 def test_the_16_bit_rule_changes_the_store_fingerprint(monkeypatch):
     """Embeddings cached when 16-bit images were clipped must not be reused."""
-    from nearid import store
+    from nearid.store import format as store_format
 
     args = ("pooled:nearid", "weights", {"size": 30}, {"dtype": "float32"})
-    now = store.fingerprint(*args)
+    now = store_format.fingerprint(*args)
     clipped_rules = "exif-transpose+alpha-on-white/1"  # the rules before 16-bit images were scaled
-    assert store.DECODE_RULES != clipped_rules
-    monkeypatch.setattr(store, "DECODE_RULES", clipped_rules)
-    assert store.fingerprint(*args) != now
+    assert store_format.DECODE_RULES != clipped_rules
+    monkeypatch.setattr(store_format, "DECODE_RULES", clipped_rules)
+    assert store_format.fingerprint(*args) != now

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import nearid.io
 from nearid.commands import train
 from nearid import checkpoints
-from nearid.store import FillOptions, StoreFormat, fill
+from nearid.store.fill import FillOptions, fill
+from nearid.store.format import StoreFormat
 from nearid.tokens import PAD_KEY, CachedTokens, check_shared_memory, token_loader
 from nearid.training_data import StepSampler
 from tests.helpers import TINY_VISION, load_pixels, make_items, make_tiny_nearid, train_args, user_error

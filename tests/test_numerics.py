@@ -11,7 +11,7 @@ from nearid.commands import evaluate
 from nearid.commands import train
 from nearid.numerics import resolve_precision
 from nearid.scorers import SCORER_KINDS, Scorer
-from nearid.store import fingerprint, weights_digest
+from nearid.store.format import fingerprint, weights_digest
 from tests.helpers import random_pixels, train_args
 
 

@@ -15,7 +15,8 @@ from nearid.images import ImageLoadError
 from nearid.loading import resolve_model_folder
 from nearid.numerics import resolve_device
 from nearid.scorers import Scorer, parse_spec, pinned_spec
-from nearid.store import FillOptions, ImageIndex
+from nearid.store.fill import FillOptions
+from nearid.store.image_index import ImageIndex
 from tests.helpers import make_hostile, make_tiny_siglip, markers_written, random_pixels
 
 

@@ -23,7 +23,7 @@ from nearid.search import (
     SearchIndex,
     SearchIndexMismatch,
 )
-from nearid.store import EmbeddingStore
+from nearid.store.embedding_store import EmbeddingStore
 from tests.helpers import PixelScorer, draw_vector, user_error
 
 IDENTITIES, PER_IDENTITY, DIM = 4, 3, 27
@@ -323,7 +323,7 @@ def test_an_interrupted_index_run_resumes_and_never_leaves_a_half_written_index(
     argv = ["index", "--model", "pixels", "--images", str(folder), "--index-dir", str(tmp_path / "index"),
             "--cache-dir", str(tmp_path / "cache"), "--batch-size", "1"]
     user_error(capsys, search.main, argv)  # stops at the broken image; the images before it are kept
-    done = len(EmbeddingStore.open(tmp_path / "cache" / PixelScorer().fingerprint))
+    done = len(EmbeddingStore.open(tmp_path / "cache", PixelScorer().fingerprint))
     (folder / "id3" / "broken.png").unlink()
     assert 0 < done and search.main(argv)["embedded"] == 12 - done
 

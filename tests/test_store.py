@@ -16,17 +16,13 @@ import torch
 import torch.nn.functional as F
 
 import nearid.io
-from nearid.store import (
-    EmbeddingStore,
-    FillOptions,
-    NotEnoughDiskSpace,
-    StoreCorruptError,
-    StoreFormat,
-    StoreMismatchError,
-    check_free_space,
-    fill,
-    quantize_int8,
-)
+from nearid.integrity import checksum_file
+from nearid.store.embedding_store import EmbeddingStore
+from nearid.store.fill import FillOptions, NotEnoughDiskSpace, check_free_space, fill
+from nearid.store.format import StoreFormat, finite_rows, quantize_int8
+from nearid.store.layout import StoreCorruptError, StoreMismatchError, store_folder
+from nearid.store.reader import pixel_batches
+from nearid.store.writer import BackgroundWriter, ShardWriter, npy_header
 from nearid.tokens import BackboneTokens
 from tests.helpers import (
     TINY_VISION,
@@ -58,9 +54,12 @@ class Counting:
             return self.model.forward_features(pixels)
 
 
-def build(folder, encoder, items, dtype="float32", fingerprint="tiny-fp", **options):
+FINGERPRINT = "tiny-fp"
+
+
+def build(root, encoder, items, dtype="float32", fingerprint=FINGERPRINT, **options):
     options = {"shard_size": 4, "batch_size": 3, "progress": False, **options}
-    return fill(folder, fingerprint, StoreFormat((NUM_TOKENS, HIDDEN), dtype), items, load_pixels, encoder,
+    return fill(root, fingerprint, StoreFormat((NUM_TOKENS, HIDDEN), dtype), items, load_pixels, encoder,
                 FillOptions(**options))
 
 
@@ -74,9 +73,14 @@ def model():
     return make_tiny_nearid()
 
 
-def shard(folder, number, process=0):
+def folder(root, fingerprint=FINGERPRINT):
+    """The folder of the store of `fingerprint` under `root`, as `fill` lays it out."""
+    return store_folder(root, fingerprint)
+
+
+def shard(root, number, process=0):
     """The shard file of `process` numbered `number` (its name ends in its checksum)."""
-    (path,) = folder.glob(f"shard-p{process:03d}-{number:06d}*.npy")
+    (path,) = folder(root).glob(f"shard-p{process:03d}-{number:06d}*.npy")
     return path
 
 
@@ -99,7 +103,8 @@ def test_float32_tokens_equal_forward_features(model, tmp_path):
     tokens = store.get(keys)
     assert tokens.dtype == torch.float32 and tokens.shape == (len(keys), NUM_TOKENS, HIDDEN)
     torch.testing.assert_close(tokens, reference_tokens(model, items, keys), rtol=1e-5, atol=1e-5)
-    assert len(list((tmp_path / "store").glob("shard-p000-*.npy"))) == 3  # 10 images in shards of 4
+    assert store.folder == tmp_path / "store" / "tiny-fp"  # the store's folder under its root
+    assert len(list(store.folder.glob("shard-p000-*.npy"))) == 3  # 10 images in shards of 4
 
 
 def test_reopened_store_serves_the_same_tokens(model, tmp_path):
@@ -190,14 +195,15 @@ def test_interrupted_fill_resumes_with_the_rest(model, tmp_path):
     with pytest.raises(RuntimeError, match="simulated interruption"):
         build(tmp_path / "store", encoder, items, batch_size=2)
     assert encoder.images == 6
-    kept = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "store").glob("shard-*.npy")}
+    kept = {path.name: path.stat().st_mtime_ns for path in folder(tmp_path / "store").glob("shard-*.npy")}
     assert len(kept) == 2  # the full shard of 4 and the 2 rows computed before the interruption
-    assert not list((tmp_path / "store").glob(".*.tmp"))
+    assert not list(folder(tmp_path / "store").glob(".*.tmp"))
 
     encoder = Counting(make_tiny_nearid())  # as a new process would: same weights, no interruption
     resumed, _ = build(tmp_path / "store", encoder, items, batch_size=2)
     assert encoder.images == len(items) - 6
-    assert kept == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").glob("shard-*.npy") if p.name in kept}
+    assert kept == {p.name: p.stat().st_mtime_ns for p in folder(tmp_path / "store").glob("shard-*.npy")
+                    if p.name in kept}
     uninterrupted, _ = build(tmp_path / "reference", Counting(make_tiny_nearid()), items, batch_size=2)
     torch.testing.assert_close(resumed.get(list(items)), uninterrupted.get(list(items)), rtol=1e-6, atol=1e-6)
 
@@ -209,21 +215,36 @@ def test_deleted_shard_is_recomputed_under_a_new_name(model, tmp_path):
     encoder = Counting(model)
     store, _ = build(tmp_path, encoder, items)
     assert encoder.images == 2 and len(store) == len(items)
-    index = {entry["file"]: entry["keys"] for entry in json.loads((tmp_path / "index.json").read_text())["shards"]}
+    index = json.loads((folder(tmp_path) / "index.json").read_text())
+    index = {entry["file"]: entry["keys"] for entry in index["shards"]}
     assert sorted(index[shard(tmp_path, 2).name]) == sorted(list(items)[8:])  # the new file's own keys
     torch.testing.assert_close(store.get(list(items)), reference_tokens(model, items, list(items)), rtol=1e-5,
                                atol=1e-5)
 
 
+def test_each_fingerprint_has_its_own_folder_under_the_root(model, tmp_path):
+    """Callers pass the root; two ways of computing the same images never meet in one folder."""
+    items = make_items(3)
+    a, _ = build(tmp_path, Counting(model), items, fingerprint="fp-a")
+    b, _ = build(tmp_path, Counting(model), items, dtype="float16", fingerprint="fp-b")
+    assert (a.folder, b.folder) == (tmp_path / "fp-a", tmp_path / "fp-b")
+    assert EmbeddingStore.open(tmp_path, "fp-a").format.dtype == "float32"
+    assert EmbeddingStore.open(tmp_path, "fp-b").format.dtype == "float16"
+    for name in ("", ".", "..", "a/b"):
+        with pytest.raises(ValueError, match="names one folder under the store root"):
+            build(tmp_path, Counting(model), items, fingerprint=name)
+
+
 def test_another_fingerprint_or_format_is_refused(model, tmp_path):
     build(tmp_path, Counting(model), make_items(3), fingerprint="fp-a")
-    with pytest.raises(StoreMismatchError, match="built for fingerprint fp-a, not fp-b"):
-        EmbeddingStore.open(tmp_path, "fp-b")
     encoder = Counting(model)
-    with pytest.raises(StoreMismatchError, match="Use another folder"):
-        build(tmp_path, encoder, make_items(4), fingerprint="fp-b")
     with pytest.raises(StoreMismatchError, match="holds .*float32.* this run computes .*int8"):
         build(tmp_path, encoder, make_items(2), dtype="int8", fingerprint="fp-a")
+    (tmp_path / "fp-a").rename(tmp_path / "fp-b")  # a store folder copied under another fingerprint's name
+    with pytest.raises(StoreMismatchError, match="built for fingerprint fp-a, not fp-b"):
+        EmbeddingStore.open(tmp_path, "fp-b")
+    with pytest.raises(StoreMismatchError, match="Use another folder"):
+        build(tmp_path, encoder, make_items(4), fingerprint="fp-b")
     assert encoder.images == 0
 
 
@@ -240,10 +261,10 @@ def test_values_that_cannot_be_stored_are_an_error(model, tmp_path, dtype, scale
 def test_the_next_batch_is_computed_while_a_shard_is_written(model, tmp_path, monkeypatch):
     """The writes run beside the forward: writing batch 0 waits for batch 1's forward, which a fill that
     wrote each batch before computing the next would never reach."""
-    import nearid.store
+    from nearid.store.writer import ShardWriter
 
     second_batch = threading.Event()
-    real_add = nearid.store._ShardWriter.add
+    real_add = ShardWriter.add
 
     def add_after_the_next_forward(self, keys, values):
         assert second_batch.wait(timeout=20), "batch 0 was written before batch 1 was computed"
@@ -255,7 +276,7 @@ def test_the_next_batch_is_computed_while_a_shard_is_written(model, tmp_path, mo
                 second_batch.set()
             return super().encode(pixels)
 
-    monkeypatch.setattr(nearid.store._ShardWriter, "add", add_after_the_next_forward)
+    monkeypatch.setattr(ShardWriter, "add", add_after_the_next_forward)
     items = make_items(7)
     store, report = build(tmp_path, Signalling(model), items)
     assert report.images_computed == len(items)
@@ -285,7 +306,7 @@ def test_not_enough_disk_space_stops_before_computing_and_names_the_options(mode
     encoder = Counting(model)
     with pytest.raises(NotEnoughDiskSpace, match=r"needs .* for 5 images .* 1.00 kB free.*int8.*fewer sources"):
         build(tmp_path / "store", encoder, make_items(4))
-    assert encoder.images == 0 and not list((tmp_path / "store").glob("shard-*"))
+    assert encoder.images == 0 and not list(folder(tmp_path / "store").glob("shard-*"))
 
 
 def test_check_free_space_on_a_folder_not_created_yet(tmp_path, monkeypatch):
@@ -325,10 +346,10 @@ def test_bytes_per_item_matches_the_size_on_disk(model, tmp_path, dtype):
     items = make_items(9)
     build(tmp_path, Counting(model), items, dtype=dtype)
     estimate = len(items) * StoreFormat((NUM_TOKENS, HIDDEN), dtype).bytes_per_item
-    shards = list(tmp_path.glob("shard-*.npy"))
+    shards = list(folder(tmp_path).glob("shard-*.npy"))
     shard_bytes = sum(path.stat().st_size for path in shards)
     assert estimate <= shard_bytes <= estimate + len(items) * max(map(len, items)) + 512 * len(shards)
-    assert sum(path.stat().st_size for path in tmp_path.iterdir()) <= 1.05 * estimate
+    assert sum(path.stat().st_size for path in folder(tmp_path).iterdir()) <= 1.05 * estimate
 
 
 def test_so400m_sizes():
@@ -350,8 +371,98 @@ def test_files_are_written_with_normal_permissions(model, tmp_path):
         build(tmp_path, Counting(model), make_items(2))
     finally:
         os.umask(old)
-    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder(tmp_path).iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+# --------------------------------------------------------------------------------------------------
+# The fill's stages, each alone: reader -> (the caller's encoder) -> writer
+
+
+def test_the_reader_batches_pixels_and_reports_bad_images_with_their_batch():
+    items = make_items(3, corrupt=["broken"])
+    batches = [["img-00", "broken"], ["img-01", "img-02"], ["broken"]]
+    out = list(pixel_batches(batches, items, load_pixels))
+    assert [keys for keys, _, _ in out] == [["img-00"], ["img-01", "img-02"], []]
+    assert torch.equal(out[1][1], torch.stack([load_pixels(items["img-01"]), load_pixels(items["img-02"])]))
+    assert out[2][1] is None and list(out[0][2]) == ["broken"] and "truncated file" in out[0][2]["broken"]
+
+
+def test_the_writer_puts_each_batch_on_disk_as_it_arrives_under_its_checksum(tmp_path):
+    """No shard-sized buffer: a batch's rows are in the open shard's file before the shard is full, and the
+    checksum taken while writing is the checksum of the file (a short last shard is rewritten for its rows)."""
+    fmt = StoreFormat((2, 3), "float16")
+    keys = [f"k{i}" for i in range(8)]
+    values = torch.randn(8, 2, 3)
+    writer = ShardWriter(tmp_path, fmt, 0, shard_size=4, keys=keys)
+    writer.add(keys[:3], values[:3])
+    [temp] = tmp_path.glob(".shard-p000-000000.*.tmp")
+    item = fmt.record_dtype(2).itemsize
+    header = len(npy_header(fmt.record_dtype(2), 4))
+    assert temp.stat().st_size == header + 3 * item  # three rows of four, on disk already
+    writer.add(keys[3:6], values[3:6])
+    writer.flush()  # 6 of the 8 keys came: the second shard ends short, with 2 rows
+    assert not list(tmp_path.glob("*.tmp"))
+    shards = sorted(tmp_path.glob("shard-*.npy"))
+    assert [entry["file"] for entry in writer.written] == [path.name for path in shards]
+    assert [entry["keys"] for entry in writer.written] == [keys[:4], keys[4:6]]
+    for path, entry in zip(shards, writer.written):
+        assert path.name.endswith(f"-{checksum_file(path)}.npy") and entry["bytes"] == path.stat().st_size
+    rows = np.concatenate([np.load(path) for path in shards])
+    assert [key.decode() for key in rows["key"]] == keys[:6]
+    assert np.array_equal(rows["values"], values[:6].half().numpy())
+
+
+def test_the_writer_queue_holds_batches_by_their_bytes_so_a_slow_write_does_not_stop_the_forward():
+    """Small batches queue well beyond four while a write is slow (the queue is bounded by its memory)."""
+
+    class SlowWriter:
+        def __init__(self):
+            self.release, self.batches = threading.Event(), []
+
+        def add(self, keys, values):
+            assert self.release.wait(60)
+            self.batches.append(keys)
+
+        def flush(self):
+            pass
+
+    slow = SlowWriter()
+    writer = BackgroundWriter(slow)
+    adding = threading.Thread(target=lambda: [writer.add([f"k{i}"], torch.zeros(1, 8)) for i in range(12)])
+    try:
+        adding.start()
+        adding.join(timeout=20)
+        assert not adding.is_alive(), "the forward waited for a slow write with 12 small batches in flight"
+    finally:
+        slow.release.set()
+        adding.join()
+        writer.close()
+    assert slow.batches == [[f"k{i}"] for i in range(12)]
+
+
+def test_a_fill_checksums_its_shards_as_it_writes_them_and_verifies_the_older_ones(model, tmp_path, monkeypatch):
+    """The shards a fill writes are not read back to be checksummed (that work would follow the last forward);
+    every later fill verifies every shard."""
+    import nearid.store.layout
+
+    verified = []
+    real_verify = nearid.store.layout.verify_shard
+    monkeypatch.setattr(nearid.store.layout, "verify_shard", lambda path: verified.append(path.name) or
+                        real_verify(path))
+    items = make_items(9)
+    build(tmp_path, Counting(model), items)
+    assert verified == []
+    build(tmp_path, Counting(model), items)
+    assert sorted(verified) == sorted(path.name for path in folder(tmp_path).glob("shard-*.npy")) and len(verified) == 3
+
+
+def test_finite_rows_finds_the_bad_rows_also_when_the_sum_overflows():
+    huge = torch.full((3, 4), 3e38)  # every value finite, their sum not
+    assert finite_rows(huge).tolist() == [True, True, True]
+    huge[1, 2] = float("nan")
+    assert finite_rows(huge).tolist() == [True, False, True]
+    assert finite_rows(torch.tensor([[1.0, float("inf")], [0.0, 1.0]], dtype=torch.float16)).tolist() == [False, True]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,12 +524,12 @@ def test_a_finite_wrong_value_is_found_by_the_checksum_dropped_and_recomputed(mo
 def test_a_shard_written_before_checksums_gets_one_without_being_computed_again(model, tmp_path):
     items = make_items(5)
     build(tmp_path, Counting(model), items)
-    for path in tmp_path.glob("shard-*.npy"):  # the names of stores written before checksums
+    for path in folder(tmp_path).glob("shard-*.npy"):  # the names of stores written before checksums
         path.rename(path.with_name("-".join(path.name.split("-")[:3]) + ".npy"))
     encoder = Counting(model)
     store, _ = build(tmp_path, encoder, items)
     assert encoder.images == 0 and len(store) == len(items)
-    names = sorted(path.name for path in tmp_path.glob("shard-*.npy"))
+    names = sorted(path.name for path in folder(tmp_path).glob("shard-*.npy"))
     assert names and all(len(name.split("-")) == 4 for name in names)  # shard-p000-000000-<checksum>.npy
     EmbeddingStore.open(tmp_path, "tiny-fp")  # and they verify
 
@@ -435,7 +546,7 @@ def test_a_shard_of_another_layout_is_refused(model, tmp_path):
 def test_a_damaged_index_is_rebuilt_from_the_shards(model, tmp_path):
     items = make_items(5)
     build(tmp_path, Counting(model), items)
-    (tmp_path / "index.json").write_text("{not json")
+    (folder(tmp_path) / "index.json").write_text("{not json")
     with pytest.raises(ValueError, match="index.json is not valid JSON"):
         EmbeddingStore.open(tmp_path, "tiny-fp")
     encoder = Counting(model)
@@ -498,19 +609,20 @@ TWO_PROCESS_SCRIPT = """
 import json, sys
 import torch
 from accelerate import PartialState
-from nearid.store import FillOptions, StoreFormat, fill
+from nearid.store.fill import FillOptions, fill
+from nearid.store.format import StoreFormat
 from tests.helpers import load_pixels, make_items, make_tiny_nearid
 from tests.test_store import Counting, HIDDEN, NUM_TOKENS
 
 state = PartialState(cpu=True)
-folder = sys.argv[1]
+root = sys.argv[1]
 items = make_items(9, corrupt=["broken"])
 encoder = Counting(make_tiny_nearid())
-store, report = fill(folder, "tiny-fp", StoreFormat((NUM_TOKENS, HIDDEN), "float32"), items, load_pixels, encoder,
+store, report = fill(root, "tiny-fp", StoreFormat((NUM_TOKENS, HIDDEN), "float32"), items, load_pixels, encoder,
                      FillOptions(batch_size=2, shard_size=2, skip_errors=True, progress=False), state)
 keys = sorted(key for key in items if key in store)
-torch.save({"keys": keys, "tokens": store.get(keys)}, f"{folder}/seen-by-{state.process_index}.pt")
-with open(f"{folder}/result-{state.process_index}.json", "w") as stream:
+torch.save({"keys": keys, "tokens": store.get(keys)}, f"{root}/seen-by-{state.process_index}.pt")
+with open(f"{root}/result-{state.process_index}.json", "w") as stream:
     json.dump({"num_processes": state.num_processes, "len": len(store), "skipped": report.skipped,
                "computed_here": encoder.images, "computed_in_all": report.images_computed}, stream)
 """
@@ -519,31 +631,31 @@ with open(f"{folder}/result-{state.process_index}.json", "w") as stream:
 def test_two_processes_fill_one_store(model, tmp_path):
     script = tmp_path / "fill_two.py"
     script.write_text(TWO_PROCESS_SCRIPT)
-    folder = tmp_path / "store"
+    root = tmp_path / "store"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path()}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(folder)]
+               str(script), str(root)]
     # Judged by the files the processes wrote, and by the exit code: 0, or the abort at exit that gloo runs
     # sometimes meet after finishing (helpers.assert_finished).
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     logs = textwrap.shorten(finished.stdout + finished.stderr, 4000)
     assert_finished(finished.returncode, finished.stdout + finished.stderr,
-                    all((folder / f"{name}-{rank}.{ext}").exists() for rank in (0, 1)
+                    all((root / f"{name}-{rank}.{ext}").exists() for rank in (0, 1)
                         for name, ext in (("result", "json"), ("seen-by", "pt"))))
     items = make_items(9, corrupt=["broken"])
     good = sorted(key for key in items if key != "broken")
     computed = []
     for rank in (0, 1):
-        assert (folder / f"result-{rank}.json").exists(), logs
-        result = json.loads((folder / f"result-{rank}.json").read_text())
+        assert (root / f"result-{rank}.json").exists(), logs
+        result = json.loads((root / f"result-{rank}.json").read_text())
         assert result["num_processes"] == 2 and result["len"] == len(good)
         assert list(result["skipped"]) == ["broken"] and result["computed_in_all"] == len(good)
         computed.append(result["computed_here"])
-        seen = torch.load(folder / f"seen-by-{rank}.pt")
+        seen = torch.load(root / f"seen-by-{rank}.pt")
         assert seen["keys"] == good
         torch.testing.assert_close(seen["tokens"], reference_tokens(model, items, good), rtol=1e-5, atol=1e-5)
     assert sum(computed) == len(good) and min(computed) > 0  # each image computed by one process only
-    assert {path.name.split("-")[1] for path in folder.glob("shard-p*.npy")} == {"p000", "p001"}
-    index = json.loads((folder / "index.json").read_text())
+    assert {path.name.split("-")[1] for path in folder(root).glob("shard-p*.npy")} == {"p000", "p001"}
+    index = json.loads((folder(root) / "index.json").read_text())
     assert sorted(key for shard in index["shards"] for key in shard["keys"]) == good
-    assert not list(folder.glob("report-p*.json"))
+    assert not list(folder(root).glob("report-p*.json"))

@@ -5,7 +5,7 @@
   plus a provenance dict for results files. `open_mtg` adds the MTG column check, `require_columns`
   is that check, and `mtg_masks` reads one MTG view's object and part masks for the oracle.
 - Images are read *encoded* (`undecoded`, `image_refs`, `image_ref`): `{"bytes": ..., "path": ...}`
-  or None for a missing image (slots are never compacted); `nearid.store.ImageIndex` keys them by
+  or None for a missing image (slots are never compacted); `nearid.store.image_index.ImageIndex` keys them by
   content and `nearid.images.load_image` decodes them.
 - `data_origin` says where data came from ("synthetic", "local" or "hub"), for results tables.
 """

@@ -12,7 +12,7 @@ from nearid.evaluation.records import record_model_index
 from nearid.io import atomic_write_json, atomic_write_text
 from nearid.options import embed, open_outputs
 from nearid.reports import results_file, tables
-from nearid.store import ImageIndex
+from nearid.store.image_index import ImageIndex
 
 
 def dreambench_from_images(args, state) -> tuple:

@@ -11,7 +11,7 @@ from nearid.evaluation.records import record_model_index, results_document
 from nearid.io import atomic_write_text, write_csv
 from nearid.options import embed, open_outputs
 from nearid.reports import plots, tables
-from nearid.store import ImageIndex
+from nearid.store.image_index import ImageIndex
 
 
 def run(args, state):

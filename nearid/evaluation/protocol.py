@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -22,7 +21,8 @@ import numpy as np
 from nearid import clustering, metrics
 from nearid.data import dreambench_files, readers
 from nearid.images import ImageLoadError
-from nearid.store import FillOptions, ImageIndex, fill
+from nearid.store.fill import FillOptions, fill
+from nearid.store.image_index import ImageIndex
 
 # --------------------------------------------------------------------------------------------------
 # Embeddings by image key
@@ -71,8 +71,7 @@ def embed_images(scorer, index: ImageIndex, cache_dir, options: FillOptions, sta
     With several processes (`state`) each computes a share; every process returns the same
     embeddings.
     """
-    store, report = fill(Path(cache_dir) / scorer.fingerprint, scorer.fingerprint, scorer.format, index,
-                         scorer.loader, scorer, options, state)
+    store, report = fill(cache_dir, scorer.fingerprint, scorer.format, index, scorer.loader, scorer, options, state)
     keys = [key for key in index if key in store]
     if not keys and not allow_none:
         raise ImageLoadError(f"none of the {len(index)} images could be embedded; for example: "

@@ -10,7 +10,7 @@ from nearid.data import score_inputs
 from nearid.io import atomic_write_json, atomic_write_text, write_csv
 from nearid.options import embed, open_outputs
 from nearid.reports import plots, results_file
-from nearid.store import ImageIndex
+from nearid.store.image_index import ImageIndex
 
 
 def run(args, state):

@@ -6,11 +6,12 @@ from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path
 
-from nearid import store as embedding_store
 from nearid import tokens, training_data
 from nearid.cli import DatasetSource, named_sources
 from nearid.data import nearid_benchmark, readers, split_files
 from nearid.evaluation import protocol
+from nearid.store import fill as store_fill
+from nearid.store.image_index import ImageIndex
 
 # What a token store that does not fit on its disk can do instead (said before any token is computed).
 DISK_OPTIONS = ("store int8 tokens (--cache-dtype int8, half of float16), train on fewer distractor sources "
@@ -24,12 +25,12 @@ class HeldOutSet:
     name: str
     views: list
     distractors: dict
-    items: embedding_store.ImageIndex
+    items: ImageIndex
 
 
 def held_out_set(benchmark, rows, name, skip_errors):
     """Image keys of held-out rows, as the evaluation takes them; `where` in errors names the dataset row."""
-    items = embedding_store.ImageIndex(skip_errors)
+    items = ImageIndex(skip_errors)
     views, distractors = protocol.nearid_keys(benchmark, items, rows, split=name)
     return HeldOutSet(name, views, distractors, items)
 
@@ -91,10 +92,10 @@ def build_token_store(model, processor, images, args, data_args, accelerator):
     encoder = tokens.BackboneTokens(model, processor, args.cache_dtype, args.mixed_precision, accelerator.device,
                                     args.compile)
     root = Path(args.cache_dir or Path(args.output_dir) / "token_cache")
-    options = embedding_store.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
-                                          skip_errors=data_args.skip_bad_images, device=str(accelerator.device),
-                                          progress=accelerator.is_main_process, description="caching backbone tokens",
-                                          disk_options=DISK_OPTIONS)
-    store, report = embedding_store.fill(root / encoder.fingerprint, encoder.fingerprint, encoder.format, images,
-                                         encoder.loader, encoder, options, accelerator.state)
+    options = store_fill.FillOptions(batch_size=args.batch_size, num_workers=args.num_workers,
+                                     skip_errors=data_args.skip_bad_images, device=str(accelerator.device),
+                                     progress=accelerator.is_main_process, description="caching backbone tokens",
+                                     disk_options=DISK_OPTIONS)
+    store, report = store_fill.fill(root, encoder.fingerprint, encoder.format, images, encoder.loader, encoder,
+                                    options, accelerator.state)
     return store, report.skipped
