@@ -105,15 +105,9 @@ def step_sampler(samples: EpochSamples, per_device: int, steps: int) -> StepSamp
 
 
 def training_loader(store, samples, per_device: int, steps: int, workers: int, device):
-    """train.py's loader for one process (accelerate prepares it: it reads one batch ahead), and its provider.
-
-    The loader's ring of shared buffers is touched once here, before anything is timed: a run pays for
-    its fresh memory once, not per step.
-    """
+    """train.py's loader for one process (accelerate prepares it: it reads one batch ahead), and its provider."""
     provider = CachedTokens(store, device)
     loader = token_loader(provider, step_sampler(samples, per_device, steps), workers, device)
-    for buffer in provider.ring.buffers.values():
-        buffer.zero_()
     return prepare_data_loader(loader, device=torch.device(device), num_processes=1, process_index=0,
                                put_on_device=True, non_blocking=True), provider
 
