@@ -187,7 +187,7 @@ def _faults_writing(ring, prefault, results):
         assert ring.prefault()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for tensor in ring.buffers.values():
-        tensor.fill_(1)
+        tensor.numpy().fill(1)  # numpy: no OpenMP pool, which a forked child of a process that used one lacks
     results.put(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
