@@ -142,13 +142,16 @@ def sequential_read_rate(paths, cold: bool) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
-def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int, cold: bool) -> float:
-    """GB/s of stored token rows the training loader delivers into its ring (the step itself does nothing).
+def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int, cold: bool) -> tuple:
+    """(GB/s of stored token rows the training loader delivers into its ring, the step itself doing nothing;
+    seconds to its first batch).
 
     The store is opened afresh: pages a live memory map of this process holds cannot be dropped from
-    the page cache, so a cold pass needs maps that have read nothing yet. Timed from the first batch
-    on, so the workers' start is not counted.
+    the page cache, so a cold pass needs maps that have read nothing yet. The rate is timed from the
+    first batch on: the workers' start (once per run: the sampler spans the run) is the second figure,
+    from the loader's creation (its ring allocated) to the first batch.
     """
+    created = time.perf_counter()
     store = EmbeddingStore.open(folder)
     loader, _ = training_loader(store, samples, per_device, steps, workers, "cpu")
     if cold:
@@ -163,8 +166,8 @@ def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int,
     del loader, store
     gc.collect()  # unmaps the shards before the next pass drops them from the page cache
     if not images:  # a single batch: nothing after the first to time (too few images for the steps)
-        return float("nan")
-    return images * item_bytes / seconds / 1e9
+        return float("nan"), start - created
+    return images * item_bytes / seconds / 1e9, start - created
 
 
 # --- the head's training step -----------------------------------------------------------------------
