@@ -16,6 +16,7 @@ Usage: python benchmarks/bench_token_loader.py [--images 1536] [--smoke]
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -91,9 +92,16 @@ def best_of(repeats: int, measure) -> float:
 
 
 def best_loader_pass(repeats: int, measure) -> tuple:
-    """(the best of `repeats` loader read rates, the least of their seconds to the first batch)."""
+    """The best of `repeats` loader passes: (read rate, seconds to the first batch, GB per CPU-second)."""
     passes = [measure() for _ in range(repeats)]
-    return max(rate for rate, _ in passes), min(start for _, start in passes)
+    return tuple(best(figure) for best, figure in zip((max, min, max), zip(*passes)))
+
+
+def sequential_cpu_rate(files) -> float:
+    """GB per CPU-second of a plain sequential read of `files` from the page cache."""
+    size, start = sum(path.stat().st_size for path in files), time.process_time()
+    sequential_read_rate(files, cold=False)
+    return size / 1e9 / (time.process_time() - start)
 
 
 def read_lines(store, samples, args) -> tuple:
@@ -104,17 +112,19 @@ def read_lines(store, samples, args) -> tuple:
                           f"{size / 1e9:.2f} GB; loader batches of {args.read_batch} samples x {SLOTS} images "
                           f"({args.read_batch * SLOTS * store.format.bytes_per_item / 1e6:.0f} MB), each row read once "
                           f"per pass; best of {repeats} passes each", "",
-                          f"{'read':<44}{'warm GB/s':>10}{'cold GB/s':>10}{'first batch s':>15}"]
+                          f"{'read':<44}{'warm GB/s':>10}{'cold GB/s':>10}{'first batch s':>15}{'GB/CPU-s':>10}"]
     for cold in (False, True):
         figures[f"sequential_{'cold' if cold else 'warm'}"] = best_of(repeats, lambda: sequential_read_rate(files, cold))
+    figures["sequential_gb_per_cpu_s"] = max(sequential_cpu_rate(files) for _ in range(repeats))
     lines.append(f"{'plain sequential read of the shard files':<44}{figures['sequential_warm']:>10.2f}"
-                 f"{figures['sequential_cold']:>10.2f}")
+                 f"{figures['sequential_cold']:>10.2f}{'':>15}{figures['sequential_gb_per_cpu_s']:>10.2f}")
     for workers in args.workers:
-        (warm, start), (cold, _) = (best_loader_pass(repeats, lambda: loader_read_rate(
+        (warm, start, per_cpu), (cold, _, _) = (best_loader_pass(repeats, lambda: loader_read_rate(
             store.folder, samples, args.read_batch, steps, workers, cold)) for cold in (False, True))
         figures[f"loader_warm_w{workers}"], figures[f"loader_cold_w{workers}"] = warm, cold
-        figures[f"loader_first_batch_s_w{workers}"] = start
-        lines.append(f"{f'training loader, {workers} workers':<44}{warm:>10.2f}{cold:>10.2f}{start:>15.2f}")
+        figures[f"loader_first_batch_s_w{workers}"], figures[f"loader_gb_per_cpu_s_w{workers}"] = start, per_cpu
+        lines.append(f"{f'training loader, {workers} workers':<44}{warm:>10.2f}{cold:>10.2f}{start:>15.2f}"
+                     f"{per_cpu:>10.2f}")
     with_workers = [w for w in args.workers if w]
     for workers in with_workers:
         figures[f"fresh_warm_w{workers}"] = best_of(repeats, lambda: fresh_batch_rate(store, samples, args.read_batch,
@@ -126,6 +136,11 @@ def read_lines(store, samples, args) -> tuple:
         figures[f"loader_over_sequential_{state}"] = ratio = best / figures[f"sequential_{state}"]
         lines.append(f"loader / plain read, {state} (best worker count): {ratio:.2f} "
                      f"(>= {GOAL_READ}: {'yes' if ratio >= GOAL_READ else 'NO'})")
+    for workers in with_workers:
+        figures[f"loader_over_sequential_cpu_w{workers}"] = ratio = (figures[f"loader_gb_per_cpu_s_w{workers}"]
+                                                                     / figures["sequential_gb_per_cpu_s"])
+        lines.append(f"loader with {workers} workers / plain read, warm, in GB per CPU-second of all processes "
+                     f"(main and workers; the machine's other load does not count): {ratio:.2f}")
     fresh = max(figures[f"fresh_warm_w{w}"] for w in with_workers) / figures["sequential_warm"]
     lines.append(f"fresh tensor per batch / plain read, warm: {fresh:.2f}")
     lines.append("cold = posix_fadvise(DONTNEED) on every shard before each pass (the store is smaller than free "

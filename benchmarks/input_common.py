@@ -6,6 +6,7 @@ pipeline from JPEG files (random NearID models, decode rate, end to end against 
 import gc
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -142,9 +143,28 @@ def sequential_read_rate(paths, cold: bool) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
+def children_cpu_seconds() -> float:
+    """CPU seconds used so far by the live child processes of this one (Linux's /proc; 0 elsewhere)."""
+    total, me = 0, str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if fields[1] == me:  # fields: state, ppid, ..., utime (12th), stime (13th), in clock ticks
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its children, live or ended: a cost the machine's other load does not count."""
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ended.ru_utime + ended.ru_stime + children_cpu_seconds()
+
+
 def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int, cold: bool) -> tuple:
     """(GB/s of stored token rows the training loader delivers into its ring, the step itself doing nothing;
-    seconds to its first batch).
+    seconds to its first batch; GB per CPU-second of the main process and its workers after the first batch).
 
     The store is opened afresh: pages a live memory map of this process holds cannot be dropped from
     the page cache, so a cold pass needs maps that have read nothing yet. The rate is timed from the
@@ -159,15 +179,17 @@ def loader_read_rate(folder, samples, per_device: int, steps: int, workers: int,
     images, start = 0, None
     for batch in loader:
         if start is None:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), cpu_seconds()
             continue
         images += len(batch["keys"])
     seconds, item_bytes = time.perf_counter() - start, store.format.bytes_per_item
+    cpu = cpu_seconds()  # the workers have ended: their time is in RUSAGE_CHILDREN
     del loader, store
     gc.collect()  # unmaps the shards before the next pass drops them from the page cache
     if not images:  # a single batch: nothing after the first to time (too few images for the steps)
-        return float("nan"), start - created
-    return images * item_bytes / seconds / 1e9, start - created
+        return float("nan"), start - created, float("nan")
+    gigabytes = images * item_bytes / 1e9
+    return gigabytes / seconds, start - created, gigabytes / (cpu - cpu_start)
 
 
 # --- the head's training step -----------------------------------------------------------------------
