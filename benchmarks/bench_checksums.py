@@ -17,7 +17,6 @@ would cost several times more).
 Usage: python benchmarks/bench_checksums.py [--pooled-images 50000] [--token-images 192] [--repeats 5] [--smoke]
 """
 
-import argparse
 import hashlib
 import logging
 import sys
@@ -29,27 +28,21 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, write_results  # noqa: E402
+from bench_common import benchmark_parser, environment_lines, parse_benchmark_args, write_results  # noqa: E402
 
 import nearid.store.layout  # noqa: E402
 from nearid.store.fill import FillOptions, fill  # noqa: E402
 from nearid.store.format import StoreFormat  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LIMIT = 0.05  # verifying may slow a warm run by at most 5%
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "checksums.txt", "tiny stores, one repeat, nothing recorded")
     parser.add_argument("--pooled-images", type=int, default=50000, help="images in the pooled store")
     parser.add_argument("--token-images", type=int, default=192, help="images in the token store (1.68 MB each)")
     parser.add_argument("--repeats", type=int, default=5, help="timed warm passes of each kind (the best counts)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "checksums.txt")
-    parser.add_argument("--smoke", action="store_true", help="tiny stores, one repeat, nothing recorded")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.pooled_images, args.token_images, args.repeats, args.output = 500, 4, 1, None
-    return args
+    return parse_benchmark_args(parser, argv, {"pooled_images": 500, "token_images": 4, "repeats": 1})
 
 
 class RandomValues:

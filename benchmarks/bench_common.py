@@ -3,10 +3,31 @@
 torch and transformers are imported where they are used, so a benchmark that needs neither
 (bench_search.py: faiss and numpy) runs without them."""
 
+import argparse
 import datetime
 import platform
 import time
 from pathlib import Path
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def benchmark_parser(doc: str, results_file: str, smoke: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: `doc` as its help, --output (default: `results_file` in results/) and --smoke
+    (`smoke` says what a smoke run does); the script adds its own options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=RESULTS / results_file, help="where the output is recorded")
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    return parser
+
+
+def parse_benchmark_args(parser, argv, smoke: dict) -> argparse.Namespace:
+    """The parsed arguments; a smoke run takes the `smoke` values (tiny sizes) and records nothing."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(smoke, output=None)
+    return args
 
 
 def cpu_model() -> str:

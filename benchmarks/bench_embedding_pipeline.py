@@ -10,7 +10,6 @@ Prints, from one run on this machine:
 Usage: python benchmarks/bench_embedding_pipeline.py [--workers 1] [--smoke]
 """
 
-import argparse
 import math
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, write_results  # noqa: E402
+from bench_common import benchmark_parser, environment_lines, parse_benchmark_args, write_results  # noqa: E402
 from bench_train_compute import BENCH_VISION  # noqa: E402
 from input_common import decode_rate, end_to_end_rate, forward_rate, nearid_folder, write_jpegs, write_json  # noqa: E402
 
@@ -27,23 +26,17 @@ from configuration_nearid import NearIDConfig  # noqa: E402
 from image_processing_nearid import NearIDImageProcessor  # noqa: E402
 from nearid.scorers import Scorer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GPU_IMAGES_PER_S = 1000
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "embedding_pipeline.txt", "tiny sizes, no so400m, nothing recorded")
     parser.add_argument("--workers", type=int, default=1,
                         help="loader workers end to end (1: the other core of this 2-core machine runs the forward)")
     parser.add_argument("--decode-images", type=int, default=64, help="JPEGs per size for the decode rate")
     parser.add_argument("--small-images", type=int, default=256, help="images through the small model")
     parser.add_argument("--so400m-images", type=int, default=8, help="images through so400m (0.25 images/s here)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "embedding_pipeline.txt")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, no so400m, nothing recorded")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.decode_images, args.small_images, args.so400m_images, args.output = 4, 8, 0, None
-    return args
+    return parse_benchmark_args(parser, argv, {"decode_images": 4, "small_images": 8, "so400m_images": 0})
 
 
 def decode_lines(folder: Path, args) -> tuple:

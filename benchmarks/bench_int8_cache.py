@@ -10,7 +10,6 @@ two runs whose numbers differ do).
 Usage: python benchmarks/bench_int8_cache.py [--identities 200] [--epochs 20] [--seeds 0 1 2] [--smoke]
 """
 
-import argparse
 import contextlib
 import json
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, write_results  # noqa: E402
+from bench_common import benchmark_parser, environment_lines, parse_benchmark_args, write_results  # noqa: E402
 from input_common import write_json  # noqa: E402
 
 from nearid.commands import train  # noqa: E402
@@ -28,21 +27,15 @@ from nearid.commands.demo import SMALL_SIGLIP, SOURCES  # noqa: E402
 from nearid.commands import synthetic  # noqa: E402
 from nearid.models import save_siglip_checkpoint  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = ("float16", "int8")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "int8_cache.txt", "a few steps on little data, nothing recorded")
     parser.add_argument("--identities", type=int, default=200, help="synthetic identities (the demo's 200)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (the demo's 20)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (data draws)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "int8_cache.txt")
-    parser.add_argument("--smoke", action="store_true", help="a few steps on little data, nothing recorded")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.identities, args.epochs, args.seeds, args.output = 12, 1, [0], None
-    return args
+    return parse_benchmark_args(parser, argv, {"identities": 12, "epochs": 1, "seeds": [0]})
 
 
 def train_once(data: Path, base: Path, out: Path, dtype: str, seed: int, epochs: int) -> dict:

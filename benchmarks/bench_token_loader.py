@@ -14,16 +14,22 @@ Prints, from one run on this machine:
 Usage: python benchmarks/bench_token_loader.py [--images 1536] [--smoke]
 """
 
-import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, first_batch_timed, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    benchmark_parser,
+    environment_lines,
+    first_batch_timed,
+    parse_benchmark_args,
+    write_results,
+)
 from input_common import (  # noqa: E402
     SLOTS,
     EpochSamples,
@@ -40,12 +46,11 @@ from input_common import (  # noqa: E402
 from configuration_nearid import NearIDConfig  # noqa: E402
 from modeling_nearid import NearIDModel  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_READ, GOAL_OVERLAP = 0.8, 0.9
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "token_loader.txt", "tiny sizes, nothing recorded")
     parser.add_argument("--images", type=int, default=1536, help="token rows in the store (1.68 MB each)")
     parser.add_argument("--read-batch", type=int, default=32, help="samples (x 6 images) per batch of the read test")
     parser.add_argument("--step-batch", type=int, default=8, help="samples (x 6 images) per training step")
@@ -54,15 +59,10 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the overlap test (best kept)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the step: 1 leaves this 2-core machine's other core to the worker")
-    parser.add_argument("--output", type=Path, default=RESULTS / "token_loader.txt")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, nothing recorded")
-    args = parser.parse_args(argv)
-    args.workers = (0, 1, 2)  # worker counts of the read test
-    if args.smoke:
-        args.images, args.read_batch, args.step_batch, args.steps, args.output = 96, 4, 2, 3, None
-        args.repeats = args.rounds = 1
-        args.workers = (1,)  # every code path once; each worker count starts processes
-    return args
+    parser.set_defaults(workers=(0, 1, 2))  # worker counts of the read test
+    # a smoke run: every code path once (each worker count starts processes)
+    return parse_benchmark_args(parser, argv, {"images": 96, "read_batch": 4, "step_batch": 2, "steps": 3,
+                                               "repeats": 1, "rounds": 1, "workers": (1,)})
 
 
 class FreshBatches(Dataset):
@@ -91,6 +91,19 @@ def best_of(repeats: int, measure) -> float:
     return max(measure() for _ in range(repeats))
 
 
+def best_loader_pass(repeats: int, measure) -> tuple:
+    """The best of `repeats` loader passes: (read rate, seconds to the first batch, GB per CPU-second)."""
+    passes = [measure() for _ in range(repeats)]
+    return tuple(best(figure) for best, figure in zip((max, min, max), zip(*passes)))
+
+
+def sequential_cpu_rate(files) -> float:
+    """GB per CPU-second of a plain sequential read of `files` from the page cache."""
+    size, start = sum(path.stat().st_size for path in files), time.process_time()
+    sequential_read_rate(files, cold=False)
+    return size / 1e9 / (time.process_time() - start)
+
+
 def read_lines(store, samples, args) -> tuple:
     files, steps, repeats = shard_files(store.folder), len(samples) // args.read_batch, args.repeats
     size = sum(path.stat().st_size for path in files)
@@ -99,16 +112,19 @@ def read_lines(store, samples, args) -> tuple:
                           f"{size / 1e9:.2f} GB; loader batches of {args.read_batch} samples x {SLOTS} images "
                           f"({args.read_batch * SLOTS * store.format.bytes_per_item / 1e6:.0f} MB), each row read once "
                           f"per pass; best of {repeats} passes each", "",
-                          f"{'read':<44}{'warm GB/s':>10}{'cold GB/s':>10}"]
+                          f"{'read':<44}{'warm GB/s':>10}{'cold GB/s':>10}{'first batch s':>15}{'GB/CPU-s':>10}"]
     for cold in (False, True):
         figures[f"sequential_{'cold' if cold else 'warm'}"] = best_of(repeats, lambda: sequential_read_rate(files, cold))
+    figures["sequential_gb_per_cpu_s"] = max(sequential_cpu_rate(files) for _ in range(repeats))
     lines.append(f"{'plain sequential read of the shard files':<44}{figures['sequential_warm']:>10.2f}"
-                 f"{figures['sequential_cold']:>10.2f}")
+                 f"{figures['sequential_cold']:>10.2f}{'':>15}{figures['sequential_gb_per_cpu_s']:>10.2f}")
     for workers in args.workers:
-        warm, cold = (best_of(repeats, lambda: loader_read_rate(store, samples, args.read_batch, steps,
-                                                                workers, cold)) for cold in (False, True))
+        (warm, start, per_cpu), (cold, _, _) = (best_loader_pass(repeats, lambda: loader_read_rate(
+            store, samples, args.read_batch, steps, workers, cold)) for cold in (False, True))
         figures[f"loader_warm_w{workers}"], figures[f"loader_cold_w{workers}"] = warm, cold
-        lines.append(f"{f'training loader, {workers} workers':<44}{warm:>10.2f}{cold:>10.2f}")
+        figures[f"loader_first_batch_s_w{workers}"], figures[f"loader_gb_per_cpu_s_w{workers}"] = start, per_cpu
+        lines.append(f"{f'training loader, {workers} workers':<44}{warm:>10.2f}{cold:>10.2f}{start:>15.2f}"
+                     f"{per_cpu:>10.2f}")
     with_workers = [w for w in args.workers if w]
     for workers in with_workers:
         figures[f"fresh_warm_w{workers}"] = best_of(repeats, lambda: fresh_batch_rate(store, samples, args.read_batch,
@@ -120,10 +136,17 @@ def read_lines(store, samples, args) -> tuple:
         figures[f"loader_over_sequential_{state}"] = ratio = best / figures[f"sequential_{state}"]
         lines.append(f"loader / plain read, {state} (best worker count): {ratio:.2f} "
                      f"(>= {GOAL_READ}: {'yes' if ratio >= GOAL_READ else 'NO'})")
+    for workers in with_workers:
+        figures[f"loader_over_sequential_cpu_w{workers}"] = ratio = (figures[f"loader_gb_per_cpu_s_w{workers}"]
+                                                                     / figures["sequential_gb_per_cpu_s"])
+        lines.append(f"loader with {workers} workers / plain read, warm, in GB per CPU-second of all processes "
+                     f"(main and workers; the machine's other load does not count): {ratio:.2f}")
     fresh = max(figures[f"fresh_warm_w{w}"] for w in with_workers) / figures["sequential_warm"]
     lines.append(f"fresh tensor per batch / plain read, warm: {fresh:.2f}")
     lines.append("cold = posix_fadvise(DONTNEED) on every shard before each pass (the store is smaller than free "
                  "memory, so it would otherwise stay cached)")
+    lines.append("first batch = the loader's start, warm: its ring allocated, each worker mapping the ring's pages, "
+                 "the first batch read; once per run (the workers read every step of a run), not per step")
     return figures, lines
 
 

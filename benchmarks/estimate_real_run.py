@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import write_results  # noqa: E402
+from bench_common import RESULTS, write_results  # noqa: E402
 from bench_train_compute import (  # noqa: E402
     H200_IMAGES_PER_S,
     MTG_REPEATS,
@@ -33,7 +33,6 @@ from bench_train_compute import (  # noqa: E402
 
 from nearid.store.format import StoreFormat  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 EPOCHS, SOURCES, REFERENCE_HOURS, TARGET = 11, 4, 6.5, 20
 # Assumptions where no GPU measurement was recorded.
 GPU_FORWARD_IMAGES_PER_S = 1_000  # so400m bf16 on one GPU; docs/method.md bounds an H200 at 1,180

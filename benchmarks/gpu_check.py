@@ -152,7 +152,8 @@ def read_and_step_figures(scorer, args, precision: str, cache: Path) -> dict:
     samples = EpochSamples(store.keys())
     per_epoch = len(samples) // args.head_batch
     for cold in (False, True):
-        figures[f"loader_{'cold' if cold else 'warm'}_gb_per_s"] = loader_read_rate(
+        state = "cold" if cold else "warm"
+        figures[f"loader_{state}_gb_per_s"], figures[f"loader_{state}_first_batch_s"], _ = loader_read_rate(
             store, samples, args.head_batch, per_epoch, args.loader_workers, cold)
     model.freeze_backbone()
     steps = step_rates(model, store, samples, args.head_batch, args.steps, args.loader_workers, precision,

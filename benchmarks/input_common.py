@@ -6,6 +6,7 @@ pipeline from JPEG files (random NearID models, decode rate, end to end against 
 import gc
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -108,15 +109,9 @@ def step_sampler(samples: EpochSamples, per_device: int, steps: int) -> StepSamp
 
 
 def training_loader(store, samples, per_device: int, steps: int, workers: int, device):
-    """train.py's loader for one process (accelerate prepares it: it reads one batch ahead), and its provider.
-
-    The loader's ring of shared buffers is touched once here, before anything is timed: a run pays for
-    its fresh memory once, not per step.
-    """
+    """train.py's loader for one process (accelerate prepares it: it reads one batch ahead), and its provider."""
     provider = CachedTokens(store, device)
     loader = token_loader(provider, step_sampler(samples, per_device, steps), workers, device)
-    for buffer in provider.ring.buffers.values():
-        buffer.zero_()
     return prepare_data_loader(loader, device=torch.device(device), num_processes=1, process_index=0,
                                put_on_device=True, non_blocking=True), provider
 
@@ -151,13 +146,35 @@ def sequential_read_rate(paths, cold: bool) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
-def loader_read_rate(store, samples, per_device: int, steps: int, workers: int, cold: bool) -> float:
-    """GB/s of stored token rows the training loader delivers into its ring (the step itself does nothing).
+def children_cpu_seconds() -> float:
+    """CPU seconds used so far by the live child processes of this one (Linux's /proc; 0 elsewhere)."""
+    total, me = 0, str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if fields[1] == me:  # fields: state, ppid, ..., utime (12th), stime (13th), in clock ticks
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its children, live or ended: a cost the machine's other load does not count."""
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ended.ru_utime + ended.ru_stime + children_cpu_seconds()
+
+
+def loader_read_rate(store, samples, per_device: int, steps: int, workers: int, cold: bool) -> tuple:
+    """(GB/s of stored token rows the training loader delivers into its ring, the step itself doing nothing;
+    seconds to its first batch; GB per CPU-second of the main process and its workers after the first batch).
 
     The store is opened afresh: pages a live memory map of this process holds cannot be dropped from
-    the page cache, so a cold pass needs maps that have read nothing yet. Timed from the first batch
-    on, so the workers' start is not counted.
+    the page cache, so a cold pass needs maps that have read nothing yet. The rate is timed from the
+    first batch on: the workers' start (once per run: the sampler spans the run) is the second figure,
+    from the loader's creation (its ring allocated) to the first batch.
     """
+    created = time.perf_counter()
     store = EmbeddingStore.open(store.root, store.fingerprint)
     loader, _ = training_loader(store, samples, per_device, steps, workers, "cpu")
     if cold:
@@ -165,15 +182,17 @@ def loader_read_rate(store, samples, per_device: int, steps: int, workers: int, 
     images, start = 0, None
     for batch in loader:
         if start is None:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), cpu_seconds()
             continue
         images += len(batch["keys"])
     seconds, item_bytes = time.perf_counter() - start, store.format.bytes_per_item
+    cpu = cpu_seconds()  # the workers have ended: their time is in RUSAGE_CHILDREN
     del loader, store
     gc.collect()  # unmaps the shards before the next pass drops them from the page cache
     if not images:  # a single batch: nothing after the first to time (too few images for the steps)
-        return float("nan")
-    return images * item_bytes / seconds / 1e9
+        return float("nan"), start - created, float("nan")
+    gigabytes = images * item_bytes / 1e9
+    return gigabytes / seconds, start - created, gigabytes / (cpu - cpu_start)
 
 
 # --- the head's training step -----------------------------------------------------------------------

@@ -18,7 +18,6 @@ A CPU proxy of a GPU profile: the same stages evaluate.py's embedding and train.
 Usage: python benchmarks/profile_input_path.py [--images 256] [--smoke]
 """
 
-import argparse
 import hashlib
 import io
 import os
@@ -34,7 +33,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, first_batch_timed, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    benchmark_parser,
+    environment_lines,
+    first_batch_timed,
+    parse_benchmark_args,
+    write_results,
+)
 from input_common import Precomputed, image_number, write_jpegs, write_json  # noqa: E402
 
 from image_processing_nearid import NearIDImageProcessor, _pil_to_rgb, read_image_bytes  # noqa: E402
@@ -42,22 +47,16 @@ from nearid.images import PixelLoader, load_image  # noqa: E402
 from nearid.store.fill import FillOptions, fill  # noqa: E402
 from nearid.store.format import StoreFormat  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 32
 GOAL_SCALING = 1.8
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "profile_input_path.txt", "tiny sizes, nothing recorded")
     parser.add_argument("--images", type=int, default=512, help="512 px JPEGs through the input path")
     parser.add_argument("--token-images", type=int, default=128, help="so400m token rows written as shards")
     parser.add_argument("--repeats", type=int, default=3, help="passes of each timing (the best kept)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "profile_input_path.txt")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, nothing recorded")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.images, args.token_images, args.repeats, args.output = 2 * BATCH, 8, 1, None
-    return args
+    return parse_benchmark_args(parser, argv, {"images": 2 * BATCH, "token_images": 8, "repeats": 1})
 
 
 class FloatPixels:
@@ -183,6 +182,27 @@ def input_path_rate(paths, loader: PixelLoader, workers: int, repeats: int) -> t
     return max(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs)
 
 
+def _preprocess_all(paths, loader: PixelLoader) -> None:
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    for path in paths:
+        loader((str(path), f"image file {path}"))
+
+
+def machine_rate(paths, loader: PixelLoader, processes: int, repeats: int) -> float:
+    """images/s of `processes` plain processes each decoding and preprocessing all of `paths` at once, nothing
+    handed over: what this machine gives the workers' own work right now (other load included)."""
+    context = torch.multiprocessing.get_context("fork")
+
+    def run():
+        children = [context.Process(target=_preprocess_all, args=(paths, loader)) for _ in range(processes)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join()
+
+    return processes * len(paths) / best_seconds(repeats, run)
+
+
 # --- 4. shard writes --------------------------------------------------------------------------------
 
 
@@ -269,10 +289,31 @@ def rate_lines(paths, processor, args, figures) -> list:
     lines += [f"   2 workers / 1 worker, uint8, wall clock: {figures['input_path_uint8_scaling']:.2f} (>= {GOAL_SCALING}: "
               f"{ok}); in the workers' CPU time: {2 * figures['input_path_uint8_cpu_scaling']:.2f} (2 = each worker "
               "as fast as one alone); uint8 / float32 at 2 workers: "
-              f"{figures['input_path_uint8_w2'] / figures['input_path_float32_w2']:.2f}",
-              "   (wall clock on a 2-core machine: 2 workers and the receiving main process share 2 cores with the "
-              "machine's other load, below)"]
-    return lines
+              f"{figures['input_path_uint8_w2'] / figures['input_path_float32_w2']:.2f}"]
+    return lines + capacity_lines(paths, processor, args, figures)
+
+
+def capacity_lines(paths, processor, args, figures) -> list:
+    """What the 2/1 ratio can be on this machine: the main process's share of the work, and the machine's own
+    2/1 ratio on the workers' work alone (2 plain processes against 1, measured in the same run)."""
+    worker_ms = 1000 / figures["input_path_uint8_per_worker_cpu_s_w1"]
+    main_ms = figures["input_path_uint8_main_cpu_ms"]
+    # 1 worker: the worker is the bound (the main process runs on the other core); 2 workers on 2 cores: the
+    # two cores do the workers' and the main process's work, 2 / (worker + main) images per ms.
+    ceiling = 2 * worker_ms / (worker_ms + main_ms)
+    loader = PixelLoader(processor)
+    one, two = (machine_rate(paths, loader, processes, args.repeats) for processes in (1, 2))
+    figures.update({"input_path_worker_cpu_ms": worker_ms, "input_path_main_core_share": main_ms / worker_ms,
+                    "input_path_idle_ceiling": ceiling, "machine_w1": one, "machine_w2": two,
+                    "machine_scaling": two / one})
+    path_over_machine = figures["input_path_uint8_scaling"] / (two / one)
+    return [f"   the main process: {main_ms:.2f} ms of CPU per image against a worker's {worker_ms:.2f}, so it needs "
+            f"{main_ms / worker_ms:.3f} of a core per worker's core; on an idle 2-core machine 2 workers reach at most "
+            f"2 x {worker_ms:.2f} / ({worker_ms:.2f} + {main_ms:.2f}) = {ceiling:.2f} x 1 worker",
+            f"   this machine now, the workers' work alone (decode + preprocess in plain processes, nothing handed "
+            f"over): 1 process {one:.0f} images/s, 2 at once {two:.0f}: 2 / 1 = {two / one:.2f}",
+            f"   input path 2 / 1 against the machine's 2 / 1 in this run: {path_over_machine:.2f} "
+            "(1 = the hand-over and the main process cost the scaling nothing; the rest is the machine's other load)"]
 
 
 if __name__ == "__main__":

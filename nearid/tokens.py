@@ -12,7 +12,7 @@ about 1.3 GB. The training input path hides that read behind the step:
   padded slot `PAD_KEY`, an all-zero pixel tensor as in the reference).
 - `token_loader`: the training DataLoader (accelerate prepares it). Its worker processes read the
   tokens of the next steps (`TokenBatches`) into a ring of shared, page-locked buffers
-  (`TokenRing`) while the current step trains; the step copies its buffer to the GPU without
+  (`TokenRing`, its pages mapped by each worker once, at its start) while the current step trains; the step copies its buffer to the GPU without
   blocking and widens it there.
 - `CachedTokens` / `BackboneEveryStep`: head inputs for a training batch or a list of image keys,
   from the store or from running the backbone on every slot at every step (the reference design,
@@ -22,8 +22,10 @@ about 1.3 GB. The training input path hides that read behind the step:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import mmap
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 PAD_KEY = "pad"
 HEAD_PREFIX = "backbone.vision_model.head."
 PREFETCH_FACTOR = 2  # batches each loader worker holds or has queued (PyTorch's default)
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
 class BackboneTokens:
@@ -158,6 +161,7 @@ class TokenRing:
         self.buffers = {name: _shared_empty((size, images, *shape), _torch_dtype(dtype))
                         for name, (shape, dtype) in fmt.fields().items()}
         self.pinned = False
+        self.prefault()  # allocated here, once, so that no worker allocates while the others read
 
     def __len__(self) -> int:
         return self.size
@@ -165,6 +169,20 @@ class TokenRing:
     def fields(self, buffer: int, count: int) -> dict:
         """{field: tensor view [count, ...]} of the first `count` rows of `buffer`."""
         return {name: tensor[buffer, :count] for name, tensor in self.buffers.items()}
+
+    def prefault(self) -> bool:
+        """Map every page of the buffers into this process, writable, before any batch is read into them.
+
+        A process that shares the ring shares its memory but not its page tables (fork copies none for
+        shared memory; spawn maps it afresh), so without this each first write of a loader worker to
+        one of the ring's 4 KiB pages traps, and the first write of all allocates it: more than the
+        read of the tokens itself (benchmarks/bench_token_loader.py). One madvise(MADV_POPULATE_WRITE)
+        per buffer maps them in bulk instead, once per process and run, and leaves the contents as
+        they are (another worker may already be writing its batch). False where the system cannot
+        (before Linux 5.14, not Linux): the pages are then mapped by their first writes, a cost in
+        speed only.
+        """
+        return all(_populate_write(tensor) for tensor in self.buffers.values())
 
     def pin(self) -> None:
         """Page-lock the buffers for asynchronous copies to the GPU.
@@ -186,6 +204,17 @@ class TokenRing:
             weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
 
 
+def _populate_write(tensor: torch.Tensor) -> bool:
+    """madvise(MADV_POPULATE_WRITE) over the pages of `tensor`; False where the system does not support it."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return False
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = tensor.data_ptr() + tensor.numel() * tensor.element_size() - start
+    return madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_WRITE) == 0
+
+
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
 
@@ -194,7 +223,7 @@ def _shared_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor in shared memory, as PyTorch's own collate allocates batches for workers.
 
     `torch.empty(...).share_memory_()` would copy the whole buffer (seconds per GB); this maps it
-    and leaves each page to be touched by its first write.
+    (`TokenRing.prefault` then allocates its pages in one call).
     """
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
@@ -243,6 +272,13 @@ def _as_is(batch):
     return batch  # `TokenBatches.__getitems__` builds the whole batch
 
 
+def _prefault_worker_ring(worker_id: int) -> None:
+    """A loader worker's start: the pages of the ring it writes are mapped before its first batch."""
+    ring = torch.utils.data.get_worker_info().dataset.ring
+    if ring is not None:
+        ring.prefault()
+
+
 def token_loader(provider, sampler, num_workers: int, device) -> DataLoader:
     """The training DataLoader (for accelerate to prepare) of `sampler`'s batches, read ahead by workers.
 
@@ -254,8 +290,11 @@ def token_loader(provider, sampler, num_workers: int, device) -> DataLoader:
     # (accelerate reads one ahead) and has asked its workers for at most `in_flight` more: with
     # in_flight + 2 buffers, no buffer is written while a step still reads it.
     dataset = provider.training_batches(sampler.images_per_batch, in_flight + 2)
+    # The workers read every step of the run from one iterator (the sampler spans the run), so each
+    # maps the ring's pages once per run, at its start.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_as_is, num_workers=num_workers,
                       prefetch_factor=PREFETCH_FACTOR if num_workers else None,
+                      worker_init_fn=_prefault_worker_ring if num_workers else None,
                       pin_memory=torch.device(device).type == "cuda")
 
 

@@ -2,7 +2,10 @@
 of shared buffers and always the ones the step asked for, a store that travels to workers without its
 files, and training that does not change with the number of workers."""
 
+import mmap
 import pickle
+import resource
+import sys
 import time
 from collections import namedtuple
 
@@ -16,7 +19,7 @@ from nearid.commands import train
 from nearid import checkpoints
 from nearid.store.fill import FillOptions, fill
 from nearid.store.format import StoreFormat
-from nearid.tokens import PAD_KEY, CachedTokens, check_shared_memory, token_loader
+from nearid.tokens import PAD_KEY, CachedTokens, TokenRing, check_shared_memory, token_loader
 from nearid.training_data import StepSampler
 from tests.helpers import TINY_VISION, load_pixels, make_items, make_tiny_nearid, train_args, user_error
 
@@ -173,3 +176,52 @@ def test_a_token_store_that_does_not_fit_names_the_training_options(train_synthe
     assert "nothing was computed" in message
     assert "--cache-dtype int8" in message and "--source" in message and "--cache-dir on a larger disk" in message
     assert not list(out.glob("token_cache/*/shard-*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The ring's pages are mapped once per process, not by each first write
+
+
+def _faults_writing(ring, prefault, results):
+    """In a child process: minor page faults of writing every buffer of `ring`, mapped in bulk first or not."""
+    if prefault:
+        assert ring.prefault()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for tensor in ring.buffers.values():
+        tensor.numpy().fill(1)  # numpy: no OpenMP pool, which a forked child of a process that used one lacks
+    results.put(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_process_sharing_the_ring_writes_it_without_a_fault_per_page(context):
+    ring = TokenRing(StoreFormat((256, 1024), "float16"), 2, 32)  # 32 MiB: 8,192 pages of 4 KiB
+    pages = sum(t.numel() * t.element_size() for t in ring.buffers.values()) // mmap.PAGESIZE
+    multiprocessing = torch.multiprocessing.get_context(context)
+    results = multiprocessing.Queue()
+    faults = {}
+    for prefault in (False, True):
+        child = multiprocessing.Process(target=_faults_writing, args=(ring, prefault, results))
+        child.start()
+        faults[prefault] = results.get(timeout=60)
+        child.join()
+    assert faults[False] >= pages  # the control: without it, every page faults once
+    assert faults[True] < pages / 10  # the rest: the interpreter's own
+
+
+def test_each_loader_worker_maps_the_ring_before_its_first_batch(store, monkeypatch):
+    calls = torch.multiprocessing.get_context("fork").Value("i", 0)
+    real = TokenRing.prefault
+
+    def counted(ring):
+        with calls.get_lock():
+            calls.value += 1
+        return real(ring)
+
+    monkeypatch.setattr(TokenRing, "prefault", counted)
+    provider = CachedTokens(store, "cpu")
+    loader = token_loader(provider, sampler(Samples(image_keys(store), 25)), 2, "cpu")
+    assert calls.value == 1  # the main process allocates the ring
+    loader.multiprocessing_context = "fork"  # the counting prefault reaches the workers
+    assert check_batches(loader, provider, store) == 8
+    assert calls.value == 3  # and each of the 2 workers maps it once
