@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nearid import data, evaluation, tokens, training_data
+from nearid.cli import DatasetSource, named_sources
 from nearid.store import fill as store_fill
 from nearid.store.image_index import ImageIndex
-from nearid.cli import DatasetSource, named_sources
 
 # What a token store that does not fit on its disk can do instead (said before any token is computed).
 DISK_OPTIONS = ("store int8 tokens (--cache-dtype int8, half of float16), train on fewer distractor sources "
