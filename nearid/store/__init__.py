@@ -23,9 +23,10 @@ One module per job (import from the module; this package re-exports nothing):
   the encoder (the caller's) -> `writer` (shards written by a thread beside the encoder, through
   a bounded queue, so a fill takes the longer of its forwards and its writes, not their sum).
 
-Every shard carries the checksum of its bytes in its name (`nearid.integrity`), taken when it is
-written; each fill verifies every shard before it trusts it, and drops (with a warning naming it)
-and computes again any shard that is truncated, of another layout, or of other content. Shards are
+Every shard carries the checksum of its bytes in its name (`nearid.integrity`), taken from the
+bytes as they are written; each fill verifies every shard of earlier fills before it trusts it,
+and drops (with a warning naming it) and computes again any shard that is truncated, of another
+layout, or of other content. Shards are
 written to a temporary name and renamed, so an interrupted fill keeps every finished shard and the
 next one computes only the rest. One fill at a time writes to a store folder (`nearid.locking`).
 """
