@@ -17,9 +17,9 @@ import sys
 # before torch is imported (tests.helpers imports it), and inherited by the interpreters the tests start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.helpers import (  # noqa: E402
+from tests.helpers import (
     export_with_card,
     make_tiny_nearid,
     make_tiny_processor,
