@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 # The oldest transformers release pyproject.toml allows (5.10.0 is not on PyPI); `make test` checks it too.
 OLDEST_TRANSFORMERS ?= 5.10.1
 OLDEST_DIR := .cache/transformers-$(OLDEST_TRANSFORMERS)
+# pytest-xdist workers: whole test files each (tests/conftest.py), torch on one thread each.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-oldest-transformers benchmarks clean
 
@@ -11,12 +13,12 @@ demo: $(VENV)/.ready
 	$(PY) demo.py
 
 test: $(VENV)/.ready
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 	$(MAKE) --no-print-directory test-oldest-transformers
 
 # Model and remote-code tests against the oldest supported transformers (installed beside the venv).
 test-oldest-transformers: $(OLDEST_DIR)/.ready
-	PYTHONPATH=$(OLDEST_DIR) $(PY) -m pytest -q -p no:cacheprovider tests/test_modeling.py tests/test_remote_code.py
+	PYTHONPATH=$(OLDEST_DIR) $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests/test_modeling.py tests/test_remote_code.py
 
 benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_image_processor.py

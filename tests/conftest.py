@@ -3,9 +3,19 @@
 The deterministic folders (`synthetic`, `train_synthetic`, `tiny_repo`, `base_model`) are built once per
 session and shared by every module, so no test may change them: a test that damages data copies it
 first. `unchanged` checks that at the end of the session.
+
+`make test` runs the suite on two workers (pytest-xdist): see `pytest_configure` and
+`pytest_xdist_make_scheduler` below.
 """
 
+import os
 import sys
+
+# OpenMP threads that wait for work sleep instead of spinning. Spinning threads hold the cores they wait on: with
+# the other pytest-xdist worker or other work on the machine, the thread they wait for gets no core, and a test
+# took up to 8 times longer (docs/development.md). The arithmetic is the same. Read when OpenMP starts, so set
+# before torch is imported (tests.helpers imports it), and inherited by the interpreters the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
@@ -15,8 +25,53 @@ from tests.helpers import (
     make_tiny_processor,
     make_tiny_siglip,
     random_pixels,
+    torch_threads,
     unchanged,
 )
+
+
+# The test files that share one costly session fixture, `demo_run`: pytest-xdist gives them to one worker.
+DEMO_RUN_FILES = ("tests/test_demo.py", "tests/test_readme.py")
+# The files that take longest (`pytest --durations`), started first so that no worker is left with one at the end.
+SLOWEST_FILES = (*DEMO_RUN_FILES, "tests/test_train_multiprocess.py", "tests/test_benchmarks.py",
+                 "tests/test_search_multiprocess.py", "tests/test_app_browser.py", "tests/test_input_path.py",
+                 "tests/test_evaluate_multiprocess.py")
+DEFAULT_THREADS = pytest.StashKey[int]()  # torch's own thread count, before pytest_configure sets one
+
+
+def pytest_configure(config):
+    """torch runs the tests on one thread: their models are tiny, and the other pytest-xdist worker has the other
+    core. `demo_run` alone runs on torch's default, as `make demo` does: the README shows that run's numbers,
+    and they depend on the thread count."""
+    import torch
+
+    config.stash[DEFAULT_THREADS] = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """SLOWEST_FILES first (a stable sort: the order within a file is kept)."""
+    def rank(item):
+        path = item.nodeid.split("::", 1)[0]
+        return SLOWEST_FILES.index(path) if path in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    items.sort(key=rank)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist (`make test`) gives each worker whole test files, in the order collected, so that a module
+    fixture is built once, and the files of `demo_run` together."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # not by number of tests: the slowest files first
+
+    class OneFilePerWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return "demo_run" if path in DEMO_RUN_FILES else path
+
+    return OneFilePerWorker(config, log)
 
 
 @pytest.fixture
@@ -79,7 +134,7 @@ def base_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, pytestconfig):
     """One run of the main job as `make demo` runs it (default sizes), shared by the tests that read its
     outputs: the folder it wrote (named demo_outputs, as the README's commands expect), its result and
     what it printed."""
@@ -90,7 +145,7 @@ def demo_run(tmp_path_factory):
 
     output_dir = tmp_path_factory.mktemp("demo") / "demo_outputs"
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), torch_threads(pytestconfig.stash[DEFAULT_THREADS]):
         result = demo.main(["--output-dir", str(output_dir)])
     return {"output_dir": output_dir, "result": result, "printed": printed.getvalue()}
 

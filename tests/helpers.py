@@ -78,6 +78,7 @@ def run_isolated(code, tmp_path, extra_env=None, timeout=300):
     """
     env = dict(os.environ)  # PYTHONPATH may select the transformers under test; the checkout is not on it
     env.update(
+        OMP_NUM_THREADS=str(torch.get_num_threads()),  # this process's arithmetic (one thread: conftest.py)
         HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
         HF_HOME=str(tmp_path / "hf_home"),
         HF_HUB_OFFLINE="1",
@@ -316,15 +317,20 @@ def kill_training_at_step(monkeypatch, step):
 
 
 @contextlib.contextmanager
-def single_threaded():
-    """One torch thread, as every process of `launch` runs: a 1-process run in this process then does the
-    same arithmetic as the launched processes, bit for bit."""
+def torch_threads(count):
+    """torch on `count` threads in this process."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def single_threaded():
+    """One torch thread, as every process of `launch` runs: a 1-process run in this process then does the
+    same arithmetic as the launched processes, bit for bit."""
+    return torch_threads(1)
 
 
 def make_hostile(model_folder, parent):
