@@ -13,7 +13,7 @@ device a process runs on (train.py's accelerator device, evaluate.py's and searc
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 # Names only (torch is imported where it runs), so the commands' flags can list them cheaply.
 AUTOCAST = {"no": None, "fp16": "float16", "bf16": "bfloat16"}  # precision -> torch dtype name
@@ -58,3 +58,20 @@ def autocast(device, precision: str):
 
     dtype = AUTOCAST[precision]
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype)) if dtype else nullcontext()
+
+
+@contextmanager
+def cpu_threads(count: int):
+    """torch's CPU ops on `count` threads inside the block, the previous count after it.
+
+    A float sum split over another number of threads adds in another order, so a figure computed on
+    the CPU can change in its last digits with the thread count (and a clustering threshold can then
+    move an image from one cluster to another)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

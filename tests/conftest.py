@@ -25,10 +25,8 @@ from tests.helpers import (
     make_tiny_processor,
     make_tiny_siglip,
     random_pixels,
-    torch_threads,
     unchanged,
 )
-
 
 # The test files that share one costly session fixture, `demo_run`: pytest-xdist gives them to one worker.
 DEMO_RUN_FILES = ("tests/test_demo.py", "tests/test_readme.py")
@@ -36,16 +34,14 @@ DEMO_RUN_FILES = ("tests/test_demo.py", "tests/test_readme.py")
 SLOWEST_FILES = (*DEMO_RUN_FILES, "tests/test_train_multiprocess.py", "tests/test_benchmarks.py",
                  "tests/test_search_multiprocess.py", "tests/test_app_browser.py", "tests/test_input_path.py",
                  "tests/test_evaluate_multiprocess.py")
-DEFAULT_THREADS = pytest.StashKey[int]()  # torch's own thread count, before pytest_configure sets one
 
 
 def pytest_configure(config):
     """torch runs the tests on one thread: their models are tiny, and the other pytest-xdist worker has the other
-    core. `demo_run` alone runs on torch's default, as `make demo` does: the README shows that run's numbers,
-    and they depend on the thread count."""
+    core. The demo sets its own thread count (`demo.DEMO_THREADS`), as `make demo` runs it: the README shows that
+    run's numbers, and they depend on the thread count."""
     import torch
 
-    config.stash[DEFAULT_THREADS] = torch.get_num_threads()
     torch.set_num_threads(1)
 
 
@@ -134,7 +130,7 @@ def base_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, pytestconfig):
+def demo_run(tmp_path_factory):
     """One run of the main job as `make demo` runs it (default sizes), shared by the tests that read its
     outputs: the folder it wrote (named demo_outputs, as the README's commands expect), its result and
     what it printed."""
@@ -145,7 +141,7 @@ def demo_run(tmp_path_factory, pytestconfig):
 
     output_dir = tmp_path_factory.mktemp("demo") / "demo_outputs"
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), torch_threads(pytestconfig.stash[DEFAULT_THREADS]):
+    with contextlib.redirect_stdout(printed):
         result = demo.main(["--output-dir", str(output_dir)])
     return {"output_dir": output_dir, "result": result, "printed": printed.getvalue()}
 
@@ -177,9 +173,10 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 def embed(tiny_repo):
     """An image (PIL image or file) -> its normalised embedding, one image per forward, through the model's
     public API."""
+    import torch
+
     from image_processing_nearid import NearIDImageProcessor
     from modeling_nearid import NearIDModel
-    import torch
 
     model = NearIDModel.from_pretrained(tiny_repo, dtype=torch.float32).eval()
     processor = NearIDImageProcessor.from_pretrained(tiny_repo)

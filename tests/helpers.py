@@ -15,6 +15,7 @@ import torch
 
 from nearid.data import readers
 from nearid.hub import export_hub_folder
+from nearid.numerics import cpu_threads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -316,21 +317,10 @@ def kill_training_at_step(monkeypatch, step):
     return real_step
 
 
-@contextlib.contextmanager
-def torch_threads(count):
-    """torch on `count` threads in this process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def single_threaded():
     """One torch thread, as every process of `launch` runs: a 1-process run in this process then does the
     same arithmetic as the launched processes, bit for bit."""
-    return torch_threads(1)
+    return cpu_threads(1)
 
 
 def make_hostile(model_folder, parent):

@@ -22,6 +22,7 @@ from pathlib import Path
 from nearid.cli import build_parser, lazy_module, option, parse, user_errors
 from nearid.commands import evaluate, synthetic, train
 from nearid.io import atomic_write_json, atomic_write_text
+from nearid.numerics import cpu_threads
 from nearid.reports import tables
 
 heatmaps = lazy_module("nearid.heatmaps")
@@ -30,6 +31,9 @@ scorers = lazy_module("nearid.scorers")
 SMALL_SIGLIP = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128)
 SOURCES = ("flux", "sdxl")
+# The demo computes on this many torch threads on any machine, so that its numbers (the ones the README shows)
+# do not change with the machine's core count: float sums add in another order on another thread count.
+DEMO_THREADS = 2
 
 
 def export_untrained(base: Path, folder: Path) -> Path:
@@ -119,7 +123,7 @@ def main(argv=None):
     parser = build_parser("demo.py", __doc__, groups=(DemoArguments,))
     _, groups, debug = parse(parser, (DemoArguments,), argv)
     args = groups[DemoArguments]
-    with user_errors(debug):
+    with user_errors(debug), cpu_threads(DEMO_THREADS):
         return run(Path(args.output_dir), args.num_identities, args.epochs)
 
 
