@@ -27,7 +27,8 @@ def embed_benchmark(bench, args, state) -> tuple:
 def run(args, state):
     """SSR and PA of the scorer of `args` on the benchmark rows of `args`: the summary, with the embedding
     work (None on the other processes of a launch)."""
-    bench, dataset_provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(args.positives), named_sources(args.source))
+    bench, dataset_provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(args.positives),
+                                                                named_sources(args.source))
     if args.split_file:
         bench = bench.select(split_files.load_split_indices(args.split_file, len(bench)))
     view_keys, source_keys, scorer, embedded = embed_benchmark(bench, args, state)

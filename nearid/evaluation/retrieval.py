@@ -18,8 +18,10 @@ from nearid.reports import plots, tables
 def run(args, state):
     """Retrieval on the test rows of `args`, its clustering threshold chosen on the val rows: the scores,
     with the embedding work (None on the other processes of a launch)."""
-    bench, dataset_provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(args.positives), named_sources(args.source))
-    test_rows = split_files.load_split_indices(args.split_file, len(bench)) if args.split_file else list(range(len(bench)))
+    bench, dataset_provenance = nearid_benchmark.open_benchmark(DatasetSource.parse(args.positives),
+                                                                named_sources(args.source))
+    test_rows = (split_files.load_split_indices(args.split_file, len(bench)) if args.split_file
+                 else list(range(len(bench))))
     val_rows = split_files.load_split_indices(args.val_split_file, len(bench)) if args.val_split_file else []
     split_files.check_disjoint({"--split-file": test_rows, "--val-split-file": val_rows})
     # One selection for both splits: the image index names every dataset once.
