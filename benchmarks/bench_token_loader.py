@@ -61,7 +61,7 @@ def parse_args(argv=None):
                         help="torch threads of the step: 1 leaves this 2-core machine's other core to the worker")
     parser.set_defaults(workers=(0, 1, 2))  # worker counts of the read test
     # a smoke run: every code path once (each worker count starts processes)
-    return parse_benchmark_args(parser, argv, {"images": 96, "read_batch": 4, "step_batch": 2, "steps": 3,
+    return parse_benchmark_args(parser, argv, {"images": 48, "read_batch": 4, "step_batch": 2, "steps": 3,
                                                "repeats": 1, "rounds": 1, "workers": (1,)})
 
 

@@ -81,12 +81,12 @@ def parse_args(argv=None):
                              "threads stall whenever another process takes one of their cores")
     parser.add_argument("--workdir", type=Path, default=None, help="keep data and runs here (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the report")
-    parser.add_argument("--smoke", action="store_true", help="2 epochs on 8 rows, no report file")
+    parser.add_argument("--smoke", action="store_true", help="2 epochs on 4 rows, no report file")
     args = parser.parse_args(argv)
     if not 1 <= args.sources <= len(SOURCE_NAMES):
         parser.error(f"--sources must be between 1 and {len(SOURCE_NAMES)}, got {args.sources}")
     if args.smoke:
-        args.epochs, args.identities, args.mtg_rows, args.batch, args.output = 2, 8, 2, 4, None
+        args.epochs, args.identities, args.mtg_rows, args.batch, args.output = 2, 4, 1, 4, None
     return args
 
 

@@ -124,16 +124,15 @@ def change_id(row):
     return lambda dataset: dataset.map(lambda e, i: {"id": "someone_else" if i == row else e["id"]}, with_indices=True)
 
 
-def launch(num_processes, script_args, tmp_path, log_name, modules_cache=None):
+def launch(num_processes, script_args, tmp_path, log_name):
     """Run `script_args` (a script and its arguments) on `num_processes` CPU processes.
 
     One thread per process whatever the process count, so one and two processes do the same
-    arithmetic. `modules_cache` is the remote-code module cache (HF_MODULES_CACHE); give one that
-    already holds the model's code, so that the processes do not all write it at once. Returns the
+    arithmetic. The remote-code module cache (HF_MODULES_CACHE) is `tmp_path`/hf_modules. Returns the
     exit code and the combined output.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=python_path(),
-               HF_MODULES_CACHE=str(modules_cache or tmp_path / "hf_modules"))
+               HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(num_processes), *map(str, script_args)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ import pytest
 
 from nearid.commands import evaluate
 from nearid.data import readers
-from tests.helpers import REPO_ROOT, assert_finished, launch, run_isolated, single_threaded
+from tests.helpers import REPO_ROOT, assert_finished, launch, single_threaded
 
 RESULTS = "nearid_results.json"
 TABLE_HEADER = "| source | SSR | PA |"
@@ -33,8 +33,7 @@ def store_index(cache_dir):
 @pytest.fixture(scope="module")
 def benchmark(synthetic, tiny_repo, tmp_path_factory):
     """conftest.py's synthetic positives and two sources, a copy of `sdxl` with one image corrupt, and its
-    tiny model: {"positives", "flux", "sdxl_broken", "model", "hf_modules" (a module cache already holding
-    the model's remote code), "broken_row"}."""
+    tiny model: {"positives", "flux", "sdxl_broken", "model", "broken_row"}."""
     root = tmp_path_factory.mktemp("benchmark")
     sdxl = readers.undecoded(datasets.load_from_disk(str(synthetic / "sdxl")), ["nimg1"])
     present = [r for r, ref in enumerate(readers.image_refs(sdxl, "nimg1", range(len(sdxl)))) if ref]
@@ -42,10 +41,8 @@ def benchmark(synthetic, tiny_repo, tmp_path_factory):
     garbage = {"bytes": b"not an image", "path": None}
     sdxl = sdxl.map(lambda e, i: {"nimg1": garbage if i == broken_row else e["nimg1"]}, with_indices=True)
     sdxl.cast_column("nimg1", datasets.Image()).save_to_disk(str(root / "sdxl_broken"))
-    run_isolated(f"from transformers import AutoModel; AutoModel.from_pretrained({str(tiny_repo)!r}, "
-                 "trust_remote_code=True)", root)
     return {"positives": synthetic / "positives", "flux": synthetic / "flux", "sdxl_broken": root / "sdxl_broken",
-            "model": tiny_repo, "hf_modules": root / "hf_modules", "broken_row": broken_row}
+            "model": tiny_repo, "broken_row": broken_row}
 
 
 def evaluate_args(benchmark, out, cache, *extra):
@@ -56,7 +53,10 @@ def evaluate_args(benchmark, out, cache, *extra):
 
 def launch_evaluate(num_processes, benchmark, tmp_path, out, cache, *extra):
     args = [REPO_ROOT / "evaluate.py", *evaluate_args(benchmark, out, cache, *extra)]
-    return launch(num_processes, args, tmp_path, f"{out.name}.log", modules_cache=benchmark["hf_modules"])
+    launched = launch(num_processes, args, tmp_path, f"{out.name}.log")
+    # No remote-code module cache to fill first: the tools build the model with this checkout's classes.
+    assert not list((tmp_path / "hf_modules").rglob("*.py"))
+    return launched
 
 
 def test_two_processes_write_the_results_of_one(benchmark, tmp_path):
