@@ -20,7 +20,6 @@ size the store checks whole when it indexes them); a real token pass writes ~290
 Usage: python benchmarks/bench_fill_overlap.py [--images 256] [--smoke]
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -29,28 +28,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import environment_lines, write_results  # noqa: E402
+from bench_common import benchmark_parser, environment_lines, parse_benchmark_args, write_results  # noqa: E402
 from input_common import Precomputed, image_number, write_json  # noqa: E402
 
 from nearid.store.fill import FillOptions, fill  # noqa: E402
 from nearid.store.format import StoreFormat  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE, BATCH, GOAL = (729, 1152), 32, 1.1
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "fill_overlap.txt", "tiny sizes, nothing recorded")
     parser.add_argument("--images", type=int, default=1920, help="token rows per fill (1.68 MB each in float16)")
     parser.add_argument("--shard-size", type=int, default=160, help="rows per shard")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of write, encode, fill (the median kept)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "fill_overlap.txt")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, nothing recorded")
-    args = parser.parse_args(argv)
-    args.shape = SHAPE
-    if args.smoke:
-        args.images, args.shard_size, args.rounds, args.shape, args.output = 2 * BATCH, BATCH, 1, (16, 32), None
-    return args
+    parser.set_defaults(shape=SHAPE)
+    return parse_benchmark_args(parser, argv, {"images": 2 * BATCH, "shard_size": BATCH, "rounds": 1,
+                                               "shape": (16, 32)})
 
 
 def fill_seconds(folder: Path, dtype: str, encoder, args) -> float:

@@ -88,7 +88,7 @@ def main(argv=None):
     }
     rate = {name: args.num_images / s for name, s in seconds.items()}
     lines = [
-        f"date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+        f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"cpu: {cpu_model()} (1 core pinned, torch threads {torch.get_num_threads()})",
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"pillow {PIL.__version__}, numpy {np.__version__}",

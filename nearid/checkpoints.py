@@ -36,7 +36,6 @@ CHECKSUMS = "checksums.json"
 FILES = ("head.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "position.json", CHECKSUMS)
 
 logger = logging.getLogger(__name__)
-_WARNED_UNVERIFIED = set()  # checkpoints without checksums already said so
 
 
 class CheckpointError(ValueError):
@@ -111,10 +110,12 @@ def read_position(folder) -> dict:
     return _read(folder, "position.json", lambda: read_json(folder / "position.json", "checkpoint position"))
 
 
-def load(folder, head, optimizer, scheduler, scaler) -> dict:
-    """Load a checkpoint into the (unwrapped) head, optimizer, scheduler and scaler; return its position."""
+def load(folder, head, optimizer, scheduler, scaler, verify: bool = True) -> dict:
+    """Load a checkpoint into the (unwrapped) head, optimizer, scheduler and scaler; return its position.
+    verify=False when `check_intact` has already checked its files in this run."""
     folder = Path(folder)
-    check_intact(folder)
+    if verify:
+        check_intact(folder)
     position = read_position(folder)
     _read(folder, "head.safetensors", lambda: head.load_state_dict(_load_tensors(folder / "head.safetensors")))
     groups = _read(folder, "optimizer.json",
@@ -144,10 +145,8 @@ def check_intact(folder: Path) -> None:
     """CheckpointError naming each damaged file of the checkpoint in `folder`, offering an intact earlier one."""
     found = problems(folder)
     if found is None:
-        if folder not in _WARNED_UNVERIFIED:  # once per checkpoint, though a resume checks it twice
-            _WARNED_UNVERIFIED.add(folder)
-            logger.warning("%s has no %s (written before checkpoints carried checksums): its files are loaded "
-                           "unverified.", folder, CHECKSUMS)
+        logger.warning("%s has no %s (written before checkpoints carried checksums): its files are loaded "
+                       "unverified.", folder, CHECKSUMS)
         return
     if found:
         listed = "; ".join(f"{folder / name} {problem}" for name, problem in sorted(found.items()))

@@ -23,9 +23,8 @@ import torch
 from nearid.card import check_card_metadata, write_model_card
 from nearid.cli import REQUIRED, build_parser, option, parse, user_errors
 from nearid.io import replacing_folder
-from nearid.resources import checkout_root, remote_code_file
+from nearid.resources import REMOTE_CODE_FILES, checkout_root, remote_code_file
 
-REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
 REQUIRED_REPO_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *REMOTE_CODE_FILES)
 AUTO_MAP = {
     "AutoConfig": "configuration_nearid.NearIDConfig",

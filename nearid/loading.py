@@ -26,9 +26,8 @@ import torch
 
 from nearid.hub_ids import is_hub_id, split_revision
 from nearid.integrity import check_weights
+from nearid.resources import REMOTE_CODE_FILES, remote_code_file
 
-CHECKOUT_ROOT = Path(__file__).resolve().parent.parent  # the three *_nearid.py files live at the root
-CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
 # Everything a model load reads: configs and weights, never code, never pickle.
 MODEL_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json")
 SIGLIP_TYPES = ("siglip", "siglip_vision_model")
@@ -183,7 +182,7 @@ def load_nearid(folder: Path, dtype=torch.float32, name: str | None = None, comm
 
 def differing_code_files(folder: Path, name: str, commit: str | None = None) -> list:
     """The model's `*_nearid.py` files that differ from this checkout's (or that it does not have)."""
-    ours = {path.name: git_blob_id(path.read_bytes()) for path in CHECKOUT_ROOT.glob("*_nearid.py")}
+    ours = {name: git_blob_id(remote_code_file(Path(name).stem).read_bytes()) for name in REMOTE_CODE_FILES}
     theirs = {path.name: git_blob_id(path.read_bytes()) for path in Path(folder).glob("*_nearid.py")}
     if commit and is_hub_id(name):
         theirs.update(_hub_code_files(name, commit))

@@ -2,7 +2,7 @@
 
 - `PUBLISHED_SPLITS`: the folder of the paper authors' NearID split files (package data, with
   their PROVENANCE.md).
-- `remote_code_file(module)`: the Hub's remote-code modules (`modeling_nearid.py`, ...), which sit at
+- `REMOTE_CODE_FILES` and `remote_code_file(module)`: the Hub's remote-code modules (`modeling_nearid.py`, ...), which sit at
   the root of a clone and install as top-level modules.
 - `readme_text()`: the repository's README.md (the model card whose fixed prose every exported card
   copies): the clone's file, or the copy an installed package carries as its long description.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PUBLISHED_SPLITS = PACKAGE_DIR / "splits"
+REMOTE_CODE_FILES = ("configuration_nearid.py", "modeling_nearid.py", "image_processing_nearid.py")
 DISTRIBUTION = "nearid"
 _NAME_LINE = re.compile(rf"""^name\s*=\s*["']{DISTRIBUTION}["']""", re.M)  # pyproject.toml's [project] name
 

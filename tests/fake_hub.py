@@ -6,9 +6,8 @@ request recorded.
 to the wire. `FakeHub.serve(repo_id, folder, commit)` publishes a folder's files as a model repo.
 """
 
-import hashlib
-
 import base64
+import hashlib
 import json
 import re
 from contextlib import contextmanager
@@ -16,6 +15,8 @@ from urllib.parse import unquote
 
 from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
+
+from nearid.loading import git_blob_id
 
 try:
     import httpx2 as httpx  # the HTTP client of huggingface_hub >= 2
@@ -103,11 +104,6 @@ class FakeHub:
 
     def calls(self, kind):
         return [r for r in self.requests if f"/{kind}" in r.url.path]
-
-
-def git_blob_id(content):
-    """The id the Hub's file listing gives a file (git's blob hash)."""
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 @contextmanager

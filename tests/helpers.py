@@ -364,7 +364,10 @@ def markers_written(markers):
 
 def project_requirements() -> dict:
     """pyproject.toml's runtime requirements: {lower-case package name: its version specifier}."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (the test extra installs it there)
+        import tomli as tomllib
 
     dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pairs = (re.match(r"([A-Za-z0-9_.-]+)\s*(.*)", line).groups() for line in dependencies)

@@ -81,7 +81,7 @@ from nearid import card, hub, resources
 from nearid.data import split_files
 print(json.dumps({
     "nearid": nearid.__file__, "modeling": modeling_nearid.__file__, "clone": str(resources.checkout_root()),
-    "remote_code": [str(resources.remote_code_file(n[:-3])) for n in hub.REMOTE_CODE_FILES],
+    "remote_code": [str(resources.remote_code_file(n[:-3])) for n in resources.REMOTE_CODE_FILES],
     "splits": {name: len(split_files.published_split(name)) for name in ("train", "val", "test")},
     "citation": card.readme_section("Citation"),
 }))

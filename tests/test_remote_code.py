@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from nearid.hub import REMOTE_CODE_FILES, export_hub_folder
+from nearid.hub import export_hub_folder
+from nearid.resources import REMOTE_CODE_FILES
 from tests.helpers import REPO_ROOT, TINY_VISION, make_tiny_nearid, make_tiny_processor, random_pixels, run_isolated
 
 

@@ -10,6 +10,7 @@ from nearid import tokens, training_data
 from nearid.cli import DatasetSource, named_sources
 from nearid.data import nearid_benchmark, readers, split_files
 from nearid.evaluation import protocol
+from nearid.images import PixelLoader
 from nearid.store import fill as store_fill
 from nearid.store.image_index import ImageIndex
 
@@ -68,7 +69,7 @@ def make_provider(model, processor, training_set, held_out, data_args, args, acc
     items = ChainMap(*indexes)
     unreadable = {where: reason for index in indexes for where, reason in index.unreadable.items()}
     if not args.token_cache:
-        loader = tokens.BackboneTokens(model, processor).loader
+        loader = PixelLoader(processor)  # the token pass's loader, without an encoder's weight digest
         return tokens.BackboneEveryStep(model, items, loader, accelerator.device), unreadable
     keys = sorted(training_set.used_keys(range(args.num_epochs), args.seed)
                   | {k for held in held_out.values() for k in held.items})

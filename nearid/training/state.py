@@ -36,9 +36,10 @@ def resume(run):
     path = checkpoints.resolve(run.args.output_dir, run.args.resume_from_checkpoint)
     if path is None:
         return 0
+    # Its files and settings were checked before the data was read (`check_resume`).
     position = checkpoints.load(path, run.accelerator.unwrap_model(run.head), run.optimizer.optimizer,
-                                run.scheduler, run.accelerator.scaler)
-    run.history = position["history"]  # its settings were checked before the data was read (`check_resume`)
+                                run.scheduler, run.accelerator.scaler, verify=False)
+    run.history = position["history"]
     if run.accelerator.is_main_process:
         trim_log(Path(run.args.output_dir) / "logs.jsonl", position["global_step"])
     run.accelerator.print(f"resumed from {path} at step {position['global_step']}")
