@@ -143,14 +143,16 @@ def write_index(folder: Path, fmt: StoreFormat, verify_known: bool, last_fill: d
             identity = {"bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
             entry = known.get(path.name, {})
             seen = {k: entry.get(k) for k in identity} == identity
-            if verify_known or not seen:
+            trusted = seen and not verify_known  # verified earlier in this fill, or written by it (values checked)
+            if not trusted:
                 verify_shard(path)
             records = map_shard(path, fmt)
             # Known keys are trusted only for the very file that was verified or written; others are read.
-            keys = entry["keys"] if seen and not verify_known else [key.decode("utf-8") for key in records["key"]]
+            keys = entry["keys"] if trusted else [key.decode("utf-8") for key in records["key"]]
             if len(keys) != len(records):
                 raise StoreCorruptError(f"the store shard {path} holds {len(records)} rows, its index {len(keys)}")
-            check_finite_shard(path, records, fmt)
+            if not trusted:
+                check_finite_shard(path, records, fmt)
             if SHARD_NAME.fullmatch(path.name).group(3) is None:  # written before checksums: record one now
                 path = with_checksum(path)
                 identity["mtime_ns"] = path.stat().st_mtime_ns
