@@ -33,14 +33,13 @@ def run(args, state):
     scores = metrics.mtg_scores(*(sims[name][scored] for name, _, _ in protocol.MTG_SIMILARITIES),
                                 oracles[scored, 0], oracles[scored, 1])
     scores.update(n_rows_dataset=len(dataset), n_rows_unscored=int((~scored).sum()))
-    write_outputs(args, scorer, scores, sims, oracles, skipped, dataset_provenance, embedded.stats)
+    write_outputs(args, scorer, scores, sims, oracles, scored, skipped, dataset_provenance, embedded.stats)
     return {**scores, "embedding": embedded.stats}
 
 
-def write_outputs(args, scorer, scores, sims, oracles, skipped, dataset_provenance, stats):
+def write_outputs(args, scorer, scores, sims, oracles, scored, skipped, dataset_provenance, stats):
     outputs = open_outputs(args, "evaluate.py")
     table = tables.mtg_markdown(scorer.spec, scores, protocol.MTG_CORRELATIONS)
-    scored = protocol.mtg_scored_rows(sims, oracles)
     write_csv(outputs.path("mtg_per_sample.csv"), protocol.mtg_rows(sims, oracles))
     atomic_write_text(outputs.path("mtg_table.md"), table)
     outputs.optional("plotting mtg_similarity_vs_oracle.png", plots.plot_mtg_similarity_vs_oracle,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from nearid import heatmaps, images, scoring
 from nearid.data import score_inputs
+from nearid.evaluation.records import results_document
 from nearid.io import atomic_write_json, atomic_write_text, write_csv
 from nearid.options import embed, open_outputs
-from nearid.reports import plots, results_file
+from nearid.reports import plots
 from nearid.store.image_index import ImageIndex
 
 
@@ -53,9 +54,8 @@ def write_outputs(args, scorer, records, summary, skipped, source, stats, items,
     if args.heatmaps:
         outputs.optional("drawing the heatmap contact sheets", write_heatmap_sheets, outputs, scorer, records, items,
                          args.heatmaps)
-    prov = results_file.provenance(scorer.provenance(), [{"kind": "local", "path": str(Path(source).resolve())}],
-                              extra={"embedding": stats})
-    document = results_file.results_document("score", scorer.provenance(), summary, prov, skipped)
+    document = results_document("score", scorer.provenance(), summary,
+                                [{"kind": "local", "path": str(Path(source).resolve())}], skipped, stats)
     outputs.finish({**document, "unused_references": [{"references": folder, "method": method}
                                                       for folder, method in unused]})
     print(markdown)
