@@ -114,7 +114,7 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | 
     folder is changed, whatever happens; on failure a `HubPushError` gives the command that
     retries the upload.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import validate_repo_id
 
     folder = Path(folder)
@@ -124,16 +124,28 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, revision: str | 
         check_card_metadata(folder / "README.md")
     retry = push_command(folder, repo_id, private=private, revision=revision,
                          commit_message=commit_message, create_pr=create_pr)
+    token = _write_token(token, str(folder), retry)
+    info = _commit(HfApi(token=token), repo_id, _additions(folder, paths), "model", str(folder), retry,
+                   private=private, revision=revision, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                   create_pr=create_pr)
+    return info.pr_url if create_pr and info.pr_url else info.commit_url
+
+
+def _write_token(token: str | None, what: str, retry: str) -> str:
+    """`token`, or else the one huggingface_hub finds (HF_TOKEN, then the token of `hf auth login`).
+
+    Raises HubPushError, before any request, when there is none: it says how to log in and gives the
+    command `retry` that uploads `what` afterwards.
+    """
+    from huggingface_hub import get_token
+
     token = token or get_token()
     if not token:
         raise HubPushError(
             f"No Hugging Face token found, so nothing was uploaded. Log in with `hf auth login` or set the "
             f"HF_TOKEN environment variable to a token with write access "
-            f"(https://huggingface.co/settings/tokens), then upload {folder} with:\n  {retry}")
-    info = _commit(HfApi(token=token), repo_id, _additions(folder, paths), "model", str(folder), retry,
-                   private=private, revision=revision, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-                   create_pr=create_pr)
-    return info.pr_url if create_pr and info.pr_url else info.commit_url
+            f"(https://huggingface.co/settings/tokens), then upload {what} with:\n  {retry}")
+    return token
 
 
 def _commit(api, repo_id, operations, repo_type, what, retry, *, private, revision=None, commit_message,
@@ -187,21 +199,18 @@ def push_space(repo_id: str, *, private: bool = False, commit_message: str | Non
     The Space runs `app.py` on the model of its NEARID_MODEL variable (default the published NearID).
     Returns the URL of the commit; on failure a `HubPushError` gives the command that retries.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)
     retry = shlex.join(["python", "-m", "nearid.hub", "push-space", "--repo-id", repo_id, *(["--private"] if private
                                                                                             else [])])
-    token = token or get_token()
-    if not token:
-        raise HubPushError("No Hugging Face token found, so nothing was uploaded. Log in with `hf auth login` or set "
-                           f"HF_TOKEN to a token with write access, then run:\n  {retry}")
+    what = "the app (space/ and the nearid package)"
+    token = _write_token(token, what, retry)
     operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
                   for path, local in space_files().items()]
-    info = _commit(HfApi(token=token), repo_id, operations, "space", "the app (space/ and the nearid package)",
-                   retry, private=private, commit_message=commit_message or DEFAULT_SPACE_COMMIT_MESSAGE,
-                   space_sdk="gradio")
+    info = _commit(HfApi(token=token), repo_id, operations, "space", what, retry, private=private,
+                   commit_message=commit_message or DEFAULT_SPACE_COMMIT_MESSAGE, space_sdk="gradio")
     return info.commit_url
 
 

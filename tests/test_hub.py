@@ -236,6 +236,36 @@ def test_push_space_uploads_the_app_with_the_package_in_one_commit(hub):
     assert url == f"https://huggingface.co/someone/nearid-app/commit/{'c' * 40}"
 
 
+@pytest.mark.parametrize("upload", ["model", "space"])
+@pytest.mark.parametrize("source", ["explicit", "environment", "none"])
+def test_both_uploads_take_the_token_given_else_the_environments_else_refuse(upload, source, hub, tmp_path,
+                                                                             monkeypatch, request):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_here"))
+    if source != "none":
+        monkeypatch.setenv("HF_TOKEN", "hf_environment_token")
+    given = TOKEN if source == "explicit" else None
+    if upload == "model":
+        folder = request.getfixturevalue("repo")
+        push, retry = (lambda: push_to_hub(folder, REPO_ID, token=given)), f"push --folder {folder} --repo-id {REPO_ID}"
+    else:
+        push, retry = (lambda: nearid.hub.push_space(REPO_ID, token=given)), f"push-space --repo-id {REPO_ID}"
+
+    if source == "none":
+        with pytest.raises(HubPushError) as error:
+            push()
+        message = str(error.value)
+        assert "No Hugging Face token found" in message and "hf auth login" in message and "HF_TOKEN" in message
+        assert message.endswith(retry)
+        assert hub.requests == []
+    else:
+        push()
+        expected = TOKEN if source == "explicit" else "hf_environment_token"
+        repo_calls = [r for r in hub.requests if r.url.path.startswith(("/api/models/", "/api/spaces/", "/api/repos/"))]
+        assert repo_calls and {r.headers.get("authorization") for r in repo_calls} == {f"Bearer {expected}"}
+
+
 def test_space_requirements_are_the_librarys_runtime_requirements():
     """The Space installs its own requirements.txt: every package the library needs, with the same floors."""
     lines = (line.split("#")[0].strip() for line in (REPO_ROOT / "space" / "requirements.txt").read_text().splitlines())
