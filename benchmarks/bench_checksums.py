@@ -21,14 +21,20 @@ import hashlib
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import benchmark_parser, environment_lines, parse_benchmark_args, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    benchmark_parser,
+    best_time,
+    environment_lines,
+    parse_benchmark_args,
+    timed,
+    write_results,
+)
 
 import nearid.store.layout  # noqa: E402
 from nearid.store.fill import FillOptions, fill  # noqa: E402
@@ -69,12 +75,6 @@ def warm_pass(folder, fmt, items, chunk):
         store.get(keys[start:start + chunk])
 
 
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def verify_all(root):
     for path in sorted(nearid.store.layout.store_folder(root, "bench").glob("shard-*.npy")):
         nearid.store.layout.verify_shard(path)
@@ -89,11 +89,11 @@ def compare(folder, fmt, items, chunk, repeats):
     with_, without, alone = [], [], []
     warm_pass(folder, fmt, items, chunk)  # the files in the page cache: a warm run
     for _ in range(repeats):
-        alone.append(timed(lambda: verify_all(folder)))
-        with_.append(timed(lambda: warm_pass(folder, fmt, items, chunk)))
+        alone.append(timed(lambda: verify_all(folder))[1])
+        with_.append(timed(lambda: warm_pass(folder, fmt, items, chunk))[1])
         nearid.store.layout.verify_shard = lambda path: None
         try:
-            without.append(timed(lambda: warm_pass(folder, fmt, items, chunk)))
+            without.append(timed(lambda: warm_pass(folder, fmt, items, chunk))[1])
         finally:
             nearid.store.layout.verify_shard = verify
     return min(with_), min(without), min(alone)
@@ -107,7 +107,7 @@ def hash_rates(megabytes=256) -> dict:
     hashes = {"xxh3_128 (xxhash)": lambda: xxhash.xxh3_128_hexdigest(data),
               "blake2b (hashlib)": lambda: hashlib.blake2b(data).hexdigest(),
               "sha256 (hashlib)": lambda: hashlib.sha256(data).hexdigest()}
-    return {name: len(data) / 1e9 / min(timed(fn) for _ in range(2)) for name, fn in hashes.items()}
+    return {name: len(data) / 1e9 / best_time(fn, 2, warm_up=False) for name, fn in hashes.items()}
 
 
 def main(argv=None):

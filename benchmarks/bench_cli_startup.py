@@ -12,11 +12,10 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import cpu_model, write_results  # noqa: E402
+from bench_common import best_time, cpu_model, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # What each command's run loads: its command module, then the lazily loaded library modules.
@@ -28,13 +27,8 @@ PROGRAMS = {
 }
 
 
-def best_wall_time(argv, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def run_quietly(argv):
+    subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
 def main(argv=None):
@@ -47,8 +41,9 @@ def main(argv=None):
     for script, modules in PROGRAMS.items():
         # The library first: the command then finds these modules loaded instead of registering lazy ones.
         command = "; ".join(f"import nearid.{m}" for m in modules) + f"; import nearid.commands.{script[:-3]}"
-        help_time = best_wall_time([sys.executable, script, "--help"], args.repeats)
-        full_time = best_wall_time([sys.executable, "-c", command], args.repeats)
+        # Every run is timed: the fastest already has the files in the page cache.
+        help_time = best_time(lambda: run_quietly([sys.executable, script, "--help"]), args.repeats, warm_up=False)
+        full_time = best_time(lambda: run_quietly([sys.executable, "-c", command]), args.repeats, warm_up=False)
         lines.append(f"{script:<12} {help_time:>10.2f} {full_time:>25.2f} {full_time / help_time:>5.1f}x")
     write_results(args.output, lines)
 

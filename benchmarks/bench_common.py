@@ -1,4 +1,4 @@
-"""Shared bits of the benchmark scripts: the environment header and recording the output.
+"""Shared bits of the benchmark scripts: the environment header, timing, and recording the output.
 
 torch and transformers are imported where they are used, so a benchmark that needs neither
 (bench_search.py: faiss and numpy) runs without them."""
@@ -6,6 +6,7 @@ torch and transformers are imported where they are used, so a benchmark that nee
 import argparse
 import datetime
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -51,21 +52,29 @@ def environment_lines() -> list:
     ]
 
 
-def best_time(fn, repeats):
-    """Seconds of the least disturbed of `repeats` timed calls, after one warm-up call."""
-    import torch
+def synchronize() -> None:
+    """Wait for the GPU work queued so far, so that a timing counts it. Benchmarks that never import torch
+    (bench_search.py, bench_cli_startup.py) have none."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
 
-    fn()  # warm-up: allocator, kernels, caches, first-call imports
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+def timed(fn) -> tuple:
+    """(result, seconds) of one call of `fn`, the GPU work it queued included."""
+    synchronize()
+    start = time.perf_counter()
+    result = fn()
+    synchronize()
+    return result, time.perf_counter() - start
+
+
+def best_time(fn, repeats: int, warm_up: bool = True) -> float:
+    """Seconds of the fastest of `repeats` timed calls of `fn`: the least disturbed by other work on a shared
+    machine. One untimed call first (allocator, kernels, caches, first-call imports) unless `warm_up` is False."""
+    if warm_up:
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(fn)[1] for _ in range(repeats))
 
 
 def first_batch_timed(loader) -> tuple:

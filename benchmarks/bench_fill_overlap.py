@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import benchmark_parser, environment_lines, parse_benchmark_args, write_results  # noqa: E402
+from bench_common import benchmark_parser, environment_lines, parse_benchmark_args, timed, write_results  # noqa: E402
 from input_common import Precomputed, image_number, write_json  # noqa: E402
 
 from nearid.store.fill import FillOptions, fill  # noqa: E402
@@ -51,19 +51,14 @@ def fill_seconds(folder: Path, dtype: str, encoder, args) -> float:
     """Seconds of one fill of `args.images` rows into a fresh store."""
     items = {f"image-{i:07d}": i for i in range(args.images)}
     target = folder / f"{dtype}-{time.perf_counter_ns()}"
-    start = time.perf_counter()
-    fill(target, "overlap", StoreFormat(args.shape, dtype), items, image_number, encoder,
-         FillOptions(batch_size=BATCH, shard_size=args.shard_size, progress=False))
-    seconds = time.perf_counter() - start
+    _, seconds = timed(lambda: fill(target, "overlap", StoreFormat(args.shape, dtype), items, image_number, encoder,
+                                    FillOptions(batch_size=BATCH, shard_size=args.shard_size, progress=False)))
     shutil.rmtree(target)
     return seconds
 
 
 def encode_seconds(encoder, batches: int) -> float:
-    start = time.perf_counter()
-    for _ in range(batches):
-        encoder.encode(range(BATCH))
-    return time.perf_counter() - start
+    return timed(lambda: [encoder.encode(range(BATCH)) for _ in range(batches)])[1]
 
 
 def measure_round(folder: Path, dtype: str, args) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import cpu_model, write_results  # noqa: E402
+from bench_common import cpu_model, timed, write_results  # noqa: E402
 
 from nearid.ann import IndexSettings, exact_top_k, recall_at_k  # noqa: E402
 
@@ -49,13 +49,6 @@ def clustered_vectors(n: int, dim: int, seed: int, identities: int, categories: 
         block += rng.standard_normal(block.shape, dtype=np.float32) / np.sqrt(dim)
         vectors[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return vectors.astype(np.float16).astype(np.float32)  # the values a search gallery stores
-
-
-def timed(fn):
-    """(result, seconds) of one call."""
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def queries_per_second(search, queries) -> tuple:

@@ -30,7 +30,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import environment_lines, write_results  # noqa: E402
+from bench_common import environment_lines, timed, write_results  # noqa: E402
 from bench_forward import forward_flops  # noqa: E402
 
 from nearid.commands import train  # noqa: E402
@@ -165,9 +164,7 @@ def measure_run(argv: list, out: Path) -> Measured:
     """Wall time and backbone images of one `train.main` run; its log lines go to OUT.log."""
     with counting_backbone_images() as counter, open(f"{out}.log", "w") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        start = time.perf_counter()
-        results = train.main(argv)
-        seconds = time.perf_counter() - start
+        results, seconds = timed(lambda: train.main(argv))
     return Measured(seconds, counter["images"], results["global_step"], logged_losses(out))
 
 

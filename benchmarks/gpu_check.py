@@ -33,6 +33,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_common import timed  # noqa: E402
 from input_common import (  # noqa: E402
     SLOTS,
     EpochSamples,
@@ -43,7 +44,6 @@ from input_common import (  # noqa: E402
     sequential_read_rate,
     shard_files,
     step_rates,
-    synchronize,
     write_jpegs,
     write_json,
 )
@@ -101,24 +101,15 @@ def forward_figures(model, batch: int, precision: str, compile_options: dict | N
     name = "eager" if compile_options is None else "compiled"
     forward = model.get_image_features if compile_options is None else \
         torch.compile(model.get_image_features, **compile_options)
-    outputs = {}
     with torch.inference_mode(), autocast(model.device, precision):
         # The first call warms up, and for the compiled forward, compiles.
-        first = timed(lambda: outputs.setdefault(name, forward(pixels)), model.device)
-        seconds = timed(lambda: [forward(pixels) for _ in range(3)], model.device)
+        output, first = timed(lambda: forward(pixels))
+        _, seconds = timed(lambda: [forward(pixels) for _ in range(3)])
         figures = {f"{name}_first_call_s": first, f"forward_{name}_images_per_s": 3 * batch / seconds}
         if compile_options is not None:
             eager = model.get_image_features(pixels)
-            figures["compiled_max_abs_difference"] = float((eager - outputs[name]).float().abs().max())
+            figures["compiled_max_abs_difference"] = float((eager - output).float().abs().max())
     return figures
-
-
-def timed(fn, device) -> float:
-    synchronize(device)
-    started = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - started
 
 
 def cache_build_rate(model, processor, paths, dtype: str, batch: int, workers: int, precision: str, root) -> float:
@@ -128,8 +119,8 @@ def cache_build_rate(model, processor, paths, dtype: str, batch: int, workers: i
     index = ImageIndex()
     index.add_files(paths)
     options = FillOptions(batch_size=batch, num_workers=workers, device=str(model.device), progress=False)
-    seconds = timed(lambda: fill(root, encoder.fingerprint, encoder.format, index, encoder.loader, encoder,
-                                 options), model.device)
+    _, seconds = timed(lambda: fill(root, encoder.fingerprint, encoder.format, index, encoder.loader, encoder,
+                                    options))
     return len(paths) / seconds
 
 

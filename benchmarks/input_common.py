@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.data_loader import prepare_data_loader
+from bench_common import synchronize, timed
 from PIL import Image, ImageDraw
 
 from image_processing_nearid import NearIDImageProcessor
@@ -32,11 +33,6 @@ from nearid.training_data import SLOT_NAMES, StepSampler
 
 SLOTS = len(SLOT_NAMES)
 READ_CHUNK = 16 * 2**20
-
-
-def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def write_json(path, figures: dict) -> None:
@@ -138,12 +134,17 @@ def sequential_read_rate(paths, cold: bool) -> float:
     if cold:
         drop_from_page_cache(paths)
     buffer = memoryview(bytearray(READ_CHUNK))
-    total, start = 0, time.perf_counter()
-    for path in paths:
-        with open(path, "rb", buffering=0) as stream:
-            while count := stream.readinto(buffer):
-                total += count
-    return total / (time.perf_counter() - start) / 1e9
+
+    def read_all():
+        total = 0
+        for path in paths:
+            with open(path, "rb", buffering=0) as stream:
+                while count := stream.readinto(buffer):
+                    total += count
+        return total
+
+    total, seconds = timed(read_all)
+    return total / seconds / 1e9
 
 
 def children_cpu_seconds() -> float:
@@ -240,12 +241,12 @@ def loader_fed_seconds(run, store, samples, per_device, steps, workers) -> tuple
     warm_up = []
     for number, batch in enumerate(loader):
         if number == 2:  # allocator, kernels and the workers' start are behind us
-            synchronize(model.device)
+            synchronize()
             start = time.perf_counter()
         head_step(run, provider, batch)
         if number < 2:
             warm_up.append(batch)
-    synchronize(model.device)
+    synchronize()
     return time.perf_counter() - start, warm_up
 
 
@@ -255,12 +256,7 @@ def resident_seconds(run, store, batches, steps) -> float:
     resident = Resident(store, batches, model.device)
     for batch in batches:  # warm-up
         head_step(run, resident, batch)
-    synchronize(model.device)
-    start = time.perf_counter()
-    for number in range(steps):
-        head_step(run, resident, batches[number % len(batches)])
-    synchronize(model.device)
-    return time.perf_counter() - start
+    return timed(lambda: [head_step(run, resident, batches[number % len(batches)]) for number in range(steps)])[1]
 
 
 def step_rates(model, store, samples, per_device: int, steps: int, workers: int, precision: str,
@@ -316,10 +312,8 @@ def nearid_folder(folder, config, seed: int = 0) -> Path:
 def decode_rate(processor, paths) -> float:
     """images/s of one process decoding and preprocessing `paths`: what one DataLoader worker does."""
     loader = PixelLoader(processor)
-    start = time.perf_counter()
-    for path in paths:
-        loader((str(path), f"image file {path}"))
-    return len(paths) / (time.perf_counter() - start)
+    _, seconds = timed(lambda: [loader((str(path), f"image file {path}")) for path in paths])
+    return len(paths) / seconds
 
 
 def end_to_end_rate(scorer, paths, batch_size: int, workers: int, cache_dir) -> float:
@@ -329,12 +323,9 @@ def end_to_end_rate(scorer, paths, batch_size: int, workers: int, cache_dir) -> 
     options = FillOptions(batch_size=batch_size, num_workers=workers, device=str(scorer.device), progress=False)
     size = scorer.processor.size
     scorer.encode(torch.zeros(batch_size, 3, size["height"], size["width"]))  # warm-up, as forward_rate's
-    synchronize(scorer.device)
-    start = time.perf_counter()
-    embedded = embed_images(scorer, index, cache_dir, options)
-    synchronize(scorer.device)
+    embedded, seconds = timed(lambda: embed_images(scorer, index, cache_dir, options))
     assert embedded.stats["images_embedded"] == len(paths)
-    return len(paths) / (time.perf_counter() - start)
+    return len(paths) / seconds
 
 
 def forward_rate(scorer, paths, batch_size: int) -> float:
@@ -343,9 +334,5 @@ def forward_rate(scorer, paths, batch_size: int) -> float:
     pixels = torch.stack([loader((str(path), str(path))) for path in paths])
     batches = [pixels[start:start + batch_size].to(scorer.device) for start in range(0, len(paths), batch_size)]
     scorer.encode(batches[0])  # warm-up
-    synchronize(scorer.device)
-    start = time.perf_counter()
-    for batch in batches:
-        scorer.encode(batch)
-    synchronize(scorer.device)
-    return len(paths) / (time.perf_counter() - start)
+    _, seconds = timed(lambda: [scorer.encode(batch) for batch in batches])
+    return len(paths) / seconds

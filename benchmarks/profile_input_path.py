@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import (  # noqa: E402
     benchmark_parser,
+    best_time,
     environment_lines,
     first_batch_timed,
     parse_benchmark_args,
@@ -69,16 +70,6 @@ class FloatPixels:
         return self.processor(images=images, return_tensors=return_tensors)
 
 
-def best_seconds(repeats: int, run) -> float:
-    """Seconds of the fastest of `repeats` calls: the least disturbed by other work on a shared machine."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 # --- 1. the stages of one image, in one process ---------------------------------------------------
 
 
@@ -110,7 +101,7 @@ def stage_times(paths, processor, repeats: int) -> dict:
         f"collate {BATCH} images, float32": lambda: [torch.stack(floats[i:i + BATCH]) for i in range(0, count, BATCH)],
         f"collate {BATCH} images, uint8": lambda: [torch.stack(codes[i:i + BATCH]) for i in range(0, count, BATCH)],
     }
-    times = {name: 1000 * best_seconds(repeats, run) / count for name, run in stages.items()}
+    times = {name: 1000 * best_time(run, repeats, warm_up=False) / count for name, run in stages.items()}
     # processor(decoded) also resizes: its normalisation alone is the difference.
     times["before: rescale + normalise in the worker"] -= times["resize to 384 x 384 (PIL, bilinear)"]
     return times
@@ -200,7 +191,7 @@ def machine_rate(paths, loader: PixelLoader, processes: int, repeats: int) -> fl
         for child in children:
             child.join()
 
-    return processes * len(paths) / best_seconds(repeats, run)
+    return processes * len(paths) / best_time(run, repeats, warm_up=False)
 
 
 # --- 4. shard writes --------------------------------------------------------------------------------
@@ -216,7 +207,7 @@ def write_ms(folder: Path, dtype: str, images: int, repeats: int) -> float:
         fill(target, "profile", StoreFormat(shape, dtype), items, image_number, encoder,
              FillOptions(batch_size=BATCH, shard_size=64, progress=False))
 
-    return 1000 * best_seconds(repeats, run) / images
+    return 1000 * best_time(run, repeats, warm_up=False) / images
 
 
 # --- report -----------------------------------------------------------------------------------------

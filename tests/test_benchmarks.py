@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -176,3 +177,22 @@ def test_the_head_step_benchmarks_time_the_trainers_own_step(monkeypatch):
     from nearid.training import loop
 
     assert input_common.train_step is loop.train_step and input_common.steps_only_run is loop.steps_only_run
+
+
+def test_best_time_keeps_the_fastest_timed_call_after_an_untimed_warm_up(monkeypatch):
+    """The one timing helper of every benchmark: a warm-up call unless told not to, then the fastest repeat."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import bench_common
+
+    def clock(readings):
+        readings = iter(readings)
+        monkeypatch.setattr(bench_common, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
+
+    calls = []
+    clock([0, 5, 10, 12, 20, 27])  # the timed calls take 5, 2 and 7 s
+    assert bench_common.best_time(lambda: calls.append("call"), 3) == 2 and len(calls) == 4
+    calls.clear()
+    clock([0, 5, 10, 12, 20, 27])
+    assert bench_common.best_time(lambda: calls.append("call"), 3, warm_up=False) == 2 and len(calls) == 3
+    clock([1.0, 2.5])
+    assert bench_common.timed(lambda: "result") == ("result", 1.5)
