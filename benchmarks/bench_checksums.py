@@ -35,6 +35,7 @@ from bench_common import (  # noqa: E402
     timed,
     write_results,
 )
+from input_common import RandomTokens, image_number  # noqa: E402
 
 import nearid.store.layout  # noqa: E402
 from nearid.store.fill import FillOptions, fill  # noqa: E402
@@ -51,24 +52,16 @@ def parse_args(argv=None):
     return parse_benchmark_args(parser, argv, {"pooled_images": 500, "token_images": 4, "repeats": 1})
 
 
-class RandomValues:
-    """An encoder whose values are random numbers of the store's shape (what is stored does not matter here)."""
-
-    def __init__(self, fmt):
-        self.shape, self.generator = fmt.shape, torch.Generator().manual_seed(0)
-
-    def encode(self, pixels):
-        return torch.randn((len(pixels), *self.shape), generator=self.generator)
-
-
-def no_pixels(item):
-    return torch.zeros(1)
+def fill_store(folder, fmt, items):
+    """(store, report) of the store's fill of `items` ({key: image number}): random values where it has none
+    (what is stored does not matter here)."""
+    return fill(folder, "bench", fmt, items, image_number, RandomTokens(fmt.shape),
+                FillOptions(batch_size=64, shard_size=1024, progress=False))
 
 
 def warm_pass(folder, fmt, items, chunk):
     """What a warm run does with its store: a fill that computes nothing, then every value read once."""
-    store, report = fill(folder, "bench", fmt, items, no_pixels, RandomValues(fmt),
-                         FillOptions(batch_size=64, shard_size=1024, progress=False))
+    store, report = fill_store(folder, fmt, items)
     assert report.images_computed == 0
     keys = list(items)
     for start in range(0, len(keys), chunk):
@@ -83,8 +76,7 @@ def verify_all(root):
 def compare(folder, fmt, items, chunk, repeats):
     """(seconds with verification, seconds without, seconds of the verification alone): the best of `repeats`
     each, interleaved."""
-    fill(folder, "bench", fmt, items, no_pixels, RandomValues(fmt),
-         FillOptions(batch_size=64, shard_size=1024, progress=False))  # the cold build, not timed
+    fill_store(folder, fmt, items)  # the cold build, not timed
     verify = nearid.store.layout.verify_shard
     with_, without, alone = [], [], []
     warm_pass(folder, fmt, items, chunk)  # the files in the page cache: a warm run
