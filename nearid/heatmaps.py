@@ -170,13 +170,15 @@ def mtg_object_attention(scorer, mtg_source, split: str = "test") -> dict:
     from nearid.data import readers
 
     dataset, _ = readers.open_mtg(mtg_source, split)
-    refs = readers.undecoded(dataset)
+    rows = range(len(dataset))
+    # The 6 columns used, each read once and undecoded; the inpainted images are never read.
+    columns = [f"image_{view}_{kind}" for view in (1, 2) for kind in ("original", "object_mask", "part_mask")]
+    refs = {column: readers.image_refs(dataset, column, rows) for column in columns}
     images, masks = [], []
-    for row in range(len(dataset)):
-        item = refs[row]
+    for row in rows:
         for view in (1, 2):
-            images.append(item[f"image_{view}_original"])
-            masks.append(readers.mtg_masks(item[f"image_{view}_object_mask"], item[f"image_{view}_part_mask"],
+            images.append(refs[f"image_{view}_original"][row])
+            masks.append(readers.mtg_masks(refs[f"image_{view}_object_mask"][row], refs[f"image_{view}_part_mask"][row],
                                            f"MTG {split} row {row} view {view}")[0])
     return object_attention(scorer, images, masks)
 

@@ -213,3 +213,28 @@ def test_a_uniform_head_puts_the_object_patch_share_on_the_object(train_syntheti
     assert result["images"] == 4  # 2 test rows x 2 views
     assert 0.05 < result["object_patches"] < 0.95
     assert result["object_attention"] == pytest.approx(result["object_patches"], abs=1e-6)
+
+
+def test_mtg_object_attention_reads_each_view_with_its_own_masks_and_no_inpainted_image(tiny_repo, train_synthetic,
+                                                                                       monkeypatch):
+    """The same figures as object_attention on the views and masks taken row by row from the decoded dataset
+    (a random head: a view paired with another view's masks changes them), from the 6 columns it needs."""
+    from nearid.data import readers
+    from nearid.scorers import Scorer
+
+    scorer = Scorer(str(tiny_repo))
+    dataset, _ = readers.open_mtg(train_synthetic / "mtg", "test")
+    images, masks = [], []
+    for row in range(len(dataset)):
+        for view in (1, 2):
+            images.append(dataset[row][f"image_{view}_original"])
+            masks.append(np.asarray(dataset[row][f"image_{view}_object_mask"].convert("L")))
+    expected = heatmaps.object_attention(scorer, images, masks)
+    read = []
+    image_refs = readers.image_refs
+    monkeypatch.setattr(readers, "image_refs", lambda data, column, rows: read.append(column) or
+                        image_refs(data, column, rows))
+
+    assert heatmaps.mtg_object_attention(scorer, train_synthetic / "mtg") == pytest.approx(expected, abs=1e-6)
+    assert sorted(read) == sorted(f"image_{view}_{kind}" for view in (1, 2)
+                                  for kind in ("original", "object_mask", "part_mask"))
