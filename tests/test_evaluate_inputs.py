@@ -3,6 +3,7 @@ a damaged embedding store recomputed rather than trusted, a missing file skipped
 
 import json
 import shutil
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -116,3 +117,31 @@ def test_skip_bad_images_covers_a_missing_file_in_a_path_based_dataset(synthetic
     [skipped] = document["skipped"]
     assert "no such image file" in skipped["reason"] and missing.name in skipped["reason"]
     assert result["per_source"]["flux"]["n_samples"] == len(datasets.load_from_disk(str(synthetic / "positives")))
+
+
+def test_the_mirrored_layout_walks_each_generated_folder_once_and_lists_what_it_left_out(synthetic, tmp_path,
+                                                                                         monkeypatch):
+    from nearid import images
+    from nearid.data import dreambench_files, score_inputs
+
+    samples = tmp_path / "samples"
+    shutil.copytree(synthetic / "dreambench" / "samples", samples)
+    samples = samples.resolve()
+    methods = sorted(p.name for p in samples.iterdir())
+    for method in methods:
+        (samples / method / "tgt_image" / "notes.txt").write_text("prompt notes")
+    walks = []
+
+    def counting_find_images(folder, recursive=True):
+        walks.append(Path(folder))
+        return images.find_images(folder, recursive)
+
+    monkeypatch.setattr(dreambench_files, "find_images", counting_find_images)
+    monkeypatch.setattr(score_inputs, "find_images", counting_find_images)
+    items, left_out = score_inputs.score_items_from_layout(samples)
+
+    assert sorted(walks) == [samples / method / "tgt_image" for method in methods]
+    assert [path for path, _ in left_out] == [samples / method / "tgt_image" / "notes.txt" for method in methods]
+    generated = [p for method in methods for p in (samples / method / "tgt_image").rglob("*.png")]
+    assert len(generated) > len(methods) and sorted(item.generated for item in items) == sorted(
+        p.relative_to(samples).as_posix() for p in generated)

@@ -1,6 +1,6 @@
 """DreamBench++ files: the samples layout and the rating files (docs/method.md section 4).
 
-- `dreambench_methods` / `dreambench_pairs` read the samples layout
+- `dreambench_methods` / `dreambench_pairs` (`dreambench_pairs_and_others`) read the samples layout
   `<root>/<method>/{src_image,tgt_image}/<relative path>`.
 - `load_dreambench_scores` / `load_dreambench_human` read published per-image scores and human
   ratings; `dreambench_mh_from_files` correlates the two (`nearid.metrics.dreambench_mh`).
@@ -38,13 +38,19 @@ def dreambench_pairs(samples_root, method: str) -> list:
     Each `<root>/<method>/tgt_image/<rel>` pairs with `<root>/<method>/src_image/<rel>`; the key is
     `metrics.dreambench_key(<rel>)`.
     """
+    return dreambench_pairs_and_others(samples_root, method)[0]
+
+
+def dreambench_pairs_and_others(samples_root, method: str) -> tuple:
+    """(`dreambench_pairs`, `[(file, reason)]` of the files under `tgt_image` that are not images), from
+    one walk of the folder."""
     base = Path(samples_root) / method
     tgt_root, src_root = base / "tgt_image", base / "src_image"
     if not tgt_root.is_dir():
         raise FileNotFoundError(f"no generated images folder {tgt_root}; methods with one: "
                                 f"{dreambench_methods(samples_root)}")
     pairs = {}
-    generated, _ = find_images(tgt_root)
+    generated, others = find_images(tgt_root)
     for tgt in generated:
         rel = tgt.relative_to(tgt_root).as_posix()
         src = src_root / rel
@@ -56,7 +62,7 @@ def dreambench_pairs(samples_root, method: str) -> list:
         pairs[key] = (key, src, tgt)
     if not pairs:
         raise FileNotFoundError(f"no image files under {tgt_root}")
-    return sorted(pairs.values())
+    return sorted(pairs.values()), others
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from nearid.data.dreambench_files import dreambench_methods, dreambench_pairs
+from nearid.data.dreambench_files import dreambench_methods, dreambench_pairs_and_others
 from nearid.images import find_images
 from nearid.io import parse_json
 
@@ -45,12 +45,13 @@ class ScoreItem:
 def _mirrored_items(root: Path, base: Path, method: str) -> tuple:
     """(ScoreItems of one method's folder, [(file, reason)] of files under its tgt_image that are not images)."""
     items = []
-    for key, src, tgt in dreambench_pairs(base, method):
+    pairs, others = dreambench_pairs_and_others(base, method)
+    for key, src, tgt in pairs:
         rel = tgt.relative_to(base / method / "tgt_image")
         subject = rel.parts[0] if len(rel.parts) > 1 else key  # <subject>/<prompt>.png, else the file itself
         items.append(ScoreItem(method, subject, tgt.relative_to(root).as_posix(),
                                (src.relative_to(root).as_posix(),), root, str(tgt)))
-    return items, find_images(base / method / "tgt_image")[1]
+    return items, others
 
 
 def score_items_from_layout(samples_root, methods: Sequence[str] | None = None) -> tuple:
