@@ -32,8 +32,7 @@ from tests.helpers import (
 DEMO_RUN_FILES = ("tests/test_demo.py", "tests/test_readme.py")
 # The files that take longest (`pytest --durations`), started first so that no worker is left with one at the end.
 SLOWEST_FILES = (*DEMO_RUN_FILES, "tests/test_train_multiprocess.py", "tests/test_benchmarks.py",
-                 "tests/test_search_multiprocess.py", "tests/test_app_browser.py", "tests/test_input_path.py",
-                 "tests/test_evaluate_multiprocess.py")
+                 "tests/test_evaluate_multiprocess.py", "tests/test_app_browser.py", "tests/test_input_path.py")
 
 
 def pytest_configure(config):

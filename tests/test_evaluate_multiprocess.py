@@ -1,21 +1,26 @@
-"""Several processes give a single process's results: evaluate.py under torchrun.
+"""Several processes give a single process's results: evaluate.py and search.py under torchrun.
 
 Runs go through `python -m torch.distributed.run` on the CPU (gloo), the launcher `accelerate
 launch` itself uses for several processes (`accelerate launch --cpu` starts one process: accelerate
-leaves multi-process CPU runs to MPI). Each run is judged by the files its processes write, and by
-its exit code: 0, or the known abort at exit (CPU process groups are sometimes killed by a signal at exit
-after all the work is done, see `helpers.assert_finished`).
+leaves multi-process CPU runs to MPI). `evaluate.py nearid`, `search.py index` and `evaluate.py
+retrieval` run in one launch (tests/commands_worker.py: one start for the three commands, each reading
+and writing folders of its own); the run a corrupt image stops is launched as `evaluate.py` itself. Each
+run is judged by the files its processes write, and by its exit code: 0, or the known abort at exit (CPU
+process groups are sometimes killed by a signal at exit after all the work is done, see
+`helpers.assert_finished`).
 """
 
 import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 
-from nearid.commands import evaluate
 from nearid.data import readers
-from tests.helpers import REPO_ROOT, assert_finished, launch, single_threaded
+from nearid.search import SearchIndex
+from tests import commands_worker
+from tests.helpers import REPO_ROOT, assert_finished, draw_vector, launch, single_threaded
 
 RESULTS = "nearid_results.json"
 TABLE_HEADER = "| source | SSR | PA |"
@@ -27,13 +32,10 @@ def store_index(cache_dir):
     return json.loads((folder / "index.json").read_text()), sorted(folder.glob("shard-*.npy"))
 
 
-# --- evaluate.py nearid ----------------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def benchmark(synthetic, tiny_repo, tmp_path_factory):
-    """conftest.py's synthetic positives and two sources, a copy of `sdxl` with one image corrupt, and its
-    tiny model: {"positives", "flux", "sdxl_broken", "model", "broken_row"}."""
+    """conftest.py's synthetic benchmark, a copy of its `sdxl` source with one image corrupt, its tiny model and
+    a gallery of 11 images: {"benchmark", "sdxl_broken", "model", "broken_row", "gallery"}."""
     root = tmp_path_factory.mktemp("benchmark")
     sdxl = readers.undecoded(datasets.load_from_disk(str(synthetic / "sdxl")), ["nimg1"])
     present = [r for r, ref in enumerate(readers.image_refs(sdxl, "nimg1", range(len(sdxl)))) if ref]
@@ -41,31 +43,42 @@ def benchmark(synthetic, tiny_repo, tmp_path_factory):
     garbage = {"bytes": b"not an image", "path": None}
     sdxl = sdxl.map(lambda e, i: {"nimg1": garbage if i == broken_row else e["nimg1"]}, with_indices=True)
     sdxl.cast_column("nimg1", datasets.Image()).save_to_disk(str(root / "sdxl_broken"))
-    return {"positives": synthetic / "positives", "flux": synthetic / "flux", "sdxl_broken": root / "sdxl_broken",
-            "model": tiny_repo, "broken_row": broken_row}
+    gallery = root / "gallery"
+    gallery.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(11):
+        draw_vector(rng.uniform(-1, 1, 3 * 8 * 8), side=8).save(gallery / f"image{number:02d}.png")
+    return {"benchmark": synthetic, "sdxl_broken": root / "sdxl_broken", "model": tiny_repo,
+            "broken_row": broken_row, "gallery": gallery}
 
 
-def evaluate_args(benchmark, out, cache, *extra):
-    return ["nearid", "--model", benchmark["model"], "--positives", benchmark["positives"], "--source",
-            f"flux={benchmark['flux']}", "--source", f"sdxl={benchmark['sdxl_broken']}", "--device", "cpu",
-            "--batch-size", "4", "--output-dir", out, "--cache-dir", cache, *extra]
+def worker_args(benchmark):
+    return [benchmark[name] for name in ("model", "benchmark", "sdxl_broken", "gallery")]
 
 
-def launch_evaluate(num_processes, benchmark, tmp_path, out, cache, *extra):
-    args = [REPO_ROOT / "evaluate.py", *evaluate_args(benchmark, out, cache, *extra)]
-    launched = launch(num_processes, args, tmp_path, f"{out.name}.log")
+@pytest.fixture(scope="module")
+def runs(benchmark, tmp_path_factory):
+    """The outputs of tests/commands_worker.py on 1 process (this one) and on 2: {processes: output folder}, and
+    under "output" the launcher's output."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    with single_threaded():  # this process as the 1-process run, with the launched processes' arithmetic
+        commands_worker.main(*map(str, worker_args(benchmark)), str(root / "out1"))
+    out = root / "out2"
+    code, output = launch(2, [REPO_ROOT / "tests" / "commands_worker.py", *worker_args(benchmark), out], root,
+                          "out2.log")
+    assert_finished(code, output, all((out / path).is_file() for path in
+                                      (f"nearid/{RESULTS}", "index/search_index.json",
+                                       "retrieval/retrieval_results.json")))
     # No remote-code module cache to fill first: the tools build the model with this checkout's classes.
-    assert not list((tmp_path / "hf_modules").rglob("*.py"))
-    return launched
+    assert not list((root / "hf_modules").rglob("*.py"))
+    return {1: root / "out1", 2: out, "output": output}
 
 
-def test_two_processes_write_the_results_of_one(benchmark, tmp_path):
-    one, one_cache = tmp_path / "out1", tmp_path / "cache1"
-    with single_threaded():  # this process as a 1-process run, with the launched processes' arithmetic
-        evaluate.main([str(arg) for arg in evaluate_args(benchmark, one, one_cache, "--skip-bad-images")])
-    two, two_cache = tmp_path / "out2", tmp_path / "cache2"
-    code, two_output = launch_evaluate(2, benchmark, tmp_path, two, two_cache, "--skip-bad-images")
-    assert_finished(code, two_output, (two / RESULTS).is_file())
+# --- evaluate.py nearid ----------------------------------------------------------------------------
+
+
+def test_two_processes_write_the_results_of_one(benchmark, runs):
+    one, two = runs[1] / "nearid", runs[2] / "nearid"
     broken_row = benchmark["broken_row"]
     first, second = (json.loads((o / RESULTS).read_text()) for o in (one, two))
     assert second["metrics"] == first["metrics"]  # bit-identical, not merely close
@@ -79,18 +92,77 @@ def test_two_processes_write_the_results_of_one(benchmark, tmp_path):
     stats, stats_one = second["provenance"]["extra"]["embedding"], first["provenance"]["extra"]["embedding"]
     assert stats == stats_one
     assert stats["images_embedded"] == stats["unique_images"] - 1  # all but the corrupt one
-    assert two_output.count(TABLE_HEADER) == 1  # only the main process reports
-    index, shards = store_index(two_cache)
+    assert runs["output"].count(TABLE_HEADER) == 1  # only the main process reports
+    index, shards = store_index(runs[2] / "nearid_cache")
     keys = [key for shard in index["shards"] for key in shard["keys"]]
     assert len(set(keys)) == len(keys) == stats["images_embedded"]
     assert {path.name.split("-")[1] for path in shards} == {"p000", "p001"}
-    assert sorted(keys) == sorted(k for shard in store_index(one_cache)[0]["shards"] for k in shard["keys"])
+    one_index, _ = store_index(runs[1] / "nearid_cache")
+    assert sorted(keys) == sorted(k for shard in one_index["shards"] for k in shard["keys"])
 
 
 def test_corrupt_image_stops_every_process_with_its_location(benchmark, tmp_path):
     out, broken_row = tmp_path / "out", benchmark["broken_row"]
-    code, output = launch_evaluate(2, benchmark, tmp_path, out, tmp_path / "cache")  # no --skip-bad-images
+    model, synthetic, sdxl, _ = worker_args(benchmark)
+    args = [REPO_ROOT / "evaluate.py", *commands_worker.nearid_args(model, synthetic, sdxl, out, tmp_path / "cache")]
+    code, output = launch(2, args, tmp_path, "out.log")  # no --skip-bad-images
+    # No remote-code module cache to fill first: the tools build the model with this checkout's classes.
+    assert not list((tmp_path / "hf_modules").rglob("*.py"))
     assert code != 0 and "ImageLoadError" not in output  # torchrun reports the exit; our processes print no trace
     message = f"error: Could not decode source sdxl row {broken_row} column nimg1"
     assert output.count(message) == 2, output[-4000:]  # each process stops, with the same message
     assert not (out / RESULTS).exists()
+
+
+# --- search.py index, evaluate.py retrieval --------------------------------------------------------
+
+
+def test_two_processes_build_the_index_of_one(runs):
+    one, two = (SearchIndex.load(runs[n] / "index") for n in (1, 2))
+    assert len(one) == 11 and one.entries() == two.entries()
+    np.testing.assert_array_equal(one.vectors(), two.vectors())
+    assert (runs[1] / "index" / "faiss.index").read_bytes() == (runs[2] / "index" / "faiss.index").read_bytes()
+    info = [json.loads((runs[n] / "index" / "search_index.json").read_text()) for n in (1, 2)]
+    for one_info in info:  # the provenance differs (process count), and with it the file's own checksum
+        one_info.pop("provenance")
+        one_info["checksums"].pop("info")
+    assert info[0] == info[1]
+    shards = {path.name.split("-")[1] for path in (runs[2] / "cache").rglob("shard-*.npy")}
+    assert shards == {"p000", "p001"}  # both processes embedded a share
+
+
+def test_two_processes_give_the_retrieval_results_of_one(runs):
+    one, two = (runs[n] / "retrieval" for n in (1, 2))
+    first, second = (json.loads((folder / "retrieval_results.json").read_text()) for folder in (one, two))
+    assert second["metrics"] == first["metrics"] and first["metrics"]["n_queries"] > 0
+    for name in ("retrieval_per_query.csv", "retrieval_table.md"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+TORCHRUN_FAILURE = """Traceback (most recent call last):
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+Failures:
+[1]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : {other} (pid: 4243)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : {first} (pid: 4242)
+============================================================
+"""
+
+
+@pytest.mark.parametrize("first, other, tolerated", [(-6, -6, True), (-11, -6, True), (1, -15, False),
+                                                     (-6, 1, False)])
+def test_only_a_signal_at_exit_after_complete_results_is_tolerated(first, other, tolerated):
+    output = TORCHRUN_FAILURE.format(first=first, other=other)
+    if tolerated:
+        assert_finished(1, output, complete=True)
+    else:
+        with pytest.raises(AssertionError, match="not the known exit-time abort"):
+            assert_finished(1, output, complete=True)
+    with pytest.raises(AssertionError, match="results are missing"):
+        assert_finished(0, "", complete=False)

@@ -8,6 +8,8 @@ sometimes killed by a signal at exit after the work is done, see `helpers.assert
 
 import json
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -20,6 +22,10 @@ from tests.helpers import REPO_ROOT, assert_finished, launch, logged_losses, sin
 GLOBAL_BATCH = 4
 # float32 tokens and no autocast: the only differences left are the order of float sums.
 EXACT = ("--cache-dtype", "float32", "--mixed-precision", "no")
+# A checkpoint every 3 of the 14 steps (7 per epoch); the newest 3 are kept: steps 9, 12 and 14. Step 9, mid-epoch,
+# is where the resume test continues the two-process run from.
+CHECKPOINTS = ("--checkpointing-steps", "3")
+KEPT = ["step-0000009", "step-0000012", "step-0000014"]
 
 
 def launch_train(num_processes, train_synthetic, base_model, out, *extra):
@@ -40,9 +46,10 @@ def runs(train_synthetic, base_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     one = root / "processes1"
     with single_threaded():  # this process as the 1-process run
-        train.main(train_args(train_synthetic, base_model, one, *EXACT, "--per-device-batch-size", str(GLOBAL_BATCH)))
+        train.main(train_args(train_synthetic, base_model, one, *EXACT, *CHECKPOINTS,
+                              "--per-device-batch-size", str(GLOBAL_BATCH)))
     two = root / "processes2"
-    return {1: (one, None), 2: (two, launch_train(2, train_synthetic, base_model, two))}
+    return {1: (one, None), 2: (two, launch_train(2, train_synthetic, base_model, two, *CHECKPOINTS))}
 
 
 def assert_close_weights(a, b, rtol=0.0, atol=1e-5):
@@ -67,7 +74,7 @@ def test_two_processes_train_like_one(runs):
         assert loss == pytest.approx(expected, rel=1e-5), f"step {step}"
 
     saved = [p.name for p in checkpoints.completed(two)]
-    assert saved == [p.name for p in checkpoints.completed(one)] and len(saved) == 2
+    assert saved == [p.name for p in checkpoints.completed(one)] == KEPT
     for name in saved:
         assert_close_weights(load_file(one / "checkpoints" / name / "head.safetensors"),
                              load_file(two / "checkpoints" / name / "head.safetensors"))
@@ -95,19 +102,25 @@ def test_two_processes_share_the_token_cache_and_write_outputs_once(runs):
 
 
 def test_two_processes_resume_to_the_same_weights(runs, train_synthetic, base_model, tmp_path):
-    """A two-process run stopped at step 9 and resumed ends where the uninterrupted one did."""
-    full, _ = runs[2]
-    out = tmp_path / "resumed"
-    launch_train(2, train_synthetic, base_model, out, "--checkpointing-steps", "3", "--max-steps", "9")
-    assert checkpoints.completed(out)[-1].name == "step-0000009"
-    (out / "train_results.json").unlink()  # judge the resumed run by its own results file
-    launch_train(2, train_synthetic, base_model, out, "--checkpointing-steps", "3", "--resume-from-checkpoint", "latest")
+    """A two-process run continued from step 9 of a two-process run ends where the uninterrupted one did.
 
-    final = checkpoints.completed(full)[-1]
-    resumed = out / "checkpoints" / final.name
-    a, b = load_file(final / "head.safetensors"), load_file(resumed / "head.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert logged_losses(out)[-1] == logged_losses(full)[-1]
+    The folder it continues is the fixture's two-process run cut back to what it held after step 9: its
+    checkpoints after step 9 and its results removed (the resumed run trims the log itself). That step-9
+    checkpoint is the one a run stopped at step 9 writes: the same step, saved the same way, and nothing after
+    step 9 goes into it."""
+    full, _ = runs[2]
+    out = shutil.copytree(full, tmp_path / "resumed")
+    for later in checkpoints.completed(out)[KEPT.index("step-0000009") + 1:]:
+        shutil.rmtree(later)
+    (out / "train_results.json").unlink()
+    assert [p.name for p in checkpoints.completed(out)] == ["step-0000009"]
+    output = launch_train(2, train_synthetic, base_model, out, *CHECKPOINTS, "--resume-from-checkpoint", "latest")
+    assert re.search(r"resumed from \S+step-0000009 at step 9\n", output), output[-4000:]
+
+    for name in KEPT[1:]:  # written again by the resumed run
+        a, b = (load_file(run / "checkpoints" / name / "head.safetensors") for run in (full, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert logged_losses(out) == logged_losses(full)  # steps 10 to 14 logged once, with the same losses
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
