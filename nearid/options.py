@@ -1,5 +1,6 @@
 """What the commands that embed images share: the scorer and embedding flags, loading the scorer,
-joining the processes of a launch, embedding a run's images (or a search index's), and a run's output folder.
+joining the processes of a launch, embedding a run's images, a search index's embedder, and a run's
+output folder.
 
 `evaluate.py` and `search.py` take the same `ScorerArguments` and `EmbeddingArguments` and turn them
 into a `Scorer` and the embed-once store's `FillOptions` here, so a flag means one thing in both.

@@ -1,4 +1,4 @@
-"""What `search.py` shows of a search index: console summaries, result records, contact sheets.
+"""What `search.py` shows of a search index: console summaries, result records and documents, contact sheets.
 
 The index and its searches live in `nearid.search`; this module turns them into what a person
 reads: the records of the CSV and JSON outputs, the lines printed after a run, and the cells of the
