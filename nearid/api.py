@@ -31,7 +31,7 @@ from nearid import heatmaps, scoring
 from nearid.data import score_inputs
 from nearid.evaluation import protocol
 from nearid.images import find_images
-from nearid.numerics import resolve_device
+from nearid.numerics import resolve_device, resolve_precision
 from nearid.scorers import DTYPES, Scorer
 from nearid.store.fill import FillOptions
 from nearid.store.image_index import ImageIndex
@@ -85,17 +85,21 @@ class IdentityScorer:
             transformers' `from_pretrained`.
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
         dtype: "float32", "bfloat16" or "float16".
+        mixed_precision: the autocast precision of the forward pass, resolved for `device` as evaluate.py's
+            --mixed-precision (`nearid.numerics.resolve_precision`): "auto" is bf16 on a CUDA GPU and none
+            elsewhere; "no", "fp16" or "bf16" as given. The store keeps the embeddings of each precision apart.
         cache_dir: the embed-once store; default a temporary folder removed with the scorer.
         batch_size, num_workers: how images are batched and decoded (not what they score).
         skip_bad_images: leave unreadable images out (listed) instead of raising.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto",
-                 dtype: str = "float32", cache_dir=None, batch_size: int = 32, num_workers: int = 0,
-                 skip_bad_images: bool = False):
+                 dtype: str = "float32", mixed_precision: str = "auto", cache_dir=None, batch_size: int = 32,
+                 num_workers: int = 0, skip_bad_images: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.scorer = Scorer(model, revision, resolve_device(device), DTYPES[dtype])
+        device = resolve_device(device)
+        self.scorer = Scorer(model, revision, device, DTYPES[dtype], resolve_precision(mixed_precision, device))
         self._temporary = None if cache_dir else tempfile.TemporaryDirectory(prefix="nearid-embeddings-")
         self.cache_dir = Path(cache_dir) if cache_dir else Path(self._temporary.name)
         self.skip_bad_images = skip_bad_images

@@ -1,5 +1,6 @@
 """What the commands that embed images share: the scorer and embedding flags, loading the scorer,
-joining the processes of a launch, embedding a run's images, and a run's output folder.
+joining the processes of a launch, embedding a run's images, a search index's embedder, and a run's
+output folder.
 
 `evaluate.py` and `search.py` take the same `ScorerArguments` and `EmbeddingArguments` and turn them
 into a `Scorer` and the embed-once store's `FillOptions` here, so a flag means one thing in both.
@@ -15,6 +16,7 @@ from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_device, resolve_p
 
 scorers, store_fill = lazy_module("nearid.scorers"), lazy_module("nearid.store.fill")
 protocol, run_outputs = lazy_module("nearid.evaluation.protocol"), lazy_module("nearid.reports.run_outputs")
+gallery = lazy_module("nearid.search")
 # The KIND of KIND:MODEL baselines (the keys of nearid.scorers.SCORER_KINDS but nearid; a test keeps them equal).
 BASELINE_KINDS = ("clip", "dinov2", "dinov3", "siglip", "siglip-mean")
 # Extra advice for errors that the embedding commands raise (see `nearid.cli.user_errors`).
@@ -89,6 +91,13 @@ def embed(index, args, state) -> tuple:
     """(scorer, its embeddings of every image of `index`): the step every evaluate mode shares."""
     scorer = load_scorer(args, state)
     return scorer, protocol.embed_images(scorer, index, args.cache_dir, fill_options(args, scorer), state)
+
+
+def embedder(args, state) -> "gallery.Embedder":
+    """The embedder of a search index (`nearid.search.Embedder`): the scorer of `ScorerArguments`, computing through
+    the embed-once store of `EmbeddingArguments`; what `search.py index` and `query` share."""
+    scorer = load_scorer(args, state)
+    return gallery.Embedder(scorer, args.cache_dir, fill_options(args, scorer), state)
 
 
 def open_outputs(args, program: str) -> "run_outputs.RunOutputs":

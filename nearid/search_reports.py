@@ -1,4 +1,4 @@
-"""What `search.py` shows of a search index: console summaries, result records, contact sheets.
+"""What `search.py` shows of a search index: console summaries, result records and documents, contact sheets.
 
 The index and its searches live in `nearid.search`; this module turns them into what a person
 reads: the records of the CSV and JSON outputs, the lines printed after a run, and the cells of the
@@ -15,6 +15,7 @@ import numpy as np
 
 from nearid import heatmaps, images
 from nearid import search as gallery
+from nearid.reports import results_file
 
 # What a contact sheet shows at most: query groups, images of each query group, hits per query, images per cluster.
 SHEET_QUERIES, SHEET_QUERY_IMAGES, SHEET_HITS, SHEET_CLUSTER_IMAGES = 16, 3, 10, 40
@@ -42,6 +43,17 @@ def index_summary(index, report, folder, cache_dir) -> str:
     lines.append(f"Bytes per image: {sizes['faiss_index']:.0f} in the FAISS index (held in memory to search), "
                  f"{sizes['gallery']:.0f} in the gallery dataset (memory-mapped).")
     return "\n".join(lines)
+
+
+# --- query and cluster -----------------------------------------------------------------------------
+
+
+def results_document(kind: str, index, index_dir, summary: dict, skipped: list) -> dict:
+    """The results JSON of a `kind` run ("search-query", "search-cluster") on the index in `index_dir`: the
+    index's scorer, and the index folder as the run's data in its provenance."""
+    place = {"kind": "search index", "path": str(Path(index_dir).resolve())}
+    prov = results_file.provenance(index.scorer, [place])
+    return results_file.results_document(kind, index.scorer, summary, prov, skipped)
 
 
 # --- query -----------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """How encoders run on a device: mixed precision resolved the same way in every command (CPU results and
 store keys unchanged), bf16 autocast when asked, sdpa attention, and --compile reaching torch.compile."""
 
+import inspect
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from nearid import models, options
+from nearid import IdentityScorer, models, options
 from nearid.commands import evaluate
 from nearid.commands import train
 from nearid.numerics import resolve_precision
@@ -125,3 +128,24 @@ def test_train_and_evaluate_resolve_the_same_precision_for_the_same_device(train
     evaluated = options.load_scorer(args, options.process_state("cpu")).provenance()["mixed_precision"]
     assert trained == evaluated == "no"
     assert {dtype for _, dtype in head_activations} == {torch.float32}
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("no", torch.float32),
+                                              ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_the_api_resolves_precision_as_evaluate_does_and_embeds_under_its_autocast(precision, dtype, tiny_repo,
+                                                                                    tmp_path):
+    """`IdentityScorer` takes evaluate.py's --mixed-precision, with its default, resolved for the same device: the
+    same scorer key (the two share the embed-once store), and its embedding runs under that autocast."""
+    api_default = inspect.signature(IdentityScorer).parameters["mixed_precision"].default
+    assert api_default == options.ScorerArguments(model="any").mixed_precision
+    api = IdentityScorer(str(tiny_repo), device="cpu", mixed_precision=precision, cache_dir=tmp_path / "cache")
+    args = options.Arguments("score", {"scorer": options.ScorerArguments(model=str(tiny_repo), device="cpu",
+                                                                         mixed_precision=precision)})
+    evaluated = options.load_scorer(args, options.process_state("cpu"))
+    assert api.scorer.mixed_precision == evaluated.mixed_precision == {"auto": "no"}.get(precision, precision)
+    assert api.scorer.fingerprint == evaluated.fingerprint
+    seen = []
+    api.scorer.model.head.mlp.fc1.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    assert api.embed(picture).dtype == np.float32
+    assert seen and set(seen) == {dtype}

@@ -69,6 +69,9 @@ def test_wheel_declares_the_console_scripts(installed):
                  "modeling_nearid.py", "configuration_nearid.py", "image_processing_nearid.py",
                  "nearid/splits/test.json", "nearid/splits/val.json", "nearid/splits/PROVENANCE.md"):
         assert name in names
+    # Every subpackage of the clone, as pyproject.toml lists them one by one.
+    packages = {path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "nearid").rglob("__init__.py")}
+    assert packages <= set(names), sorted(packages - set(names))
     # The root scripts stay in the clone: `evaluate` would shadow other packages' modules once installed.
     assert not {"train.py", "evaluate.py", "search.py", "demo.py"} & set(names)
 

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 
-from nearid import search_reports
+from nearid import options, search_reports
 from nearid.commands import search
 from nearid.ann import IndexSettings, recall_against_exact
 from nearid.io import set_aside_path
@@ -52,7 +52,7 @@ def gallery(tmp_path_factory):
 @pytest.fixture
 def pixels(monkeypatch):
     """search.py embeds with PixelScorer whatever --model says."""
-    monkeypatch.setattr(search, "load_scorer", lambda args, state: PixelScorer())
+    monkeypatch.setattr(options, "load_scorer", lambda args, state: PixelScorer())
 
 
 def new_index(tmp_path, **settings):
@@ -307,7 +307,7 @@ def test_bad_index_and_query_input_is_a_short_error(tmp_path, gallery, pixels, c
         assert f"no search index in {missing}" in user_error(capsys, search.main, argv)
 
     search.main([*index, "--images", str(gallery / "id0")])
-    monkeypatch.setattr(search, "load_scorer", lambda args, state: PixelScorer(side=2))
+    monkeypatch.setattr(options, "load_scorer", lambda args, state: PixelScorer(side=2))
     query = ["query", "--index-dir", str(tmp_path / "index"), "--images", str(gallery / "id0"), "--model", "other",
              "--cache-dir", str(tmp_path / "c")]
     message = user_error(capsys, search.main, query)
@@ -336,7 +336,7 @@ def test_an_interrupted_index_run_resumes_and_never_leaves_a_half_written_index(
     with pytest.raises(KeyboardInterrupt):
         search.main(argv)
     monkeypatch.undo()
-    monkeypatch.setattr(search, "load_scorer", lambda args, state: PixelScorer())
+    monkeypatch.setattr(options, "load_scorer", lambda args, state: PixelScorer())
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != ".index.lock")  # the lock file stays, unlocked
     assert left == ["cache", "gallery", "index"]  # no staging folder left
     assert len(SearchIndex.load(tmp_path / "index")) == 13  # the previous index, complete
@@ -354,7 +354,7 @@ def test_an_index_a_killed_save_left_set_aside_is_put_back_before_the_next_run(t
     assert "rename it back" in user_error(capsys, search.main, query)
     # The next writer puts it back first, so another scorer is refused as for any existing index, not given a
     # new index in its place.
-    monkeypatch.setattr(search, "load_scorer", lambda args, state: PixelScorer(side=2))
+    monkeypatch.setattr(options, "load_scorer", lambda args, state: PixelScorer(side=2))
     message = user_error(capsys, search.main, [*argv[:-1], str(tmp_path / "other-cache")])
     assert "pixels-3x3" in message and "pixels-2x2" in message, message
     assert (index / "search_index.json").is_file() and not set_aside_path(index).exists()

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 
+from nearid import options
 from nearid.commands import search
 from nearid.search import SearchIndex, SearchIndexChanged, one_writer_of
 from tests.helpers import PixelScorer, draw_vector, user_error
@@ -47,7 +48,7 @@ def index_argv(tmp_path, images, folder="index"):
 
 @pytest.fixture
 def pixels(monkeypatch):
-    monkeypatch.setattr(search, "load_scorer", lambda args, state: PixelScorer())
+    monkeypatch.setattr(options, "load_scorer", lambda args, state: PixelScorer())
 
 
 def truncate(path):
@@ -91,7 +92,7 @@ def test_a_second_index_run_into_one_folder_waits_and_reports_what_it_replaced(t
     first_images, second_images = draw_gallery(tmp_path / "a", 5, 0), draw_gallery(tmp_path / "b", 4, 1)
     first = PausedScorer()
     scorers = iter([first, PixelScorer()])
-    monkeypatch.setattr(search, "load_scorer", lambda args, state: next(scorers))
+    monkeypatch.setattr(options, "load_scorer", lambda args, state: next(scorers))
     reports, errors = {}, []
 
     def run(name, images):

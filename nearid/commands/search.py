@@ -19,27 +19,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from nearid.ann import INDEX_KINDS, IndexSettings
-from nearid.cli import REQUIRED, DatasetSource, build_parser, lazy_module, option, parse, save_arguments, user_errors
-from nearid.clustering import IdentityLinkage
-from nearid.io import write_csv
-from nearid.options import (
-    HINTS,
-    Arguments,
-    EmbeddingArguments,
-    ScorerArguments,
-    fill_options,
-    load_scorer,
-    open_outputs,
-    process_state,
-)
-from nearid.reports import plots, results_file
+from nearid.ann import INDEX_KINDS
+from nearid.cli import REQUIRED, build_parser, lazy_module, option, parse, user_errors
+from nearid.options import HINTS, Arguments, EmbeddingArguments, ScorerArguments, process_state
 
-# torch, transformers, datasets and faiss come with these: loaded when a run first uses them, not for --help.
-readers, scorers, gallery, shown = (lazy_module(f"nearid.{name}") for name in
-                                    ("data.readers", "scorers", "search", "search_reports"))
 COMBINE = ("each", "mean", "max")  # nearid.search.COMBINE (a test keeps them equal), for --combine's choices
 
 # --- arguments -------------------------------------------------------------------------------------
@@ -135,141 +119,10 @@ COMMANDS = {
 }
 
 
-def embedder(args, state) -> gallery.Embedder:
-    scorer = load_scorer(args, state)
-    return gallery.Embedder(scorer, args.cache_dir, fill_options(args, scorer), state)
-
-
-# --- index -----------------------------------------------------------------------------------------
-
-
-def gallery_sources(args) -> tuple:
-    """(files and folders, [DatasetColumn]) of the gallery, with the dataset's provenance."""
-    if not args.images and not args.dataset:
-        raise ValueError("index needs a gallery: --images FILES_OR_FOLDERS and/or --dataset SRC --column COLUMN")
-    if not args.dataset:
-        return args.images, [], []
-    source = DatasetSource.parse(args.dataset)
-    dataset, provenance = readers.open_dataset(source, args.split)
-    readers.require_columns(dataset, args.column, f"dataset {args.dataset}")
-    columns = [gallery.DatasetColumn(str(source), dataset, column, args.split) for column in args.column]
-    return args.images, columns, [provenance]
-
-
-def open_or_create(args, embedder_: gallery.Embedder) -> gallery.SearchIndex:
-    """The index of --index-dir, or a new one; one built by another scorer is refused unless --overwrite."""
-    settings = IndexSettings(args.index_type, args.nlist, args.nprobe, args.hnsw_m, ef_search=args.ef_search)
-    folder = Path(args.index_dir)
-    gallery.check_replaceable(folder)  # before anything is embedded
-    if not (folder / gallery.INFO_FILE).is_file() or args.overwrite:
-        return gallery.SearchIndex.create(embedder_, settings)
-    try:
-        index = gallery.SearchIndex.load(folder, embedder_)
-    except gallery.SearchIndexMismatch as error:
-        raise gallery.SearchIndexMismatch(f"{error} Or pass --overwrite to replace it.") from None
-    index.use(settings)
-    return index
-
-
-def run_index(args, state):
-    images, columns, dataset_provenance = gallery_sources(args)
-    embedder_ = embedder(args, state)
-    # One run at a time, from loading the index to saving it: a second run waits, then builds on this one's index.
-    with gallery.one_writer_of(args.index_dir, state):
-        index = open_or_create(args, embedder_)
-        report = index.sync(images, columns)
-        if not state.is_main_process:
-            return report
-        prov = results_file.provenance(embedder_.scorer.provenance(), dataset_provenance, extra={"last_update": report})
-        folder = index.save(args.index_dir, {"provenance": prov, "ignored": report["ignored"]})
-        save_arguments(folder / "index_args.json", "search.py index", *args.groups.values())
-    print(shown.index_summary(index, report, folder, args.cache_dir))
-    return {**report, "index": str(folder), "recall_at_10": index.recall}
-
-
-# --- query -----------------------------------------------------------------------------------------
-
-
-def run_query(args, state):
-    scorer = gallery.read_info(Path(args.index_dir))["scorer"]  # a missing index stops the run before a model loads
-    if args.model is None:  # the index's own scorer embeds the queries: the same folder, or the same commit
-        (args.model, args.revision), args.dtype = scorers.pinned_spec(scorer), scorer["dtype"]
-    if args.heatmap and scorers.parse_spec(args.model)[0] != "nearid":
-        raise ValueError(f"--heatmap draws the NearID head's attention, but the queries are embedded by "
-                         f"{args.model}, a '{scorers.parse_spec(args.model)[0]}' baseline; drop --heatmap")
-    query_embedder = embedder(args, state)
-    index = gallery.SearchIndex.load(args.index_dir, query_embedder)
-    result = index.search(args.images, args.k, args.combine)
-    if not state.is_main_process:
-        return None
-    records = shown.hit_records(index, result)
-    write_query_outputs(args, index, result, records, query_embedder.scorer if args.heatmap else None)
-    return {"result": result, "records": records}
-
-
-def write_query_outputs(args, index, result, records, heatmap_scorer=None):
-    outputs = open_outputs(args, "search.py")
-    write_csv(outputs.path("query_results.csv"), records)
-    gone = shown.missing_files(records)
-    if gone:
-        outputs.warn(f"{len(gone)} of the hits are gallery files that no longer exist (deleted or moved since the "
-                     f"index was built): {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}. Run `python "
-                     "search.py index` on the gallery again to bring the index up to date.")
-    overlaid = "; queries with the attention map of the head" if heatmap_scorer else ""
-    outputs.optional("drawing query_contact_sheet.png", plots.plot_image_grid,
-                     outputs.path("query_contact_sheet.png"), shown.query_sheet(index, result, heatmap_scorer),
-                     f"Top {min(result.k, shown.SHEET_HITS)} gallery images per query ({args.combine}){overlaid}\n"
-                     f"{index.scorer['spec']}")
-    summary = {"k": result.k, "requested_k": result.requested_k, "combine": args.combine,
-               "n_query_groups": len(result.queries), "n_gallery": len(index)}
-    index_place = {"kind": "search index", "path": str(Path(args.index_dir).resolve())}
-    prov = results_file.provenance(index.scorer, [index_place])
-    document = results_file.results_document("search-query", index.scorer, summary, prov, result.skipped)
-    outputs.finish({**document, "results": [{key: r[key] for key in ("query_group", "queries", "rank", "score",
-                                                                       "image", "hash")} for r in records]})
-    print(shown.query_summary(index, result, records))
-    print(f"Results in {outputs.folder}")
-
-
-# --- cluster ---------------------------------------------------------------------------------------
-
-
-def run_cluster(args, state):
-    if not state.is_main_process:
-        return None
-    index = gallery.SearchIndex.load(args.index_dir)
-    linkage = IdentityLinkage(index.finite_vectors(), args.threshold)  # cut again at the higher duplicate threshold
-    clusters, duplicates = linkage.labels(args.threshold), linkage.labels(args.duplicate_threshold)
-    records = shown.cluster_records(index, clusters, duplicates)
-    summary = shown.cluster_summary(clusters, duplicates, args.threshold, args.duplicate_threshold)
-    write_cluster_outputs(args, index, records, clusters, duplicates, summary)
-    return {"summary": summary, "records": records}
-
-
-def write_cluster_outputs(args, index, records, clusters, duplicates, summary):
-    outputs = open_outputs(args, "search.py")
-    write_csv(outputs.path("clusters.csv"), records)
-    for group, rows in shown.large_clusters(clusters, args.sheet_min_size)[:args.max_sheets]:
-        name = f"cluster_sheets/cluster_{group:04d}.png"
-        outputs.optional(f"drawing {name}", plots.plot_image_grid, outputs.path(name),
-                         shown.cluster_sheet(index, rows),
-                         f"Cluster {group}: {len(rows)} images at similarity >= {args.threshold}\n"
-                         f"{index.scorer.get('spec')}")
-    index_place = {"kind": "search index", "path": str(Path(args.index_dir).resolve())}
-    prov = results_file.provenance(index.scorer, [index_place])
-    document = results_file.results_document("search-cluster", index.scorer, summary, prov, [])
-    entries = index.entries()
-    outputs.finish({**document, "clusters": shown.label_groups(clusters, entries),
-                    "near_duplicates": shown.label_groups(duplicates, entries)})
-    print(f"{summary['n_images']} images in {summary['n_clusters']} clusters at similarity >= {args.threshold} "
-          f"(largest {summary['largest_cluster']}, {summary['n_singletons']} single images); "
-          f"{summary['n_near_duplicate_groups']} near-duplicate groups at >= {args.duplicate_threshold} hold "
-          f"{summary['n_images_in_near_duplicate_groups']} images. Results in {outputs.folder}")
-
-
 # --- command line ----------------------------------------------------------------------------------
 
-RUNS = {"index": run_index, "query": run_query, "cluster": run_cluster}
+# The library module that runs each command (`nearid.search_runs.<command>.run`).
+RUNS = {command: lazy_module(f"nearid.search_runs.{command}") for command in COMMANDS}
 
 
 def main(argv=None):
@@ -278,7 +131,7 @@ def main(argv=None):
     args = Arguments(command, groups)
     with user_errors(debug, HINTS):
         state = process_state(getattr(args, "device", "cpu"))
-        return RUNS[command](args, state)
+        return RUNS[command].run(args, state)
 
 
 if __name__ == "__main__":
