@@ -23,9 +23,7 @@ from nearid.store.format import StoreFormat
 from nearid.tokens import PAD_KEY, CachedTokens, TokenRing, check_shared_memory, token_loader
 from nearid.training_data import StepSampler
 from tests import ring_worker
-from tests.helpers import REPO_ROOT, TINY_VISION, load_pixels, make_items, make_tiny_nearid, train_args, user_error
-
-NUM_TOKENS = (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2
+from tests.helpers import REPO_ROOT, TINY_TOKEN_SHAPE, load_pixels, make_items, make_tiny_nearid, train_args, user_error
 
 
 class Samples:
@@ -90,8 +88,8 @@ class Encoder:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     items = {key: value for key, value in make_items(11).items()}  # 11 images and the pad ("pad")
-    built, _ = fill(tmp_path_factory.mktemp("store"), "fp", StoreFormat((NUM_TOKENS, TINY_VISION["hidden_size"]),
-                    "float16"), items, load_pixels, Encoder(), FillOptions(batch_size=4, shard_size=5, progress=False))
+    built, _ = fill(tmp_path_factory.mktemp("store"), "fp", StoreFormat(TINY_TOKEN_SHAPE, "float16"), items,
+                    load_pixels, Encoder(), FillOptions(batch_size=4, shard_size=5, progress=False))
     return built
 
 
