@@ -59,8 +59,6 @@ _CONFIG_KEYS = (
     "image_std",
     "max_image_pixels",
 )
-# Names a change of the decode rules: part of every cache fingerprint, so cached pixels never mix rules.
-DECODE_RULES = "exif-transpose+alpha-on-white+16-bit-scaled/2"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _OBJECT_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. "<_io.BytesIO object at 0x7f..>"
 
@@ -150,6 +148,8 @@ def _describe(image: Any, index: int | None = None) -> str:
     return f"{prefix} ({type(image).__name__})"
 
 
+# The NearID package's caches name the rules of this decode (nearid.store.format.DECODE_RULES): a change of
+# them changes that name, so that cached values never mix rules.
 def load_image(
     image: Any,
     name: str | None = None,
@@ -481,5 +481,5 @@ class NearIDImageProcessor(BaseImageProcessor):
         return load_image(item, _describe(item, index), cfg["max_image_pixels"], input_data_format, cfg["do_convert_rgb"])
 
 
-__all__ = ["NearIDImageProcessor", "load_image", "read_image_bytes", "ImageLoadError", "ImageTooLargeError", "DEFAULT_MAX_IMAGE_PIXELS",
-           "DECODE_RULES"]
+__all__ = ["NearIDImageProcessor", "load_image", "read_image_bytes", "ImageLoadError", "ImageTooLargeError",
+           "DEFAULT_MAX_IMAGE_PIXELS"]

@@ -274,9 +274,11 @@ class lazy_module:  # noqa: N801 (used like a function: `readers = lazy_module("
     """The module `name`, imported on first attribute access rather than now.
 
     Commands import the library modules that pull in torch, transformers or datasets this way, so
-    that `--help` and argument errors answer at once; the run itself uses them as usual. Nothing is
-    registered in sys.modules before that first use, so code that scans the loaded modules (torch
-    and inspect do) never triggers an import half-way through another.
+    that `--help` and argument errors answer at once; the run itself uses them as usual. So do the
+    library modules that DataLoader worker processes import (`nearid.tokens`, `nearid.training_data`),
+    for the few functions of theirs that need such a module, so that a spawned worker starts in a
+    fraction of the time. Nothing is registered in sys.modules before that first use, so code that
+    scans the loaded modules (torch and inspect do) never triggers an import half-way through another.
     """
 
     def __init__(self, name: str):

@@ -26,7 +26,6 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from image_processing_nearid import (
-    DECODE_RULES,
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageLoadError,
     ImageTooLargeError,
@@ -34,8 +33,8 @@ from image_processing_nearid import (
     read_image_bytes,
 )
 
-__all__ = ["DECODE_RULES", "DEFAULT_MAX_IMAGE_PIXELS", "ImageLoadError", "ImageTooLargeError", "PixelLoader",
-           "content_hash", "find_images", "image_suffixes", "load_image"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ImageLoadError", "ImageTooLargeError", "PixelLoader", "content_hash",
+           "find_images", "image_suffixes", "load_image"]
 
 
 def content_hash(ref: Any, where: str = "image") -> str:

@@ -35,12 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from nearid.images import PixelLoader
+from nearid.cli import lazy_module
 from nearid.io import disk_free_bytes, human_bytes
 from nearid.numerics import autocast
 from nearid.store.format import StoreFormat, fingerprint, weights_digest
 from nearid.training_data import slot_mask
 
+# The loader's worker processes import this module (and nearid.training_data) to read tokens; the
+# image processor behind nearid.images, and transformers with it, would cost each spawned worker
+# seconds before its first batch, and only the encoder (`BackboneTokens`) needs it.
+images = lazy_module("nearid.images")
 logger = logging.getLogger(__name__)
 
 PAD_KEY = "pad"
@@ -60,7 +64,7 @@ class BackboneTokens:
                  device="cpu", compile: bool = False):
         self.model, self.device, self.mixed_precision = model, device, mixed_precision
         self.forward = torch.compile(model.forward_features) if compile else model.forward_features
-        self.loader = PixelLoader(processor)
+        self.loader = images.PixelLoader(processor)
         self.format = StoreFormat(model.config.token_shape, storage_dtype)
         backbone = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
         # Tokens depend on the backbone weights, the preprocessing and the numeric formats only.

@@ -30,13 +30,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import datasets
 import numpy as np
 
-from nearid.data.readers import require_columns
+from nearid.cli import lazy_module
 from nearid.data.split_files import check_disjoint, check_indices
-from nearid.store.image_index import ImageIndex
 
+# Only building a training set reads datasets and hashes images. The training loader's worker
+# processes import this module for the step batches, and must not pay for datasets, the image
+# processor and transformers (seconds per spawned worker) to do so.
+readers, image_index = lazy_module("nearid.data.readers"), lazy_module("nearid.store.image_index")
 logger = logging.getLogger(__name__)
 
 PAD = None
@@ -70,7 +72,7 @@ class TrainingSample:
 class TrainingSet:
     """Samples of one training run and the images they use; see the module docstring for the layout."""
 
-    items: ImageIndex
+    items: image_index.ImageIndex
     samples: tuple
     sources: tuple
     excluded_rows: dict
@@ -266,11 +268,11 @@ def build_training_set(benchmark, rows: Sequence[int] | None = None, mtg=None,
     if isinstance(mtg_repeats, bool) or not isinstance(mtg_repeats, int) or mtg_repeats < 0:
         raise ValueError(f"mtg_repeats must be a non-negative integer (samples per MTG row per epoch), "
                          f"got {mtg_repeats!r}")
-    items = ImageIndex(skip_errors)
+    items = image_index.ImageIndex(skip_errors)
     rows = check_indices(range(len(benchmark)) if rows is None else rows, len(benchmark), "NearID training rows")
     nearid, nearid_excluded = _nearid_samples(benchmark, rows, items)
     mtg_samples, mtg_excluded = [], 0
-    if isinstance(mtg, datasets.DatasetDict):
+    if isinstance(mtg, Mapping):  # a DatasetDict
         raise ValueError(f"mtg is a DatasetDict with splits {sorted(mtg)}; pass the train split, e.g. mtg['train']")
     if mtg is not None:
         mtg_rows = check_indices(range(len(mtg)) if mtg_rows is None else mtg_rows, len(mtg), "MTG training rows")
@@ -294,17 +296,17 @@ def build_training_set(benchmark, rows: Sequence[int] | None = None, mtg=None,
 def _check_benchmark(benchmark) -> None:
     if not benchmark.sources:
         raise ValueError("the benchmark has no distractor sources; training needs at least one")
-    require_columns(benchmark.positives, benchmark.view_columns, "NearID positives")
+    readers.require_columns(benchmark.positives, benchmark.view_columns, "NearID positives")
     for name, source in benchmark.sources.items():
         if len(source) != len(benchmark.positives):
             raise ValueError(f"distractor source {name!r} has {len(source)} rows but the positives have "
                              f"{len(benchmark.positives)}; rows pair by index, so join them with "
                              "nearid.data.nearid_benchmark.join_sources (or open_benchmark), which checks lengths "
                              "and ids")
-        require_columns(source, benchmark.distractor_columns[name], f"distractor source {name!r}")
+        readers.require_columns(source, benchmark.distractor_columns[name], f"distractor source {name!r}")
 
 
-def _nearid_samples(benchmark, rows: list, items: ImageIndex) -> tuple:
+def _nearid_samples(benchmark, rows: list, items: image_index.ImageIndex) -> tuple:
     """(samples of the rows with >= 2 views, number of rows excluded)."""
     _check_benchmark(benchmark)
     views = [items.add_column("positives", benchmark.positives, column, rows) for column in benchmark.view_columns]
@@ -329,9 +331,9 @@ def _scene_distractors(per_source: dict, view: int, position: int) -> tuple:
                  if columns[view][position] is not None)
 
 
-def _mtg_samples(mtg, rows: list, repeats: int, items: ImageIndex) -> tuple:
+def _mtg_samples(mtg, rows: list, repeats: int, items: image_index.ImageIndex) -> tuple:
     """(mtg_repeats samples per row with both originals, number of rows excluded)."""
-    require_columns(mtg, MTG_VIEW_COLUMNS + MTG_NEGATIVE_COLUMNS, "MTG training dataset")
+    readers.require_columns(mtg, MTG_VIEW_COLUMNS + MTG_NEGATIVE_COLUMNS, "MTG training dataset")
     originals = list(zip(*(items.add_column("MTG", mtg, column, rows) for column in MTG_VIEW_COLUMNS)))
     inpainted = list(zip(*(items.add_column("MTG", mtg, column, rows) for column in MTG_NEGATIVE_COLUMNS)))
     kept = [i for i, pair in enumerate(originals) if _present(pair) == 2]

@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 
-from nearid.data import readers
 from nearid.hub import export_hub_folder
 from nearid.numerics import cpu_threads
+
+# datasets (and nearid.data.readers, which imports it) are imported by the helpers that use them: the
+# processes that tests launch import this module too, and most need neither (seconds each).
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +29,7 @@ TINY_VISION = dict(
     num_attention_heads=4,
     intermediate_size=37,
 )
+TINY_TOKEN_SHAPE = ((TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2, TINY_VISION["hidden_size"])
 
 
 def make_tiny_siglip(seed=0, **overrides):
@@ -96,12 +98,17 @@ def run_isolated(code, tmp_path, extra_env=None, timeout=300):
 
 def rewrite(dataset_dir, target, change):
     """Save `change(dataset)` of the save_to_disk folder `dataset_dir` as a new folder `target`."""
+    import datasets
+
     change(datasets.load_from_disk(str(dataset_dir))).save_to_disk(str(target))
     return target
 
 
 def corrupt_image(dataset, row, column):
     """`dataset` with the encoded image at (row, column) replaced by bytes PIL cannot open."""
+    import datasets
+
+    from nearid.data import readers
 
     def garble(example, index):
         if index == row:
@@ -113,6 +120,8 @@ def corrupt_image(dataset, row, column):
 
 
 def present(dataset, column):
+    from nearid.data import readers
+
     return [ref is not None for ref in readers.image_refs(dataset, column, range(len(dataset)))]
 
 
@@ -171,6 +180,22 @@ def train_args(train_synthetic, base_model, out, *extra):
 def logged_losses(out):
     lines = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
     return [(line["step"], line["loss"]) for line in lines if "loss" in line]
+
+
+class Counting:
+    """An encoder around `model.forward_features` that counts images (and can fail on a later batch)."""
+
+    def __init__(self, model, fail_after_batches=None):
+        self.model, self.fail_after_batches = model, fail_after_batches
+        self.images = self.batches = 0
+
+    def encode(self, pixels):
+        if self.fail_after_batches is not None and self.batches == self.fail_after_batches:
+            raise RuntimeError("simulated interruption")
+        self.images += len(pixels)
+        self.batches += 1
+        with torch.no_grad():
+            return self.model.forward_features(pixels)
 
 
 def load_pixels(item):
@@ -272,6 +297,8 @@ def serve_as_hub_datasets(monkeypatch, folders):
     loaded as before. Tests serve small data under ids of their own (someone/nearid-mini...), not
     Aleksandar/NearID: that id gets the published splits of its 19,386 rows by default.
     """
+    import datasets
+
     real = datasets.load_dataset
 
     def load_dataset(path, *args, split=None, revision=None, **kwargs):

@@ -2,9 +2,10 @@
 of shared buffers and always the ones the step asked for, a store that travels to workers without its
 files, and training that does not change with the number of workers."""
 
+import json
 import mmap
 import pickle
-import resource
+import subprocess
 import sys
 import time
 from collections import namedtuple
@@ -21,9 +22,8 @@ from nearid.store.fill import FillOptions, fill
 from nearid.store.format import StoreFormat
 from nearid.tokens import PAD_KEY, CachedTokens, TokenRing, check_shared_memory, token_loader
 from nearid.training_data import StepSampler
-from tests.helpers import TINY_VISION, load_pixels, make_items, make_tiny_nearid, train_args, user_error
-
-NUM_TOKENS = (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2
+from tests import ring_worker
+from tests.helpers import REPO_ROOT, TINY_TOKEN_SHAPE, load_pixels, make_items, make_tiny_nearid, train_args, user_error
 
 
 class Samples:
@@ -88,8 +88,8 @@ class Encoder:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     items = {key: value for key, value in make_items(11).items()}  # 11 images and the pad ("pad")
-    built, _ = fill(tmp_path_factory.mktemp("store"), "fp", StoreFormat((NUM_TOKENS, TINY_VISION["hidden_size"]),
-                    "float16"), items, load_pixels, Encoder(), FillOptions(batch_size=4, shard_size=5, progress=False))
+    built, _ = fill(tmp_path_factory.mktemp("store"), "fp", StoreFormat(TINY_TOKEN_SHAPE, "float16"), items,
+                    load_pixels, Encoder(), FillOptions(batch_size=4, shard_size=5, progress=False))
     return built
 
 
@@ -143,6 +143,30 @@ def test_a_store_travels_without_its_files(store):
     assert torch.equal(pickle.loads(data).get(keys), store.get(keys))
 
 
+# A spawned loader worker's start: unpickle what the DataLoader sends it, read a batch, say what that imported.
+WORKER_READ = """
+import json, pickle, sys, torch
+dataset, collate, init, batch = pickle.load(sys.stdin.buffer)
+batch = collate(dataset.__getitems__(batch))
+stored = dataset.ring.fields(batch["buffer"], len(batch["keys"]))
+same = torch.equal(dataset.store.format.decode(stored, "cpu"), dataset.store.get(batch["keys"]))
+print(json.dumps({"keys": batch["keys"], "same": same, "imported": [m for m in %r if m in sys.modules]}))
+""" % (("transformers", "datasets", "accelerate", "image_processing_nearid"),)
+
+
+def test_a_spawned_worker_reads_its_batch_without_transformers_or_datasets(store):
+    """Each import of those costs a spawned worker (macOS, Windows) seconds before its first batch."""
+    loader = token_loader(CachedTokens(store, "cpu"), sampler(Samples(image_keys(store), 25)), 2, "cpu")
+    batch = next(iter(loader.batch_sampler))
+    sent = pickle.dumps((loader.dataset, loader.collate_fn, loader.worker_init_fn, batch))
+    done = subprocess.run([sys.executable, "-c", WORKER_READ], input=sent, cwd=REPO_ROOT, capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    read = json.loads(done.stdout.decode().splitlines()[-1])
+    assert read["keys"] == list(dict.fromkeys(PAD_KEY if k is None else k for slots in batch.slots for k in slots))
+    assert read["same"] and read["imported"] == []
+
+
 def test_not_enough_shared_memory_names_the_options(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(nearid.io.shutil, "disk_usage", lambda path: usage(10**9, 0, 10**6))
@@ -182,29 +206,19 @@ def test_a_token_store_that_does_not_fit_names_the_training_options(train_synthe
 # The ring's pages are mapped once per process, not by each first write
 
 
-def _faults_writing(ring, prefault, results):
-    """In a child process: minor page faults of writing every buffer of `ring`, mapped in bulk first or not."""
-    if prefault:
-        assert ring.prefault()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for tensor in ring.buffers.values():
-        tensor.numpy().fill(1)  # numpy: no OpenMP pool, which a forked child of a process that used one lacks
-    results.put(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_a_process_sharing_the_ring_writes_it_without_a_fault_per_page(context):
-    ring = TokenRing(StoreFormat((256, 1024), "float16"), 2, 32)  # 32 MiB: 8,192 pages of 4 KiB
-    pages = sum(t.numel() * t.element_size() for t in ring.buffers.values()) // mmap.PAGESIZE
+    fmt = StoreFormat((256, 1024), "float16")
+    control, mapped = (TokenRing(fmt, 2, 32) for _ in range(2))  # 32 MiB each: 8,192 pages of 4 KiB
+    pages = sum(t.numel() * t.element_size() for t in control.buffers.values()) // mmap.PAGESIZE
     multiprocessing = torch.multiprocessing.get_context(context)
     results = multiprocessing.Queue()
-    faults = {}
-    for prefault in (False, True):
-        child = multiprocessing.Process(target=_faults_writing, args=(ring, prefault, results))
-        child.start()
-        faults[prefault] = results.get(timeout=60)
-        child.join()
+    # One child writes both rings: its target's module imports nothing the ring does not need.
+    child = multiprocessing.Process(target=ring_worker.write_faults, args=(control, mapped, results))
+    child.start()
+    faults = results.get(timeout=60)
+    child.join()
     assert faults[False] >= pages  # the control: without it, every page faults once
     assert faults[True] < pages / 10  # the rest: the interpreter's own
 

@@ -25,7 +25,8 @@ from nearid.store.reader import pixel_batches
 from nearid.store.writer import BackgroundWriter, ShardWriter, npy_header
 from nearid.tokens import BackboneTokens
 from tests.helpers import (
-    TINY_VISION,
+    TINY_TOKEN_SHAPE,
+    Counting,
     assert_finished,
     load_pixels,
     make_items,
@@ -34,24 +35,7 @@ from tests.helpers import (
     python_path,
 )
 
-NUM_TOKENS = (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2
-HIDDEN = TINY_VISION["hidden_size"]
-
-
-class Counting:
-    """An encoder around `model.forward_features` that counts images (and can fail on a later batch)."""
-
-    def __init__(self, model, fail_after_batches=None):
-        self.model, self.fail_after_batches = model, fail_after_batches
-        self.images = self.batches = 0
-
-    def encode(self, pixels):
-        if self.fail_after_batches is not None and self.batches == self.fail_after_batches:
-            raise RuntimeError("simulated interruption")
-        self.images += len(pixels)
-        self.batches += 1
-        with torch.no_grad():
-            return self.model.forward_features(pixels)
+NUM_TOKENS, HIDDEN = TINY_TOKEN_SHAPE
 
 
 FINGERPRINT = "tiny-fp"
@@ -611,14 +595,13 @@ import torch
 from accelerate import PartialState
 from nearid.store.fill import FillOptions, fill
 from nearid.store.format import StoreFormat
-from tests.helpers import load_pixels, make_items, make_tiny_nearid
-from tests.test_store import Counting, HIDDEN, NUM_TOKENS
+from tests.helpers import TINY_TOKEN_SHAPE, Counting, load_pixels, make_items, make_tiny_nearid
 
 state = PartialState(cpu=True)
 root = sys.argv[1]
 items = make_items(9, corrupt=["broken"])
 encoder = Counting(make_tiny_nearid())
-store, report = fill(root, "tiny-fp", StoreFormat((NUM_TOKENS, HIDDEN), "float32"), items, load_pixels, encoder,
+store, report = fill(root, "tiny-fp", StoreFormat(TINY_TOKEN_SHAPE, "float32"), items, load_pixels, encoder,
                      FillOptions(batch_size=2, shard_size=2, skip_errors=True, progress=False), state)
 keys = sorted(key for key in items if key in store)
 torch.save({"keys": keys, "tokens": store.get(keys)}, f"{root}/seen-by-{state.process_index}.pt")

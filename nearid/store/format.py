@@ -14,9 +14,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from nearid.images import DECODE_RULES
-
 FORMAT_VERSION = 2
+# Names the rules of the one decode (`load_image` in image_processing_nearid.py): change it with them,
+# so that values cached under other rules are never reused. Here, not beside the decode, because a
+# store read by a loader worker must not import the image processor (and transformers with it).
+DECODE_RULES = "exif-transpose+alpha-on-white+16-bit-scaled/2"
 STORAGE_DTYPES = {"float32": "<f4", "float16": "<f2", "int8": "i1"}  # little-endian on every machine
 
 
