@@ -165,9 +165,10 @@ def read_lines(store, samples, args) -> tuple:
     lines.append("cold = posix_fadvise(DONTNEED) on every shard before each pass (the store is smaller than free "
                  "memory, so it would otherwise stay cached)")
     lines.append("first batch = the loader's start, warm: its ring allocated, each worker mapping the ring's pages, "
-                 "the first batch read; end = from the last batch to the workers' end (each unmaps the ring and "
-                 "the shards; the loader joins them); both once per run (the workers read every step of a run), "
-                 "not per step, so the rates are timed from the first batch to the last")
+                 "the first batch read; end = the workers' end (each unmaps the ring and the shards; the loader "
+                 "joins them); both once per run (the workers read every step of a run), not per step, so the "
+                 "rates are timed from the first batch to the last of a pass, as in the middle of a run: the "
+                 "sampler goes on, so the workers are reading ahead at both ends")
     return figures, lines
 
 

@@ -172,33 +172,35 @@ def cpu_seconds() -> float:
 
 def loader_read_rate(store, samples, per_device: int, steps: int, workers: int, cold: bool) -> tuple:
     """(GB/s of stored token rows the training loader delivers into its ring, the step itself doing nothing;
-    seconds to its first batch; GB per CPU-second of the main process and its workers from the first batch
-    to the last; seconds from the last batch to the workers' end).
+    seconds to its first batch; GB per CPU-second of the main process and its workers; seconds of the
+    workers' end).
 
     The store is opened afresh: pages a live memory map of this process holds cannot be dropped from
     the page cache, so a cold pass needs maps that have read nothing yet. The rate is timed from the
-    first batch to the last: the workers' start (once per run: the sampler spans the run) is the
-    second figure, from the loader's creation (its ring allocated) to the first batch, and their end
-    (once per run too: each unmaps the ring and the shards, and the loader joins them) the fourth.
+    first batch to batch `steps - 1`, as in the middle of a run: the loader's sampler goes on beyond it,
+    so its workers are still reading ahead there, as they were at the first batch. The workers' start
+    (once per run: the sampler spans the run) is the second figure, from the loader's creation (its ring
+    allocated) to the first batch; their end (once per run too: each unmaps the ring and the shards, and
+    the loader joins them) the fourth, from the last timed batch until the loader is gone.
     """
     created = time.perf_counter()
     store = EmbeddingStore.open(store.root, store.fingerprint)
-    loader, _ = training_loader(store, samples, per_device, steps, workers, "cpu")
+    loader, _ = training_loader(store, samples, per_device, steps + 2 * workers + 2, workers, "cpu")
     if cold:
         drop_from_page_cache(shard_files(store.folder))
-    images, start, batches = 0, None, len(loader)
+    images, item_bytes = 0, store.format.bytes_per_item
     for number, batch in enumerate(loader):
-        last = time.perf_counter()
-        if number in (0, batches - 1):
-            cpu = cpu_seconds()  # the workers still run: their time so far is in /proc
-        if start is None:
-            start, cpu_start = last, cpu
+        if number == 0:
+            start, cpu_start = time.perf_counter(), cpu_seconds()  # the workers' time so far is in /proc
             continue
         images += len(batch["keys"])
-    ended, item_bytes = time.perf_counter(), store.format.bytes_per_item
-    del loader, store
-    gc.collect()  # unmaps the shards before the next pass drops them from the page cache
-    if not images:  # a single batch: nothing after the first to time (too few images for the steps)
+        if number == max(1, steps - 1):
+            last, cpu = time.perf_counter(), cpu_seconds()
+            break
+    del loader, batch, store
+    gc.collect()  # ends the workers and unmaps the shards before the next pass drops them from the page cache
+    ended = time.perf_counter()
+    if steps < 2:  # a single batch: nothing after the first to time (too few images for the steps)
         return float("nan"), start - created, float("nan"), ended - last
     gigabytes = images * item_bytes / 1e9
     return gigabytes / (last - start), start - created, gigabytes / (cpu - cpu_start), ended - last
