@@ -78,14 +78,16 @@ def best_time(fn, repeats: int, warm_up: bool = True) -> float:
 
 
 def first_batch_timed(loader) -> tuple:
-    """(images after the first batch, seconds from the first batch on): the workers' start is not counted."""
+    """(images after the first batch, seconds from the first batch to the last): the workers' start and
+    end (once per pass over the loader, not per batch) are not counted."""
     images, start = 0, None
     for batch in loader:
+        last = time.perf_counter()
         if start is None:
-            start = time.perf_counter()
+            start = last
             continue
         images += len(batch)
-    return images, time.perf_counter() - start
+    return images, last - start
 
 
 def write_results(path, lines):

@@ -31,6 +31,7 @@ from bench_common import (  # noqa: E402
     write_results,
 )
 from input_common import (  # noqa: E402
+    READ_CHUNK,
     SLOTS,
     EpochSamples,
     drop_from_page_cache,
@@ -56,13 +57,15 @@ def parse_args(argv=None):
     parser.add_argument("--step-batch", type=int, default=8, help="samples (x 6 images) per training step")
     parser.add_argument("--steps", type=int, default=16, help="timed training steps of each kind per round")
     parser.add_argument("--repeats", type=int, default=3, help="passes of each read test (the best kept)")
+    parser.add_argument("--warm-epochs", type=int, default=3,
+                        help="epochs of each warm loader pass (a cold pass reads one: every row once)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the overlap test (best kept)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the step: 1 leaves this 2-core machine's other core to the worker")
     parser.set_defaults(workers=(0, 1, 2))  # worker counts of the read test
     # a smoke run: every code path once (each worker count starts processes)
     return parse_benchmark_args(parser, argv, {"images": 48, "read_batch": 4, "step_batch": 2, "steps": 3,
-                                               "repeats": 1, "rounds": 1, "workers": (1,)})
+                                               "repeats": 1, "warm_epochs": 1, "rounds": 1, "workers": (1,)})
 
 
 class FreshBatches(Dataset):
@@ -92,39 +95,50 @@ def best_of(repeats: int, measure) -> float:
 
 
 def best_loader_pass(repeats: int, measure) -> tuple:
-    """The best of `repeats` loader passes: (read rate, seconds to the first batch, GB per CPU-second)."""
+    """The best of `repeats` loader passes: (read rate, seconds to the first batch, GB per CPU-second,
+    seconds from the last batch to the workers' end)."""
     passes = [measure() for _ in range(repeats)]
-    return tuple(best(figure) for best, figure in zip((max, min, max), zip(*passes)))
+    return tuple(best(figure) for best, figure in zip((max, min, max, min), zip(*passes)))
 
 
-def sequential_cpu_rate(files) -> float:
+def sequential_cpu_rate(files, buffer_bytes: int = READ_CHUNK) -> float:
     """GB per CPU-second of a plain sequential read of `files` from the page cache."""
     size, start = sum(path.stat().st_size for path in files), time.process_time()
-    sequential_read_rate(files, cold=False)
+    sequential_read_rate(files, cold=False, buffer_bytes=buffer_bytes)
     return size / 1e9 / (time.process_time() - start)
 
 
 def read_lines(store, samples, args) -> tuple:
-    files, steps, repeats = shard_files(store.folder), len(samples) // args.read_batch, args.repeats
+    files, epoch, repeats = shard_files(store.folder), len(samples) // args.read_batch, args.repeats
     size = sum(path.stat().st_size for path in files)
     sequential_read_rate(files, cold=False)  # into the page cache
     figures, lines = {}, [f"store: {len(store)} rows of 729 x 1152 float16 in {len(files)} shards, "
                           f"{size / 1e9:.2f} GB; loader batches of {args.read_batch} samples x {SLOTS} images "
                           f"({args.read_batch * SLOTS * store.format.bytes_per_item / 1e6:.0f} MB), each row read once "
-                          f"per pass; best of {repeats} passes each", "",
-                          f"{'read':<44}{'warm GB/s':>10}{'cold GB/s':>10}{'first batch s':>15}{'GB/CPU-s':>10}"]
+                          f"per epoch; a loader pass reads {args.warm_epochs} epochs warm, 1 cold; best of {repeats} "
+                          "passes each", "",
+                          f"{'read':<44}{'warm GB/s':>10}{'cold GB/s':>10}{'first batch s':>15}{'GB/CPU-s':>10}"
+                          f"{'end s':>8}"]
     for cold in (False, True):
         figures[f"sequential_{'cold' if cold else 'warm'}"] = best_of(repeats, lambda: sequential_read_rate(files, cold))
     figures["sequential_gb_per_cpu_s"] = max(sequential_cpu_rate(files) for _ in range(repeats))
     lines.append(f"{'plain sequential read of the shard files':<44}{figures['sequential_warm']:>10.2f}"
                  f"{figures['sequential_cold']:>10.2f}{'':>15}{figures['sequential_gb_per_cpu_s']:>10.2f}")
+    batch_bytes = args.read_batch * SLOTS * store.format.bytes_per_item
+    figures["sequential_warm_batch_buffer"] = best_of(repeats, lambda: sequential_read_rate(files, False, batch_bytes))
+    figures["sequential_batch_buffer_gb_per_cpu_s"] = max(sequential_cpu_rate(files, batch_bytes)
+                                                          for _ in range(repeats))
+    lines.append(f"{'  the same, into a buffer of one batch':<44}{figures['sequential_warm_batch_buffer']:>10.2f}"
+                 f"{'':>10}{'':>15}{figures['sequential_batch_buffer_gb_per_cpu_s']:>10.2f}")
     for workers in args.workers:
-        (warm, start, per_cpu), (cold, _, _) = (best_loader_pass(repeats, lambda: loader_read_rate(
-            store, samples, args.read_batch, steps, workers, cold)) for cold in (False, True))
+        (warm, start, per_cpu, end), (cold, _, _, _) = (best_loader_pass(repeats, lambda: loader_read_rate(
+            store, samples, args.read_batch, epoch * (1 if cold else args.warm_epochs), workers, cold))
+            for cold in (False, True))
         figures[f"loader_warm_w{workers}"], figures[f"loader_cold_w{workers}"] = warm, cold
         figures[f"loader_first_batch_s_w{workers}"], figures[f"loader_gb_per_cpu_s_w{workers}"] = start, per_cpu
+        figures[f"loader_end_s_w{workers}"] = end
         lines.append(f"{f'training loader, {workers} workers':<44}{warm:>10.2f}{cold:>10.2f}{start:>15.2f}"
-                     f"{per_cpu:>10.2f}")
+                     f"{per_cpu:>10.2f}{end:>8.2f}")
     with_workers = [w for w in args.workers if w]
     for workers in with_workers:
         figures[f"fresh_warm_w{workers}"] = best_of(repeats, lambda: fresh_batch_rate(store, samples, args.read_batch,
@@ -141,12 +155,20 @@ def read_lines(store, samples, args) -> tuple:
                                                                      / figures["sequential_gb_per_cpu_s"])
         lines.append(f"loader with {workers} workers / plain read, warm, in GB per CPU-second of all processes "
                      f"(main and workers; the machine's other load does not count): {ratio:.2f}")
+    best_warm = max(figures[f"loader_warm_w{w}"] for w in args.workers)
+    figures["loader_over_sequential_batch_buffer_warm"] = ratio = best_warm / figures["sequential_warm_batch_buffer"]
+    lines.append(f"loader / plain read into a buffer of one batch, warm (best worker count): {ratio:.2f} (the goal's "
+                 "plain read lands every 16 MiB in the same buffer, which the CPU's caches hold; the loader's rows, "
+                 "like these reads, go to memory)")
     fresh = max(figures[f"fresh_warm_w{w}"] for w in with_workers) / figures["sequential_warm"]
     lines.append(f"fresh tensor per batch / plain read, warm: {fresh:.2f}")
     lines.append("cold = posix_fadvise(DONTNEED) on every shard before each pass (the store is smaller than free "
                  "memory, so it would otherwise stay cached)")
     lines.append("first batch = the loader's start, warm: its ring allocated, each worker mapping the ring's pages, "
-                 "the first batch read; once per run (the workers read every step of a run), not per step")
+                 "the first batch read; end = the workers' end (each unmaps the ring and the shards; the loader "
+                 "joins them); both once per run (the workers read every step of a run), not per step, so the "
+                 "rates are timed from the first batch to the last of a pass, as in the middle of a run: the "
+                 "sampler goes on, so the workers are reading ahead at both ends")
     return figures, lines
 
 

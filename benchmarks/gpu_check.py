@@ -144,7 +144,7 @@ def read_and_step_figures(scorer, args, precision: str, cache: Path) -> dict:
     per_epoch = len(samples) // args.head_batch
     for cold in (False, True):
         state = "cold" if cold else "warm"
-        figures[f"loader_{state}_gb_per_s"], figures[f"loader_{state}_first_batch_s"], _ = loader_read_rate(
+        figures[f"loader_{state}_gb_per_s"], figures[f"loader_{state}_first_batch_s"], _, _ = loader_read_rate(
             store, samples, args.head_batch, per_epoch, args.loader_workers, cold)
     model.freeze_backbone()
     steps = step_rates(model, store, samples, args.head_batch, args.steps, args.loader_workers, precision,

@@ -129,18 +129,23 @@ def drop_from_page_cache(paths) -> None:
             os.close(fd)
 
 
-def sequential_read_rate(paths, cold: bool) -> float:
-    """GB/s of a plain sequential read of `paths` (16 MiB reads into one buffer), from the disk when `cold`."""
+def sequential_read_rate(paths, cold: bool, buffer_bytes: int = READ_CHUNK) -> float:
+    """GB/s of a plain sequential read of `paths` from the disk when `cold`: 16 MiB reads, each into the next
+    16 MiB of a buffer of `buffer_bytes` (written before the clock starts), from its start again at its end.
+
+    With the default, every read lands in the same 16 MiB, which the CPU's caches can hold; a buffer as
+    large as a loader batch makes every byte read go to memory, as the loader's rows do.
+    """
     if cold:
         drop_from_page_cache(paths)
-    buffer = memoryview(bytearray(READ_CHUNK))
+    buffer = memoryview(np.ones(max(READ_CHUNK, buffer_bytes) // READ_CHUNK * READ_CHUNK, np.uint8))
 
     def read_all():
-        total = 0
+        total, place = 0, 0
         for path in paths:
             with open(path, "rb", buffering=0) as stream:
-                while count := stream.readinto(buffer):
-                    total += count
+                while count := stream.readinto(buffer[place:place + READ_CHUNK]):
+                    total, place = total + count, (place + READ_CHUNK) % len(buffer)
         return total
 
     total, seconds = timed(read_all)
@@ -168,32 +173,38 @@ def cpu_seconds() -> float:
 
 def loader_read_rate(store, samples, per_device: int, steps: int, workers: int, cold: bool) -> tuple:
     """(GB/s of stored token rows the training loader delivers into its ring, the step itself doing nothing;
-    seconds to its first batch; GB per CPU-second of the main process and its workers after the first batch).
+    seconds to its first batch; GB per CPU-second of the main process and its workers; seconds of the
+    workers' end).
 
     The store is opened afresh: pages a live memory map of this process holds cannot be dropped from
     the page cache, so a cold pass needs maps that have read nothing yet. The rate is timed from the
-    first batch on: the workers' start (once per run: the sampler spans the run) is the second figure,
-    from the loader's creation (its ring allocated) to the first batch.
+    first batch to batch `steps - 1`, as in the middle of a run: the loader's sampler goes on beyond it,
+    so its workers are still reading ahead there, as they were at the first batch. The workers' start
+    (once per run: the sampler spans the run) is the second figure, from the loader's creation (its ring
+    allocated) to the first batch; their end (once per run too: each unmaps the ring and the shards, and
+    the loader joins them) the fourth, from the last timed batch until the loader is gone.
     """
     created = time.perf_counter()
     store = EmbeddingStore.open(store.root, store.fingerprint)
-    loader, _ = training_loader(store, samples, per_device, steps, workers, "cpu")
+    loader, _ = training_loader(store, samples, per_device, steps + 2 * workers + 2, workers, "cpu")
     if cold:
         drop_from_page_cache(shard_files(store.folder))
-    images, start = 0, None
-    for batch in loader:
-        if start is None:
-            start, cpu_start = time.perf_counter(), cpu_seconds()
+    images, item_bytes = 0, store.format.bytes_per_item
+    for number, batch in enumerate(loader):
+        if number == 0:
+            start, cpu_start = time.perf_counter(), cpu_seconds()  # the workers' time so far is in /proc
             continue
         images += len(batch["keys"])
-    seconds, item_bytes = time.perf_counter() - start, store.format.bytes_per_item
-    cpu = cpu_seconds()  # the workers have ended: their time is in RUSAGE_CHILDREN
-    del loader, store
-    gc.collect()  # unmaps the shards before the next pass drops them from the page cache
-    if not images:  # a single batch: nothing after the first to time (too few images for the steps)
-        return float("nan"), start - created, float("nan")
+        if number == max(1, steps - 1):
+            last, cpu = time.perf_counter(), cpu_seconds()
+            break
+    del loader, batch, store
+    gc.collect()  # ends the workers and unmaps the shards before the next pass drops them from the page cache
+    ended = time.perf_counter()
+    if steps < 2:  # a single batch: nothing after the first to time (too few images for the steps)
+        return float("nan"), start - created, float("nan"), ended - last
     gigabytes = images * item_bytes / 1e9
-    return gigabytes / seconds, start - created, gigabytes / (cpu - cpu_start)
+    return gigabytes / (last - start), start - created, gigabytes / (cpu - cpu_start), ended - last
 
 
 # --- the head's training step -----------------------------------------------------------------------
