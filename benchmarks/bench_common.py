@@ -12,6 +12,9 @@ from pathlib import Path
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The random SigLIP of the smoke runs that train or embed: a few milliseconds a forward on one CPU thread.
+SMOKE_VISION = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=128)
 
 
 def benchmark_parser(doc: str, results_file: str, smoke: str) -> argparse.ArgumentParser:

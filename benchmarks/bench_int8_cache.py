@@ -35,7 +35,13 @@ def parse_args(argv=None):
     parser.add_argument("--identities", type=int, default=200, help="synthetic identities (the demo's 200)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (the demo's 20)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (data draws)")
-    return parse_benchmark_args(parser, argv, {"identities": 12, "epochs": 1, "seeds": [0]})
+    parser.add_argument("--mtg-train", type=int, default=40, help="MTG train rows (the demo's 40)")
+    parser.add_argument("--mtg-test", type=int, default=20, help="MTG test rows (the demo's 20)")
+    # the synthetic benchmark's DreamBench++ folder, which training does not read: the smoke run writes a minimal one
+    parser.set_defaults(dreambench=[])
+    return parse_benchmark_args(parser, argv, {"identities": 12, "epochs": 1, "seeds": [0], "mtg_train": 4,
+                                               "mtg_test": 2, "dreambench": ["--dreambench-subjects", "1",
+                                                                             "--dreambench-prompts", "1"]})
 
 
 def train_once(data: Path, base: Path, out: Path, dtype: str, seed: int, epochs: int) -> dict:
@@ -59,12 +65,13 @@ def main(argv=None):
         data, base = Path(folder) / "data", save_siglip_checkpoint(Path(folder) / "base", SMALL_SIGLIP)
         with contextlib.redirect_stdout(sys.stderr):
             synthetic.main(["--output-dir", str(data), "--num-identities", str(args.identities), "--image-size",
-                            "64", "--sources", *SOURCES, "--mtg-train", "40", "--mtg-test", "20"])
+                            "64", "--sources", *SOURCES, "--mtg-train", str(args.mtg_train), "--mtg-test",
+                            str(args.mtg_test), *args.dreambench])
         for seed in args.seeds:
             for dtype in DTYPES:
                 runs[seed, dtype] = train_once(data, base, Path(folder) / f"{dtype}-{seed}", dtype, seed, args.epochs)
     lines = [f"data: the demo's synthetic benchmark ({args.identities} identities, sources {', '.join(SOURCES)}, "
-             f"MTG), small random SigLIP {SMALL_SIGLIP}; {args.epochs} epochs, batch 8; final scores on the test split",
+             f"MTG {args.mtg_train} train rows), small random SigLIP {SMALL_SIGLIP}; {args.epochs} epochs, batch 8; final scores on the test split",
              "", f"{'seed':>4}{'SSR fp16':>10}{'SSR int8':>10}{'PA fp16':>10}{'PA int8':>10}{'final loss fp16':>17}"
              f"{'int8':>9}{'step-1 loss diff':>18}"]
     for seed in args.seeds:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import (  # noqa: E402
+    SMOKE_VISION,
     benchmark_parser,
     environment_lines,
     first_batch_timed,
@@ -62,10 +63,12 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the overlap test (best kept)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the step: 1 leaves this 2-core machine's other core to the worker")
-    parser.set_defaults(workers=(0, 1, 2))  # worker counts of the read test
-    # a smoke run: every code path once (each worker count starts processes)
+    # worker counts of the read test; the head: so400m's (its tokens 729 x 1152), one encoder layer, never run
+    parser.set_defaults(workers=(0, 1, 2), vision={**NearIDConfig().vision_config, "num_hidden_layers": 1})
+    # a smoke run: every code path once (each worker count starts processes), on a tiny model's tokens
     return parse_benchmark_args(parser, argv, {"images": 48, "read_batch": 4, "step_batch": 2, "steps": 3,
-                                               "repeats": 1, "warm_epochs": 1, "rounds": 1, "workers": (1,)})
+                                               "repeats": 1, "warm_epochs": 1, "rounds": 1, "workers": (1,),
+                                               "vision": {**NearIDConfig().vision_config, **SMOKE_VISION}})
 
 
 class FreshBatches(Dataset):
@@ -112,7 +115,8 @@ def read_lines(store, samples, args) -> tuple:
     files, epoch, repeats = shard_files(store.folder), len(samples) // args.read_batch, args.repeats
     size = sum(path.stat().st_size for path in files)
     sequential_read_rate(files, cold=False)  # into the page cache
-    figures, lines = {}, [f"store: {len(store)} rows of 729 x 1152 float16 in {len(files)} shards, "
+    rows, width = store.format.shape
+    figures, lines = {}, [f"store: {len(store)} rows of {rows} x {width} float16 in {len(files)} shards, "
                           f"{size / 1e9:.2f} GB; loader batches of {args.read_batch} samples x {SLOTS} images "
                           f"({args.read_batch * SLOTS * store.format.bytes_per_item / 1e6:.0f} MB), each row read once "
                           f"per epoch; a loader pass reads {args.warm_epochs} epochs warm, 1 cold; best of {repeats} "
@@ -172,10 +176,14 @@ def read_lines(store, samples, args) -> tuple:
     return figures, lines
 
 
-def overlap_lines(store, samples, args) -> tuple:
+def head_config(args) -> NearIDConfig:
+    """The model of the overlap test: so400m's head (width 1152, 16 heads, MLP 4304) on 729 tokens; a smoke run's
+    is tiny. Its token shape is the store's."""
+    return NearIDConfig(vision_config=args.vision, embed_dim=args.vision["hidden_size"])
+
+
+def overlap_lines(store, samples, config, args) -> tuple:
     torch.set_num_threads(args.threads)
-    # so400m's head (width 1152, 16 heads, MLP 4304) on 729 tokens; one encoder layer, which is never run.
-    config = NearIDConfig(vision_config={**NearIDConfig().vision_config, "num_hidden_layers": 1})
     torch.manual_seed(0)
     model = NearIDModel(config).freeze_backbone()
     figures = step_rates(model, store, samples, args.step_batch, args.steps, workers=1, precision="no",
@@ -183,8 +191,9 @@ def overlap_lines(store, samples, args) -> tuple:
     ok = "yes" if figures["overlap"] >= GOAL_OVERLAP else "NO"
     return figures, [
         "",
-        f"overlap: so400m head training, {args.step_batch} samples x {SLOTS} images per step (float32, torch threads "
-        f"{args.threads}), best of {args.rounds} alternating rounds of {args.steps} steps each, tokens read warm",
+        f"overlap: {'the smoke model' if args.smoke else 'so400m'} head training, {args.step_batch} samples x "
+        f"{SLOTS} images per step (float32, torch threads {args.threads}), best of {args.rounds} alternating rounds "
+        f"of {args.steps} steps each, tokens read warm",
         f"  fed by the training loader (1 worker): {figures['loader_steps_per_s']:.2f} steps/s",
         f"  fed from tokens already in memory:     {figures['resident_steps_per_s']:.2f} steps/s (the same float16 "
         "rows, widened and checked by the step as the loader's are)",
@@ -195,10 +204,11 @@ def overlap_lines(store, samples, args) -> tuple:
 def main(argv=None):
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-token-loader-") as folder:
-        store = token_store(Path(folder) / "store", args.images)
+        config = head_config(args)
+        store = token_store(Path(folder) / "store", args.images, shape=config.token_shape)
         samples = EpochSamples(store.keys())
         read_figures, read = read_lines(store, samples, args)
-        step_figures, steps = overlap_lines(store, samples, args)
+        step_figures, steps = overlap_lines(store, samples, config, args)
     write_results(args.output, environment_lines() + read + steps)
     write_json(args.output and args.output.with_suffix(".json"), {**read_figures, **step_figures})
 

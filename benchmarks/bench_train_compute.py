@@ -21,7 +21,7 @@ so400m's rates on a GPU (forward, token-cache building, head steps from the cach
 benchmarks/gpu_check.py, and benchmarks/estimate_real_run.py turns them into wall time.
 
     python benchmarks/bench_train_compute.py            # writes benchmarks/results/bench_train_compute.txt
-    python benchmarks/bench_train_compute.py --smoke    # 2 epochs on a few rows, writes nothing
+    python benchmarks/bench_train_compute.py --smoke    # 2 epochs on a few rows, a tiny model, writes nothing
 """
 
 import argparse
@@ -38,7 +38,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import environment_lines, timed, write_results  # noqa: E402
+from bench_common import SMOKE_VISION, environment_lines, timed, write_results  # noqa: E402
 from bench_forward import forward_flops  # noqa: E402
 
 from nearid.commands import train  # noqa: E402
@@ -80,21 +80,24 @@ def parse_args(argv=None):
                              "threads stall whenever another process takes one of their cores")
     parser.add_argument("--workdir", type=Path, default=None, help="keep data and runs here (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the report")
-    parser.add_argument("--smoke", action="store_true", help="2 epochs on 4 rows, no report file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 epochs on 4 rows of 32 px images, a tiny model, no report file")
     args = parser.parse_args(argv)
     if not 1 <= args.sources <= len(SOURCE_NAMES):
         parser.error(f"--sources must be between 1 and {len(SOURCE_NAMES)}, got {args.sources}")
-    if args.smoke:
+    args.vision = BENCH_VISION
+    if args.smoke:  # every step of both runs, on sizes that take a moment
         args.epochs, args.identities, args.mtg_rows, args.batch, args.output = 2, 4, 1, 4, None
+        args.vision, args.data_image_size = SMOKE_VISION, SMOKE_VISION["image_size"]
     return args
 
 
 # --- inputs -----------------------------------------------------------------------------------------
 
 
-def write_base_model(folder: Path) -> Path:
-    """A random SigLIP vision checkpoint with a SigLIP preprocessor config, like a Hub snapshot."""
-    return save_siglip_checkpoint(folder, BENCH_VISION)
+def write_base_model(folder: Path, vision: dict) -> Path:
+    """A random SigLIP vision checkpoint of `vision` with a SigLIP preprocessor config, like a Hub snapshot."""
+    return save_siglip_checkpoint(folder, vision)
 
 
 def write_training_data(folder: Path, args) -> dict:
@@ -218,8 +221,8 @@ def compute_ratio(reference_images, cached_images, head_slots, backbone_flops, h
 
 
 def measured_lines(cached: Measured, reference: Measured, data: dict, args) -> list:
-    config = NearIDConfig(vision_config={**NearIDConfig().vision_config, **BENCH_VISION},
-                          embed_dim=BENCH_VISION["hidden_size"])
+    config = NearIDConfig(vision_config={**NearIDConfig().vision_config, **args.vision},
+                          embed_dim=args.vision["hidden_size"])
     backbone, head = forward_flops(config), head_forward_flops(config)
     steps_per_epoch = samples_per_epoch(data, args) // args.batch
     expected = expected_cached_images(data["views_per_row"], args.mtg_rows, args.sources, args.epochs)
@@ -232,7 +235,7 @@ def measured_lines(cached: Measured, reference: Measured, data: dict, args) -> l
         f"data: {len(data['views_per_row'])} NearID rows ({two_view} with 2 views), {args.sources} distractor "
         f"sources, {args.mtg_rows} MTG rows x {MTG_REPEATS} = {samples_per_epoch(data, args)} samples/epoch; "
         f"{args.data_image_size}px images",
-        f"model: random SigLIP {BENCH_VISION}: backbone {backbone / 1e6:.0f} MFLOP/image, "
+        f"model: random SigLIP {args.vision}: backbone {backbone / 1e6:.0f} MFLOP/image, "
         f"head {head / 1e6:.2f} MFLOP/image",
         f"config: {args.epochs} epochs x {steps_per_epoch} steps x {args.batch} samples "
         f"({SLOTS} slots); fp32; same seed and arguments, cached run with --cache-dtype float32",
@@ -312,7 +315,7 @@ def main(argv=None):
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-")))
         workdir.mkdir(parents=True, exist_ok=True)
         data = write_training_data(workdir / "data", args)
-        base_model = write_base_model(workdir / "base-model")
+        base_model = write_base_model(workdir / "base-model", args.vision)
         warm_up_imports()
         # The cached run goes first: anything a first run pays for once counts against the cache.
         runs = {}

@@ -33,7 +33,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import timed  # noqa: E402
+from bench_common import SMOKE_VISION, timed  # noqa: E402
 from input_common import (  # noqa: E402
     SLOTS,
     EpochSamples,
@@ -57,8 +57,6 @@ from nearid.store.image_index import ImageIndex  # noqa: E402
 from nearid.tokens import BackboneTokens  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SMOKE_VISION = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=128)
 
 
 def parse_args(argv=None):

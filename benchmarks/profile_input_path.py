@@ -6,7 +6,7 @@ A CPU proxy of a GPU profile: the same stages evaluate.py's embedding and train.
 
   1. per image, in one process: read the file, hash it (the store key, once per image and run),
      decode, RGB, resize, then either rescale + normalise to float32 in the worker (before) or
-     hand over uint8 codes and normalise in the consumer (now); collation of a batch of 32;
+     hand over uint8 codes and normalise in the consumer (now); collation of a batch of 32 (--batch);
   2. the hand-over between processes: a DataLoader worker sending ready batches to the main
      process, float32 (1.77 MB per image) against uint8 (0.44 MB); pinning is not measured (no
      CUDA here: pinned copies to a GPU need one);
@@ -48,7 +48,6 @@ from nearid.images import PixelLoader, load_image  # noqa: E402
 from nearid.store.fill import FillOptions, fill  # noqa: E402
 from nearid.store.format import StoreFormat  # noqa: E402
 
-BATCH = 32
 GOAL_SCALING = 1.8
 
 
@@ -57,7 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=512, help="512 px JPEGs through the input path")
     parser.add_argument("--token-images", type=int, default=128, help="so400m token rows written as shards")
     parser.add_argument("--repeats", type=int, default=3, help="passes of each timing (the best kept)")
-    return parse_benchmark_args(parser, argv, {"images": 2 * BATCH, "token_images": 8, "repeats": 1})
+    parser.add_argument("--batch", type=int, default=32, help="images per batch, as the store's fill collates them")
+    # a smoke run: two batches, so that each of 2 workers makes one
+    return parse_benchmark_args(parser, argv, {"images": 8, "batch": 4, "token_images": 8, "repeats": 1})
 
 
 class FloatPixels:
@@ -73,7 +74,7 @@ class FloatPixels:
 # --- 1. the stages of one image, in one process ---------------------------------------------------
 
 
-def stage_times(paths, processor, repeats: int) -> dict:
+def stage_times(paths, processor, batch: int, repeats: int) -> dict:
     """{stage: ms per image}, each stage timed alone on the output of the one before."""
     count = len(paths)
     data = [read_image_bytes(str(path), "bench") for path in paths]
@@ -98,8 +99,8 @@ def stage_times(paths, processor, repeats: int) -> dict:
         "now: uint8 codes [3, H, W] in the worker": lambda: [np.ascontiguousarray(a.transpose(2, 0, 1))
                                                              for a in resized],
         "now: rescale + normalise in the consumer (CPU)": lambda: loader.model_input(torch.stack(codes)),
-        f"collate {BATCH} images, float32": lambda: [torch.stack(floats[i:i + BATCH]) for i in range(0, count, BATCH)],
-        f"collate {BATCH} images, uint8": lambda: [torch.stack(codes[i:i + BATCH]) for i in range(0, count, BATCH)],
+        f"collate {batch} images, float32": lambda: [torch.stack(floats[i:i + batch]) for i in range(0, count, batch)],
+        f"collate {batch} images, uint8": lambda: [torch.stack(codes[i:i + batch]) for i in range(0, count, batch)],
     }
     times = {name: 1000 * best_time(run, repeats, warm_up=False) / count for name, run in stages.items()}
     # processor(decoded) also resizes: its normalisation alone is the difference.
@@ -148,9 +149,9 @@ class Files(Dataset):
         return self.loader((str(self.paths[index]), f"image file {self.paths[index]}"))
 
 
-def input_path_rate(paths, loader: PixelLoader, workers: int, repeats: int) -> tuple:
+def input_path_rate(paths, loader: PixelLoader, workers: int, batch: int, repeats: int) -> tuple:
     """(images/s, images per CPU-second of the workers, main-process CPU ms per image) of decode + preprocess in
-    `workers` worker processes, batches of 32 collated as the store's fill does, consumed by a no-op (the main
+    `workers` worker processes, batches of `batch` collated as the store's fill does, consumed by a no-op (the main
     process only receives them); the best of `repeats` passes.
 
     CPU time does not depend on what else the machine runs: equal images per worker CPU-second at 1 and 2
@@ -161,7 +162,7 @@ def input_path_rate(paths, loader: PixelLoader, workers: int, repeats: int) -> t
         children, own = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
         start = time.perf_counter()  # from the workers' start: timing from the first batch would favour 2 workers,
         # whose second batch is made beside the first
-        data = DataLoader(Files(paths, loader), batch_size=BATCH, num_workers=workers, collate_fn=loader.collate)
+        data = DataLoader(Files(paths, loader), batch_size=batch, num_workers=workers, collate_fn=loader.collate)
         images = sum(len(batch) for batch in data)
         seconds = time.perf_counter() - start
         del data  # joins the workers, so their CPU time is counted
@@ -197,15 +198,15 @@ def machine_rate(paths, loader: PixelLoader, processes: int, repeats: int) -> fl
 # --- 4. shard writes --------------------------------------------------------------------------------
 
 
-def write_ms(folder: Path, dtype: str, images: int, repeats: int) -> float:
+def write_ms(folder: Path, dtype: str, images: int, batch: int, repeats: int) -> float:
     """ms per image of the store's fill with a no-op encoder: conversion to `dtype`, checks, shard writes + fsync."""
-    shape, encoder = (729, 1152), Precomputed((729, 1152), BATCH)
+    shape, encoder = (729, 1152), Precomputed((729, 1152), batch)
     items = {f"image-{i:07d}": i for i in range(images)}
 
     def run():
         target = folder / f"{dtype}-{time.perf_counter_ns()}"
         fill(target, "profile", StoreFormat(shape, dtype), items, image_number, encoder,
-             FillOptions(batch_size=BATCH, shard_size=64, progress=False))
+             FillOptions(batch_size=batch, shard_size=64, progress=False))
 
     return 1000 * best_time(run, repeats, warm_up=False) / images
 
@@ -235,20 +236,22 @@ def main(argv=None):
     figures, load_before = {}, os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="profile-input-path-") as folder:
         paths = write_jpegs(Path(folder) / "jpeg512", args.images, 512)
-        stages = stage_times(paths[:64], processor, args.repeats)
+        stages = stage_times(paths[:64], processor, args.batch, args.repeats)
         figures["stages_ms_per_image"] = stages
         lines = stage_lines(stages)
-        batches = max(1, args.images // BATCH - 1)
-        float_batch, uint8_batch = torch.zeros(BATCH, 3, 384, 384), torch.zeros(BATCH, 3, 384, 384, dtype=torch.uint8)
+        batches = max(1, args.images // args.batch - 1)
+        float_batch = torch.zeros(args.batch, 3, 384, 384)
+        uint8_batch = torch.zeros(args.batch, 3, 384, 384, dtype=torch.uint8)
         figures["handover_float32_ms"] = handover_ms(float_batch, batches, args.repeats)
         figures["handover_uint8_ms"] = handover_ms(uint8_batch, batches, args.repeats)
-        lines += ["", f"2. hand-over from 1 worker to the main process, batches of {BATCH} (ms per image):",
+        lines += ["", f"2. hand-over from 1 worker to the main process, batches of {args.batch} (ms per image):",
                   f"   float32 pixels (1.77 MB per image){figures['handover_float32_ms']:>12.3f}",
                   f"   uint8 codes    (0.44 MB per image){figures['handover_uint8_ms']:>12.3f}",
                   "   pinning: not measured (no CUDA on this machine; pin_memory needs a GPU)"]
         lines += rate_lines(paths, processor, args, figures)
         for dtype in ("float16", "int8"):
-            figures[f"shard_write_{dtype}_ms"] = write_ms(Path(folder), dtype, args.token_images, args.repeats)
+            figures[f"shard_write_{dtype}_ms"] = write_ms(Path(folder), dtype, args.token_images, args.batch,
+                                                          args.repeats)
         lines += ["", f"4. so400m token rows into the store (fill with a no-op encoder: conversion, checks, shard "
                       f"writes + fsync; {args.token_images} rows, shards of 64), ms per image:",
                   *(f"   {dtype:<8}{figures[f'shard_write_{dtype}_ms']:>8.2f}" for dtype in ("float16", "int8"))]
@@ -260,15 +263,15 @@ def main(argv=None):
 
 
 def rate_lines(paths, processor, args, figures) -> list:
-    lines = ["", f"3. the input path alone: {len(paths)} 512 px JPEGs -> 384 x 384, batches of {BATCH}, "
+    lines = ["", f"3. the input path alone: {len(paths)} 512 px JPEGs -> 384 x 384, batches of {args.batch}, "
                  "the main process consuming nothing (images/s, best of "
                  f"{args.repeats}; both hand-overs measured in this run):",
              f"   {'hand-over':<20}{'1 worker':>9}{'2 workers':>10}{'per worker':>11}{'2 / 1':>7}"
              f"{'img/worker-CPU-s (1, 2)':>25}{'2 / 1 CPU':>10}{'main CPU ms/img':>17}"]
     for name, loader in (("float32 (before)", PixelLoader(FloatPixels(processor))),
                          ("uint8 (now)", PixelLoader(processor))):
-        (one, cpu_one, main_one), (two, cpu_two, main_two) = (input_path_rate(paths, loader, workers, args.repeats)
-                                                             for workers in (1, 2))
+        (one, cpu_one, main_one), (two, cpu_two, main_two) = (
+            input_path_rate(paths, loader, workers, args.batch, args.repeats) for workers in (1, 2))
         key = name.split()[0]
         figures.update({f"input_path_{key}_w1": one, f"input_path_{key}_w2": two, f"input_path_{key}_scaling": two / one,
                         f"input_path_{key}_per_worker_cpu_s_w1": cpu_one, f"input_path_{key}_per_worker_cpu_s_w2": cpu_two,

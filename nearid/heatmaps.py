@@ -63,15 +63,23 @@ class Correspondence:
     cosine: torch.Tensor
 
 
+def float64_head(head):
+    """A float64 copy of `head` (the head itself if it is float64 already): what `correspondence_map` computes
+    with. A caller drawing many maps makes it once (so400m's head is 120 MB in float64)."""
+    if next(head.parameters()).dtype == torch.float64:
+        return head
+    return copy.deepcopy(head).double()
+
+
 @torch.no_grad()
 def correspondence_map(head, generated: torch.Tensor, references: torch.Tensor) -> Correspondence:
     """generated [B, T, D] tokens, references [R, T, D] tokens -> `Correspondence` of each generated image
-    against the mean attention output of the references. Computed in float64.
+    against the mean attention output of the references. Computed in float64 (`float64_head`).
 
     The attention output is o = W_o concat_h(sum_i a_h,i (W_v,h x_i + b_v,h)) + b_o, so with
     u = o(r) / (|o(g)| |o(r)|) patch i contributes s_i = sum_h a_h,i (W_v,h x_i + b_v,h) . (W_o^T u)_h.
     """
-    head64 = copy.deepcopy(head).double()
+    head64 = float64_head(head)
     generated, references = generated.double(), references.double()
     out_g = head64.attention_output(generated)  # [B, D]
     out_r = head64.attention_output(references).mean(dim=0)  # [D]
@@ -221,14 +229,19 @@ def score_sheet(path, scorer, scored: list, size: int = 192):
     from nearid.search import thumbnail
 
     head = nearid_head(scorer)
+    head64 = float64_head(head)
+    # One backbone pass over the sheet's images: the generations of a subject share their references.
+    paths = list(dict.fromkeys(item.path(name) for record, item in scored
+                               for name in (record["generated"], *record["references"])))
+    tokens_of = dict(zip(paths, image_tokens(scorer, paths)))
     rows = []
     for record, item in scored:
         generated = item.path(record["generated"])
         references = [item.path(name) for name in record["references"]]
-        tokens = image_tokens(scorer, [generated, *references])
-        forward = correspondence_map(head, tokens[:1], tokens[1:])
-        backward = correspondence_map(head, tokens[1:2], tokens[:1])
-        attention = attention_map(head, tokens)
+        tokens = torch.stack([tokens_of[path] for path in (generated, *references)])
+        forward = correspondence_map(head64, tokens[:1], tokens[1:])
+        backward = correspondence_map(head64, tokens[1:2], tokens[:1])
+        attention = attention_map(head, tokens[:2])
         picture, reference = load_image(generated).convert("RGB"), load_image(references[0]).convert("RGB")
         rows.append([
             (thumbnail(picture, size), f"{Path(record['generated']).name}\nscore {record['score_mean']:.3f}"),

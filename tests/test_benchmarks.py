@@ -1,8 +1,9 @@
 """Every benchmark script and the GPU check run end to end in their smoke modes, as users run them.
 
-All smoke runs share one fresh interpreter (`run_smokes`): each script runs as `__main__` with its own
-arguments, in its own working folder, its output and any error kept apart. One interpreter instead of
-one per script saves the import of torch and transformers, seconds each.
+All smoke runs share one fresh interpreter (`smoke`): each script runs as `__main__` with its own
+arguments, in its own working folder, its output, any error and the training steps it took (calls of
+the trainer's `train_step`) kept apart. One interpreter instead of one per script saves the import of
+torch and transformers, seconds each.
 """
 
 import json
@@ -26,10 +27,18 @@ GPU_FIGURES = {
 }
 RUNNER = """
 import contextlib, io, json, os, runpy, sys, traceback
+from nearid.training import loop
 scripts, out, folder_of_scripts = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-results = {}
+results, trainer_step, steps = {}, loop.train_step, []
+
+def counted_step(*args, **kwargs):  # the trainer's step, counted: set before any script imports it
+    steps.append(1)
+    return trainer_step(*args, **kwargs)
+
+loop.train_step = counted_step
 for name, args in scripts.items():
     stdout, error = io.StringIO(), None
+    steps.clear()
     folder = os.path.join(out, name.removesuffix(".py"))
     os.makedirs(folder)
     os.chdir(folder)
@@ -41,7 +50,7 @@ for name, args in scripts.items():
         error = None if exit_.code in (0, None) else f"exit status {exit_.code}"
     except BaseException:
         error = traceback.format_exc()
-    results[name] = {"stdout": stdout.getvalue(), "error": error}
+    results[name] = {"stdout": stdout.getvalue(), "error": error, "train_steps": len(steps)}
 with open(os.path.join(out, "results.json"), "w") as stream:
     json.dump(results, stream)
 """
@@ -67,7 +76,7 @@ def smoke(tmp_path_factory):
     }
     before = {path: path.stat().st_mtime_ns for path in (REPO_ROOT / "benchmarks" / "results").iterdir()}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO_ROOT / "benchmarks"))
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "benchmarks"), str(REPO_ROOT)]))
     subprocess.run([sys.executable, "-c", RUNNER, json.dumps(scripts), str(out), str(REPO_ROOT / "benchmarks")],
                    env=env, capture_output=True, text=True, timeout=600)
     results = json.loads((out / "results.json").read_text())
@@ -172,14 +181,19 @@ def test_the_search_benchmark_runs_and_records_its_table(smoke):
     assert lines[-1].startswith(("Fastest at recall@10 >= 0.99", "No approximate setting"))
 
 
-def test_the_head_step_benchmarks_time_the_trainers_own_step(monkeypatch):
-    """bench_token_loader.py and gpu_check.py time train.py's `train_step` and optimizer set-up, not a copy."""
+def test_the_head_step_benchmarks_time_the_trainers_own_step(smoke, monkeypatch):
+    """bench_token_loader.py and gpu_check.py time train.py's `train_step` and optimizer set-up, not a copy:
+    their smoke runs called it."""
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import input_common
 
     from nearid.training import loop
 
     assert input_common.train_step is loop.train_step and input_common.steps_only_run is loop.steps_only_run
+    results, _ = smoke
+    for name in ("bench_token_loader.py", "gpu_check.py"):
+        output_of(smoke, name)
+        assert results[name]["train_steps"] > 0, f"{name} took no step of the trainer's train_step"
 
 
 def test_best_time_keeps_the_fastest_timed_call_after_an_untimed_warm_up(monkeypatch):

@@ -139,11 +139,24 @@ def score_argv(repo, root, *extra):
 def test_score_writes_heatmap_sheets_of_the_lowest_scoring_generations(tiny_repo, tmp_path, monkeypatch):
     from nearid.commands import evaluate
 
-    drawn = []
-    real_sheet = heatmaps.score_sheet
+    drawn, encoded, head_copies = [], [], []
+    real_sheet, real_tokens, real_deepcopy = heatmaps.score_sheet, heatmaps.image_tokens, heatmaps.copy.deepcopy
     monkeypatch.setattr(heatmaps, "score_sheet", lambda path, scorer, scored: drawn.append(scored) or
-                        real_sheet(path, scorer, scored))
+                        encoded.append([]) or head_copies.append(0) or real_sheet(path, scorer, scored))
+    monkeypatch.setattr(heatmaps, "image_tokens", lambda scorer, images: encoded[-1].extend(images) or
+                        real_tokens(scorer, images))
+
+    def deepcopy(value, *args):  # counts the float64 copies of the head a sheet makes
+        if isinstance(value, torch.nn.Module) and hasattr(value, "attention_weights"):
+            head_copies[-1] += 1
+        return real_deepcopy(value, *args)
+
+    monkeypatch.setattr(heatmaps.copy, "deepcopy", deepcopy)
     result = evaluate.main(score_argv(tiny_repo, tmp_path, "--heatmaps", "2"))
+    # each sheet runs the backbone once on each of its images (2 generations, their 2 shared references) and
+    # copies the head to float64 once
+    assert [len(images) for images in encoded] == [4] * 4 and all(len(set(images)) == 4 for images in encoded)
+    assert head_copies == [1] * 4
     out = tmp_path / "out"
     sheets = sorted(p.name for p in (out / "heatmaps").iterdir())
     assert sheets == [f"{m}__{s}.png" for m in ("dreambooth", "ip_adapter") for s in ("cat_toy", "red_cup")]

@@ -173,6 +173,20 @@ def test_plot_ssr_pa_png(tmp_path):
     assert os.listdir(tmp_path) == ["ssr_pa.png"]
 
 
+def test_image_grid_cells_have_no_ticks_for_the_layout_to_measure(tmp_path, monkeypatch):
+    """Contact sheets (heatmaps, search results, clusters) draw images only: their cells carry no tick at all, as
+    hidden ticks would still be laid out, a third of the sheet's time."""
+    figures, save = [], plots._save_png
+    monkeypatch.setattr(plots, "_save_png", lambda fig, path: figures.append(fig) or save(fig, path))
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    path = plots.plot_image_grid(tmp_path / "sheet.png", [[(image, "a"), (None, "b")], [(image, "c")]], "title")
+    width, height = _png_size(path)
+    assert width > 150 and height > 150
+    cells = figures[0].axes
+    assert len(cells) == 4 and all(not ax.axison for ax in cells)
+    assert all(len(ax.get_xticks()) == len(ax.get_yticks()) == 0 for ax in cells)
+
+
 # --------------------------------------------------------------------------------------------------
 # The files of one run
 

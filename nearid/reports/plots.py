@@ -201,6 +201,8 @@ def plot_image_grid(path, rows: Sequence[Sequence[tuple]], title: str, cell_inch
     fig = _new_figure(cell_inches * ncols, (cell_inches + 0.13 * caption_lines + 0.1) * len(rows) + 0.6)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for ax in axes.flat:
+        # No ticks at all, not only hidden ones: the layout would measure every hidden tick label of every cell.
+        ax.set(xticks=[], yticks=[])
         ax.set_axis_off()
     for ax_row, cells in zip(axes, rows):
         for ax, (image, caption) in zip(ax_row, cells):
