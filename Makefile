@@ -40,7 +40,7 @@ $(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/set
 
 $(OLDEST_DIR)/.ready: $(VENV)/.ready
 	# transformers is installed with the `kernels` release it supports: the venv's newer one breaks its import.
-	$(PY) -m pip install --quiet --disable-pip-version-check --target $(OLDEST_DIR) "transformers[kernels]==$(OLDEST_TRANSFORMERS)"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --target $(OLDEST_DIR) "transformers[kernels]==$(OLDEST_TRANSFORMERS)"
 	touch $@
 
 clean:
