@@ -19,8 +19,11 @@ REQUIREMENTS=${1:-requirements.txt}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 # --no-compile: pip would byte-compile every file it installs (about 15,000, most never imported);
-# Python compiles a module when it is first imported and keeps the result in __pycache__.
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
+# Python compiles a module when it is first imported and keeps the result in __pycache__. Where
+# PYTHONDONTWRITEBYTECODE is set it keeps nothing, and every interpreter would compile torch again:
+# there pip compiles at install, as by default.
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+[ -n "${PYTHONDONTWRITEBYTECODE:-}" ] || PIP+=(--no-compile)
 
 TORCH_FLOOR=2.10  # the same floor as pyproject.toml
 # Exit status 0 when torch imports and its version is at least TORCH_FLOOR.
