@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 # The oldest transformers release pyproject.toml allows (5.10.0 is not on PyPI); `make test` checks it too.
 OLDEST_TRANSFORMERS ?= 5.10.1
 OLDEST_DIR := .cache/transformers-$(OLDEST_TRANSFORMERS)
+# pip's byte-compiling at install is left to import, which keeps what it compiles, unless PYTHONDONTWRITEBYTECODE
+# is set (scripts/setup_env.sh says why).
+NO_COMPILE := $(if $(PYTHONDONTWRITEBYTECODE),,--no-compile)
 # pytest-xdist workers: whole test files each (tests/conftest.py), torch on one thread each.
 TEST_WORKERS ?= 2
 
@@ -40,7 +43,7 @@ $(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/set
 
 $(OLDEST_DIR)/.ready: $(VENV)/.ready
 	# transformers is installed with the `kernels` release it supports: the venv's newer one breaks its import.
-	$(PY) -m pip install --quiet --disable-pip-version-check --target $(OLDEST_DIR) "transformers[kernels]==$(OLDEST_TRANSFORMERS)"
+	$(PY) -m pip install --quiet --disable-pip-version-check $(NO_COMPILE) --target $(OLDEST_DIR) "transformers[kernels]==$(OLDEST_TRANSFORMERS)"
 	touch $@
 
 clean:

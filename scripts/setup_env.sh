@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment.
 #
-# torch comes first and on purpose: asked for through another package, pip would fetch the newest
+# torch is named on purpose: asked for only through another package, pip would fetch the newest
 # torch, which on Linux is the CUDA build with gigabytes of CUDA wheels, even on a CPU-only machine.
 #   - torch already in the environment at TORCH_FLOOR or newer: kept as it is; an older one is
 #     replaced as below (2.10 fixes CVE-2026-24747, the weights_only unpickler).
-#   - TORCH_INDEX_URL set: torch from that index (e.g. https://download.pytorch.org/whl/cpu).
+#   - TORCH_INDEX_URL set: torch from that index (e.g. https://download.pytorch.org/whl/cpu), in a
+#     pip call of its own, since that index serves torch and not the other requirements.
 #   - an NVIDIA GPU present (nvidia-smi): the default PyPI build, which bundles CUDA.
 #   - otherwise: torch==2.13.0, the CPU build where a local wheel provides it.
+# Except from TORCH_INDEX_URL, torch is asked for in the same pip call as the requirements: one
+# resolution and one install pass instead of two, with the same result.
 set -euo pipefail
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
@@ -15,7 +18,12 @@ REQUIREMENTS=${1:-requirements.txt}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
+# --no-compile: pip would byte-compile every file it installs (about 15,000, most never imported);
+# Python compiles a module when it is first imported and keeps the result in __pycache__. Where
+# PYTHONDONTWRITEBYTECODE is set it keeps nothing, and every interpreter would compile torch again:
+# there pip compiles at install, as by default.
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+[ -n "${PYTHONDONTWRITEBYTECODE:-}" ] || PIP+=(--no-compile)
 
 TORCH_FLOOR=2.10  # the same floor as pyproject.toml
 # Exit status 0 when torch imports and its version is at least TORCH_FLOOR.
@@ -23,6 +31,7 @@ TORCH_AT_FLOOR='import re, sys, torch
 version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
 sys.exit(version < tuple(int(part) for part in sys.argv[1].split(".")))'
 
+TORCH=()  # the torch to ask for beside the requirements: none when the environment's is kept
 if ! "$PY" -c "$TORCH_AT_FLOOR" "$TORCH_FLOOR" >/dev/null 2>&1; then
   if "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "torch $("$PY" -c "import torch; print(torch.__version__)") is older than $TORCH_FLOOR (CVE-2026-24747): upgrading it"
@@ -30,10 +39,10 @@ if ! "$PY" -c "$TORCH_AT_FLOOR" "$TORCH_FLOOR" >/dev/null 2>&1; then
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
     "${PIP[@]}" "torch>=$TORCH_FLOOR" --index-url "$TORCH_INDEX_URL"
   elif command -v nvidia-smi >/dev/null 2>&1; then
-    "${PIP[@]}" "torch>=$TORCH_FLOOR"
+    TORCH=("torch>=$TORCH_FLOOR")
   else
-    "${PIP[@]}" "torch==2.13.0"
+    TORCH=("torch==2.13.0")
   fi
 fi
-"${PIP[@]}" -r "$REQUIREMENTS"
+"${PIP[@]}" ${TORCH[@]+"${TORCH[@]}"} -r "$REQUIREMENTS"
 "$PY" -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"
