@@ -101,11 +101,20 @@ def test_two_processes_share_the_token_cache_and_write_outputs_once(runs):
     assert sum("test/ssr" in line for line in final_logs) == 1
 
 
+def poison_losses_after(log, step):
+    """The copied log's losses after `step` set to -1: they match the full run's only if the resumed run
+    drops them and logs those steps itself."""
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [{**line, "loss": -1.0} if "loss" in line and line["step"] > step else line for line in lines]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 def test_two_processes_resume_to_the_same_weights(runs, train_synthetic, base_model, tmp_path):
     """A two-process run continued from step 9 of a two-process run ends where the uninterrupted one did.
 
     The folder it continues is the fixture's two-process run cut back to what it held after step 9: its
-    checkpoints after step 9 and its results removed (the resumed run trims the log itself). That step-9
+    checkpoints after step 9 and its results removed, and the losses it logged after step 9 made wrong (the
+    resumed run must trim the log and log those steps again). That step-9
     checkpoint is the one a run stopped at step 9 writes: the same step, saved the same way, and nothing after
     step 9 goes into it."""
     full, _ = runs[2]
@@ -113,6 +122,7 @@ def test_two_processes_resume_to_the_same_weights(runs, train_synthetic, base_mo
     for later in checkpoints.completed(out)[KEPT.index("step-0000009") + 1:]:
         shutil.rmtree(later)
     (out / "train_results.json").unlink()
+    poison_losses_after(out / "logs.jsonl", 9)
     assert [p.name for p in checkpoints.completed(out)] == ["step-0000009"]
     output = launch_train(2, train_synthetic, base_model, out, *CHECKPOINTS, "--resume-from-checkpoint", "latest")
     assert re.search(r"resumed from \S+step-0000009 at step 9\n", output), output[-4000:]
@@ -120,7 +130,7 @@ def test_two_processes_resume_to_the_same_weights(runs, train_synthetic, base_mo
     for name in KEPT[1:]:  # written again by the resumed run
         a, b = (load_file(run / "checkpoints" / name / "head.safetensors") for run in (full, out))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert logged_losses(out) == logged_losses(full)  # steps 10 to 14 logged once, with the same losses
+    assert logged_losses(out) == logged_losses(full)  # steps 10 to 14 trimmed, then logged again with the same losses
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
