@@ -145,8 +145,10 @@ def test_a_store_travels_without_its_files(store):
 
 # A spawned loader worker's start: unpickle what the DataLoader sends it, read a batch, say what that imported.
 WORKER_READ = """
-import json, pickle, sys, torch
+import json, pickle, sys, types, torch
 dataset, collate, init, batch = pickle.load(sys.stdin.buffer)
+torch.utils.data.get_worker_info = lambda: types.SimpleNamespace(id=0, dataset=dataset)  # as in worker 0
+init(0)  # a worker's start comes before its first batch
 batch = collate(dataset.__getitems__(batch))
 stored = dataset.ring.fields(batch["buffer"], len(batch["keys"]))
 same = torch.equal(dataset.store.format.decode(stored, "cpu"), dataset.store.get(batch["keys"]))
