@@ -272,8 +272,9 @@ def build_training_set(benchmark, rows: Sequence[int] | None = None, mtg=None,
     rows = check_indices(range(len(benchmark)) if rows is None else rows, len(benchmark), "NearID training rows")
     nearid, nearid_excluded = _nearid_samples(benchmark, rows, items)
     mtg_samples, mtg_excluded = [], 0
-    if isinstance(mtg, Mapping):  # a DatasetDict
-        raise ValueError(f"mtg is a DatasetDict with splits {sorted(mtg)}; pass the train split, e.g. mtg['train']")
+    if isinstance(mtg, Mapping):  # a DatasetDict, or any mapping of split names to datasets
+        raise ValueError(f"mtg is a mapping of splits {sorted(mtg)}, not one split; pass the train split, "
+                         "e.g. mtg['train']")
     if mtg is not None:
         mtg_rows = check_indices(range(len(mtg)) if mtg_rows is None else mtg_rows, len(mtg), "MTG training rows")
         mtg_samples, mtg_excluded = _mtg_samples(mtg, mtg_rows, mtg_repeats, items)

@@ -260,7 +260,7 @@ def test_mtg_errors(bench, mtg):
         td.build_training_set(bench, mtg=mtg.remove_columns(["image_2_inpainted"]))
     with pytest.raises(ValueError, match="mtg_repeats must be a non-negative integer"):
         td.build_training_set(bench, mtg=mtg, mtg_repeats=-1)
-    with pytest.raises(ValueError, match=r"mtg is a DatasetDict with splits \['train'\]; pass the train split"):
+    with pytest.raises(ValueError, match=r"mtg is a mapping of splits \['train'\], not one split; pass the train split"):
         td.build_training_set(bench, mtg=datasets.DatasetDict({"train": mtg}))
     with pytest.raises(ValueError, match="mtg_rows was given without an MTG dataset"):
         td.build_training_set(bench, mtg_rows=[0])

@@ -51,4 +51,3 @@ def write_outputs(args, index, result, records, heatmap_scorer=None):
                                                                        "image", "hash")} for r in records]})
     print(shown.query_summary(index, result, records))
     print(f"Results in {outputs.folder}")
-
