@@ -227,10 +227,7 @@ def npy_header(records: np.dtype, rows: int) -> bytes:
 def check_finite(keys, fields: dict, dtype: str):
     """Refuse values that would be stored as NaN/inf (float16 overflow, or a model producing NaN)."""
     stored = fields["scale"] if dtype == "int8" else fields["values"]  # a NaN vector has a NaN scale
-    if dtype == "float16":  # NaN and inf have every exponent bit set: 3x faster than isfinite on float16 here
-        finite = ((stored.view(np.uint16) & 0x7C00) != 0x7C00).reshape(len(keys), -1).all(axis=1)
-    else:
-        finite = finite_rows(torch.from_numpy(stored)).numpy()
+    finite = finite_rows(torch.from_numpy(stored)).numpy()
     if not finite.all():
         bad = [key for key, ok in zip(keys, finite, strict=True) if not ok]
         raise FloatingPointError(
