@@ -178,16 +178,13 @@ def mtg_object_attention(scorer, mtg_source, split: str = "test") -> dict:
     from nearid.data import readers
 
     dataset, _ = readers.open_mtg(mtg_source, split)
-    rows = range(len(dataset))
     # The 6 columns used, each read once and undecoded; the inpainted images are never read.
-    columns = [f"image_{view}_{kind}" for view in (1, 2) for kind in ("original", "object_mask", "part_mask")]
-    refs = {column: readers.image_refs(dataset, column, rows) for column in columns}
+    columns = readers.mtg_view_columns(dataset, ("original", "object_mask", "part_mask"))
     images, masks = [], []
-    for row in rows:
+    for row in range(len(dataset)):
         for view in (1, 2):
-            images.append(refs[f"image_{view}_original"][row])
-            masks.append(readers.mtg_masks(refs[f"image_{view}_object_mask"][row], refs[f"image_{view}_part_mask"][row],
-                                           f"MTG {split} row {row} view {view}")[0])
+            images.append(columns[f"image_{view}_original"][row])
+            masks.append(readers.mtg_view_masks(columns, row, view, f"MTG {split} row {row} view {view}")[0])
     return object_attention(scorer, images, masks)
 
 

@@ -172,6 +172,19 @@ def open_mtg(source, split: str = "test", revision: str | None = None) -> tuple:
     return dataset, provenance
 
 
+def mtg_view_columns(dataset, kinds=("object_mask", "part_mask")) -> dict:
+    """{"image_<view>_<kind>": the image ref of every row} of MTG's views 1 and 2: each column read once,
+    undecoded (`image_refs`)."""
+    rows = range(len(dataset))
+    return {f"image_{view}_{kind}": image_refs(dataset, f"image_{view}_{kind}", rows) for view in (1, 2)
+            for kind in kinds}
+
+
+def mtg_view_masks(columns: dict, row: int, view: int, where: str) -> tuple:
+    """`mtg_masks` of one view of `row`, from its `mtg_view_columns`."""
+    return mtg_masks(columns[f"image_{view}_object_mask"][row], columns[f"image_{view}_part_mask"][row], where)
+
+
 def mtg_masks(object_ref: dict | None, part_ref: dict | None, where: str) -> tuple:
     """(object mask, part mask) of one MTG view as [H, W] uint8 arrays (any value > 0 is inside).
 

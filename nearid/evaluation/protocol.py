@@ -190,15 +190,13 @@ def mtg_oracles(dataset, skip_errors: bool) -> tuple:
     A row whose masks cannot be read, or whose object mask is empty (the oracle is undefined), is an
     error, or with `skip_errors` NaN and listed.
     """
-    columns = [f"image_{view}_{kind}_mask" for view in (1, 2) for kind in ("object", "part")]
-    refs = {c: readers.image_refs(dataset, c, range(len(dataset))) for c in columns}
+    columns = readers.mtg_view_columns(dataset)
     oracles, skipped = np.full((len(dataset), 2), np.nan), []
     for row in range(len(dataset)):
         for view in (1, 2):
             where = f"MTG row {row} view {view}"
             try:
-                masks = readers.mtg_masks(refs[f"image_{view}_object_mask"][row], refs[f"image_{view}_part_mask"][row],
-                                          where)
+                masks = readers.mtg_view_masks(columns, row, view, where)
                 oracles[row, view - 1] = metrics.mtg_oracle(*masks)
             except ValueError as error:  # ImageLoadError (names `where` itself), or an empty object mask
                 reason = str(error) if isinstance(error, ImageLoadError) else f"{where}: {error}"
