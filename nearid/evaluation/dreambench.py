@@ -8,10 +8,10 @@ from pathlib import Path
 from nearid import metrics
 from nearid.data import dreambench_files
 from nearid.evaluation import protocol
-from nearid.evaluation.records import record_model_index
+from nearid.evaluation.records import record_model_index, results_document
 from nearid.io import atomic_write_json, atomic_write_text
 from nearid.options import embed, open_outputs
-from nearid.reports import results_file, tables
+from nearid.reports import tables
 from nearid.store.image_index import ImageIndex
 
 
@@ -53,8 +53,7 @@ def write_outputs(args, scorer, scores, result, skipped):
     atomic_write_text(outputs.path("dreambench_table.md"), table)
     ratings = {"kind": "local", "path": str(Path(args.ratings).resolve())}  # the authors' rating files
     record_model_index(args, outputs, "dreambench", result, None, scorer["spec"], ratings)
-    prov = results_file.provenance(scorer, [ratings])
-    outputs.finish(results_file.results_document("dreambench", scorer, result, prov, skipped,
-                                            notes=tables.DREAMBENCH_NOTES))
+    outputs.finish(results_document("dreambench", scorer, result, [ratings], skipped, None,
+                                    notes=tables.DREAMBENCH_NOTES))
     print(table)
     print(f"MH per category: {tables.mh_per_category(result)}")

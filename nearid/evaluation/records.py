@@ -9,11 +9,13 @@ from nearid import card
 from nearid.reports import results_file
 
 
-def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, stats, split_file=None):
+def results_document(benchmark, scorer_provenance, metrics_, datasets, skipped, stats, split_file=None, notes=None):
     """The results JSON of a benchmark run: its metrics, the images left out, and the provenance of
-    the scorer, the datasets, the split file and the embedding work (`stats`)."""
-    prov = results_file.provenance(scorer_provenance, datasets, split_file, extra={"embedding": stats})
-    return results_file.results_document(benchmark, scorer_provenance, metrics_, prov, skipped)
+    the scorer, the datasets, the split file and the embedding work (`stats`; None for a run that embeds
+    nothing); `notes` say what metrics mean."""
+    extra = None if stats is None else {"embedding": stats}
+    prov = results_file.provenance(scorer_provenance, datasets, split_file, extra=extra)
+    return results_file.results_document(benchmark, scorer_provenance, metrics_, prov, skipped, notes=notes)
 
 
 def record_model_index(args, outputs, benchmark, values, split, model_name, data) -> None:
