@@ -17,10 +17,10 @@ import datasets
 import numpy as np
 import pytest
 
-from nearid.data import readers
 from nearid.search import SearchIndex
 from tests import commands_worker
-from tests.helpers import REPO_ROOT, assert_finished, draw_vector, launch, single_threaded
+from tests.helpers import (REPO_ROOT, assert_finished, corrupt_image, draw_vector, launch, present, rewrite,
+                           single_threaded)
 
 RESULTS = "nearid_results.json"
 TABLE_HEADER = "| source | SSR | PA |"
@@ -37,12 +37,10 @@ def benchmark(synthetic, tiny_repo, tmp_path_factory):
     """conftest.py's synthetic benchmark, a copy of its `sdxl` source with one image corrupt, its tiny model and
     a gallery of 11 images: {"benchmark", "sdxl_broken", "model", "broken_row", "gallery"}."""
     root = tmp_path_factory.mktemp("benchmark")
-    sdxl = readers.undecoded(datasets.load_from_disk(str(synthetic / "sdxl")), ["nimg1"])
-    present = [r for r, ref in enumerate(readers.image_refs(sdxl, "nimg1", range(len(sdxl)))) if ref]
-    broken_row = present[len(present) // 2]
-    garbage = {"bytes": b"not an image", "path": None}
-    sdxl = sdxl.map(lambda e, i: {"nimg1": garbage if i == broken_row else e["nimg1"]}, with_indices=True)
-    sdxl.cast_column("nimg1", datasets.Image()).save_to_disk(str(root / "sdxl_broken"))
+    sdxl = datasets.load_from_disk(str(synthetic / "sdxl"))
+    with_image = [row for row, ok in enumerate(present(sdxl, "nimg1")) if ok]
+    broken_row = with_image[len(with_image) // 2]
+    rewrite(synthetic / "sdxl", root / "sdxl_broken", lambda dataset: corrupt_image(dataset, broken_row, "nimg1"))
     gallery = root / "gallery"
     gallery.mkdir()
     rng = np.random.default_rng(0)

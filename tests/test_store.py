@@ -4,8 +4,6 @@ exactly or within their storage error, resumed, split across processes, and chec
 import json
 import os
 import stat
-import subprocess
-import sys
 import textwrap
 import threading
 from collections import namedtuple
@@ -28,11 +26,11 @@ from tests.helpers import (
     TINY_TOKEN_SHAPE,
     Counting,
     assert_finished,
+    launch,
     load_pixels,
     make_items,
     make_tiny_nearid,
     make_tiny_processor,
-    python_path,
 )
 
 NUM_TOKENS, HIDDEN = TINY_TOKEN_SHAPE
@@ -615,16 +613,12 @@ def test_two_processes_fill_one_store(model, tmp_path):
     script = tmp_path / "fill_two.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     root = tmp_path / "store"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path()}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(root)]
     # Judged by the files the processes wrote, and by the exit code: 0, or the abort at exit that gloo runs
     # sometimes meet after finishing (helpers.assert_finished).
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    logs = textwrap.shorten(finished.stdout + finished.stderr, 4000)
-    assert_finished(finished.returncode, finished.stdout + finished.stderr,
-                    all((root / f"{name}-{rank}.{ext}").exists() for rank in (0, 1)
-                        for name, ext in (("result", "json"), ("seen-by", "pt"))))
+    code, output = launch(2, [script, root], tmp_path, "fill_two.log")
+    logs = textwrap.shorten(output, 4000)
+    assert_finished(code, output, all((root / f"{name}-{rank}.{ext}").exists() for rank in (0, 1)
+                                      for name, ext in (("result", "json"), ("seen-by", "pt"))))
     items = make_items(9, corrupt=["broken"])
     good = sorted(key for key in items if key != "broken")
     computed = []
