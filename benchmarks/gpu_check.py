@@ -33,7 +33,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import SMOKE_VISION, timed  # noqa: E402
+from bench_common import RESULTS, SMOKE_VISION, timed  # noqa: E402
 from input_common import (  # noqa: E402
     SLOTS,
     EpochSamples,
@@ -55,8 +55,6 @@ from nearid.store.embedding_store import EmbeddingStore  # noqa: E402
 from nearid.store.fill import FillOptions, fill  # noqa: E402
 from nearid.store.image_index import ImageIndex  # noqa: E402
 from nearid.tokens import BackboneTokens  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv=None):

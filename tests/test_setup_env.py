@@ -28,8 +28,9 @@ def test_requirements_exclude_the_releases_with_known_advisories():
     assert floor("pillow") >= (10, 3)  # CVE-2024-28219
 
 
-def run_setup(tmp_path, torch_version, gpu=False, torch_index_url=None, environment=()) -> list:
-    """Run setup_env.sh with torch `torch_version` already installed; returns the pip installs it ran."""
+def run_setup(tmp_path, torch_version, gpu=False, environment=()) -> list:
+    """Run setup_env.sh with torch `torch_version` already installed and `environment` set (TORCH_INDEX_URL,
+    PYTHONDONTWRITEBYTECODE, ...); returns the pip installs it ran."""
     modules, tools, venv = tmp_path / "modules", tmp_path / "tools", tmp_path / "venv"
     for name, version in (("torch", torch_version), ("transformers", "5.10.0")):
         (modules / name).mkdir(parents=True)
@@ -46,8 +47,6 @@ def run_setup(tmp_path, torch_version, gpu=False, torch_index_url=None, environm
         (tools / "nvidia-smi").chmod(0o755)
     # PATH holds only the stand-in tools: whether nvidia-smi exists is the test's choice.
     env = {"PATH": str(tools), "VENV": str(venv), **dict(environment)}
-    if torch_index_url:
-        env["TORCH_INDEX_URL"] = torch_index_url
     subprocess.run(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, check=True, capture_output=True, text=True, env=env)
     return log.read_text().splitlines()
 
@@ -62,7 +61,7 @@ def test_a_torch_below_the_floor_is_upgraded_in_the_requirements_install(tmp_pat
 def test_a_torch_index_gets_a_pip_call_of_its_own(tmp_path):
     # The index serves torch only: the requirements come from the usual indexes, without torch named.
     index = "https://download.pytorch.org/whl/cpu"
-    torch_install, requirements_install = run_setup(tmp_path, "2.4.0+cpu", torch_index_url=index)
+    torch_install, requirements_install = run_setup(tmp_path, "2.4.0+cpu", environment={"TORCH_INDEX_URL": index})
     assert torch_install.endswith(f"torch>=2.10 --index-url {index}")
     assert "torch" not in requirements_install and requirements_install.endswith("-r requirements.txt")
 
@@ -76,7 +75,8 @@ def test_a_torch_at_the_floor_is_kept(tmp_path):
                                                             ("2.12.1+cpu", None)])
 def test_no_install_byte_compiles_what_it_installs(tmp_path, torch_version, torch_index_url):
     # Python compiles a module when it is first imported; pip would compile all of them (most never run).
-    installs = run_setup(tmp_path, torch_version, torch_index_url=torch_index_url)
+    environment = {"TORCH_INDEX_URL": torch_index_url} if torch_index_url else {}
+    installs = run_setup(tmp_path, torch_version, environment=environment)
     assert installs and all("--no-compile" in install.split() for install in installs)
 
 
