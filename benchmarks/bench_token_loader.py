@@ -104,11 +104,15 @@ def best_loader_pass(repeats: int, measure) -> tuple:
     return tuple(best(figure) for best, figure in zip((max, min, max, min), zip(*passes)))
 
 
-def sequential_cpu_rate(files, buffer_bytes: int = READ_CHUNK) -> float:
-    """GB per CPU-second of a plain sequential read of `files` from the page cache."""
-    size, start = sum(path.stat().st_size for path in files), time.process_time()
-    sequential_read_rate(files, cold=False, buffer_bytes=buffer_bytes)
-    return size / 1e9 / (time.process_time() - start)
+def best_warm_read(repeats: int, files, buffer_bytes: int = READ_CHUNK) -> tuple:
+    """(GB/s, GB per CPU-second), each the best of `repeats` plain sequential reads of `files` from the page
+    cache: both figures of each read from the same pass."""
+    size, passes = sum(path.stat().st_size for path in files), []
+    for _ in range(repeats):
+        start = time.process_time()
+        rate = sequential_read_rate(files, cold=False, buffer_bytes=buffer_bytes)
+        passes.append((rate, size / 1e9 / (time.process_time() - start)))
+    return tuple(max(figure) for figure in zip(*passes))
 
 
 def read_lines(store, samples, args) -> tuple:
@@ -123,15 +127,13 @@ def read_lines(store, samples, args) -> tuple:
                           "passes each", "",
                           f"{'read':<44}{'warm GB/s':>10}{'cold GB/s':>10}{'first batch s':>15}{'GB/CPU-s':>10}"
                           f"{'end s':>8}"]
-    for cold in (False, True):
-        figures[f"sequential_{'cold' if cold else 'warm'}"] = best_of(repeats, lambda: sequential_read_rate(files, cold))
-    figures["sequential_gb_per_cpu_s"] = max(sequential_cpu_rate(files) for _ in range(repeats))
+    figures["sequential_warm"], figures["sequential_gb_per_cpu_s"] = best_warm_read(repeats, files)
+    figures["sequential_cold"] = best_of(repeats, lambda: sequential_read_rate(files, cold=True))
     lines.append(f"{'plain sequential read of the shard files':<44}{figures['sequential_warm']:>10.2f}"
                  f"{figures['sequential_cold']:>10.2f}{'':>15}{figures['sequential_gb_per_cpu_s']:>10.2f}")
     batch_bytes = args.read_batch * SLOTS * store.format.bytes_per_item
-    figures["sequential_warm_batch_buffer"] = best_of(repeats, lambda: sequential_read_rate(files, False, batch_bytes))
-    figures["sequential_batch_buffer_gb_per_cpu_s"] = max(sequential_cpu_rate(files, batch_bytes)
-                                                          for _ in range(repeats))
+    figures["sequential_warm_batch_buffer"], figures["sequential_batch_buffer_gb_per_cpu_s"] = best_warm_read(
+        repeats, files, batch_bytes)
     lines.append(f"{'  the same, into a buffer of one batch':<44}{figures['sequential_warm_batch_buffer']:>10.2f}"
                  f"{'':>10}{'':>15}{figures['sequential_batch_buffer_gb_per_cpu_s']:>10.2f}")
     for workers in args.workers:
