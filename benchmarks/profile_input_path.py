@@ -41,7 +41,7 @@ from bench_common import (  # noqa: E402
     parse_benchmark_args,
     write_results,
 )
-from input_common import Precomputed, image_number, write_jpegs, write_json  # noqa: E402
+from input_common import Precomputed, decode_rate, image_number, write_jpegs, write_json  # noqa: E402
 
 from image_processing_nearid import NearIDImageProcessor, _pil_to_rgb, read_image_bytes  # noqa: E402
 from nearid.images import PixelLoader, load_image  # noqa: E402
@@ -174,19 +174,18 @@ def input_path_rate(paths, loader: PixelLoader, workers: int, batch: int, repeat
     return max(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs)
 
 
-def _preprocess_all(paths, loader: PixelLoader) -> None:
+def _preprocess_all(paths, processor) -> None:
     torch.set_num_threads(1)  # as in a DataLoader worker
-    for path in paths:
-        loader((str(path), f"image file {path}"))
+    decode_rate(processor, paths)
 
 
-def machine_rate(paths, loader: PixelLoader, processes: int, repeats: int) -> float:
+def machine_rate(paths, processor, processes: int, repeats: int) -> float:
     """images/s of `processes` plain processes each decoding and preprocessing all of `paths` at once, nothing
     handed over: what this machine gives the workers' own work right now (other load included)."""
     context = torch.multiprocessing.get_context("fork")
 
     def run():
-        children = [context.Process(target=_preprocess_all, args=(paths, loader)) for _ in range(processes)]
+        children = [context.Process(target=_preprocess_all, args=(paths, processor)) for _ in range(processes)]
         for child in children:
             child.start()
         for child in children:
@@ -295,8 +294,7 @@ def capacity_lines(paths, processor, args, figures) -> list:
     # 1 worker: the worker is the bound (the main process runs on the other core); 2 workers on 2 cores: the
     # two cores do the workers' and the main process's work, 2 / (worker + main) images per ms.
     ceiling = 2 * worker_ms / (worker_ms + main_ms)
-    loader = PixelLoader(processor)
-    one, two = (machine_rate(paths, loader, processes, args.repeats) for processes in (1, 2))
+    one, two = (machine_rate(paths, processor, processes, args.repeats) for processes in (1, 2))
     figures.update({"input_path_worker_cpu_ms": worker_ms, "input_path_main_core_share": main_ms / worker_ms,
                     "input_path_idle_ceiling": ceiling, "machine_w1": one, "machine_w2": two,
                     "machine_scaling": two / one})
