@@ -4,10 +4,10 @@ Runs go through `python -m torch.distributed.run` on the CPU (gloo), the launche
 launch` itself uses for several processes (`accelerate launch --cpu` starts one process: accelerate
 leaves multi-process CPU runs to MPI). `evaluate.py nearid`, `search.py index` and `evaluate.py
 retrieval` run in one launch (tests/commands_worker.py: one start for the three commands, each reading
-and writing folders of its own); the run a corrupt image stops is launched as `evaluate.py` itself. Each
-run is judged by the files its processes write, and by its exit code: 0, or the known abort at exit (CPU
-process groups are sometimes killed by a signal at exit after all the work is done, see
-`helpers.assert_finished`).
+and writing folders of its own), followed in the same processes by an `evaluate.py nearid` run that a
+corrupt image stops. The launch is judged by the files its processes write, by the message each process
+stops with, and by its exit code: status 1 from that last run, or the known abort at exit (CPU process
+groups are sometimes killed by a signal at exit after all the work is done, see `helpers.assert_finished`).
 """
 
 import json
@@ -54,22 +54,29 @@ def worker_args(benchmark):
     return [benchmark[name] for name in ("model", "benchmark", "sdxl_broken", "gallery")]
 
 
+def stop_message(benchmark):
+    """The start of the error that stops the last run of tests/commands_worker.py, naming the corrupt image."""
+    return f"error: Could not decode source sdxl row {benchmark['broken_row']} column nimg1"
+
+
 @pytest.fixture(scope="module")
 def runs(benchmark, tmp_path_factory):
-    """The outputs of tests/commands_worker.py on 1 process (this one) and on 2: {processes: output folder}, and
-    under "output" the launcher's output."""
+    """The outputs of tests/commands_worker.py on 1 process (this one, without the run that stops) and on 2:
+    {processes: output folder}, and under "output" and "code" the launcher's output and exit code."""
     root = tmp_path_factory.mktemp("multiprocess")
     with single_threaded():  # this process as the 1-process run, with the launched processes' arithmetic
         commands_worker.main(*map(str, worker_args(benchmark)), str(root / "out1"))
     out = root / "out2"
     code, output = launch(2, [REPO_ROOT / "tests" / "commands_worker.py", *worker_args(benchmark), out], root,
                           "out2.log")
+    # Complete: the three commands' results, then each process stopped by the last run, which exits with status 1.
     assert_finished(code, output, all((out / path).is_file() for path in
                                       (f"nearid/{RESULTS}", "index/search_index.json",
-                                       "retrieval/retrieval_results.json")))
+                                       "retrieval/retrieval_results.json"))
+                    and output.count(stop_message(benchmark)) == 2, exit_status=1)
     # No remote-code module cache to fill first: the tools build the model with this checkout's classes.
     assert not list((root / "hf_modules").rglob("*.py"))
-    return {1: root / "out1", 2: out, "output": output}
+    return {1: root / "out1", 2: out, "output": output, "code": code}
 
 
 # --- evaluate.py nearid ----------------------------------------------------------------------------
@@ -99,17 +106,12 @@ def test_two_processes_write_the_results_of_one(benchmark, runs):
     assert sorted(keys) == sorted(k for shard in one_index["shards"] for k in shard["keys"])
 
 
-def test_corrupt_image_stops_every_process_with_its_location(benchmark, tmp_path):
-    out, broken_row = tmp_path / "out", benchmark["broken_row"]
-    model, synthetic, sdxl, _ = worker_args(benchmark)
-    args = [REPO_ROOT / "evaluate.py", *commands_worker.nearid_args(model, synthetic, sdxl, out, tmp_path / "cache")]
-    code, output = launch(2, args, tmp_path, "out.log")  # no --skip-bad-images
-    # No remote-code module cache to fill first: the tools build the model with this checkout's classes.
-    assert not list((tmp_path / "hf_modules").rglob("*.py"))
-    assert code != 0 and "ImageLoadError" not in output  # torchrun reports the exit; our processes print no trace
-    message = f"error: Could not decode source sdxl row {broken_row} column nimg1"
-    assert output.count(message) == 2, output[-4000:]  # each process stops, with the same message
-    assert not (out / RESULTS).exists()
+def test_corrupt_image_stops_every_process_with_its_location(runs, benchmark):
+    """The launch's last run, `evaluate.py nearid` without --skip-bad-images on the copy with a corrupt image."""
+    output = runs["output"]
+    assert runs["code"] != 0 and "ImageLoadError" not in output  # torchrun reports the exit; ours print no trace
+    assert output.count(stop_message(benchmark)) == 2, output[-4000:]  # each process stops, with the same message
+    assert not (runs[2] / "stopped" / RESULTS).exists()
 
 
 # --- search.py index, evaluate.py retrieval --------------------------------------------------------
@@ -160,7 +162,21 @@ def test_only_a_signal_at_exit_after_complete_results_is_tolerated(first, other,
     if tolerated:
         assert_finished(1, output, complete=True)
     else:
-        with pytest.raises(AssertionError, match="not the known exit-time abort"):
+        with pytest.raises(AssertionError, match="or the known exit-time abort"):
             assert_finished(1, output, complete=True)
     with pytest.raises(AssertionError, match="results are missing"):
         assert_finished(0, "", complete=False)
+
+
+@pytest.mark.parametrize("first, other, tolerated", [(1, -15, True), (1, 1, True), (-6, 1, True), (2, -15, False),
+                                                     (1, 2, False)])
+def test_a_run_stopped_on_purpose_is_tolerated_only_with_its_status(first, other, tolerated):
+    """commands_worker's last run stops each process with exit status 1; torchrun may stop the other one."""
+    output = TORCHRUN_FAILURE.format(first=first, other=other)
+    if tolerated:
+        assert_finished(1, output, complete=True, exit_status=1)
+    else:
+        with pytest.raises(AssertionError, match="not status 1"):
+            assert_finished(1, output, complete=True, exit_status=1)
+    with pytest.raises(AssertionError, match="not status 1"):  # a launch that exits 0 did not stop
+        assert_finished(0, "", complete=True, exit_status=1)
