@@ -187,6 +187,22 @@ def logged_losses(out):
     return [(line["step"], line["loss"]) for line in lines if "loss" in line]
 
 
+class PatchTokens:
+    """A stand-in for the tiny NearID backbone where only the store is under test: `forward_features` maps pixels
+    [B, 3, 30, 30] to tokens [B, *TINY_TOKEN_SHAPE], each 2x2 patch through one fixed random projection. It is
+    torch alone, so a launched process that computes with it imports no transformers (3 CPU-seconds)."""
+
+    def __init__(self, seed=0):
+        patch = TINY_VISION["patch_size"]
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(3 * patch * patch, TINY_VISION["hidden_size"], generator=generator)
+
+    def forward_features(self, pixels):
+        patch = TINY_VISION["patch_size"]
+        patches = torch.nn.functional.unfold(pixels, kernel_size=patch, stride=patch)  # [B, 3 * patch**2, tokens]
+        return patches.transpose(1, 2) @ self.weight
+
+
 class Counting:
     """An encoder around `model.forward_features` that counts images (and can fail on a later batch)."""
 

@@ -25,6 +25,7 @@ from nearid.tokens import BackboneTokens
 from tests.helpers import (
     TINY_TOKEN_SHAPE,
     Counting,
+    PatchTokens,
     assert_finished,
     launch,
     load_pixels,
@@ -587,29 +588,32 @@ def test_a_second_run_on_a_shared_store_waits_then_adds_its_images(model, tmp_pa
 # --------------------------------------------------------------------------------------------------
 # Several processes
 
+# The store is under test, not the model: its encoder is `PatchTokens`, so neither process imports transformers
+# (recorded, as a fill with its own loader and encoder needs none).
 TWO_PROCESS_SCRIPT = """
 import json, sys
 import torch
 from accelerate import PartialState
 from nearid.store.fill import FillOptions, fill
 from nearid.store.format import StoreFormat
-from tests.helpers import TINY_TOKEN_SHAPE, Counting, load_pixels, make_items, make_tiny_nearid
+from tests.helpers import TINY_TOKEN_SHAPE, Counting, PatchTokens, load_pixels, make_items
 
 state = PartialState(cpu=True)
 root = sys.argv[1]
 items = make_items(9, corrupt=["broken"])
-encoder = Counting(make_tiny_nearid())
+encoder = Counting(PatchTokens())
 store, report = fill(root, "tiny-fp", StoreFormat(TINY_TOKEN_SHAPE, "float32"), items, load_pixels, encoder,
                      FillOptions(batch_size=2, shard_size=2, skip_errors=True, progress=False), state)
 keys = sorted(key for key in items if key in store)
 torch.save({"keys": keys, "tokens": store.get(keys)}, f"{root}/seen-by-{state.process_index}.pt")
 with open(f"{root}/result-{state.process_index}.json", "w") as stream:
     json.dump({"num_processes": state.num_processes, "len": len(store), "skipped": report.skipped,
-               "computed_here": encoder.images, "computed_in_all": report.images_computed}, stream)
+               "computed_here": encoder.images, "computed_in_all": report.images_computed,
+               "imported": [name for name in ("transformers", "datasets") if name in sys.modules]}, stream)
 """
 
 
-def test_two_processes_fill_one_store(model, tmp_path):
+def test_two_processes_fill_one_store(tmp_path):
     script = tmp_path / "fill_two.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     root = tmp_path / "store"
@@ -627,10 +631,11 @@ def test_two_processes_fill_one_store(model, tmp_path):
         result = json.loads((root / f"result-{rank}.json").read_text())
         assert result["num_processes"] == 2 and result["len"] == len(good)
         assert list(result["skipped"]) == ["broken"] and result["computed_in_all"] == len(good)
+        assert result["imported"] == []
         computed.append(result["computed_here"])
         seen = torch.load(root / f"seen-by-{rank}.pt")
         assert seen["keys"] == good
-        torch.testing.assert_close(seen["tokens"], reference_tokens(model, items, good), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen["tokens"], reference_tokens(PatchTokens(), items, good), rtol=1e-5, atol=1e-5)
     assert sum(computed) == len(good) and min(computed) > 0  # each image computed by one process only
     assert {path.name.split("-")[1] for path in folder(root).glob("shard-p*.npy")} == {"p000", "p001"}
     index = json.loads((folder(root) / "index.json").read_text())

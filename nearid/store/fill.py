@@ -18,7 +18,6 @@ from typing import Mapping, Protocol
 
 import torch
 
-from nearid.images import ImageLoadError
 from nearid.io import atomic_write_json, disk_free_bytes, human_bytes, read_json
 from nearid.locking import one_writer
 from nearid.store.embedding_store import EmbeddingStore
@@ -111,6 +110,10 @@ def fill(root, fingerprint_: str, fmt: StoreFormat, items: Mapping, loader, enco
         report = _fill_locked(folder, fingerprint_, fmt, items, loader, encoder, options, state)
     store = EmbeddingStore.open(root, fingerprint_, verify=False)  # every shard was verified while indexing
     if report.skipped and not options.skip_errors:
+        # Imported here: nearid.images brings transformers (seconds), which a fill with its own loader and
+        # encoder never needs.
+        from nearid.images import ImageLoadError
+
         first = sorted(report.skipped)[0]
         raise ImageLoadError(report.skipped[first] + (f" ({len(report.skipped) - 1} more unreadable images)"
                                                       if len(report.skipped) > 1 else ""))
