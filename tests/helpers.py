@@ -110,20 +110,21 @@ def run_isolated(code, tmp_path, extra_env=None, timeout=300):
 
 
 # Runs each check of CHECKS ({name: [working folder, code]}) in turn, in its own folder and namespace, and writes
-# {name: {"stdout", "error" (its traceback or None), "modules_before" (the remote-code modules imported before it)}}.
+# {name: {"stdout", "error" (its traceback or None), "imported" (the remote-code modules it imported itself)}}.
 _CHECKS_DRIVER = """
 import contextlib, io, json, os, sys, traceback
 results = {}
 for name, (folder, code) in json.loads(CHECKS).items():
     os.chdir(folder)
-    before = sorted(m for m in sys.modules if m.startswith("transformers_modules."))
+    before = set(sys.modules)
     printed, error = io.StringIO(), None
     try:
         with contextlib.redirect_stdout(printed):
             exec(compile(code, name, "exec"), {"__name__": "__main__"})
     except Exception:
         error = traceback.format_exc()
-    results[name] = {"stdout": printed.getvalue(), "error": error, "modules_before": before}
+    imported = sorted(m for m in set(sys.modules) - before if m.startswith("transformers_modules."))
+    results[name] = {"stdout": printed.getvalue(), "error": error, "imported": imported}
 os.chdir(ROOT)
 with open("checks.json", "w") as file:
     json.dump(results, file)
@@ -131,18 +132,23 @@ with open("checks.json", "w") as file:
 
 
 class IsolatedCheck:
-    """One check's outcome from `run_isolated_checks`: its working folder, what it printed, its traceback if it
-    failed, and the remote-code modules that earlier checks had imported."""
+    """One check's outcome from `run_isolated_checks`: its working folder, what it printed (`stdout` raises its
+    traceback if it failed), and the remote-code modules (`transformers_modules.*`) it imported itself, not
+    found already imported by an earlier check."""
 
-    def __init__(self, folder, stdout, error, modules_before):
-        self.folder, self.error, self.modules_before = Path(folder), error, modules_before
+    def __init__(self, name, folder, stdout, error, imported):
+        self.name, self.folder, self.error, self.imported = name, Path(folder), error, imported
         self._stdout = stdout
 
     @property
     def stdout(self):
         if self.error:
-            raise AssertionError(f"the check failed in the fresh interpreter:\n{self._stdout}\n{self.error}")
+            raise AssertionError(f"check {self.name!r} failed in the fresh interpreter:\n{self._stdout}\n{self.error}")
         return self._stdout
+
+    def imported_remote_code(self, *files):
+        """Whether this check imported each of these remote-code files (e.g. "modeling_nearid") itself."""
+        return all(any(module.endswith(f".{file}") for module in self.imported) for file in files)
 
 
 def run_isolated_checks(checks, tmp_path):
@@ -153,7 +159,7 @@ def run_isolated_checks(checks, tmp_path):
     driver = f"CHECKS = {serialised!r}\nROOT = {str(tmp_path)!r}\n{_CHECKS_DRIVER}"
     run_isolated(driver, tmp_path)
     results = json.loads((tmp_path / "checks.json").read_text())
-    return {name: IsolatedCheck(checks[name][0], **result) for name, result in results.items()}
+    return {name: IsolatedCheck(name, checks[name][0], **result) for name, result in results.items()}
 
 
 def rewrite(dataset_dir, target, change):

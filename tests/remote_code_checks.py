@@ -6,8 +6,8 @@ for the session instead of once per check (a start costs seconds: torch and tran
 with HF_MODULES_CACHE empty at its start and HF_HUB_OFFLINE=1. Sharing it keeps each check what it was in an
 interpreter of its own:
 - each check loads its own folder, under a name no other check uses, so transformers copies that folder's
-  remote code into a cache folder of its own and imports it from there afresh (the remote-code modules that
-  earlier checks imported are recorded, and each test asserts that none of them is its own);
+  remote code into a cache folder of its own and imports it from there afresh (each test asserts that its
+  check imported the remote-code modules itself, rather than finding them imported by an earlier check);
 - none of them changes state that another reads: no default dtype, thread count or environment variable.
 """
 

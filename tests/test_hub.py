@@ -44,6 +44,7 @@ def test_quick_start_of_the_card_scores_two_images(remote_code_checks):
     check = remote_code_checks["quick_start"]
     assert f'REPO = "{REPO_ID}"' in (check.folder / "nearid-quick-start" / "README.md").read_text()
     score = float(re.search(r"identity score: (\S+)", check.stdout).group(1))
+    assert check.imported_remote_code("modeling_nearid", "image_processing_nearid")  # the folder's copy, afresh
     loaded = [Image.open(check.folder / "reference.jpg"), Image.open(check.folder / "generated.png")]
     with torch.no_grad():
         embeds = rounded_tiny_nearid().get_image_features(**make_tiny_processor()(loaded, return_tensors="pt"))

@@ -72,7 +72,7 @@ def test_auto_classes_load_the_remote_code(remote_code_checks):
     result = json.loads(check.stdout.strip().splitlines()[-1])
     assert result["config"] == "NearIDConfig" and result["model"] == "NearIDModel"
     assert result["module"].startswith("transformers_modules.")  # the folder's copy, not this checkout
-    assert result["module"] not in check.modules_before  # imported by this check, not an earlier one
+    assert result["module"] in check.imported  # imported by this check, not found imported by an earlier one
     assert result["processor"] == "NearIDImageProcessor" and result["size"]["height"] == TINY_VISION["image_size"]
     assert all(k.startswith("backbone.vision_model.") for k in result["keys"])
     with torch.no_grad():
@@ -83,6 +83,7 @@ def test_auto_classes_load_the_remote_code(remote_code_checks):
 def test_pipeline_pool_gives_the_raw_identity_embedding(remote_code_checks):
     check = remote_code_checks["pipeline"]
     tokens_shape = json.loads(check.stdout.strip().splitlines()[-1])["tokens"]
+    assert check.imported_remote_code("modeling_nearid", "image_processing_nearid")  # the folder's copy, afresh
     patches = (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2
     assert tokens_shape == [1, patches, TINY_VISION["hidden_size"]]
     pixels = make_tiny_processor()(Image.open(check.folder / "image.png"), return_tensors="pt")["pixel_values"]
