@@ -25,11 +25,14 @@ from tests.helpers import (
     make_tiny_processor,
     make_tiny_siglip,
     random_pixels,
+    run_isolated_checks,
     unchanged,
 )
 
-# The test files that share one costly session fixture, `demo_run`: pytest-xdist gives them to one worker.
+# The test files that share one costly session fixture: pytest-xdist gives each group to one worker.
 DEMO_RUN_FILES = ("tests/test_demo.py", "tests/test_readme.py")
+REMOTE_CODE_CHECK_FILES = ("tests/test_remote_code.py", "tests/test_hub.py", "tests/test_image_processing.py")
+SHARED_FIXTURE_GROUPS = {"demo_run": DEMO_RUN_FILES, "remote_code_checks": REMOTE_CODE_CHECK_FILES}
 # The files that take longest (`pytest --durations`), started first so that no worker is left with one at the end.
 SLOWEST_FILES = (*DEMO_RUN_FILES, "tests/test_train_multiprocess.py", "tests/test_benchmarks.py",
                  "tests/test_evaluate_multiprocess.py", "tests/test_app_browser.py", "tests/test_input_path.py")
@@ -56,7 +59,7 @@ def pytest_collection_modifyitems(items):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist (`make test`) gives each worker whole test files, in the order collected, so that a module
-    fixture is built once, and the files of `demo_run` together."""
+    fixture is built once, and the files of each SHARED_FIXTURE_GROUPS fixture together."""
     from xdist.scheduler import LoadScopeScheduling
 
     config.option.loadscopereorder = False  # not by number of tests: the slowest files first
@@ -64,7 +67,7 @@ def pytest_xdist_make_scheduler(config, log):
     class OneFilePerWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid):
             path = nodeid.split("::", 1)[0]
-            return "demo_run" if path in DEMO_RUN_FILES else path
+            return next((group for group, files in SHARED_FIXTURE_GROUPS.items() if path in files), path)
 
     return OneFilePerWorker(config, log)
 
@@ -143,6 +146,16 @@ def demo_run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         result = demo.main(["--output-dir", str(output_dir)])
     return {"output_dir": output_dir, "result": result, "printed": printed.getvalue()}
+
+
+@pytest.fixture(scope="session")
+def remote_code_checks(tmp_path_factory):
+    """The loads a Hub user runs (tests/remote_code_checks.py), all in one fresh interpreter with an empty
+    remote-code cache and the Hub offline: {check name: IsolatedCheck}."""
+    from tests.remote_code_checks import prepare_checks
+
+    root = tmp_path_factory.mktemp("remote_code_checks")
+    return run_isolated_checks(prepare_checks(root), root)
 
 
 @pytest.fixture

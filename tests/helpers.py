@@ -55,6 +55,13 @@ def make_tiny_nearid(seed=0):
     return NearIDModel.from_siglip(make_tiny_siglip(seed)).eval()
 
 
+def rounded_tiny_nearid():
+    """The fp32 model (eval mode) that the exported fp16 weights of `make_tiny_nearid()` round to."""
+    rounded = make_tiny_nearid()
+    rounded.load_state_dict({k: v.half().float() for k, v in rounded.state_dict().items()})
+    return rounded.eval()
+
+
 def make_tiny_processor(resample=2):
     from image_processing_nearid import NearIDImageProcessor
 
@@ -66,6 +73,12 @@ def random_pixels(batch=3, seed=1):
     generator = torch.Generator().manual_seed(seed)
     size = TINY_VISION["image_size"]
     return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+
+
+def noise(height, width, channels=3, seed=0):
+    """A random uint8 image array (`channels` 0: one plane, no channel axis)."""
+    shape = (height, width, channels) if channels else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
 def python_path():
@@ -94,6 +107,59 @@ def run_isolated(code, tmp_path, extra_env=None, timeout=300):
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result.stdout
+
+
+# Runs each check of CHECKS ({name: [working folder, code]}) in turn, in its own folder and namespace, and writes
+# {name: {"stdout", "error" (its traceback or None), "imported" (the remote-code modules it imported itself)}}.
+_CHECKS_DRIVER = """
+import contextlib, io, json, os, sys, traceback
+results = {}
+for name, (folder, code) in json.loads(CHECKS).items():
+    os.chdir(folder)
+    before = set(sys.modules)
+    printed, error = io.StringIO(), None
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, name, "exec"), {"__name__": "__main__"})
+    except Exception:
+        error = traceback.format_exc()
+    imported = sorted(m for m in set(sys.modules) - before if m.startswith("transformers_modules."))
+    results[name] = {"stdout": printed.getvalue(), "error": error, "imported": imported}
+os.chdir(ROOT)
+with open("checks.json", "w") as file:
+    json.dump(results, file)
+"""
+
+
+class IsolatedCheck:
+    """One check's outcome from `run_isolated_checks`: its working folder, what it printed (`stdout` raises its
+    traceback if it failed), and the remote-code modules (`transformers_modules.*`) it imported itself, not
+    found already imported by an earlier check."""
+
+    def __init__(self, name, folder, stdout, error, imported):
+        self.name, self.folder, self.error, self.imported = name, Path(folder), error, imported
+        self._stdout = stdout
+
+    @property
+    def stdout(self):
+        if self.error:
+            raise AssertionError(f"check {self.name!r} failed in the fresh interpreter:\n{self._stdout}\n{self.error}")
+        return self._stdout
+
+    def imported_remote_code(self, *files):
+        """Whether this check imported each of these remote-code files (e.g. "modeling_nearid") itself."""
+        return all(any(module.endswith(f".{file}") for module in self.imported) for file in files)
+
+
+def run_isolated_checks(checks, tmp_path):
+    """Run several checks, `{name: (working folder, python code)}`, one after another in one `run_isolated`
+    interpreter (one start instead of one each) -> `{name: IsolatedCheck}`. A check that fails is reported
+    under its name; the others still run."""
+    serialised = json.dumps({name: [str(folder), code] for name, (folder, code) in checks.items()})
+    driver = f"CHECKS = {serialised!r}\nROOT = {str(tmp_path)!r}\n{_CHECKS_DRIVER}"
+    run_isolated(driver, tmp_path)
+    results = json.loads((tmp_path / "checks.json").read_text())
+    return {name: IsolatedCheck(name, checks[name][0], **result) for name, result in results.items()}
 
 
 def rewrite(dataset_dir, target, change):

@@ -21,11 +21,7 @@ from nearid.store.embedding_store import EmbeddingStore
 from nearid.store.fill import FillOptions, fill
 from nearid.store.image_index import ImageIndex
 from nearid.tokens import BackboneTokens
-
-
-def noise(height, width, channels, seed):
-    shape = (height, width, channels) if channels else (height, width)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+from tests.helpers import noise
 
 
 def exif_jpeg(path):

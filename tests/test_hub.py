@@ -17,7 +17,15 @@ from PIL import Image
 import nearid.hub
 from nearid.hub import REQUIRED_REPO_FILES, HubPushError, push_to_hub
 from tests.fake_hub import commit_payload
-from tests.helpers import REPO_ID, REPO_ROOT, make_tiny_nearid, make_tiny_processor, project_requirements, run_isolated, snapshot, user_error
+from tests.helpers import (
+    REPO_ID,
+    REPO_ROOT,
+    make_tiny_processor,
+    project_requirements,
+    rounded_tiny_nearid,
+    snapshot,
+    user_error,
+)
 
 TOKEN = "hf_fake_write_token"
 
@@ -31,23 +39,15 @@ def test_export_with_a_card_is_one_complete_folder(repo):
     assert [p.name for p in repo.parent.iterdir()] == [repo.name]  # no staging folder left
 
 
-def test_quick_start_of_the_card_scores_two_images(repo, tmp_path):
-    code = (repo / "README.md").read_text().split("```python\n")[1].split("```")[0]
-    assert f'REPO = "{REPO_ID}"' in code
-    code = code.replace(f'"{REPO_ID}"', repr(str(repo)))  # the same files, from the folder
-    images = [Image.new("RGB", (40, 36), (200, 40, 40)), Image.new("RGB", (36, 40), (30, 160, 60))]
-    images[1].paste((240, 240, 240), (4, 4, 20, 20))
-    images[0].save(tmp_path / "reference.jpg")
-    images[1].save(tmp_path / "generated.png")
-
-    out = run_isolated(code, tmp_path)
-
-    score = float(re.search(r"identity score: (\S+)", out).group(1))
-    rounded = make_tiny_nearid()  # the exported weights are fp16
-    rounded.load_state_dict({k: v.half().float() for k, v in rounded.state_dict().items()})
-    loaded = [Image.open(tmp_path / "reference.jpg"), Image.open(tmp_path / "generated.png")]
+def test_quick_start_of_the_card_scores_two_images(remote_code_checks):
+    """The card's python block, run on the exported folder in a fresh interpreter (tests/remote_code_checks.py)."""
+    check = remote_code_checks["quick_start"]
+    assert f'REPO = "{REPO_ID}"' in (check.folder / "nearid-quick-start" / "README.md").read_text()
+    score = float(re.search(r"identity score: (\S+)", check.stdout).group(1))
+    assert check.imported_remote_code("modeling_nearid", "image_processing_nearid")  # the folder's copy, afresh
+    loaded = [Image.open(check.folder / "reference.jpg"), Image.open(check.folder / "generated.png")]
     with torch.no_grad():
-        embeds = rounded.eval().get_image_features(**make_tiny_processor()(loaded, return_tensors="pt"))
+        embeds = rounded_tiny_nearid().get_image_features(**make_tiny_processor()(loaded, return_tensors="pt"))
     assert score == pytest.approx((embeds[0] @ embeds[1]).item(), abs=2e-4)
 
 

@@ -1,7 +1,6 @@
 """NearIDImageProcessor: same numbers as transformers' SiglipImageProcessorPil, inputs, errors, config I/O."""
 
 import json
-import shutil
 import struct
 import warnings
 import zlib
@@ -19,7 +18,7 @@ from image_processing_nearid import (
     ImageTooLargeError,
     NearIDImageProcessor,
 )
-from tests.helpers import REPO_ROOT, run_isolated
+from tests.helpers import REPO_ROOT, noise
 
 # Not square, so a swapped height/width cannot pass.
 SIZE = {"height": 40, "width": 56}
@@ -46,11 +45,6 @@ def assert_same(got, expected):
     assert got.dtype == torch.float32
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-6
-
-
-def noise(height, width, channels=3, seed=0):
-    shape = (height, width, channels) if channels else (height, width)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
 def palette_with_transparency():
@@ -357,25 +351,15 @@ def test_shipped_config_holds_the_so400m_defaults():
     assert {k: v for k, v in loaded.items() if k in config} == config
 
 
-def test_loads_through_auto_image_processor_as_remote_code(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("image_processing_nearid.py", "preprocessor_config.json"):
-        shutil.copy(REPO_ROOT / name, repo / name)
-    image_path = tmp_path / "image.png"
-    Image.fromarray(noise(30, 50, seed=23)).save(image_path)
-    code = f"""
-from transformers import AutoImageProcessor
-processor = AutoImageProcessor.from_pretrained({str(repo)!r}, trust_remote_code=True)
-pixel_values = processor({str(image_path)!r})["pixel_values"]
-shape = "x".join(map(str, pixel_values.shape))
-print(type(processor).__name__, type(processor).__module__, shape, repr(pixel_values.sum().item()))
-"""
-    name, module, shape, total = run_isolated(code, tmp_path).split()
+def test_loads_through_auto_image_processor_as_remote_code(remote_code_checks):
+    """A folder with only the processor's code and config, loaded as a Hub user does (tests/remote_code_checks.py)."""
+    check = remote_code_checks["image_processor"]
+    name, module, shape, total = check.stdout.split()
     assert name == "NearIDImageProcessor"
     assert module.startswith("transformers_modules.")  # imported from the cache, not this checkout
+    assert module in check.imported  # imported by this check, not found imported by an earlier one
     assert shape == "1x3x384x384"
-    expected = NearIDImageProcessor()(image_path)["pixel_values"].sum().item()
+    expected = NearIDImageProcessor()(check.folder / "image.png")["pixel_values"].sum().item()
     assert float(total) == expected
 
 
