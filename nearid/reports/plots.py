@@ -16,7 +16,10 @@ from nearid.reports.tables import RETRIEVAL_COLUMNS, format_value
 
 
 DPI = 110
-PNG_COMPRESS_LEVEL = 6  # zlib's default, as matplotlib and PIL write PNGs
+# zlib's fastest level, not its default 6: benchmarks/bench_plots.py encodes a contact sheet 20-40% faster
+# (half or more of a sheet's time) for files 8-23% larger; levels 2-3 differ from 1 by a few percent either way,
+# and from 4 on zlib switches to its slower lazy matching for a few percent more compression.
+PNG_COMPRESS_LEVEL = 1
 CAPTION_POINTS, TITLE_POINTS = 7, 10
 SHEET_GAP = 8  # pixels around and between the cells of a contact sheet
 UNREADABLE_GREY = 220
@@ -213,9 +216,10 @@ def plot_image_grid(path, rows: Sequence[Sequence[tuple]], title: str, cell_inch
 
 
 def contact_sheet(rows: Sequence[Sequence[tuple]], title: str, cell_inches: float = 1.5):
-    """The PIL image of `plot_image_grid`, composed in pixels: a sheet has no axes to draw (an Axes per cell
-    cost nearly all of a matplotlib sheet's time). Each image is fitted into a `cell_inches` square (at the
-    plots' dpi) keeping its aspect ratio, under its caption; a column is wider when a caption line is."""
+    """The PIL image of `plot_image_grid`. Each image is fitted into a `cell_inches` square (at the plots' dpi)
+    keeping its aspect ratio, under its caption; a column is wider when a caption line is. Composed in pixels,
+    not as matplotlib Axes: a sheet has no axes to show, and laying out an Axes per cell costs several times
+    more (benchmarks/bench_plots.py)."""
     from PIL import Image, ImageDraw
 
     if not rows or not any(rows):
@@ -227,7 +231,7 @@ def contact_sheet(rows: Sequence[Sequence[tuple]], title: str, cell_inches: floa
     column = max(side, max(_text_width(caption, caption_font) for cells in rows for _, caption in cells) + SHEET_GAP)
     grid_width = max(len(cells) for cells in rows) * (column + SHEET_GAP) + SHEET_GAP
     width = max(grid_width, _text_width(title, title_font) + 2 * SHEET_GAP)
-    caption_lines = [max(caption.count("\n") + 1 for _, caption in cells) for cells in rows]
+    caption_lines = [max((caption.count("\n") + 1 for _, caption in cells), default=0) for cells in rows]
     title_height = _line_height(title_font) * (title.count("\n") + 1) + SHEET_GAP
     row_heights = [lines * _line_height(caption_font) + side + 2 * SHEET_GAP for lines in caption_lines]
     sheet = Image.new("RGB", (width, SHEET_GAP + title_height + sum(row_heights)), "white")
