@@ -1,7 +1,8 @@
 """PNG plots of NearID evaluations and training runs, and contact sheets of images.
 
 matplotlib is imported when a figure is drawn (never pyplot: no global backend switch), so importing
-this module is cheap. Each plot is written atomically through `nearid.io`.
+this module is cheap. Contact sheets are composed in pixels with PIL, in matplotlib's font. Each plot is
+written atomically through `nearid.io`.
 """
 
 import functools
@@ -16,9 +17,9 @@ from nearid.reports.tables import RETRIEVAL_COLUMNS, format_value
 
 
 DPI = 110
-# zlib's fastest level, not its default 6: benchmarks/bench_plots.py encodes a contact sheet 20-40% faster
-# (half or more of a sheet's time) for files 8-23% larger; levels 2-3 differ from 1 by a few percent either way,
-# and from 4 on zlib switches to its slower lazy matching for a few percent more compression.
+# zlib's fastest level, not its default 6: in benchmarks/bench_plots.py a contact sheet's encoding (half or more
+# of its time) takes 17-51% less CPU for files 9-23% larger; levels 2-3 differ from 1 by a few percent either
+# way, and from 4 on zlib switches to its slower lazy matching for a few percent more compression.
 PNG_COMPRESS_LEVEL = 1
 CAPTION_POINTS, TITLE_POINTS = 7, 10
 SHEET_GAP = 8  # pixels around and between the cells of a contact sheet
