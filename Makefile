@@ -38,6 +38,7 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/estimate_real_run.py
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_checksums.py
+	$(PY) benchmarks/bench_plots.py
 	$(PY) benchmarks/bench_cli_startup.py
 
 $(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh

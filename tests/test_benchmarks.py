@@ -68,6 +68,7 @@ def smoke(tmp_path_factory):
         "bench_fill_overlap.py": ["--smoke"],
         "bench_int8_cache.py": ["--smoke"],
         "bench_checksums.py": ["--smoke"],
+        "bench_plots.py": ["--smoke"],
         "gpu_check.py": ["--smoke", "--output", str(out / "gpu_check.json")],
         "estimate_real_run.py": ["--output", str(out / "estimate.txt")],
         "bench_search.py": ["--n", "3000", "--dim", "32", "--queries", "50", "--categories", "5", "--kinds", "ivf",
@@ -110,6 +111,12 @@ FIGURE_LINES = {
     # write, encode and fill in separate runs; encode and write inside the fill; fill / max in the fill and
     # against the separate runs; fill / sum; write in the fill / write alone
     "bench_fill_overlap.py": [rf"^{dtype}" + rf"\s+{NUMBER}" * 9 + r"\s+(?:yes|NO)$" for dtype in ("float16", "int8")],
+    # a sheet drawn with an Axes per cell and composed: seconds of each and their ratio; then per image, the
+    # milliseconds and kilobytes of its PNG at zlib levels 1 to 9
+    "bench_plots.py": [rf"^heatmaps\s+{kind}\s+\d+\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x$"
+                       for kind in ("drawn", "textured")]
+    + [rf"^{image}\s+\d+x\d+" + rf"\s+{NUMBER}/{NUMBER}" * 9 + "$"
+       for image in ("heatmaps sheet, drawn", "heatmaps sheet, textured", r"margin histograms \(matplotlib\)")],
 }
 
 

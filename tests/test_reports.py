@@ -173,18 +173,64 @@ def test_plot_ssr_pa_png(tmp_path):
     assert os.listdir(tmp_path) == ["ssr_pa.png"]
 
 
-def test_image_grid_cells_have_no_ticks_for_the_layout_to_measure(tmp_path, monkeypatch):
-    """Contact sheets (heatmaps, search results, clusters) draw images only: their cells carry no tick at all, as
-    hidden ticks would still be laid out, a third of the sheet's time."""
-    figures, save = [], plots._save_png
-    monkeypatch.setattr(plots, "_save_png", lambda fig, path: figures.append(fig) or save(fig, path))
-    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    path = plots.plot_image_grid(tmp_path / "sheet.png", [[(image, "a"), (None, "b")], [(image, "c")]], "title")
-    width, height = _png_size(path)
-    assert width > 150 and height > 150
-    cells = figures[0].axes
-    assert len(cells) == 4 and all(not ax.axison for ax in cells)
-    assert all(len(ax.get_xticks()) == len(ax.get_yticks()) == 0 for ax in cells)
+def _solid(colour, height=30, width=30):
+    return np.full((height, width, 3), colour, np.uint8)
+
+
+def _region(pixels, colour):
+    """(top, left, bottom, right) of the pixels of exactly `colour`, asserting they fill that box: an image
+    drawn whole, nothing drawn over it."""
+    ys, xs = np.nonzero(np.all(pixels == colour, axis=-1))
+    assert ys.size, f"no pixel of {colour} on the sheet"
+    top, left, bottom, right = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+    assert ys.size == (bottom - top) * (right - left), f"{colour} is not one solid rectangle"
+    return top, left, bottom, right
+
+
+def test_image_grid_draws_each_image_whole_in_its_cell_row_by_row_under_its_caption(tmp_path):
+    """Contact sheets (heatmaps, search results, clusters): each image lands whole, aspect kept, in its
+    cell, rows top to bottom and cells left to right on a regular grid, with its caption's ink just above
+    it and the title above all; an unreadable image is a grey cell; the sheet grows with rows and columns."""
+    from PIL import Image
+
+    red, green, blue, gold, violet = (255, 0, 0), (0, 160, 0), (0, 0, 255), (255, 200, 0), (200, 0, 200)
+    rows = [[(_solid(red), "a.png\nscore 0.512"), (None, "b.png"), (_solid(green, 20, 40), "c")],
+            [(_solid(blue), "d"), (_solid(gold, 40, 10), "e"), (_solid(violet), "f\nsecond line\nthird")]]
+    path = plots.plot_image_grid(tmp_path / "sheet.png", rows, "Title line\nmodel")
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    boxes = {colour: _region(pixels, colour) for colour in (red, green, blue, gold, violet)}
+    centre = {c: ((top + bottom) / 2, (left + right) / 2) for c, (top, left, bottom, right) in boxes.items()}
+    size = {c: (bottom - top, right - left) for c, (top, left, bottom, right) in boxes.items()}
+    assert size[red][0] == size[red][1] > 100 and size[blue] == size[violet] == size[red]  # one cell size
+    assert size[green][1] == size[red][1] and size[green][1] == pytest.approx(2 * size[green][0], abs=2)
+    assert size[gold][0] == size[red][0] and size[gold][0] == pytest.approx(4 * size[gold][1], abs=2)
+    # Columns line up across rows, evenly spaced; the second row lies wholly below the first.
+    assert centre[red][1] == centre[blue][1] and centre[green][1] == centre[violet][1]
+    assert centre[gold][1] - centre[blue][1] == centre[violet][1] - centre[gold][1] > size[red][1]
+    assert max(boxes[c][2] for c in (red, green)) < min(boxes[c][0] for c in (blue, gold, violet))
+    # The unreadable image's cell (row 1, column 2) is grey around the centre of its cell.
+    grey_y, grey_x = int(centre[red][0]), int(centre[gold][1])
+    quarter = size[red][0] // 4
+    assert (pixels[grey_y - quarter:grey_y + quarter, grey_x - quarter:grey_x + quarter] == 220).all()
+    # Each caption's ink is just above its image, within its own lines (a one-line caption in a row of
+    # three-line ones too), and the title's above the first row's captions.
+    line, ink = 20, (pixels < 100).all(axis=-1)
+    for top, left, _, right, lines in [(*boxes[red], 2), (boxes[red][0], grey_x - 10, 0, grey_x + 10, 2),
+                                       (*boxes[blue], 1), (*boxes[gold], 1), (*boxes[violet], 3)]:
+        assert ink[top - lines * line:top, left:right].any(), "no caption above an image"
+    for top, left, _, right in (boxes[blue], boxes[gold]):
+        assert not ink[top - 3 * line:top - line - 4, left:right].any(), "a one-line caption far from its image"
+    assert ink[:min(boxes[c][0] for c in (red, green)) - 3 * line].any(), "no title"
+
+    def sheet_size(sheet_rows):
+        return Image.open(plots.plot_image_grid(tmp_path / "size.png", sheet_rows, "t")).size
+
+    one = sheet_size([[(_solid(red), "a")]])
+    wide, tall = sheet_size([[(_solid(red), "a")] * 3]), sheet_size([[(_solid(red), "a")]] * 2)
+    assert wide[0] > 2.5 * one[0] and wide[1] == one[1] and tall[1] > 1.7 * one[1] and tall[0] == one[0]
+    with pytest.raises(ValueError, match="at least one image"):
+        plots.plot_image_grid(tmp_path / "none.png", [[]], "t")
+    assert sorted(os.listdir(tmp_path)) == ["sheet.png", "size.png"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """PNG plots of NearID evaluations and training runs, and contact sheets of images.
 
 matplotlib is imported when a figure is drawn (never pyplot: no global backend switch), so importing
-this module is cheap. Each plot is written atomically through `nearid.io`.
+this module is cheap. Contact sheets are composed in pixels with PIL, in matplotlib's font. Each plot is
+written atomically through `nearid.io`.
 """
 
+import functools
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -14,19 +16,35 @@ from nearid.io import atomic_path
 from nearid.reports.tables import RETRIEVAL_COLUMNS, format_value
 
 
+DPI = 110
+# zlib's fastest level, not its default 6: in benchmarks/bench_plots.py a contact sheet's encoding (half or more
+# of its time) takes 17-51% less CPU for files 9-23% larger; levels 2-3 differ from 1 by a few percent either
+# way, and from 4 on zlib switches to its slower lazy matching for a few percent more compression.
+PNG_COMPRESS_LEVEL = 1
+CAPTION_POINTS, TITLE_POINTS = 7, 10
+SHEET_GAP = 8  # pixels around and between the cells of a contact sheet
+UNREADABLE_GREY = 220
+
+
 def _new_figure(width: float, height: float):
     """A matplotlib Figure drawn by the Agg canvas: no pyplot, no global backend switch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
 def _save_png(fig, path) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
+    return Path(path)
+
+
+def _save_image(image, path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return Path(path)
 
 
@@ -51,8 +69,9 @@ def plot_margin_histograms(path, margins_by_source: Mapping[str, np.ndarray], mo
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
     for ax, (name, m) in zip(axes.flat, data.items()):
         summary = f"{100 * (m > 0).mean():.1f}% of {m.size} terms win" if m.size else "no terms"
-        ax.hist(m[m > 0], bins=edges, color="tab:green", label="win (> 0)")
-        ax.hist(m[m <= 0], bins=edges, color="tab:red", label="loss (\u2264 0)")
+        # One filled outline per histogram, not a bar per bin: the same picture, a fraction of the artists to draw.
+        ax.stairs(np.histogram(m[m > 0], edges)[0], edges, fill=True, color="tab:green", label="win (> 0)")
+        ax.stairs(np.histogram(m[m <= 0], edges)[0], edges, fill=True, color="tab:red", label="loss (\u2264 0)")
         ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
         ax.set_title(f"{name}\n{summary}", fontsize=10)
         ax.set_xlabel("margin = sim(views) \u2212 sim(view, distractor)", fontsize=8)
@@ -194,22 +213,84 @@ def plot_training_loss(path, history: Mapping, model: str) -> Path:
 def plot_image_grid(path, rows: Sequence[Sequence[tuple]], title: str, cell_inches: float = 1.5) -> Path:
     """A contact sheet: rows of cells `(image, caption)`, an image an [H, W, 3] uint8 array, or None for
     one that could not be read (drawn as an empty grey cell). `title` says what is shown and the model."""
+    return _save_image(contact_sheet(rows, title, cell_inches), path)
+
+
+def contact_sheet(rows: Sequence[Sequence[tuple]], title: str, cell_inches: float = 1.5):
+    """The PIL image of `plot_image_grid`. Each image is fitted into a `cell_inches` square (at the plots' dpi)
+    keeping its aspect ratio, under its caption; a column is wider when a caption line is. Composed in pixels,
+    not as matplotlib Axes: a sheet has no axes to show, and laying out an Axes per cell costs several times
+    more (benchmarks/bench_plots.py)."""
+    from PIL import Image, ImageDraw
+
     if not rows or not any(rows):
         raise ValueError("plot_image_grid needs at least one image")
-    ncols = max(len(cells) for cells in rows)
-    caption_lines = max(caption.count("\n") + 1 for cells in rows for _, caption in cells) + 1  # + "(unreadable)"
-    fig = _new_figure(cell_inches * ncols, (cell_inches + 0.13 * caption_lines + 0.1) * len(rows) + 0.6)
-    axes = fig.subplots(len(rows), ncols, squeeze=False)
-    for ax in axes.flat:
-        # No ticks at all, not only hidden ones: the layout would measure every hidden tick label of every cell.
-        ax.set(xticks=[], yticks=[])
-        ax.set_axis_off()
-    for ax_row, cells in zip(axes, rows):
-        for ax, (image, caption) in zip(ax_row, cells):
-            ax.imshow(image if image is not None else np.full((8, 8, 3), 220, np.uint8))
-            ax.set_title(caption if image is not None else f"{caption}\n(unreadable)", fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    return _save_png(fig, path)
+    rows = [[(image, caption if image is not None else f"{caption}\n(unreadable)") for image, caption in cells]
+            for cells in rows]
+    caption_font, title_font = _font(CAPTION_POINTS), _font(TITLE_POINTS)
+    side = round(cell_inches * DPI)
+    column = max(side, max(_text_width(caption, caption_font) for cells in rows for _, caption in cells) + SHEET_GAP)
+    grid_width = max(len(cells) for cells in rows) * (column + SHEET_GAP) + SHEET_GAP
+    width = max(grid_width, _text_width(title, title_font) + 2 * SHEET_GAP)
+    caption_lines = [max((caption.count("\n") + 1 for _, caption in cells), default=0) for cells in rows]
+    title_height = _line_height(title_font) * (title.count("\n") + 1) + SHEET_GAP
+    row_heights = [lines * _line_height(caption_font) + side + 2 * SHEET_GAP for lines in caption_lines]
+    sheet = Image.new("RGB", (width, SHEET_GAP + title_height + sum(row_heights)), "white")
+    draw = ImageDraw.Draw(sheet)
+    _draw_lines(draw, title, width / 2, SHEET_GAP, title_font)
+    top, left = SHEET_GAP + title_height, (width - grid_width) // 2 + SHEET_GAP
+    for cells, lines, height in zip(rows, caption_lines, row_heights):
+        box_top = top + lines * _line_height(caption_font) + SHEET_GAP // 2
+        for number, (image, caption) in enumerate(cells):
+            x = left + number * (column + SHEET_GAP)
+            # Captions end just above their image, whatever their number of lines.
+            _draw_lines(draw, caption, x + column / 2, box_top - SHEET_GAP // 2 - _line_height(caption_font)
+                        * (caption.count("\n") + 1), caption_font)
+            box = (x + (column - side) // 2, box_top)
+            if image is None:
+                draw.rectangle((*box, box[0] + side - 1, box[1] + side - 1), fill=(UNREADABLE_GREY,) * 3)
+            else:
+                picture = _fit(Image.fromarray(np.asarray(image)).convert("RGB"), side)
+                sheet.paste(picture, (box[0] + (side - picture.width) // 2, box[1]))
+        top += height
+    return sheet
+
+
+def _fit(picture, side: int):
+    """`picture` scaled to fit a `side` square, aspect kept. An enlargement of 3 times or more keeps the pixels
+    square (nearest), as matplotlib shows small images, so a tiny thumbnail is not smoothed into a blur."""
+    from PIL import Image
+
+    scale = side / max(picture.size)
+    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    return picture.resize(size, Image.NEAREST if scale >= 3 else Image.LANCZOS)
+
+
+def _font(points: float):
+    """DejaVu Sans, the font of the other plots (it ships with matplotlib), at `points` at the plots' dpi."""
+    return _truetype(round(points * DPI / 72))
+
+
+@functools.lru_cache(maxsize=None)
+def _truetype(pixels: int):
+    import matplotlib
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), pixels)
+
+
+def _line_height(font) -> int:
+    return round(1.2 * font.size)
+
+
+def _text_width(text: str, font) -> int:
+    return max(math.ceil(font.getlength(line)) for line in text.split("\n"))
+
+
+def _draw_lines(draw, text: str, centre: float, top: float, font) -> None:
+    """Each line of `text` centred on `centre`, the first line's top at `top`."""
+    for number, line in enumerate(text.split("\n")):
+        draw.text((centre, top + number * _line_height(font)), line, fill="black", font=font, anchor="ma")
 
 
 def plot_mtg_similarity_vs_oracle(path, sims: Mapping, oracles: np.ndarray, scores: Mapping, model: str,
