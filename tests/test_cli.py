@@ -99,10 +99,12 @@ def test_a_number_that_is_not_finite_is_refused(value, capsys):
 
 
 HEAVY_MODULES = ("torch", "transformers", "datasets", "faiss", "matplotlib", "scipy", "sklearn")
-# Parses the command line as the script does, then prints which heavy modules that imported.
-PARSE_ONLY = """
+# Runs a script as `python SCRIPT ARGS...` does, then prints its exit status (None: it returned) and which heavy
+# modules it imported.
+RUN_AND_LIST_IMPORTS = """
 import json, runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
+code = None
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as done:
@@ -121,7 +123,7 @@ def test_help_and_argument_errors_import_no_heavy_module(argv):
 
     from tests.helpers import REPO_ROOT
 
-    done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", RUN_AND_LIST_IMPORTS, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["exit"] == (0 if "--help" in argv else 2), done.stderr
@@ -138,17 +140,20 @@ def test_the_commands_lists_of_kinds_and_modes_are_the_librarys():
 
 
 def test_a_command_run_from_a_fresh_interpreter_loads_its_lazy_modules(tmp_path):
-    """The lazily imported library works when nothing imported it before (as in the tests' own process)."""
+    """The lazily imported library works when nothing imported it before (as in the tests' own process), and
+    scoring published score files loads no model code (transformers) and no dataset library."""
     import subprocess
     import sys
 
     from tests.helpers import REPO_ROOT
 
     ratings = REPO_ROOT / "tests" / "data" / "dreambench_plus"
-    done = subprocess.run([sys.executable, "evaluate.py", "dreambench", "--ratings", str(ratings), "--scores-from",
-                           "data_nearid_rating", "--output-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", RUN_AND_LIST_IMPORTS, "evaluate.py", "dreambench", "--ratings", str(ratings),
+                           "--scores-from", "data_nearid_rating", "--output-dir", str(tmp_path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exit"] is None and not {"transformers", "datasets"} & set(result["imported"]), result
     assert json.loads((tmp_path / "dreambench_results.json").read_text())["metrics"]["mh_object"] > 0.5
 
 

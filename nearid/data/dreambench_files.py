@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from nearid.images import find_images
 from nearid.io import parse_json
 from nearid.metrics import DREAMBENCH_METHODS, canonicalize_dreambench_scores, dreambench_key, dreambench_mh
 
@@ -49,6 +48,8 @@ def dreambench_pairs_and_others(samples_root, method: str) -> tuple:
     if not tgt_root.is_dir():
         raise FileNotFoundError(f"no generated images folder {tgt_root}; methods with one: "
                                 f"{dreambench_methods(samples_root)}")
+    from nearid.images import find_images  # here: reading published score files needs no transformers
+
     pairs = {}
     generated, others = find_images(tgt_root)
     for tgt in generated:

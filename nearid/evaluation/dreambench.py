@@ -6,19 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from nearid import metrics
+from nearid.cli import lazy_module
 from nearid.data import dreambench_files
 from nearid.evaluation import protocol
 from nearid.evaluation.records import record_model_index, results_document
 from nearid.io import atomic_write_json, atomic_write_text
 from nearid.options import embed, open_outputs
 from nearid.reports import tables
-from nearid.store.image_index import ImageIndex
+
+# Loaded when images are scored: reading published score files needs no image decode (transformers).
+image_index = lazy_module("nearid.store.image_index")
 
 
 def dreambench_from_images(args, state) -> tuple:
     """({method: {key: 100 x cosine}}, scorer provenance with the embedding stats, skipped list)."""
     methods = args.methods or dreambench_files.dreambench_methods(args.samples)
-    index = ImageIndex(args.skip_bad_images)
+    index = image_index.ImageIndex(args.skip_bad_images)
     pairs = protocol.dreambench_pairs_index(args.samples, methods, index)
     scorer, embedded = embed(index, args, state)
     return (protocol.dreambench_scores(pairs, embedded.vectors),

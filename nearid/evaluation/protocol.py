@@ -14,15 +14,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from nearid import clustering, metrics
-from nearid.data import dreambench_files, readers
-from nearid.images import ImageLoadError
+from nearid.cli import lazy_module
+from nearid.data import dreambench_files
 from nearid.store.fill import FillOptions, fill
-from nearid.store.image_index import ImageIndex
+
+if TYPE_CHECKING:
+    from nearid.store.image_index import ImageIndex
+
+# Loaded on first use: a run that reads published score files needs neither the dataset readers (datasets) nor
+# the image decode (transformers, through the Hub's image processor).
+readers, images = lazy_module("nearid.data.readers"), lazy_module("nearid.images")
 
 # --------------------------------------------------------------------------------------------------
 # Embeddings by image key
@@ -74,7 +80,7 @@ def embed_images(scorer, index: ImageIndex, cache_dir, options: FillOptions, sta
     store, report = fill(cache_dir, scorer.fingerprint, scorer.format, index, scorer.loader, scorer, options, state)
     keys = [key for key in index if key in store]
     if not keys and not allow_none:
-        raise ImageLoadError(f"none of the {len(index)} images could be embedded; for example: "
+        raise images.ImageLoadError(f"none of the {len(index)} images could be embedded; for example: "
                              f"{next(iter(report.skipped.values()), 'no images were given')}")
     skipped = [{"image": where, "reason": reason} for where, reason in sorted(index.unreadable.items())]
     skipped += [{"image": index.where(key), "reason": reason} for key, reason in sorted(report.skipped.items())]
@@ -199,7 +205,7 @@ def mtg_oracles(dataset, skip_errors: bool) -> tuple:
                 masks = readers.mtg_view_masks(columns, row, view, where)
                 oracles[row, view - 1] = metrics.mtg_oracle(*masks)
             except ValueError as error:  # ImageLoadError (names `where` itself), or an empty object mask
-                reason = str(error) if isinstance(error, ImageLoadError) else f"{where}: {error}"
+                reason = str(error) if isinstance(error, images.ImageLoadError) else f"{where}: {error}"
                 if not skip_errors:
                     raise type(error)(reason) from error
                 skipped.append({"image": where, "reason": reason})
