@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import benchmark_parser, environment_lines, parse_benchmark_args, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    SMOKE_VISION,
+    benchmark_parser,
+    environment_lines,
+    parse_benchmark_args,
+    write_results,
+)
 from bench_train_compute import BENCH_VISION  # noqa: E402
 from input_common import decode_rate, end_to_end_rate, forward_rate, nearid_folder, write_jpegs, write_json  # noqa: E402
 
@@ -30,13 +36,15 @@ GPU_IMAGES_PER_S = 1000
 
 
 def parse_args(argv=None):
-    parser = benchmark_parser(__doc__, "embedding_pipeline.txt", "tiny sizes, no so400m, nothing recorded")
+    parser = benchmark_parser(__doc__, "embedding_pipeline.txt", "tiny sizes and model, no so400m, nothing recorded")
+    parser.set_defaults(small_vision=BENCH_VISION)
     parser.add_argument("--workers", type=int, default=1,
                         help="loader workers end to end (1: the other core of this 2-core machine runs the forward)")
     parser.add_argument("--decode-images", type=int, default=64, help="JPEGs per size for the decode rate")
     parser.add_argument("--small-images", type=int, default=256, help="images through the small model")
     parser.add_argument("--so400m-images", type=int, default=8, help="images through so400m (0.25 images/s here)")
-    return parse_benchmark_args(parser, argv, {"decode_images": 4, "small_images": 8, "so400m_images": 0})
+    return parse_benchmark_args(parser, argv, {"decode_images": 4, "small_images": 8, "so400m_images": 0,
+                                               "small_vision": SMOKE_VISION})
 
 
 def decode_lines(folder: Path, args) -> tuple:
@@ -65,8 +73,8 @@ def pipeline_line(name: str, config, count: int, batch: int, folder: Path, worke
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
-    small = NearIDConfig(vision_config={**NearIDConfig().vision_config, **BENCH_VISION},
-                         embed_dim=BENCH_VISION["hidden_size"])
+    small = NearIDConfig(vision_config={**NearIDConfig().vision_config, **args.small_vision},
+                         embed_dim=args.small_vision["hidden_size"])
     models = [("small", small, args.small_images, 32)]
     if args.so400m_images:
         models.append(("so400m", NearIDConfig(), args.so400m_images, 4))
@@ -79,7 +87,8 @@ def main(argv=None):
             model_figures, line = pipeline_line(name, config, count, batch, Path(folder), args.workers)
             figures.update(model_figures)
             lines.append(line)
-    lines.append(f"small = {BENCH_VISION} (bench_train_compute.py's), so400m = NearIDConfig(); random weights")
+    origin = " (bench_train_compute.py's)" if args.small_vision == BENCH_VISION else " (the smoke run's)"
+    lines.append(f"small = {args.small_vision}{origin}, so400m = NearIDConfig(); random weights")
     write_results(args.output, environment_lines() + lines)
     write_json(args.output and args.output.with_suffix(".json"), figures)
 

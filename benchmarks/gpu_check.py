@@ -74,7 +74,9 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, in seconds")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.images, args.batch, args.head_batch, args.steps, args.workers, args.loader_workers = 48, 8, 2, 3, 1, 1
+        # every stage once, worker processes included: 4 samples of 6 images, 2 loader batches an epoch
+        args.images, args.batch, args.head_batch, args.steps, args.rounds = 24, 8, 2, 3, 1
+        args.workers, args.loader_workers = 1, 1
     elif not torch.cuda.is_available():
         parser.error("no CUDA GPU here: the check measures so400m on a GPU (pass --smoke to try the script on a CPU)")
     elif args.output is None:

@@ -40,10 +40,19 @@ CHROMIUM = next((path for path in ("/usr/lib/chromium/chromium", shutil.which("c
                                    shutil.which("chromium-browser") or "") if path and os.access(path, os.X_OK)), None)
 need(CHROMIUM, "no Chromium found (apt-get install -y chromium)")
 START_TIMEOUT_S = 120  # the app imports torch and loads the model before it answers
-POLL_S = 0.5
+POLL_S = 0.1  # a refused connection costs nothing: the first answer is seen at once
 PAGE_TIMEOUT_MS = 60_000  # one scoring request on the tiny model takes about a second; contended CI is slower
 sync_api.expect.set_options(timeout=PAGE_TIMEOUT_MS)  # every expect below waits at most this long
 TOLERANCE = 1e-5  # the page shows the float64 value; both paths run the same float32 model
+# Playwright's own --disable-features list (playwright 1.65, less its Windows and Edge ones), then Chromium's
+# omnibox pop-ups: each window (one per test) preloads two in a renderer of their own, a quarter of Chromium's
+# CPU here, for an address bar a headless browser never shows. Chromium keeps only the last --disable-features
+# it is given, so Playwright's list is repeated.
+DISABLED_FEATURES = ("AvoidUnnecessaryBeforeUnloadCheckSync", "DestroyProfileOnBrowserClose", "HttpsUpgrades",
+                     "HttpsFirstBalancedModeAutoEnable", "LensOverlay", "MediaRouter", "PaintHolding",
+                     "ThirdPartyStoragePartitioning", "AvoidCorsURLLoaderRestartOnRedirect", "OptimizationHints",
+                     "NetworkTimeServiceQuerying", "AimEnabled", "PreconnectToSearch",
+                     "WebUIOmniboxPopup", "WebUIOmniboxAimPopup")
 
 
 def free_port() -> int:
@@ -115,9 +124,18 @@ def server(tiny_repo, images, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def api(tiny_repo):
+    """The Python API on the app's model: the numbers the page must show."""
+    from nearid import IdentityScorer
+
+    return IdentityScorer(str(tiny_repo))
+
+
+@pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                           args=["--disable-features=" + ",".join(DISABLED_FEATURES)])
         try:
             yield chromium
         finally:
@@ -148,14 +166,12 @@ def number(page, elem_id: str, done_id: str, done_text: str) -> float:
     return float(page.locator(f"#{elem_id} input").input_value())
 
 
-def test_score_in_the_browser_equals_the_python_api(page, images, tiny_repo, tmp_path):
-    from nearid import IdentityScorer
-
+def test_score_in_the_browser_equals_the_python_api(page, images, api, tmp_path):
     upload(page, "score-references", images / "reference.png")
     upload(page, "score-generated", images / "generated.png")
     page.click("#score-button")
     shown = number(page, "score-value", "score-message", "Scored 1 generated image")
-    expected = IdentityScorer(str(tiny_repo)).score(images / "reference.png", images / "generated.png")
+    expected = api.score(images / "reference.png", images / "generated.png")
     assert shown == pytest.approx(expected, abs=TOLERANCE)
     sync_api.expect(page.locator("#score-table")).to_contain_text("generated.png")
     sync_api.expect(page.locator("#score-heatmaps img")).to_have_count(2)  # attention and correspondence
@@ -165,9 +181,7 @@ def test_score_in_the_browser_equals_the_python_api(page, images, tiny_repo, tmp
 
 @pytest.mark.parametrize("bad, message", [("notes.png", "could not be read as an image"),
                                           ("empty.png", "is an empty file")])
-def test_a_bad_upload_is_a_message_and_the_server_goes_on(page, server, images, tiny_repo, bad, message):
-    from nearid import IdentityScorer
-
+def test_a_bad_upload_is_a_message_and_the_server_goes_on(page, server, images, api, bad, message):
     upload(page, "score-references", images / bad)
     upload(page, "score-generated", images / "generated.png")
     page.click("#score-button")
@@ -178,7 +192,7 @@ def test_a_bad_upload_is_a_message_and_the_server_goes_on(page, server, images, 
     upload(page, "compare-first", images / "reference.png")
     upload(page, "compare-second", images / "other.png")
     page.click("#compare-button")
-    expected = IdentityScorer(str(tiny_repo)).score(images / "reference.png", images / "other.png")
+    expected = api.score(images / "reference.png", images / "other.png")
     shown = number(page, "compare-value", "compare-message", "Identity similarity")
     assert shown == pytest.approx(expected, abs=TOLERANCE)
     sync_api.expect(page.locator("#compare-heatmaps img")).to_have_count(4)
