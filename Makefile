@@ -1,8 +1,8 @@
 # Two entry points: `make demo` (main job) and `make test` (test suite). Both set up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The oldest transformers release pyproject.toml allows (5.10.0 is not on PyPI); `make test` checks it too.
-OLDEST_TRANSFORMERS ?= 5.10.1
+# The oldest transformers release pyproject.toml allows; `make test` checks it too.
+OLDEST_TRANSFORMERS ?= 5.18.0
 OLDEST_DIR := .cache/transformers-$(OLDEST_TRANSFORMERS)
 # pip's byte-compiling at install is left to import, which keeps what it compiles, unless PYTHONDONTWRITEBYTECODE
 # is set (scripts/setup_env.sh says why).
