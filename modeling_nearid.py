@@ -39,7 +39,8 @@ SUPPORTED_TRANSFORMERS_TEXT = ">=4.57,<6"
 # Releases before this one carry advisories that matter to anyone loading models by Hub id:
 # GHSA-29pf-2h5f-8g72 / CVE-2026-4372 (< 5.3.0: a crafted config.json makes from_pretrained run code
 # without trust_remote_code) and CVE-2026-9856 / GHSA-xrqw-3rrv-vx5w (< 5.10.0: path traversal in
-# processor save_pretrained). NearID still loads on them, with a warning.
+# processor save_pretrained). NearID still loads on them, with a warning that suggests the releases this
+# repository's commands install: 5.18 rather than 5.10, since 5.4 to 5.17 need torchvision for AutoImageProcessor.
 SAFE_TRANSFORMERS = (5, 10)
 
 
@@ -56,7 +57,7 @@ def _check_transformers_version(version):
             f"transformers {version} is affected by GHSA-29pf-2h5f-8g72 (CVE-2026-4372: a crafted config.json can "
             "run code in from_pretrained without trust_remote_code) and CVE-2026-9856 (path traversal in processor "
             "save_pretrained). Loading models from untrusted repos with it is risky; upgrade with "
-            "pip install 'transformers>=5.10,<6'.",
+            "pip install 'transformers>=5.18,<6'.",
             UserWarning,
             stacklevel=2,
         )

@@ -110,7 +110,8 @@ def run_isolated(code, tmp_path, extra_env=None, timeout=300):
 
 
 # Runs each check of CHECKS ({name: [working folder, code]}) in turn, in its own folder and namespace, and writes
-# {name: {"stdout", "error" (its traceback or None), "imported" (the remote-code modules it imported itself)}}.
+# {name: {"stdout", "error" (its traceback or None), "imported" (the remote-code modules it imported itself),
+# "transformers" (the version of the transformers it ran on, None if none was imported)}}.
 _CHECKS_DRIVER = """
 import contextlib, io, json, os, sys, traceback
 results = {}
@@ -124,7 +125,8 @@ for name, (folder, code) in json.loads(CHECKS).items():
     except Exception:
         error = traceback.format_exc()
     imported = sorted(m for m in set(sys.modules) - before if m.startswith("transformers_modules."))
-    results[name] = {"stdout": printed.getvalue(), "error": error, "imported": imported}
+    transformers = getattr(sys.modules.get("transformers"), "__version__", None)
+    results[name] = {"stdout": printed.getvalue(), "error": error, "imported": imported, "transformers": transformers}
 os.chdir(ROOT)
 with open("checks.json", "w") as file:
     json.dump(results, file)
@@ -133,11 +135,12 @@ with open("checks.json", "w") as file:
 
 class IsolatedCheck:
     """One check's outcome from `run_isolated_checks`: its working folder, what it printed (`stdout` raises its
-    traceback if it failed), and the remote-code modules (`transformers_modules.*`) it imported itself, not
-    found already imported by an earlier check."""
+    traceback if it failed), the remote-code modules (`transformers_modules.*`) it imported itself, not
+    found already imported by an earlier check, and the transformers version it ran on."""
 
-    def __init__(self, name, folder, stdout, error, imported):
+    def __init__(self, name, folder, stdout, error, imported, transformers):
         self.name, self.folder, self.error, self.imported = name, Path(folder), error, imported
+        self.transformers = transformers
         self._stdout = stdout
 
     @property

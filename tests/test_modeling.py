@@ -119,7 +119,7 @@ def test_releases_with_loading_advisories_still_load_but_warn():
         warnings.simplefilter("error")
         modeling_nearid._check_transformers_version("5.10.1")
     for version in ("4.57.6", "5.2.0", "5.9.0"):
-        with pytest.warns(UserWarning, match=r"CVE-2026-4372.*CVE-2026-9856.*transformers>=5\.10"):
+        with pytest.warns(UserWarning, match=r"CVE-2026-4372.*CVE-2026-9856.*transformers>=5\.18"):
             modeling_nearid._check_transformers_version(version)
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from PIL import Image
 from safetensors import safe_open
 
@@ -65,6 +66,14 @@ def test_export_refuses_to_overwrite_a_non_empty_folder(hub_repo):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_hub_folder(model, make_tiny_processor(), folder)
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+def test_remote_code_checks_run_on_the_transformers_under_test(remote_code_checks):
+    """The fresh interpreter imports the transformers this process imported (PYTHONPATH selects the release under
+    test, `make test-oldest-transformers`): a path it cannot resolve from its own working folder would load the
+    venv's release instead, and the checks would pass without testing the one meant."""
+    ran_on = {name: check.transformers for name, check in remote_code_checks.items()}
+    assert ran_on == dict.fromkeys(remote_code_checks, transformers.__version__)
 
 
 def test_auto_classes_load_the_remote_code(remote_code_checks):

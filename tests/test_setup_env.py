@@ -26,13 +26,19 @@ def floor(package) -> tuple:
 def test_requirements_exclude_the_releases_with_known_advisories():
     assert floor("torch") >= (2, 10)  # CVE-2026-24747, the weights_only unpickler
     assert floor("pillow") >= (10, 3)  # CVE-2024-28219
+    assert floor("transformers") >= (5, 10)  # CVE-2026-4372, CVE-2026-9856
+
+
+def test_transformers_floor_loads_auto_image_processor_without_torchvision():
+    # 5.4 to 5.17 mark AutoImageProcessor as needing torchvision, which the set-up keeps out (pyproject.toml).
+    assert floor("transformers") >= (5, 18)
 
 
 def run_setup(tmp_path, torch_version, gpu=False, environment=()) -> list:
     """Run setup_env.sh with torch `torch_version` already installed and `environment` set (TORCH_INDEX_URL,
     PYTHONDONTWRITEBYTECODE, ...); returns the pip installs it ran."""
     modules, tools, venv = tmp_path / "modules", tmp_path / "tools", tmp_path / "venv"
-    for name, version in (("torch", torch_version), ("transformers", "5.10.0")):
+    for name, version in (("torch", torch_version), ("transformers", "5.18.0")):
         (modules / name).mkdir(parents=True)
         (modules / name / "__init__.py").write_text(f"__version__ = {version!r}\n")
     log = tmp_path / "pip.log"
@@ -96,6 +102,13 @@ def oldest_transformers_install(tmp_path, **environment) -> list:
     [install] = [line for line in recipe.splitlines() if " pip install " in line]
     assert f"--target {oldest}" in install
     return install.split()
+
+
+def test_the_oldest_transformers_tested_is_the_floor_of_pyproject(tmp_path):
+    # `make test-oldest-transformers` tests the lowest release pyproject.toml allows, not an older or newer one.
+    [requirement] = [arg for arg in oldest_transformers_install(tmp_path) if arg.startswith('"transformers')]
+    oldest = tuple(int(part) for part in re.fullmatch(r'"transformers\[kernels\]==([\d.]+)"', requirement)[1].split("."))
+    assert oldest[:2] == floor("transformers")
 
 
 def test_the_oldest_transformers_install_does_not_byte_compile(tmp_path):
