@@ -122,7 +122,7 @@ def test_skip_bad_images_covers_a_missing_file_in_a_path_based_dataset(synthetic
 def test_the_mirrored_layout_walks_each_generated_folder_once_and_lists_what_it_left_out(synthetic, tmp_path,
                                                                                          monkeypatch):
     from nearid import images
-    from nearid.data import dreambench_files, score_inputs
+    from nearid.data import score_inputs
 
     samples = tmp_path / "samples"
     shutil.copytree(synthetic / "dreambench" / "samples", samples)
@@ -130,13 +130,13 @@ def test_the_mirrored_layout_walks_each_generated_folder_once_and_lists_what_it_
     methods = sorted(p.name for p in samples.iterdir())
     for method in methods:
         (samples / method / "tgt_image" / "notes.txt").write_text("prompt notes")
-    walks = []
+    walks, find_images = [], images.find_images
 
     def counting_find_images(folder, recursive=True):
         walks.append(Path(folder))
-        return images.find_images(folder, recursive)
+        return find_images(folder, recursive)
 
-    monkeypatch.setattr(dreambench_files, "find_images", counting_find_images)
+    monkeypatch.setattr(images, "find_images", counting_find_images)  # dreambench_files imports it when it walks
     monkeypatch.setattr(score_inputs, "find_images", counting_find_images)
     items, left_out = score_inputs.score_items_from_layout(samples)
 
