@@ -46,5 +46,5 @@ fi
 SITE_PACKAGES='import sysconfig
 print("\n".join(sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})))'
 mapfile -t SITES < <("$PY" -c "$SITE_PACKAGES")
-bash "$(dirname "$0")/byte_compile.sh" "$PY" "${SITES[@]}"
+"$BASH" "$(dirname "$0")/byte_compile.sh" "$PY" "${SITES[@]}"
 "$PY" -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"
