@@ -16,11 +16,16 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 REQUIREMENTS=${1:-requirements.txt}
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 # --no-compile: byte-compiling is left to import, or to byte_compile.sh below where Python keeps no
 # bytecode (that script says why).
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
+if [ ! -x "$PY" ]; then
+  "$PYTHON" -m venv "$VENV"
+  # A new venv has the pip its Python was released with (23.2 with 3.11.7): a current pip finds the
+  # requirements with far less work (docs/development.md gives the times).
+  "${PIP[@]}" --upgrade pip
+fi
 
 TORCH_FLOOR=2.10  # the same floor as pyproject.toml
 # Exit status 0 when torch imports and its version is at least TORCH_FLOOR.
