@@ -34,27 +34,33 @@ def test_requirements_exclude_the_releases_with_known_advisories():
     assert floor("pillow") >= (10, 3)  # CVE-2024-28219
 
 
-def run_setup_steps(tmp_path, torch_version, gpu=False, environment=()) -> list:
+def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv=False) -> list:
     """Run setup_env.sh with torch `torch_version` already installed and `environment` set (TORCH_INDEX_URL,
-    PYTHONDONTWRITEBYTECODE, ...); returns the pip and compileall calls it ran, in order, each as
-    "pip ARGS" or "compileall ARGS"."""
+    PYTHONDONTWRITEBYTECODE, ...), in a venv that exists or, with `new_venv`, one the script creates;
+    returns the pip and compileall calls it ran, in order, each as "pip ARGS" or "compileall ARGS"."""
     modules, tools, venv = tmp_path / "modules", tmp_path / "tools", tmp_path / "venv"
     for name, version in (("torch", torch_version), ("transformers", "5.10.0")):
         (modules / name).mkdir(parents=True)
         (modules / name / "__init__.py").write_text(f"__version__ = {version!r}\n")
     log = tmp_path / "steps.log"
-    (venv / "bin").mkdir(parents=True)
-    python = venv / "bin" / "python"
+    tools.mkdir()
+    python = tools / "venv-python"
     python.write_text(f"#!/bin/bash\nif [ \"$1\" = -m ] && [[ \"$2\" =~ ^(pip|compileall)$ ]]; then echo \"${{@:2}}\" >> {log}; "
                       f"exit 0; fi\nPYTHONPATH={modules} exec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
-    tools.mkdir()
+    # The stand-in for the Python that creates the venv: `-m venv DIR` puts the stand-in python in DIR.
+    (tools / "python3").write_text(f"#!/bin/bash\nPATH=/usr/bin:/bin\n[ \"$1 $2\" = \"-m venv\" ] && mkdir -p \"$3/bin\" && "
+                                   f"cp {python} \"$3/bin/python\"\n")
+    (tools / "python3").chmod(0o755)
     (tools / "dirname").symlink_to(shutil.which("dirname"))  # how the script finds byte_compile.sh
+    if not new_venv:
+        (venv / "bin").mkdir(parents=True)
+        shutil.copy(python, venv / "bin" / "python")
     if gpu:
         (tools / "nvidia-smi").write_text("#!/bin/bash\nexit 0\n")
         (tools / "nvidia-smi").chmod(0o755)
     # PATH holds only these tools: whether nvidia-smi exists is the test's choice.
-    env = {"PATH": str(tools), "VENV": str(venv), **dict(environment)}
+    env = {"PATH": str(tools), "VENV": str(venv), "PYTHON": str(tools / "python3"), **dict(environment)}
     subprocess.run(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, check=True, capture_output=True, text=True, env=env)
     return log.read_text().splitlines()
 
@@ -83,6 +89,18 @@ def test_a_torch_index_gets_a_pip_call_of_its_own(tmp_path):
 def test_a_torch_at_the_floor_is_kept(tmp_path):
     [install] = run_setup(tmp_path, "2.12.1+cpu")
     assert "torch" not in install and install.endswith("-r requirements.txt")
+
+
+def test_a_new_venv_gets_the_current_pip_before_anything_else(tmp_path):
+    # The pip a Python was released with resolves the requirements with about twice the CPU time.
+    steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True)
+    assert (tmp_path / "venv" / "bin" / "python").exists()
+    assert steps[0].split()[-2:] == ["--upgrade", "pip"] and "--no-compile" in steps[0].split()
+    assert steps[1].endswith("torch==2.13.0 -r requirements.txt")
+
+
+def test_an_existing_venv_keeps_its_pip(tmp_path):
+    assert not any("pip" in step.split()[2:] for step in run_setup_steps(tmp_path, "2.4.0+cpu"))
 
 
 @pytest.mark.parametrize("torch_version, environment", [
