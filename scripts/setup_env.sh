@@ -23,7 +23,7 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
 if [ ! -x "$PY" ]; then
   "$PYTHON" -m venv "$VENV"
   # A new venv has the pip its Python was released with (23.2 with 3.11.7): a current pip finds the
-  # requirements with far less work (docs/development.md gives the times).
+  # requirements with less work (docs/development.md gives the times).
   "${PIP[@]}" --upgrade pip
 fi
 
