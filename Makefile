@@ -4,9 +4,6 @@ PY := $(VENV)/bin/python
 # The oldest transformers release pyproject.toml allows; `make test` checks it too.
 OLDEST_TRANSFORMERS ?= 5.18.0
 OLDEST_DIR := .cache/transformers-$(OLDEST_TRANSFORMERS)
-# pip's byte-compiling at install is left to import, which keeps what it compiles, unless PYTHONDONTWRITEBYTECODE
-# is set (scripts/setup_env.sh says why).
-NO_COMPILE := $(if $(PYTHONDONTWRITEBYTECODE),,--no-compile)
 # pytest-xdist workers: whole test files each (tests/conftest.py), torch on one thread each.
 TEST_WORKERS ?= 2
 
@@ -46,13 +43,15 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_plots.py
 	$(PY) benchmarks/bench_cli_startup.py
 
-$(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh
+$(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh scripts/byte_compile.sh
 	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt
 	touch $@
 
+# Byte-compiled as the venv is (scripts/byte_compile.sh says when and why).
 $(OLDEST_DIR)/.ready: $(VENV)/.ready
 	# transformers is installed with the `kernels` release it supports: the venv's newer one breaks its import.
-	$(PY) -m pip install --quiet --disable-pip-version-check $(NO_COMPILE) --target $(OLDEST_DIR) "transformers[kernels]==$(OLDEST_TRANSFORMERS)"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --target $(OLDEST_DIR) "transformers[kernels]==$(OLDEST_TRANSFORMERS)"
+	bash scripts/byte_compile.sh $(PY) $(OLDEST_DIR)
 	touch $@
 
 clean:

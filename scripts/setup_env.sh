@@ -16,14 +16,16 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 REQUIREMENTS=${1:-requirements.txt}
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-# --no-compile: pip would byte-compile every file it installs (about 15,000, most never imported);
-# Python compiles a module when it is first imported and keeps the result in __pycache__. Where
-# PYTHONDONTWRITEBYTECODE is set it keeps nothing, and every interpreter would compile torch again:
-# there pip compiles at install, as by default.
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
-[ -n "${PYTHONDONTWRITEBYTECODE:-}" ] || PIP+=(--no-compile)
+# --no-compile: byte-compiling is left to import, or to byte_compile.sh below where Python keeps no
+# bytecode (that script says why).
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
+if [ ! -x "$PY" ]; then
+  "$PYTHON" -m venv "$VENV"
+  # A new venv has the pip its Python was released with (23.2 with 3.11.7): a current pip finds the
+  # requirements with less work (docs/development.md gives the times).
+  "${PIP[@]}" --upgrade pip
+fi
 
 TORCH_FLOOR=2.10  # the same floor as pyproject.toml
 # Exit status 0 when torch imports and its version is at least TORCH_FLOOR.
@@ -45,4 +47,9 @@ if ! "$PY" -c "$TORCH_AT_FLOOR" "$TORCH_FLOOR" >/dev/null 2>&1; then
   fi
 fi
 "${PIP[@]}" ${TORCH[@]+"${TORCH[@]}"} -r "$REQUIREMENTS"
+# The environment's packages: one folder in a venv; two where the platform's libraries have their own (lib64).
+SITE_PACKAGES='import sysconfig
+print("\n".join(sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})))'
+mapfile -t SITES < <("$PY" -c "$SITE_PACKAGES")
+"$BASH" "$(dirname "$0")/byte_compile.sh" "$PY" "${SITES[@]}"
 "$PY" -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"

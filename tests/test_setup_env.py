@@ -1,19 +1,25 @@
-"""scripts/setup_env.sh installs torch at the security floor: an older torch is upgraded, not kept.
+"""scripts/setup_env.sh installs torch at the security floor: an older torch is upgraded, not kept; the
+set-up byte-compiles in parallel after installing, and only where Python keeps no bytecode.
 
 The script runs against a stand-in environment: its python is the real interpreter with stand-in
-`torch` and `transformers` modules of a chosen version, and `-m pip` only records its arguments.
+`torch` and `transformers` modules of a chosen version, and `-m pip` and `-m compileall` only record
+their arguments. scripts/byte_compile.sh itself runs on a folder of a few modules.
 """
 
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO_ROOT, project_requirements
 
 SCRIPT = REPO_ROOT / "scripts" / "setup_env.sh"
+BYTE_COMPILE = REPO_ROOT / "scripts" / "byte_compile.sh"
 
 
 def floor(package) -> tuple:
@@ -34,27 +40,41 @@ def test_transformers_floor_loads_auto_image_processor_without_torchvision():
     assert floor("transformers") >= (5, 18)
 
 
-def run_setup(tmp_path, torch_version, gpu=False, environment=()) -> list:
+def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv=False) -> list:
     """Run setup_env.sh with torch `torch_version` already installed and `environment` set (TORCH_INDEX_URL,
-    PYTHONDONTWRITEBYTECODE, ...); returns the pip installs it ran."""
+    PYTHONDONTWRITEBYTECODE, ...), in a venv that exists or, with `new_venv`, one the script creates;
+    returns the pip and compileall calls it ran, in order, each as "pip ARGS" or "compileall ARGS"."""
     modules, tools, venv = tmp_path / "modules", tmp_path / "tools", tmp_path / "venv"
     for name, version in (("torch", torch_version), ("transformers", "5.18.0")):
         (modules / name).mkdir(parents=True)
         (modules / name / "__init__.py").write_text(f"__version__ = {version!r}\n")
-    log = tmp_path / "pip.log"
-    (venv / "bin").mkdir(parents=True)
-    python = venv / "bin" / "python"
-    python.write_text(f"#!/bin/bash\nif [ \"$1\" = -m ] && [ \"$2\" = pip ]; then echo \"${{@:3}}\" >> {log}; exit 0; fi\n"
-                      f"PYTHONPATH={modules} exec {sys.executable} \"$@\"\n")
-    python.chmod(0o755)
+    log = tmp_path / "steps.log"
     tools.mkdir()
+    python = tools / "venv-python"
+    python.write_text(f"#!/bin/bash\nif [ \"$1\" = -m ] && [[ \"$2\" =~ ^(pip|compileall)$ ]]; then echo \"${{@:2}}\" >> {log}; "
+                      f"exit 0; fi\nPYTHONPATH={modules} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    # The stand-in for the Python that creates the venv: `-m venv DIR` puts the stand-in python in DIR.
+    (tools / "python3").write_text(f"#!/bin/bash\nPATH=/usr/bin:/bin\n[ \"$1 $2\" = \"-m venv\" ] && mkdir -p \"$3/bin\" && "
+                                   f"cp {python} \"$3/bin/python\"\n")
+    (tools / "python3").chmod(0o755)
+    (tools / "dirname").symlink_to(shutil.which("dirname"))  # how the script finds byte_compile.sh
+    if not new_venv:
+        (venv / "bin").mkdir(parents=True)
+        shutil.copy(python, venv / "bin" / "python")
     if gpu:
         (tools / "nvidia-smi").write_text("#!/bin/bash\nexit 0\n")
         (tools / "nvidia-smi").chmod(0o755)
-    # PATH holds only the stand-in tools: whether nvidia-smi exists is the test's choice.
-    env = {"PATH": str(tools), "VENV": str(venv), **dict(environment)}
+    # PATH holds only these tools: whether nvidia-smi exists is the test's choice.
+    env = {"PATH": str(tools), "VENV": str(venv), "PYTHON": str(tools / "python3"), **dict(environment)}
     subprocess.run(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, check=True, capture_output=True, text=True, env=env)
     return log.read_text().splitlines()
+
+
+def run_setup(tmp_path, torch_version, gpu=False, environment=()) -> list:
+    """The pip installs that setup_env.sh ran (run_setup_steps), their arguments only."""
+    steps = run_setup_steps(tmp_path, torch_version, gpu, environment)
+    return [step.removeprefix("pip ") for step in steps if step.startswith("pip ")]
 
 
 @pytest.mark.parametrize("gpu, wanted", [(False, "torch==2.13.0"), (True, "torch>=2.10")])
@@ -77,41 +97,114 @@ def test_a_torch_at_the_floor_is_kept(tmp_path):
     assert "torch" not in install and install.endswith("-r requirements.txt")
 
 
-@pytest.mark.parametrize("torch_version, torch_index_url", [("2.4.0+cpu", None), ("2.4.0+cpu", "https://example.org"),
-                                                            ("2.12.1+cpu", None)])
-def test_no_install_byte_compiles_what_it_installs(tmp_path, torch_version, torch_index_url):
-    # Python compiles a module when it is first imported; pip would compile all of them (most never run).
-    environment = {"TORCH_INDEX_URL": torch_index_url} if torch_index_url else {}
+def test_a_new_venv_gets_the_current_pip_before_anything_else(tmp_path):
+    # The pip a Python was released with resolves the requirements with about twice the CPU time.
+    steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True)
+    assert (tmp_path / "venv" / "bin" / "python").exists()
+    assert steps[0].split()[-2:] == ["--upgrade", "pip"] and "--no-compile" in steps[0].split()
+    assert steps[1].endswith("torch==2.13.0 -r requirements.txt")
+
+
+def test_an_existing_venv_keeps_its_pip(tmp_path):
+    assert not any("pip" in step.split()[2:] for step in run_setup_steps(tmp_path, "2.4.0+cpu"))
+
+
+@pytest.mark.parametrize("torch_version, environment", [
+    ("2.4.0+cpu", {}), ("2.4.0+cpu", {"TORCH_INDEX_URL": "https://example.org"}), ("2.12.1+cpu", {}),
+    ("2.4.0+cpu", {"PYTHONDONTWRITEBYTECODE": "1"}),
+    ("2.4.0+cpu", {"PYTHONDONTWRITEBYTECODE": "1", "TORCH_INDEX_URL": "https://example.org"})])
+def test_no_install_byte_compiles_what_it_installs(tmp_path, torch_version, environment):
+    # pip compiles in one process, after each install; Python compiles a module when it is first imported,
+    # and byte_compile.sh compiles on every core where Python keeps no bytecode.
     installs = run_setup(tmp_path, torch_version, environment=environment)
     assert installs and all("--no-compile" in install.split() for install in installs)
 
 
-def test_installs_byte_compile_where_python_keeps_no_bytecode(tmp_path):
+def test_the_environment_is_byte_compiled_after_its_installs_where_python_keeps_no_bytecode(tmp_path):
     # With PYTHONDONTWRITEBYTECODE, every interpreter would compile what it imports again.
-    installs = run_setup(tmp_path, "2.4.0+cpu", environment={"PYTHONDONTWRITEBYTECODE": "1"})
-    assert installs and not any("--no-compile" in install.split() for install in installs)
+    steps = run_setup_steps(tmp_path, "2.4.0+cpu", environment={"PYTHONDONTWRITEBYTECODE": "1",
+                                                                 "TORCH_INDEX_URL": "https://example.org"})
+    assert [step.split()[0] for step in steps] == ["pip", "pip", "compileall"]
+    site_packages = subprocess.run([tmp_path / "venv" / "bin" / "python", "-c", "import sysconfig; print(*sorted("
+                                    "{sysconfig.get_path('purelib'), sysconfig.get_path('platlib')}))"],
+                                   check=True, capture_output=True, text=True).stdout.split()
+    assert steps[-1].split() == ["compileall", "-qq", "-j0", *site_packages]
 
 
-def oldest_transformers_install(tmp_path, **environment) -> list:
-    """The arguments of the Makefile's pip install of the oldest transformers (a dry run of make)."""
+def test_the_environment_is_left_to_compile_on_import_where_python_keeps_bytecode(tmp_path):
+    steps = run_setup_steps(tmp_path, "2.4.0+cpu")
+    assert steps and not any(step.startswith("compileall") for step in steps)
+
+
+def write_modules(folder) -> dict:
+    """A package of two modules, one inside a subpackage, and a file that does not compile; returns the
+    sources that compile, each with the bytecode file Python would look for."""
+    (folder / "package" / "inner").mkdir(parents=True)
+    sources = [folder / "package" / "__init__.py", folder / "package" / "inner" / "module.py"]
+    for index, source in enumerate(sources):
+        source.write_text(f"VALUE = {index}\n")
+    (folder / "package" / "template.py").write_text("def {{ name }}():\n")
+    return {source: Path(importlib.util.cache_from_source(str(source))) for source in sources}
+
+
+def byte_compile(folder, **environment) -> subprocess.CompletedProcess:
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"} | environment
+    return subprocess.run(["bash", str(BYTE_COMPILE), sys.executable, str(folder)], env=env, capture_output=True,
+                          text=True)
+
+
+def test_byte_compile_writes_the_bytecode_pip_would_where_python_keeps_none(tmp_path):
+    compiled = write_modules(tmp_path)
+    result = byte_compile(tmp_path, PYTHONDONTWRITEBYTECODE="1")
+    # A file that does not compile is skipped, as pip skips it: no error, no bytecode.
+    assert result.returncode == 0, result.stderr
+    assert not list((tmp_path / "package" / "__pycache__").glob("template.*"))
+    for source, bytecode in compiled.items():
+        header = bytecode.read_bytes()[:16]
+        # The mode pip writes: checked against the source's modification time and size, not a hash.
+        assert header[:4] == importlib.util.MAGIC_NUMBER and int.from_bytes(header[4:8], "little") == 0
+        assert int.from_bytes(header[8:12], "little") == int(source.stat().st_mtime)
+        assert int.from_bytes(header[12:16], "little") == source.stat().st_size
+
+
+def test_byte_compile_leaves_compiling_to_import_where_python_keeps_bytecode(tmp_path):
+    write_modules(tmp_path)
+    assert byte_compile(tmp_path).returncode == 0
+    assert not list(tmp_path.rglob("*.pyc"))
+
+
+def test_byte_compile_fails_where_the_compiler_cannot_run(tmp_path):
+    # Only "some file did not compile" is let through; a missing folder argument or interpreter is an error.
+    env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
+    missing = subprocess.run(["bash", str(BYTE_COMPILE), str(tmp_path / "no-python"), str(tmp_path)], env=env,
+                             capture_output=True, text=True)
+    no_folder = subprocess.run(["bash", str(BYTE_COMPILE), sys.executable], env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and no_folder.returncode != 0 and "usage" in no_folder.stderr
+
+
+def oldest_transformers_recipe(tmp_path, **environment) -> list:
+    """The commands of the Makefile's install of the oldest transformers (a dry run of make), each split."""
     venv, oldest = tmp_path / "venv", tmp_path / "oldest"
     env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"} | environment
     recipe = subprocess.run(["make", "--dry-run", "--old-file", f"{venv}/.ready", f"VENV={venv}", f"OLDEST_DIR={oldest}",
                              f"{oldest}/.ready"], cwd=REPO_ROOT, env=env, check=True, capture_output=True,
                             text=True).stdout
-    [install] = [line for line in recipe.splitlines() if " pip install " in line]
-    assert f"--target {oldest}" in install
-    return install.split()
+    return [line.split() for line in recipe.splitlines() if not line.startswith("#")]
 
 
 def test_the_oldest_transformers_tested_is_the_floor_of_pyproject(tmp_path):
     # `make test-oldest-transformers` tests the lowest release pyproject.toml allows, not an older or newer one.
-    [requirement] = [arg for arg in oldest_transformers_install(tmp_path) if arg.startswith('"transformers')]
+    [requirement] = [arg for command in oldest_transformers_recipe(tmp_path) for arg in command
+                     if arg.startswith('"transformers')]
     oldest = tuple(int(part) for part in re.fullmatch(r'"transformers\[kernels\]==([\d.]+)"', requirement)[1].split("."))
     assert oldest[:2] == floor("transformers")
 
 
-def test_the_oldest_transformers_install_does_not_byte_compile(tmp_path):
-    # Only two test files import it, and they import a small part of it.
-    assert "--no-compile" in oldest_transformers_install(tmp_path)
-    assert "--no-compile" not in oldest_transformers_install(tmp_path, PYTHONDONTWRITEBYTECODE="1")
+@pytest.mark.parametrize("environment", [{}, {"PYTHONDONTWRITEBYTECODE": "1"}])
+def test_the_oldest_transformers_is_byte_compiled_as_the_venv_is(tmp_path, environment):
+    # pip installs without compiling; byte_compile.sh then compiles the folder where Python keeps no bytecode.
+    [install] = [command for command in oldest_transformers_recipe(tmp_path, **environment) if "install" in command]
+    assert "--no-compile" in install and install[install.index("--target") + 1] == str(tmp_path / "oldest")
+    [compile_command] = [command for command in oldest_transformers_recipe(tmp_path, **environment)
+                         if command[-3:-2] == ["scripts/byte_compile.sh"]]
+    assert compile_command[-1] == str(tmp_path / "oldest")

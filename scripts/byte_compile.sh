@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Byte-compile every module under each FOLDER, on every core, where Python keeps no bytecode of its own.
+#   usage: byte_compile.sh PYTHON FOLDER...
+#
+# The set-up installs with `pip install --no-compile`: pip would compile every file it installs (about
+# 19,500, most never imported), one after the other. Python compiles a module when it is first imported
+# and keeps the result in __pycache__, so only what runs is compiled, once. Where PYTHONDONTWRITEBYTECODE
+# is set it keeps nothing, and every interpreter would compile torch again: there this compiles it all
+# after the install, as pip would, in one process per core.
+set -euo pipefail
+[ $# -ge 2 ] || { echo "usage: $0 PYTHON FOLDER..." >&2; exit 2; }  # compileall without a folder compiles sys.path
+PY=$1
+shift
+[ -n "${PYTHONDONTWRITEBYTECODE:-}" ] || exit 0
+# compileall writes bytecode though PYTHONDONTWRITEBYTECODE is set, in the mode pip writes it (checked by
+# timestamp). Status 1 means some file did not compile (torch ships one in Python 3.12 syntax): pip skips
+# such a file too, and it fails only if it is imported.
+"$PY" -m compileall -qq -j0 "$@" || [ $? -eq 1 ]
