@@ -23,14 +23,17 @@ CONSOLE_SCRIPTS = {f"nearid-{name}": f"nearid.commands.console:{name}" for name 
 RATINGS = REPO_ROOT / "tests" / "data" / "dreambench_plus"
 
 
-def pip(*args, cwd):
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", *args], cwd=cwd,
-                   check=True, capture_output=True, text=True)
+def pip(*args, cwd) -> str:
+    """pip's output (stdout and stderr)."""
+    done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True)
+    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """(wheel, install folder, a folder elsewhere, environment of an installed package)."""
+    """(wheel, install folder, a folder elsewhere, environment of an installed package); the wheel build's output
+    is in `build.log` beside the wheel folder."""
     import shutil
 
     root = tmp_path_factory.mktemp("packaging")
@@ -38,7 +41,9 @@ def installed(tmp_path_factory):
     shutil.copytree(REPO_ROOT / "nearid", source / "nearid", ignore=shutil.ignore_patterns("__pycache__"))
     for name in PACKAGED:
         shutil.copyfile(REPO_ROOT / name, source / name)
-    pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(root / "wheel"), str(source), cwd=root)
+    build = pip("wheel", "--verbose", "--no-deps", "--no-build-isolation", "--wheel-dir", str(root / "wheel"),
+                str(source), cwd=root)
+    (root / "build.log").write_text(build)
     wheel = next((root / "wheel").glob("nearid-*.whl"))
     target = root / "site"
     pip("install", "--no-deps", "--target", str(target), str(wheel), cwd=root)
@@ -74,6 +79,8 @@ def test_wheel_declares_the_console_scripts(installed):
     assert packages <= set(names), sorted(packages - set(names))
     # The root scripts stay in the clone: `evaluate` would shadow other packages' modules once installed.
     assert not {"train.py", "evaluate.py", "search.py", "demo.py"} & set(names)
+    # setuptools finds nothing importable left out of pyproject.toml's packages (a data folder counts).
+    assert "absent from the `packages` configuration" not in (wheel.parent.parent / "build.log").read_text()
 
 
 def test_installed_package_imports_from_another_folder(installed):
