@@ -9,7 +9,6 @@ first. `unchanged` checks that at the end of the session.
 """
 
 import os
-import sys
 
 # OpenMP threads that wait for work sleep instead of spinning. Spinning threads hold the cores they wait on: with
 # the other pytest-xdist worker or other work on the machine, the thread they wait for gets no core, and a test
@@ -20,11 +19,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 
 from tests.helpers import (
+    REPO_ROOT,
+    assert_finished,
+    corrupt_image,
+    draw_vector,
     export_with_card,
+    launch,
     make_tiny_nearid,
     make_tiny_processor,
     make_tiny_siglip,
+    present,
     random_pixels,
+    reset_accelerator_state,
+    rewrite,
     run_isolated_checks,
     unchanged,
 )
@@ -32,10 +39,12 @@ from tests.helpers import (
 # The test files that share one costly session fixture: pytest-xdist gives each group to one worker.
 DEMO_RUN_FILES = ("tests/test_demo.py", "tests/test_readme.py")
 REMOTE_CODE_CHECK_FILES = ("tests/test_remote_code.py", "tests/test_hub.py", "tests/test_image_processing.py")
-SHARED_FIXTURE_GROUPS = {"demo_run": DEMO_RUN_FILES, "remote_code_checks": REMOTE_CODE_CHECK_FILES}
+TWO_PROCESS_LAUNCH_FILES = ("tests/test_train_multiprocess.py", "tests/test_evaluate_multiprocess.py")
+SHARED_FIXTURE_GROUPS = {"demo_run": DEMO_RUN_FILES, "remote_code_checks": REMOTE_CODE_CHECK_FILES,
+                         "two_process_launch": TWO_PROCESS_LAUNCH_FILES}
 # The files that take longest (`pytest --durations`), started first so that no worker is left with one at the end.
-SLOWEST_FILES = (*DEMO_RUN_FILES, "tests/test_train_multiprocess.py", "tests/test_benchmarks.py",
-                 "tests/test_evaluate_multiprocess.py", "tests/test_app_browser.py", "tests/test_input_path.py")
+SLOWEST_FILES = (*DEMO_RUN_FILES, *TWO_PROCESS_LAUNCH_FILES, "tests/test_benchmarks.py", "tests/test_app_browser.py",
+                 "tests/test_input_path.py")
 
 
 def pytest_configure(config):
@@ -158,6 +167,58 @@ def remote_code_checks(tmp_path_factory):
     return run_isolated_checks(prepare_checks(root), root)
 
 
+@pytest.fixture(scope="session")
+def commands_data(synthetic, tiny_repo, train_synthetic, base_model, tmp_path_factory):
+    """What tests/commands_worker.py's runs read: `synthetic`, a copy of its `sdxl` source with one image
+    corrupt, `tiny_repo` and a gallery of 11 images for the evaluate and search runs, `train_synthetic` and
+    `base_model` for the train run; the error that stops the last run; and "worker_args", the worker's
+    arguments but its output folder: {"benchmark", "sdxl_broken", "model", "broken_row", "gallery",
+    "stop_message", "worker_args"}."""
+    import datasets
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("commands_data")
+    sdxl = datasets.load_from_disk(str(synthetic / "sdxl"))
+    with_image = [row for row, ok in enumerate(present(sdxl, "nimg1")) if ok]
+    broken_row = with_image[len(with_image) // 2]
+    rewrite(synthetic / "sdxl", root / "sdxl_broken", lambda dataset: corrupt_image(dataset, broken_row, "nimg1"))
+    gallery = root / "gallery"
+    gallery.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(11):
+        draw_vector(rng.uniform(-1, 1, 3 * 8 * 8), side=8).save(gallery / f"image{number:02d}.png")
+    return {"benchmark": synthetic, "sdxl_broken": root / "sdxl_broken", "model": tiny_repo,
+            "broken_row": broken_row, "gallery": gallery,
+            "stop_message": f"error: Could not decode source sdxl row {broken_row} column nimg1",
+            "worker_args": [train_synthetic, base_model, tiny_repo, synthetic, root / "sdxl_broken", gallery]}
+
+
+@pytest.fixture(scope="session")
+def two_process_launch(commands_data, tmp_path_factory):
+    """tests/commands_worker.py's runs on two processes, in one launch (4 to 5 CPU-seconds of imports per
+    process, and torchrun's, paid once): the output folder ("out": train/, nearid/, index/, retrieval/, ...),
+    the launcher's output and exit code ("output", "code"). TWO_PROCESS_LAUNCH_FILES read it.
+
+    The last run stops each process on purpose, so the launch fails: each of the others is judged complete by
+    the runs each process recorded as returned and by the files they write, then by the exit status each
+    process stopped with (`helpers.assert_finished`)."""
+    from tests import commands_worker
+
+    root = tmp_path_factory.mktemp("two_process_launch")
+    out = root / "out"
+    code, output = launch(2, [REPO_ROOT / "tests" / "commands_worker.py", *commands_data["worker_args"], out], root,
+                          "out.log")
+    returned = ["train", "nearid", "index", "retrieval"]
+    assert_finished(code, output, all(commands_worker.completed(out, rank) == returned for rank in (0, 1))
+                    and all((out / path).is_file() for path in
+                            ("train/train_results.json", "nearid/nearid_results.json", "index/search_index.json",
+                             "retrieval/retrieval_results.json"))
+                    and output.count(commands_data["stop_message"]) == 2, exit_status=1)
+    # No remote-code module cache to fill first: the tools build the model with this checkout's classes.
+    assert not list((root / "hf_modules").rglob("*.py"))
+    return {"out": out, "output": output, "code": code}
+
+
 @pytest.fixture
 def hub():
     """huggingface_hub talking to a fake Hub (tests/fake_hub.py) instead of the network."""
@@ -199,11 +260,6 @@ def embed(tiny_repo):
             return model.get_image_features(pixels, normalize=True)[0].double().numpy()
 
     return run
-
-
-def reset_accelerator_state():
-    if "accelerate.state" in sys.modules:  # accelerate not imported yet: nothing to reset
-        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(autouse=True)

@@ -433,6 +433,14 @@ def kill_training_at_step(monkeypatch, step):
     return real_step
 
 
+def reset_accelerator_state():
+    """accelerate's process-wide state (AcceleratorState, PartialState) back to a fresh process's: the next
+    Accelerator or PartialState sets it up again, joining the launch's processes again if torch.distributed
+    was shut down (as `Accelerator.end_training` does)."""
+    if "accelerate.state" in sys.modules:  # accelerate not imported yet: nothing to reset
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def single_threaded():
     """One torch thread, as every process of `launch` runs: a 1-process run in this process then does the
     same arithmetic as the launched processes, bit for bit."""

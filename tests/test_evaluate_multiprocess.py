@@ -3,24 +3,24 @@
 Runs go through `python -m torch.distributed.run` on the CPU (gloo), the launcher `accelerate
 launch` itself uses for several processes (`accelerate launch --cpu` starts one process: accelerate
 leaves multi-process CPU runs to MPI). `evaluate.py nearid`, `search.py index` and `evaluate.py
-retrieval` run in one launch (tests/commands_worker.py: one start for the three commands, each reading
-and writing folders of its own), followed in the same processes by an `evaluate.py nearid` run that a
-corrupt image stops. The launch is judged by the files its processes write, by the message each process
-stops with, and by its exit code: status 1 from that last run, or the known abort at exit (CPU process
-groups are sometimes killed by a signal at exit after all the work is done, see `helpers.assert_finished`).
+retrieval` run in one launch (conftest.py's `two_process_launch` of tests/commands_worker.py: one start
+for them and test_train_multiprocess.py's two-process `train.py` run before them, each reading and writing
+folders of its own), followed in the same processes by an `evaluate.py nearid` run that a corrupt image
+stops. The launch is judged by the runs each process records as returned, by the files they write, by the
+message each process stops with, and by its exit code: status 1 from that last run, or the known abort at
+exit (CPU process groups are sometimes killed by a signal at exit after all the work is done, see
+`helpers.assert_finished`).
 """
 
 import json
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 
 from nearid.search import SearchIndex
 from tests import commands_worker
-from tests.helpers import (REPO_ROOT, assert_finished, corrupt_image, draw_vector, launch, present, rewrite,
-                           single_threaded)
+from tests.helpers import assert_finished, single_threaded
 
 RESULTS = "nearid_results.json"
 TABLE_HEADER = "| source | SSR | PA |"
@@ -33,58 +33,23 @@ def store_index(cache_dir):
 
 
 @pytest.fixture(scope="module")
-def benchmark(synthetic, tiny_repo, tmp_path_factory):
-    """conftest.py's synthetic benchmark, a copy of its `sdxl` source with one image corrupt, its tiny model and
-    a gallery of 11 images: {"benchmark", "sdxl_broken", "model", "broken_row", "gallery"}."""
-    root = tmp_path_factory.mktemp("benchmark")
-    sdxl = datasets.load_from_disk(str(synthetic / "sdxl"))
-    with_image = [row for row, ok in enumerate(present(sdxl, "nimg1")) if ok]
-    broken_row = with_image[len(with_image) // 2]
-    rewrite(synthetic / "sdxl", root / "sdxl_broken", lambda dataset: corrupt_image(dataset, broken_row, "nimg1"))
-    gallery = root / "gallery"
-    gallery.mkdir()
-    rng = np.random.default_rng(0)
-    for number in range(11):
-        draw_vector(rng.uniform(-1, 1, 3 * 8 * 8), side=8).save(gallery / f"image{number:02d}.png")
-    return {"benchmark": synthetic, "sdxl_broken": root / "sdxl_broken", "model": tiny_repo,
-            "broken_row": broken_row, "gallery": gallery}
-
-
-def worker_args(benchmark):
-    return [benchmark[name] for name in ("model", "benchmark", "sdxl_broken", "gallery")]
-
-
-def stop_message(benchmark):
-    """The start of the error that stops the last run of tests/commands_worker.py, naming the corrupt image."""
-    return f"error: Could not decode source sdxl row {benchmark['broken_row']} column nimg1"
-
-
-@pytest.fixture(scope="module")
-def runs(benchmark, tmp_path_factory):
-    """The outputs of tests/commands_worker.py on 1 process (this one, without the run that stops) and on 2:
-    {processes: output folder}, and under "output" and "code" the launcher's output and exit code."""
-    root = tmp_path_factory.mktemp("multiprocess")
+def runs(commands_data, two_process_launch, tmp_path_factory):
+    """The outputs of tests/commands_worker.py's evaluate and search runs on 1 process (this one, without the
+    run that stops) and on 2 (conftest.py's `two_process_launch`): {processes: output folder}, and under
+    "output" and "code" the launcher's output and exit code."""
+    one = tmp_path_factory.mktemp("multiprocess") / "out1"
     with single_threaded():  # this process as the 1-process run, with the launched processes' arithmetic
-        commands_worker.main(*map(str, worker_args(benchmark)), str(root / "out1"))
-    out = root / "out2"
-    code, output = launch(2, [REPO_ROOT / "tests" / "commands_worker.py", *worker_args(benchmark), out], root,
-                          "out2.log")
-    # Complete: the three commands' results, then each process stopped by the last run, which exits with status 1.
-    assert_finished(code, output, all((out / path).is_file() for path in
-                                      (f"nearid/{RESULTS}", "index/search_index.json",
-                                       "retrieval/retrieval_results.json"))
-                    and output.count(stop_message(benchmark)) == 2, exit_status=1)
-    # No remote-code module cache to fill first: the tools build the model with this checkout's classes.
-    assert not list((root / "hf_modules").rglob("*.py"))
-    return {1: root / "out1", 2: out, "output": output, "code": code}
+        commands_worker.run(("nearid", "index", "retrieval"), *commands_data["worker_args"], one)
+    return {1: one, 2: two_process_launch["out"], "output": two_process_launch["output"],
+            "code": two_process_launch["code"]}
 
 
 # --- evaluate.py nearid ----------------------------------------------------------------------------
 
 
-def test_two_processes_write_the_results_of_one(benchmark, runs):
+def test_two_processes_write_the_results_of_one(commands_data, runs):
     one, two = runs[1] / "nearid", runs[2] / "nearid"
-    broken_row = benchmark["broken_row"]
+    broken_row = commands_data["broken_row"]
     first, second = (json.loads((o / RESULTS).read_text()) for o in (one, two))
     assert second["metrics"] == first["metrics"]  # bit-identical, not merely close
     assert second["counts"] == first["counts"]
@@ -106,11 +71,11 @@ def test_two_processes_write_the_results_of_one(benchmark, runs):
     assert sorted(keys) == sorted(k for shard in one_index["shards"] for k in shard["keys"])
 
 
-def test_corrupt_image_stops_every_process_with_its_location(runs, benchmark):
+def test_corrupt_image_stops_every_process_with_its_location(runs, commands_data):
     """The launch's last run, `evaluate.py nearid` without --skip-bad-images on the copy with a corrupt image."""
     output = runs["output"]
     assert runs["code"] != 0 and "ImageLoadError" not in output  # torchrun reports the exit; ours print no trace
-    assert output.count(stop_message(benchmark)) == 2, output[-4000:]  # each process stops, with the same message
+    assert output.count(commands_data["stop_message"]) == 2, output[-4000:]  # each process stops, with the same message
     assert not (runs[2] / "stopped" / RESULTS).exists()
 
 

@@ -1,9 +1,13 @@
 """train.py launched as users launch it: two processes give one process's run; mixed precision on the CPU.
 
 Multi-process runs go through `python -m torch.distributed.run` on the CPU (gloo), as in
-test_evaluate_multiprocess.py (`accelerate launch --cpu` would start a single process). Each run is
-judged by the files it writes, and by its exit code: 0, or the known abort at exit (CPU process groups are
-sometimes killed by a signal at exit after the work is done, see `helpers.assert_finished`).
+test_evaluate_multiprocess.py (`accelerate launch --cpu` would start a single process). The compared
+two-process run is the first run of conftest.py's `two_process_launch` (tests/commands_worker.py), which
+goes on with test_evaluate_multiprocess.py's runs in the same processes and ends with one that stops them on
+purpose: it is judged by the runs each process records as returned and by the files it writes
+(train_results.json here, its checkpoints below), then by each process's exit status. The resumed run is a
+launch of its own, judged by its files and its exit code: 0, or the known abort at exit (CPU process groups
+are sometimes killed by a signal at exit after the work is done, see `helpers.assert_finished`).
 """
 
 import json
@@ -17,39 +21,30 @@ from safetensors.torch import load_file
 
 from nearid.commands import train
 from nearid import checkpoints
+from tests.commands_worker import train_run_args
 from tests.helpers import REPO_ROOT, assert_finished, launch, logged_losses, single_threaded, train_args
 
-GLOBAL_BATCH = 4
-# float32 tokens and no autocast: the only differences left are the order of float sums.
-EXACT = ("--cache-dtype", "float32", "--mixed-precision", "no")
-# A checkpoint every 3 of the 14 steps (7 per epoch); the newest 3 are kept: steps 9, 12 and 14. Step 9, mid-epoch,
-# is where the resume test continues the two-process run from.
-CHECKPOINTS = ("--checkpointing-steps", "3")
+# The compared run (tests/commands_worker.py's `train_run_args`) keeps the newest 3 of its checkpoints: steps 9, 12
+# and 14. Step 9, mid-epoch, is where the resume test continues the two-process run from.
 KEPT = ["step-0000009", "step-0000012", "step-0000014"]
 
 
 def launch_train(num_processes, train_synthetic, base_model, out, *extra):
     """train.py on `num_processes` CPU processes sharing one global batch; returns the launcher's output."""
-    per_device = str(GLOBAL_BATCH // num_processes)
-    # The later --per_device_batch_size overrides train_args' default.
-    args = [REPO_ROOT / "train.py", *train_args(train_synthetic, base_model, out, *EXACT, *extra),
-            "--per-device-batch-size", per_device]
+    args = [REPO_ROOT / "train.py", *train_run_args(train_synthetic, base_model, out, num_processes, *extra)]
     code, output = launch(num_processes, args, out.parent, f"{out.name}.log")
     assert_finished(code, output, (out / "train_results.json").is_file())
     return output
 
 
 @pytest.fixture(scope="module")
-def runs(train_synthetic, base_model, tmp_path_factory):
+def runs(train_synthetic, base_model, two_process_launch, tmp_path_factory):
     """{number of processes: (output folder, launcher output or None)} of the same run on one process (this
-    one) and on two."""
-    root = tmp_path_factory.mktemp("runs")
-    one = root / "processes1"
+    one) and on two (the first run of conftest.py's `two_process_launch`, whose output the later runs share)."""
+    one = tmp_path_factory.mktemp("runs") / "processes1"
     with single_threaded():  # this process as the 1-process run
-        train.main(train_args(train_synthetic, base_model, one, *EXACT, *CHECKPOINTS,
-                              "--per-device-batch-size", str(GLOBAL_BATCH)))
-    two = root / "processes2"
-    return {1: (one, None), 2: (two, launch_train(2, train_synthetic, base_model, two, *CHECKPOINTS))}
+        train.main(train_run_args(train_synthetic, base_model, one, 1))
+    return {1: (one, None), 2: (two_process_launch["out"] / "train", two_process_launch["output"])}
 
 
 def assert_close_weights(a, b, rtol=0.0, atol=1e-5):
@@ -124,7 +119,7 @@ def test_two_processes_resume_to_the_same_weights(runs, train_synthetic, base_mo
     (out / "train_results.json").unlink()
     poison_losses_after(out / "logs.jsonl", 9)
     assert [p.name for p in checkpoints.completed(out)] == ["step-0000009"]
-    output = launch_train(2, train_synthetic, base_model, out, *CHECKPOINTS, "--resume-from-checkpoint", "latest")
+    output = launch_train(2, train_synthetic, base_model, out, "--resume-from-checkpoint", "latest")
     assert re.search(r"resumed from \S+step-0000009 at step 9\n", output), output[-4000:]
 
     for name in KEPT[1:]:  # written again by the resumed run
