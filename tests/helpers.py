@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,17 @@ class Counting:
         self.batches += 1
         with torch.no_grad():
             return self.model.forward_features(pixels)
+
+
+def assert_waits(thread, caplog, message, timeout=60):
+    """`thread` is a second writer that must wait for the first (who is paused): it says `message` in the log
+    when it finds the lock taken, and is still waiting a moment later."""
+    deadline = time.monotonic() + timeout
+    while message not in caplog.text and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert message in caplog.text, f"the second run did not find the lock taken: {caplog.text!r}"
+    thread.join(timeout=0.5)
+    assert thread.is_alive(), "the second run did not wait for the first"
 
 
 def load_pixels(item):

@@ -15,7 +15,7 @@ import pytest
 from nearid import options
 from nearid.commands import search
 from nearid.search import SearchIndex, SearchIndexChanged, one_writer_of
-from tests.helpers import PixelScorer, draw_vector, user_error
+from tests.helpers import PixelScorer, assert_waits, draw_vector, user_error
 
 DIM = 27
 
@@ -107,8 +107,7 @@ def test_a_second_index_run_into_one_folder_waits_and_reports_what_it_replaced(t
         assert first.started.wait(60)
         threads["second"] = threading.Thread(target=run, args=("second", second_images))
         threads["second"].start()
-        threads["second"].join(timeout=3)
-        assert threads["second"].is_alive(), "the second run did not wait for the first"
+        assert_waits(threads["second"], caplog, "waiting for the search index")
         first.release.set()
         for thread in threads.values():
             thread.join(timeout=120)

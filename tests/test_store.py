@@ -27,6 +27,7 @@ from tests.helpers import (
     Counting,
     PatchTokens,
     assert_finished,
+    assert_waits,
     launch,
     load_pixels,
     make_items,
@@ -573,8 +574,7 @@ def test_a_second_run_on_a_shared_store_waits_then_adds_its_images(model, tmp_pa
         threads[0].start()
         assert first.started.wait(60)  # the first run is computing, its rows not yet written
         threads[1].start()
-        threads[1].join(timeout=3)
-        assert threads[1].is_alive(), "the second run did not wait for the first"
+        assert_waits(threads[1], caplog, "waiting for the embedding store")
         first.release.set()
         for thread in threads:
             thread.join(timeout=120)
