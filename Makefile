@@ -12,9 +12,9 @@ TEST_WORKERS ?= 2
 demo: $(VENV)/.ready
 	$(PY) demo.py
 
-test: $(VENV)/.ready
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
-	$(MAKE) --no-print-directory test-oldest-transformers
+# The main suite, and the oldest-transformers run beside it (scripts/side_by_side.sh says why).
+test: $(VENV)/.ready $(OLDEST_DIR)/.ready
+	bash scripts/side_by_side.sh "$(PY) -m pytest -q -n $(TEST_WORKERS) tests" "$(TEST_OLDEST_TRANSFORMERS)"
 
 # Model and remote-code tests against the oldest supported transformers (installed beside the venv), with the
 # card's quick start and the processor-only AutoImageProcessor load (their checks run in the same interpreter as
@@ -23,10 +23,11 @@ test: $(VENV)/.ready
 # first 39 of them: 52 to 60 s wall and 18 to 21 CPU-seconds in one process, 115 to 129 s and 33 to 36 CPU-seconds
 # with `-n 2`. PYTHONPATH is absolute: the remote-code checks run in an interpreter whose working folder is a
 # temporary one, where a relative path finds nothing and the venv's transformers would be tested instead.
+TEST_OLDEST_TRANSFORMERS = PYTHONPATH=$(abspath $(OLDEST_DIR)) $(PY) -m pytest -q -p no:cacheprovider \
+	tests/test_modeling.py tests/test_remote_code.py tests/test_hub.py::test_quick_start_of_the_card_scores_two_images \
+	tests/test_image_processing.py::test_loads_through_auto_image_processor_as_remote_code
 test-oldest-transformers: $(OLDEST_DIR)/.ready
-	PYTHONPATH=$(abspath $(OLDEST_DIR)) $(PY) -m pytest -q -p no:cacheprovider tests/test_modeling.py \
-		tests/test_remote_code.py tests/test_hub.py::test_quick_start_of_the_card_scores_two_images \
-		tests/test_image_processing.py::test_loads_through_auto_image_processor_as_remote_code
+	$(TEST_OLDEST_TRANSFORMERS)
 
 benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_image_processor.py

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run two commands at the same time: FIRST in the foreground, its output live; SECOND beside it, its output
+# kept and printed once FIRST is done, so the two never interleave. Exits with FIRST's status if it failed,
+# else SECOND's. An interrupt stops both.
+#   usage: side_by_side.sh FIRST SECOND   (each a shell command line)
+#
+# `make test` runs the main suite and the oldest-transformers run this way: the main suite leaves a core
+# idle now and then (its workers' start, tests that wait on a lock or a browser, its last file), and the
+# second run fills those gaps (docs/development.md gives the times).
+set -uo pipefail
+[ $# -eq 2 ] || { echo "usage: $0 FIRST SECOND" >&2; exit 2; }
+log=$(mktemp)
+set -m  # SECOND in a process group of its own, so that stopping it stops everything it started
+bash -c "$2" >"$log" 2>&1 &
+second=$!
+set +m
+trap 'kill -- -"$second" 2>/dev/null; rm -f "$log"' EXIT
+trap 'exit 130' INT TERM
+bash -c "$1"
+first_status=$?
+wait "$second"
+second_status=$?
+cat "$log"
+exit $(( first_status != 0 ? first_status : second_status ))
