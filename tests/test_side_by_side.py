@@ -34,11 +34,14 @@ def test_a_failure_of_either_is_the_status(first, second, status):
 def test_an_interrupt_stops_the_second_and_what_it_started(tmp_path):
     """Ctrl-C reaches the terminal's foreground processes (here: a session of their own), which are the script
     and the first command; the second, in a process group of its own, is stopped by the script."""
-    marker = tmp_path / "pid"
-    runner = subprocess.Popen(["bash", SCRIPT, "sleep 30", f"bash -c 'echo $$ > {marker}; sleep 30'"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    for _ in range(200):
-        if marker.exists() and marker.read_text().strip():
+    started, marker = tmp_path / "first", tmp_path / "pid"
+    # SIGINT as a terminal leaves it (pytest-xdist's workers ignore it, and bash cannot trap what it inherits
+    # ignored); the first command starts once the script's traps are set.
+    runner = subprocess.Popen(["bash", SCRIPT, f"touch {started}; sleep 30", f"echo $$ > {marker}; sleep 30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for _ in range(500):
+        if started.exists() and marker.exists() and marker.read_text().strip():
             break
         time.sleep(0.02)
     grandchild = int(marker.read_text())
