@@ -26,33 +26,52 @@ def test_both_run_at_once_and_the_second_output_follows_the_first(tmp_path):
     assert done.stdout == "first done\nsecond done\n"
 
 
-@pytest.mark.parametrize("first, second, status", [("exit 3", "true", 3), ("true", "exit 4", 4), ("exit 3", "exit 4", 3)])
+@pytest.mark.parametrize("first, second, status",
+                         [("exit 3", "true", 3), ("true", "exit 4", 4), ("exit 3", "exit 4", 3)])
 def test_a_failure_of_either_is_the_status(first, second, status):
     assert side_by_side(first, second).returncode == status
 
 
-def test_an_interrupt_stops_the_second_and_what_it_started(tmp_path):
-    """Ctrl-C reaches the terminal's foreground processes (here: a session of their own), which are the script
-    and the first command; the second, in a process group of its own, is stopped by the script."""
-    started, marker = tmp_path / "first", tmp_path / "pid"
-    # SIGINT as a terminal leaves it (pytest-xdist's workers ignore it, and bash cannot trap what it inherits
-    # ignored); the first command starts once the script's traps are set.
-    runner = subprocess.Popen(["bash", SCRIPT, f"touch {started}; sleep 30", f"echo $$ > {marker}; sleep 30"],
+def start_two_sleepers(tmp_path):
+    """The script running two commands that each start a `sleep 30` and write its pid; (script, [pids])."""
+    markers = [tmp_path / "first", tmp_path / "second"]
+    command = "sleep 30 & echo $! > {}; wait"
+    # SIGINT with its default action, as a terminal leaves it (pytest-xdist's workers ignore it, and bash cannot
+    # trap a signal it inherits ignored); a session of its own, as a terminal's foreground processes are.
+    runner = subprocess.Popen(["bash", SCRIPT, command.format(markers[0]), command.format(markers[1])],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    for _ in range(500):
-        if started.exists() and marker.exists() and marker.read_text().strip():
-            break
+    deadline = time.monotonic() + 10
+    while not all(m.exists() and m.read_text().strip() for m in markers) and time.monotonic() < deadline:
         time.sleep(0.02)
-    grandchild = int(marker.read_text())
-    os.killpg(runner.pid, signal.SIGINT)
-    runner.wait(timeout=10)
-    for _ in range(100):
-        try:
-            os.kill(grandchild, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.02)
-    else:
-        os.kill(grandchild, signal.SIGKILL)
-        pytest.fail("the second command's process was left running")
+    return runner, [int(m.read_text()) for m in markers if m.exists() and m.read_text().strip()]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("stop", ["Ctrl-C", "TERM to the script"])
+def test_a_stop_ends_both_commands_and_what_they_started_at_once(tmp_path, stop):
+    runner, sleepers = start_two_sleepers(tmp_path)
+    try:
+        assert len(sleepers) == 2, "the commands did not start"
+        if stop == "Ctrl-C":  # the terminal signals its foreground processes
+            os.killpg(runner.pid, signal.SIGINT)
+        else:
+            runner.terminate()
+        runner.wait(timeout=10)  # not the 30 s of the commands
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in sleepers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(alive(pid) for pid in sleepers), "a command's process was left running"
+    finally:
+        for pid in sleepers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if runner.poll() is None:
+            runner.kill()
