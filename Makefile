@@ -23,7 +23,8 @@ test: $(VENV)/.ready $(OLDEST_DIR)/.ready
 # first 39 of them: 52 to 60 s wall and 18 to 21 CPU-seconds in one process, 115 to 129 s and 33 to 36 CPU-seconds
 # with `-n 2`. PYTHONPATH is absolute: the remote-code checks run in an interpreter whose working folder is a
 # temporary one, where a relative path finds nothing and the venv's transformers would be tested instead.
-TEST_OLDEST_TRANSFORMERS = PYTHONPATH=$(abspath $(OLDEST_DIR)) $(PY) -m pytest -q -p no:cacheprovider \
+TEST_OLDEST_TRANSFORMERS = PYTHONPATH=$(abspath $(OLDEST_DIR)) NEARID_TRANSFORMERS_UNDER_TEST=$(OLDEST_TRANSFORMERS) \
+	$(PY) -m pytest -q -p no:cacheprovider \
 	tests/test_modeling.py tests/test_remote_code.py tests/test_hub.py::test_quick_start_of_the_card_scores_two_images \
 	tests/test_image_processing.py::test_loads_through_auto_image_processor_as_remote_code
 test-oldest-transformers: $(OLDEST_DIR)/.ready

@@ -7,6 +7,7 @@ interpreter for the session's remote-code checks (`remote_code_checks`, tests/re
 
 import ast
 import json
+import os
 import sys
 
 import pytest
@@ -74,6 +75,9 @@ def test_remote_code_checks_run_on_the_transformers_under_test(remote_code_check
     venv's release instead, and the checks would pass without testing the one meant."""
     ran_on = {name: check.transformers for name, check in remote_code_checks.items()}
     assert ran_on == dict.fromkeys(remote_code_checks, transformers.__version__)
+    # The Makefile names the release it meant: a PYTHONPATH that misses it for this process too is caught here.
+    meant = os.environ.get("NEARID_TRANSFORMERS_UNDER_TEST")
+    assert meant in (None, transformers.__version__), f"meant to test transformers {meant}, imported the venv's"
 
 
 def test_auto_classes_load_the_remote_code(remote_code_checks):
