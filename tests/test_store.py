@@ -575,6 +575,7 @@ def test_a_second_run_on_a_shared_store_waits_then_adds_its_images(model, tmp_pa
         assert first.started.wait(60)  # the first run is computing, its rows not yet written
         threads[1].start()
         assert_waits(threads[1], caplog, "waiting for the embedding store")
+        assert second.images == 0, "the second run computed while the first held the store"
         first.release.set()
         for thread in threads:
             thread.join(timeout=120)
