@@ -206,8 +206,9 @@ def two_process_launch(commands_data, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("two_process_launch")
     out = root / "out"
+    # Five runs in one launch: the time of five launches at most.
     code, output = launch(2, [REPO_ROOT / "tests" / "commands_worker.py", *commands_data["worker_args"], out], root,
-                          "out.log")
+                          "out.log", timeout=600)
     returned = ["train", "nearid", "index", "retrieval"]
     assert_finished(code, output, all(commands_worker.completed(out, rank) == returned for rank in (0, 1))
                     and all((out / path).is_file() for path in

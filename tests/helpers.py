@@ -203,8 +203,8 @@ def change_id(row):
     return lambda dataset: dataset.map(lambda e, i: {"id": "someone_else" if i == row else e["id"]}, with_indices=True)
 
 
-def launch(num_processes, script_args, tmp_path, log_name):
-    """Run `script_args` (a script and its arguments) on `num_processes` CPU processes.
+def launch(num_processes, script_args, tmp_path, log_name, timeout=300):
+    """Run `script_args` (a script and its arguments) on `num_processes` CPU processes, for `timeout` s at most.
 
     One thread per process whatever the process count, so one and two processes do the same
     arithmetic. The remote-code module cache (HF_MODULES_CACHE) is `tmp_path`/hf_modules. Returns the
@@ -214,7 +214,7 @@ def launch(num_processes, script_args, tmp_path, log_name):
                HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(num_processes), *map(str, script_args)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     output = result.stdout + result.stderr
     (tmp_path / log_name).write_text(output)
     return result.returncode, output
