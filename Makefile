@@ -18,11 +18,9 @@ test: $(VENV)/.ready $(OLDEST_DIR)/.ready
 
 # Model and remote-code tests against the oldest supported transformers (installed beside the venv), with the
 # card's quick start and the processor-only AutoImageProcessor load (their checks run in the same interpreter as
-# test_remote_code.py's), in one process: two pytest-xdist workers are two more interpreter starts (torch,
-# transformers) for about 40 short tests. Back to back on 2 shared cores (load average 8 to 9), three pairs with the
-# first 39 of them: 52 to 60 s wall and 18 to 21 CPU-seconds in one process, 115 to 129 s and 33 to 36 CPU-seconds
-# with `-n 2`. PYTHONPATH is absolute: the remote-code checks run in an interpreter whose working folder is a
-# temporary one, where a relative path finds nothing and the venv's transformers would be tested instead.
+# test_remote_code.py's), in one process (docs/development.md says why). PYTHONPATH is absolute: the remote-code
+# checks run in an interpreter whose working folder is a temporary one, where a relative path finds nothing and
+# the venv's transformers would be tested instead; the tests check the release named here is the one imported.
 TEST_OLDEST_TRANSFORMERS = PYTHONPATH=$(abspath $(OLDEST_DIR)) NEARID_TRANSFORMERS_UNDER_TEST=$(OLDEST_TRANSFORMERS) \
 	$(PY) -m pytest -q -p no:cacheprovider \
 	tests/test_modeling.py tests/test_remote_code.py tests/test_hub.py::test_quick_start_of_the_card_scores_two_images \

@@ -330,7 +330,7 @@ def _quick_start(repo_id) -> str:
     repo = json.dumps(repo_id or "path/to/this/folder")
     return f"""## Quick start
 
-Needs transformers 5.18 or later (`pip install "transformers>=5.18,<6"`): releases 5.4 to 5.17 refuse
+Use transformers 5.18 or later (`pip install "transformers>=5.18,<6"`): releases 5.4 to 5.17 refuse
 `AutoImageProcessor` unless torchvision is installed.
 
 ```python

@@ -23,8 +23,9 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
 if [ ! -x "$PY" ]; then
   "$PYTHON" -m venv "$VENV"
   # A new venv has the pip its Python was released with (23.2 with 3.11.7): a current pip finds the
-  # requirements with less work (docs/development.md gives the times).
-  "${PIP[@]}" --upgrade pip
+  # requirements with less work (docs/development.md gives the times). Within the releases tested; where
+  # none can be had, the venv's own pip does the same work, only slower.
+  "${PIP[@]}" --upgrade "pip>=25,<27" || echo "warning: pip could not be upgraded; the set-up goes on with $("$PY" -m pip --version)"
 fi
 
 TORCH_FLOOR=2.10  # the same floor as pyproject.toml

@@ -206,7 +206,7 @@ def two_process_launch(commands_data, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("two_process_launch")
     out = root / "out"
-    # Five runs in one launch: the time of five launches at most.
+    # Five runs in one launch: more time than the one run of a launch of its own had.
     code, output = launch(2, [REPO_ROOT / "tests" / "commands_worker.py", *commands_data["worker_args"], out], root,
                           "out.log", timeout=600)
     returned = ["train", "nearid", "index", "retrieval"]

@@ -447,8 +447,8 @@ def kill_training_at_step(monkeypatch, step):
 
 def reset_accelerator_state():
     """accelerate's process-wide state (AcceleratorState, PartialState) back to a fresh process's: the next
-    Accelerator or PartialState sets it up again, joining the launch's processes again if torch.distributed
-    was shut down (as `Accelerator.end_training` does)."""
+    Accelerator or PartialState sets it up again. It does not join a launch's processes again after
+    `Accelerator.end_training` shut torch.distributed down (tests/commands_worker.py `rejoin_launch` does)."""
     if "accelerate.state" in sys.modules:  # accelerate not imported yet: nothing to reset
         sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
 

@@ -51,7 +51,9 @@ def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv
     log = tmp_path / "steps.log"
     tools.mkdir()
     python = tools / "venv-python"
+    # FAIL_PIP_UPGRADE: the pip upgrade fails, as where no current pip can be had.
     python.write_text(f"#!/bin/bash\nif [ \"$1\" = -m ] && [[ \"$2\" =~ ^(pip|compileall)$ ]]; then echo \"${{@:2}}\" >> {log}; "
+                      f"[[ -n \"$FAIL_PIP_UPGRADE\" && \"$*\" == *--upgrade* ]] && exit 1; "
                       f"exit 0; fi\nPYTHONPATH={modules} exec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
     # The stand-in for the Python that creates the venv: `-m venv DIR` puts the stand-in python in DIR.
@@ -101,12 +103,17 @@ def test_a_new_venv_gets_the_current_pip_before_anything_else(tmp_path):
     # The pip a Python was released with resolves the requirements with about twice the CPU time.
     steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True)
     assert (tmp_path / "venv" / "bin" / "python").exists()
-    assert steps[0].split()[-2:] == ["--upgrade", "pip"] and "--no-compile" in steps[0].split()
+    assert steps[0].split()[-2:] == ["--upgrade", "pip>=25,<27"] and "--no-compile" in steps[0].split()
     assert steps[1].endswith("torch==2.13.0 -r requirements.txt")
 
 
+def test_a_pip_that_cannot_be_upgraded_leaves_the_venvs_own_to_do_the_set_up(tmp_path):
+    steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True, environment={"FAIL_PIP_UPGRADE": "1"})
+    assert "--upgrade" in steps[0] and any(step.endswith("torch==2.13.0 -r requirements.txt") for step in steps[1:])
+
+
 def test_an_existing_venv_keeps_its_pip(tmp_path):
-    assert not any("pip" in step.split()[2:] for step in run_setup_steps(tmp_path, "2.4.0+cpu"))
+    assert not any("--upgrade" in step.split() for step in run_setup_steps(tmp_path, "2.4.0+cpu"))
 
 
 @pytest.mark.parametrize("torch_version, environment", [

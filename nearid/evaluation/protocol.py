@@ -81,7 +81,7 @@ def embed_images(scorer, index: ImageIndex, cache_dir, options: FillOptions, sta
     keys = [key for key in index if key in store]
     if not keys and not allow_none:
         raise images.ImageLoadError(f"none of the {len(index)} images could be embedded; for example: "
-                             f"{next(iter(report.skipped.values()), 'no images were given')}")
+                                    f"{next(iter(report.skipped.values()), 'no images were given')}")
     skipped = [{"image": where, "reason": reason} for where, reason in sorted(index.unreadable.items())]
     skipped += [{"image": index.where(key), "reason": reason} for key, reason in sorted(report.skipped.items())]
     stats = {"unique_images": len(index), "images_embedded": report.images_computed,
