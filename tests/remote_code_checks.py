@@ -9,6 +9,8 @@ interpreter of its own:
   remote code into a cache folder of its own and imports it from there afresh (each test asserts that its
   check imported the remote-code modules itself, rather than finding them imported by an earlier check);
 - none of them changes state that another reads: no default dtype, thread count or environment variable.
+What they do share is the third-party modules an earlier check imported (transformers' image utilities, PIL's
+plugins): so the check that imports least runs first, the processor-only load, before any model code.
 """
 
 import shutil
@@ -63,8 +65,8 @@ print(type(processor).__name__, type(processor).__module__, shape, repr(pixel_va
 def prepare_checks(root):
     """Write each check's inputs into its working folder under `root` -> {name: (working folder, code)}."""
     checks = {}
-    for name, prepare in (("auto_classes", _auto_classes), ("pipeline", _pipeline), ("quick_start", _quick_start),
-                          ("image_processor", _image_processor)):
+    for name, prepare in (("image_processor", _image_processor), ("quick_start", _quick_start), ("pipeline", _pipeline),
+                          ("auto_classes", _auto_classes)):
         folder = root / name
         folder.mkdir()
         checks[name] = (folder, prepare(folder))
