@@ -136,7 +136,7 @@ def test_the_mirrored_layout_walks_each_generated_folder_once_and_lists_what_it_
         walks.append(Path(folder))
         return find_images(folder, recursive)
 
-    monkeypatch.setattr(images, "find_images", counting_find_images)  # dreambench_files imports it when it walks
+    monkeypatch.setattr(images, "find_images", counting_find_images)  # dreambench_files looks it up in nearid.images
     monkeypatch.setattr(score_inputs, "find_images", counting_find_images)
     items, left_out = score_inputs.score_items_from_layout(samples)
 

@@ -210,8 +210,8 @@ def test_the_oldest_transformers_tested_is_the_floor_of_pyproject(tmp_path):
 @pytest.mark.parametrize("environment", [{}, {"PYTHONDONTWRITEBYTECODE": "1"}])
 def test_the_oldest_transformers_is_byte_compiled_as_the_venv_is(tmp_path, environment):
     # pip installs without compiling; byte_compile.sh then compiles the folder where Python keeps no bytecode.
-    [install] = [command for command in oldest_transformers_recipe(tmp_path, **environment) if "install" in command]
+    recipe = oldest_transformers_recipe(tmp_path, **environment)
+    [install] = [command for command in recipe if "install" in command]
     assert "--no-compile" in install and install[install.index("--target") + 1] == str(tmp_path / "oldest")
-    [compile_command] = [command for command in oldest_transformers_recipe(tmp_path, **environment)
-                         if command[-3:-2] == ["scripts/byte_compile.sh"]]
+    [compile_command] = [command for command in recipe if command[-3:-2] == ["scripts/byte_compile.sh"]]
     assert compile_command[-1] == str(tmp_path / "oldest")

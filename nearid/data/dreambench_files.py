@@ -11,8 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from nearid.cli import lazy_module
 from nearid.io import parse_json
 from nearid.metrics import DREAMBENCH_METHODS, canonicalize_dreambench_scores, dreambench_key, dreambench_mh
+
+# Loaded when a samples folder is walked: reading published score files needs no image decode (transformers).
+images = lazy_module("nearid.images")
 
 # --------------------------------------------------------------------------------------------------
 # Samples layout
@@ -48,10 +52,8 @@ def dreambench_pairs_and_others(samples_root, method: str) -> tuple:
     if not tgt_root.is_dir():
         raise FileNotFoundError(f"no generated images folder {tgt_root}; methods with one: "
                                 f"{dreambench_methods(samples_root)}")
-    from nearid.images import find_images  # here: reading published score files needs no transformers
-
     pairs = {}
-    generated, others = find_images(tgt_root)
+    generated, others = images.find_images(tgt_root)
     for tgt in generated:
         rel = tgt.relative_to(tgt_root).as_posix()
         src = src_root / rel

@@ -18,6 +18,7 @@ from typing import Mapping, Protocol
 
 import torch
 
+from nearid.cli import lazy_module
 from nearid.io import atomic_write_json, disk_free_bytes, human_bytes, read_json
 from nearid.locking import one_writer
 from nearid.store.embedding_store import EmbeddingStore
@@ -35,6 +36,10 @@ from nearid.store.layout import (
 )
 from nearid.store.reader import pixel_batches
 from nearid.store.writer import BackgroundWriter, ShardWriter
+
+# Loaded to raise ImageLoadError: nearid.images brings transformers (seconds), which a fill with its own loader
+# and encoder never needs.
+images = lazy_module("nearid.images")
 
 REPORT_PREFIX = "report-p"  # report-p<process>.json: what each process computed, merged into the index
 
@@ -110,12 +115,8 @@ def fill(root, fingerprint_: str, fmt: StoreFormat, items: Mapping, loader, enco
         report = _fill_locked(folder, fingerprint_, fmt, items, loader, encoder, options, state)
     store = EmbeddingStore.open(root, fingerprint_, verify=False)  # every shard was verified while indexing
     if report.skipped and not options.skip_errors:
-        # Imported here: nearid.images brings transformers (seconds), which a fill with its own loader and
-        # encoder never needs.
-        from nearid.images import ImageLoadError
-
         first = sorted(report.skipped)[0]
-        raise ImageLoadError(report.skipped[first] + (f" ({len(report.skipped) - 1} more unreadable images)"
+        raise images.ImageLoadError(report.skipped[first] + (f" ({len(report.skipped) - 1} more unreadable images)"
                                                       if len(report.skipped) > 1 else ""))
     return store, report
 
