@@ -32,6 +32,11 @@ NOT_RUN = re.compile(r"<!--\s*not-run:\s*(\S.*?)\s*-->")
 # Replaces `python` in a bash block: records each command's arguments, after bash's expansions.
 PYTHON_RECORDER = '_n=0; python() { _n=$((_n + 1)); printf "%s\\0" "$@" > "$README_COMMANDS/$(printf %04d "$_n")"; }\n'
 # The reproduced DreamBench++ row's columns: the published score files, or the human groups' agreement.
+# The demo's clustering columns, and how far they may lie from the README's on another machine. CPUs sum in
+# different orders (AVX2, AVX-512, no SIMD), and 20 epochs of training carry that into the embeddings: on one
+# machine, 4e-4 apart with and without SIMD, which moves merges that lie that close to the cut across it (ARI
+# 0.049 to 0.055, NMI 0.888 to 0.892 and 125 to 130 clusters seen). Every other number is compared exactly.
+CLUSTERING_SPREAD = {"ARI": 0.01, "NMI": 0.01, "clusters / identities": 8}
 DREAMBENCH_SCORE_FILES = {"NearID": "data_nearid_rating", "SigLIP2": "data_backbone_rating",
                           "CLIP-I": "data_clipi_rating", "DINOv2": "data_dino_rating", "VSM": "data_vsm_rating"}
 
@@ -137,11 +142,47 @@ def test_readme_tries_every_command_on_the_demo():
                                       f"not every one of {sorted(commands)}"
 
 
+def table_cells(line: str) -> list:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def table_rows(lines: list) -> dict:
+    """{(header line, first cell): row line} of the markdown tables among `lines`."""
+    rows, header = {}, None
+    for line in lines:
+        header = line if line.startswith("| scorer |") else header if line.startswith("|") else None
+        if header and line != header and not line.startswith("|---"):
+            rows[header, table_cells(line)[0]] = line
+    return rows
+
+
+def within_machine_spread(header: str, shown: str, written: str) -> bool:
+    """Whether two rows of a table agree: every cell exactly, the clustering columns within `CLUSTERING_SPREAD`."""
+    columns, shown_cells, written_cells = table_cells(header), table_cells(shown), table_cells(written)
+    if not len(columns) == len(shown_cells) == len(written_cells):
+        return False
+    for column, a, b in zip(columns, shown_cells, written_cells):
+        spread = CLUSTERING_SPREAD.get(column)
+        (a, *a_rest), (b, *b_rest) = a.split(" / "), b.split(" / ")  # "128 / 188": the count of identities exact
+        if a_rest != b_rest or a != b and (spread is None or abs(float(a) - float(b)) > spread):
+            return False
+    return True
+
+
+def differing_demo_lines(shown: list, written: list) -> list:
+    """The README's demo lines that the demo did not write; a table row is compared with the demo's row of
+    the same scorer under the same header by `within_machine_spread`."""
+    written_rows = table_rows(written)
+    table_of = {line: key for key, line in table_rows(shown).items()}
+    return [line for line in shown if line not in written and not (
+        table_of.get(line) in written_rows and within_machine_spread(table_of[line][0], line, written_rows[table_of[line]]))]
+
+
 def test_readme_demo_numbers_are_the_demos_own(demo_run):
     shown = marked_lines(README.read_text(), "demo-results")
     written = (demo_run["output_dir"] / "demo_results.md").read_text().splitlines()
     assert len(shown) >= 4
-    differing = [line for line in shown if line not in written]
+    differing = differing_demo_lines(shown, written)
     assert not differing, "README.md shows demo lines that demo_outputs/demo_results.md does not hold:\n" + \
         "\n".join(differing) + "\n\nThe demo wrote:\n" + "\n".join(written)
 

@@ -134,6 +134,18 @@ def test_candidate_thresholds_lie_among_neighbour_similarities():
         clustering.candidate_thresholds(vectors[:1])
 
 
+def test_candidate_thresholds_are_rounded_so_that_every_machine_picks_the_same():
+    np.testing.assert_allclose(clustering.rounded_distance(np.array([0.89223, 0.99912, 0.5, 1.0000001, -0.3])),
+                               [0.89, 0.99912, 0.5, 1.0, -0.3], atol=1e-12)
+    vectors = clustered_vectors()
+    moved = vectors + np.random.default_rng(1).normal(scale=1e-5, size=vectors.shape).astype(np.float32)
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    candidates = clustering.candidate_thresholds(vectors)
+    assert np.array_equal(clustering.candidate_thresholds(moved), candidates)
+    distances = np.round((1 - candidates) / 10.0 ** (np.floor(np.log10(1 - candidates)) - 1), 6)
+    assert np.all(distances == np.round(distances))  # two significant digits
+
+
 def test_a_group_too_large_for_memory_is_refused_with_what_to_do(monkeypatch):
     monkeypatch.setattr(clustering.os, "sysconf", lambda name: 256)  # a machine of 64 kB
     with pytest.raises(ValueError, match="group of 150 images .* higher threshold"):
