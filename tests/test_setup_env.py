@@ -135,7 +135,8 @@ def test_the_environment_is_byte_compiled_after_its_installs_where_python_keeps_
     site_packages = subprocess.run([tmp_path / "venv" / "bin" / "python", "-c", "import sysconfig; print(*sorted("
                                     "{sysconfig.get_path('purelib'), sysconfig.get_path('platlib')}))"],
                                    check=True, capture_output=True, text=True).stdout.split()
-    assert steps[-1].split() == ["compileall", "-qq", "-j0", *site_packages]
+    compileall = steps[-1].split()
+    assert compileall[:4] == ["compileall", "-qq", "-j0", "-x"] and compileall[5:] == site_packages
 
 
 def test_the_environment_is_left_to_compile_on_import_where_python_keeps_bytecode(tmp_path):
@@ -172,6 +173,28 @@ def test_byte_compile_writes_the_bytecode_pip_would_where_python_keeps_none(tmp_
         assert header[:4] == importlib.util.MAGIC_NUMBER and int.from_bytes(header[4:8], "little") == 0
         assert int.from_bytes(header[8:12], "little") == int(source.stat().st_mtime)
         assert int.from_bytes(header[12:16], "little") == source.stat().st_size
+
+
+def test_byte_compile_leaves_out_what_nearid_never_imports(tmp_path):
+    # Test folders and transformers' other model families are left to import; the families NearID loads and
+    # what transformers itself imports are compiled.
+    compiled, left_out = [], []
+    for relative, wanted in (("pandas/tests/test_frame.py", left_out), ("scipy/linalg/test/test_x.py", left_out),
+                             ("transformers/models/bert/modeling_bert.py", left_out),
+                             ("transformers/models/siglip2_extra/modeling.py", left_out),
+                             ("transformers/models/__init__.py", compiled),
+                             ("transformers/models/siglip/modeling_siglip.py", compiled),
+                             ("transformers/models/siglip2/modeling_siglip2.py", compiled),
+                             ("transformers/models/auto/modeling_auto.py", compiled),
+                             ("transformers/models/dinov3_vit/modeling_dinov3_vit.py", compiled),
+                             ("transformers/models/clip/modeling_clip.py", compiled),
+                             ("transformers/testing_utils.py", compiled), ("numpy/testing/utils.py", compiled)):
+        source = tmp_path / relative
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text("VALUE = 1\n")
+        wanted.append(Path(importlib.util.cache_from_source(str(source))))
+    assert byte_compile(tmp_path, PYTHONDONTWRITEBYTECODE="1").returncode == 0
+    assert [path for path in compiled if not path.exists()] == [] and [path for path in left_out if path.exists()] == []
 
 
 def test_byte_compile_leaves_compiling_to_import_where_python_keeps_bytecode(tmp_path):
