@@ -194,11 +194,12 @@ def draw_object(spec: ObjectSpec, pose: Pose, side: int) -> tuple:
 def draw_scene(rng: np.random.Generator, side: int) -> Image.Image:
     """A background: a two-colour gradient, a ground band and a few muted blobs."""
     c0, c1 = (np.array(_rgb(rng.random(), rng.uniform(0.1, 0.5), rng.uniform(0.3, 0.95))) for _ in range(2))
-    t = np.linspace(0, 1, side)[:, None, None]
-    grad = np.broadcast_to(c0 * (1 - t) + c1 * t, (side, side, 3))
+    t = np.linspace(0, 1, side)[:, None]
+    # The gradient changes along one axis: one line of pixels, rounded once, then repeated.
+    grad = np.broadcast_to((c0 * (1 - t) + c1 * t).round().astype(np.uint8)[:, None], (side, side, 3))
     if rng.random() < 0.5:
         grad = grad.transpose(1, 0, 2)
-    scene = Image.fromarray(np.ascontiguousarray(grad).round().astype(np.uint8))
+    scene = Image.fromarray(np.ascontiguousarray(grad))
     draw = ImageDraw.Draw(scene)
     horizon = int(side * rng.uniform(0.55, 0.8))
     draw.rectangle((0, horizon, side, side), fill=_rgb(rng.random(), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.7)))
