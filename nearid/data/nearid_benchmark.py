@@ -62,7 +62,8 @@ def distractor_columns(dataset, prefix: str = "nimg", count: int = 3) -> tuple:
 def _ids(dataset, what: str) -> list:
     if "id" not in dataset.column_names:
         raise ValueError(f"{what} has no 'id' column to join on; it has {dataset.column_names}")
-    return list(dataset.select_columns(["id"])["id"])  # no image column is read
+    # No image column is read, and the ids come as one batch: iterating the column formats row by row.
+    return dataset.select_columns(["id"])[:]["id"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class NearIDBenchmark:
 
     def __len__(self) -> int:
         return len(self.positives)
+
+    def ids(self) -> list:
+        """The `id` of every row."""
+        return _ids(self.positives, "positives")
 
     def select(self, indices: Sequence[int]) -> "NearIDBenchmark":
         """The same rows of the positives and of every source (alignment is kept)."""

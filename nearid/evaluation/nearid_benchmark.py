@@ -55,7 +55,7 @@ def nearid_tables(spec: str, summary: dict) -> str:
 def write_outputs(args, scorer, bench, margins, summary, embedded, dataset_provenance):
     outputs = open_outputs(args, "evaluate.py")
     table = nearid_tables(scorer.spec, summary)
-    ids = list(bench.positives.select_columns(["id"])["id"])
+    ids = bench.ids()
     write_csv(outputs.path("nearid_per_sample.csv"), protocol.nearid_rows(ids, margins))
     atomic_write_text(outputs.path("nearid_table.md"), table)
     outputs.optional("plotting nearid_margins.png", plots.plot_margin_histograms,

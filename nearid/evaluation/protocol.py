@@ -390,5 +390,5 @@ def retrieval_benchmark(bench, view_keys, source_keys: Mapping, vectors: Mapping
                   cluster_threshold_split="val split" if val_rows else "evaluated rows (no --val-split-file)",
                   cluster_threshold_ari=threshold_ari, cluster_ari=clusters["ari"], cluster_nmi=clusters["nmi"],
                   n_clusters=clusters["n_clusters"], n_identities=clusters["n_identities"])
-    ids = list(bench.positives.select_columns(["id"])["id"])
+    ids = bench.ids()
     return scores, retrieval_rows(test, queries, per_query, ids)
