@@ -20,12 +20,19 @@ PY="$VENV/bin/python"
 # --no-compile: byte-compiling is left to import, or to byte_compile.sh below where Python keeps no
 # bytecode (that script says why).
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
+CURRENT_PIP="pip>=25,<27"  # the releases tested
 if [ ! -x "$PY" ]; then
-  "$PYTHON" -m venv "$VENV"
-  # A new venv has the pip its Python was released with (23.2 with 3.11.7): a current pip finds the
-  # requirements with less work (docs/development.md gives the times). Within the releases tested; where
-  # none can be had, the venv's own pip does the same work, only slower.
-  "${PIP[@]}" --upgrade "pip>=25,<27" || echo "warning: pip could not be upgraded; the set-up goes on with $("$PY" -m pip --version)"
+  # A new venv gets a current pip: the one its Python was released with (23.2 with 3.11.7) finds the
+  # requirements with more work (docs/development.md gives the times). The base Python's pip installs it
+  # into a venv made without one (`--python`, pip 22.3 or newer), a few seconds sooner than the venv's
+  # bundled pip and an upgrade of it. Where that fails, the venv is made again with its bundled pip and
+  # upgrades it; where no current pip can be had, the bundled one does the same work, only slower.
+  if ! { "$PYTHON" -m venv --without-pip "$VENV" &&
+         "$PYTHON" -m pip --python "$PY" install --quiet --disable-pip-version-check --no-compile "$CURRENT_PIP"; }; then
+    echo "the set-up makes the venv with its bundled pip instead"
+    "$PYTHON" -m venv --clear "$VENV"
+    "${PIP[@]}" --upgrade "$CURRENT_PIP" || echo "warning: pip could not be upgraded; the set-up goes on with $("$PY" -m pip --version)"
+  fi
 fi
 
 TORCH_FLOOR=2.10  # the same floor as pyproject.toml

@@ -43,7 +43,8 @@ def test_transformers_floor_loads_auto_image_processor_without_torchvision():
 def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv=False) -> list:
     """Run setup_env.sh with torch `torch_version` already installed and `environment` set (TORCH_INDEX_URL,
     PYTHONDONTWRITEBYTECODE, ...), in a venv that exists or, with `new_venv`, one the script creates;
-    returns the pip and compileall calls it ran, in order, each as "pip ARGS" or "compileall ARGS"."""
+    returns the pip and compileall calls it ran, in order, each as "pip ARGS" or "compileall ARGS", and those of
+    the Python that makes the venv as "base-venv ARGS" or "base-pip ARGS"."""
     modules, tools, venv = tmp_path / "modules", tmp_path / "tools", tmp_path / "venv"
     for name, version in (("torch", torch_version), ("transformers", "5.18.0")):
         (modules / name).mkdir(parents=True)
@@ -56,9 +57,11 @@ def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv
                       f"[[ -n \"$FAIL_PIP_UPGRADE\" && \"$*\" == *--upgrade* ]] && exit 1; "
                       f"exit 0; fi\nPYTHONPATH={modules} exec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
-    # The stand-in for the Python that creates the venv: `-m venv DIR` puts the stand-in python in DIR.
-    (tools / "python3").write_text(f"#!/bin/bash\nPATH=/usr/bin:/bin\n[ \"$1 $2\" = \"-m venv\" ] && mkdir -p \"$3/bin\" && "
-                                   f"cp {python} \"$3/bin/python\"\n")
+    # The stand-in for the Python that creates the venv: `-m venv [OPTION] DIR` puts the stand-in python in DIR;
+    # its `-m pip` (the base Python's pip) only records its arguments, and fails with FAIL_BASE_PIP.
+    (tools / "python3").write_text(f"#!/bin/bash\nPATH=/usr/bin:/bin\necho \"base-${{2}} ${{@:3}}\" >> {log}\n"
+                                   f"[ \"$1 $2\" = \"-m venv\" ] && mkdir -p \"${{@: -1}}/bin\" && cp {python} \"${{@: -1}}/bin/python\"\n"
+                                   f"[ \"$1 $2\" = \"-m pip\" ] && [ -n \"$FAIL_BASE_PIP\" ] && exit 1\nexit 0\n")
     (tools / "python3").chmod(0o755)
     (tools / "dirname").symlink_to(shutil.which("dirname"))  # how the script finds byte_compile.sh
     if not new_venv:
@@ -100,16 +103,29 @@ def test_a_torch_at_the_floor_is_kept(tmp_path):
 
 
 def test_a_new_venv_gets_the_current_pip_before_anything_else(tmp_path):
-    # The pip a Python was released with resolves the requirements with about twice the CPU time.
+    # The pip a Python was released with resolves the requirements with about twice the CPU time. The base
+    # Python's pip installs the current one into a venv made without pip.
     steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True)
-    assert (tmp_path / "venv" / "bin" / "python").exists()
-    assert steps[0].split()[-2:] == ["--upgrade", "pip>=25,<27"] and "--no-compile" in steps[0].split()
-    assert steps[1].endswith("torch==2.13.0 -r requirements.txt")
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    assert venv_python.exists()
+    assert steps[0] == f"base-venv --without-pip {tmp_path / 'venv'}"
+    assert steps[1].split()[:3] == ["base-pip", "--python", str(venv_python)]
+    assert steps[1].split()[-1] == "pip>=25,<27" and "--no-compile" in steps[1].split()
+    assert steps[2].endswith("torch==2.13.0 -r requirements.txt")
+
+
+def test_without_the_base_pythons_pip_the_venv_upgrades_its_bundled_one(tmp_path):
+    steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True, environment={"FAIL_BASE_PIP": "1"})
+    assert [step.split()[0] for step in steps[:4]] == ["base-venv", "base-pip", "base-venv", "pip"]
+    assert steps[2] == f"base-venv --clear {tmp_path / 'venv'}" and steps[3].split()[-2:] == ["--upgrade", "pip>=25,<27"]
+    assert steps[4].endswith("torch==2.13.0 -r requirements.txt")
 
 
 def test_a_pip_that_cannot_be_upgraded_leaves_the_venvs_own_to_do_the_set_up(tmp_path):
-    steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True, environment={"FAIL_PIP_UPGRADE": "1"})
-    assert "--upgrade" in steps[0] and any(step.endswith("torch==2.13.0 -r requirements.txt") for step in steps[1:])
+    steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True,
+                            environment={"FAIL_BASE_PIP": "1", "FAIL_PIP_UPGRADE": "1"})
+    upgrade = next(i for i, step in enumerate(steps) if step.startswith("pip ") and "--upgrade" in step)
+    assert any(step.endswith("torch==2.13.0 -r requirements.txt") for step in steps[upgrade + 1:])
 
 
 def test_an_existing_venv_keeps_its_pip(tmp_path):
