@@ -12,8 +12,11 @@ TEST_WORKERS ?= 2
 demo: $(VENV)/.ready
 	$(PY) demo.py
 
-# The main suite, and the oldest-transformers run beside it (scripts/side_by_side.sh says why).
-test: $(VENV)/.ready $(OLDEST_DIR)/.ready
+# The main suite, and the oldest-transformers run beside it (scripts/side_by_side.sh says why). The two installs
+# before it run side by side too: pip installs on one core, and the oldest-transformers folder needs only the
+# venv's pip, not its requirements (docs/development.md gives the times).
+test:
+	$(MAKE) --jobs=2 --no-print-directory $(VENV)/.ready $(OLDEST_DIR)/.ready
 	bash scripts/side_by_side.sh "$(PY) -m pytest -q -n $(TEST_WORKERS) tests" "$(TEST_OLDEST_TRANSFORMERS)"
 
 # Model and remote-code tests against the oldest supported transformers (installed beside the venv), with the
@@ -25,7 +28,7 @@ TEST_OLDEST_TRANSFORMERS = PYTHONPATH=$(abspath $(OLDEST_DIR)) NEARID_TRANSFORME
 	$(PY) -m pytest -q -p no:cacheprovider \
 	tests/test_modeling.py tests/test_remote_code.py tests/test_hub.py::test_quick_start_of_the_card_scores_two_images \
 	tests/test_image_processing.py::test_loads_through_auto_image_processor_as_remote_code
-test-oldest-transformers: $(OLDEST_DIR)/.ready
+test-oldest-transformers: $(VENV)/.ready $(OLDEST_DIR)/.ready
 	$(TEST_OLDEST_TRANSFORMERS)
 
 benchmarks: $(VENV)/.ready
@@ -43,14 +46,20 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_plots.py
 	$(PY) benchmarks/bench_cli_startup.py
 
-$(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh scripts/byte_compile.sh
+# The venv with a current pip and nothing else yet.
+$(PY):
+	VENV=$(VENV) bash scripts/make_venv.sh
+
+$(VENV)/.ready: $(PY) pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh scripts/byte_compile.sh
 	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt
 	touch $@
 
-# Byte-compiled as the venv is (scripts/byte_compile.sh says when and why).
-$(OLDEST_DIR)/.ready: $(VENV)/.ready
+# Byte-compiled as the venv is (scripts/byte_compile.sh says when and why). Its own packages, whatever the venv
+# holds: pip's check of them against the venv's (which may be half installed, beside) is left out.
+$(OLDEST_DIR)/.ready: $(PY)
 	# transformers is installed with the `kernels` release it supports: the venv's newer one breaks its import.
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --target $(OLDEST_DIR) "transformers[kernels]==$(OLDEST_TRANSFORMERS)"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-warn-conflicts --target $(OLDEST_DIR) \
+		"transformers[kernels]==$(OLDEST_TRANSFORMERS)"
 	bash scripts/byte_compile.sh $(PY) $(OLDEST_DIR)
 	touch $@
 

@@ -20,20 +20,9 @@ PY="$VENV/bin/python"
 # --no-compile: byte-compiling is left to import, or to byte_compile.sh below where Python keeps no
 # bytecode (that script says why).
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
-CURRENT_PIP="pip>=25,<27"  # the releases tested
-if [ ! -x "$PY" ]; then
-  # A new venv gets a current pip: the one its Python was released with (23.2 with 3.11.7) finds the
-  # requirements with more work (docs/development.md gives the times). The base Python's pip installs it
-  # into a venv made without one (`--python`, pip 22.3 or newer), a few seconds sooner than the venv's
-  # bundled pip and an upgrade of it. Where that fails, the venv is made again with its bundled pip and
-  # upgrades it; where no current pip can be had, the bundled one does the same work, only slower.
-  if ! { "$PYTHON" -m venv --without-pip "$VENV" &&
-         "$PYTHON" -m pip --python "$PY" install --quiet --disable-pip-version-check --no-compile "$CURRENT_PIP"; }; then
-    echo "the set-up makes the venv with its bundled pip instead"
-    "$PYTHON" -m venv --clear "$VENV"
-    "${PIP[@]}" --upgrade "$CURRENT_PIP" || echo "warning: pip could not be upgraded; the set-up goes on with $("$PY" -m pip --version)"
-  fi
-fi
+# A new venv first: made with a current pip by make_venv.sh (the Makefile makes it on its own, so that the
+# oldest-transformers folder can be installed beside the requirements).
+[ -x "$PY" ] || VENV="$VENV" PYTHON="$PYTHON" "$BASH" "$(dirname "$0")/make_venv.sh"
 
 TORCH_FLOOR=2.10  # the same floor as pyproject.toml
 # Exit status 0 when torch imports and its version is at least TORCH_FLOOR.
