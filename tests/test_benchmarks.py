@@ -119,7 +119,8 @@ FIGURE_LINES = {
     "bench_plots.py": [rf"^heatmaps\s+{kind}\s+\d+\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x$"
                        for kind in ("drawn", "textured")]
     + [rf"^{image}\s+\d+x\d+" + rf"\s+{NUMBER}/{NUMBER}" * 9 + "$"
-       for image in ("heatmaps sheet, drawn", "heatmaps sheet, textured", r"margin histograms \(matplotlib\)")],
+       for image in ("heatmaps sheet, drawn", "heatmaps sheet, textured", r"margin histograms \(matplotlib\)")]
+    + [rf"^{plot}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x$" for plot in ("training loss", "SSR and PA", "retrieval", "MTG")],
 }
 
 

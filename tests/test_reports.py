@@ -338,3 +338,66 @@ def test_score_distributions_show_every_violin_whole_label_the_dots_and_keep_the
     labels = [text.get_text() for text in ax.texts]
     assert sorted(labels) == sorted([f"subject{i}" for i in range(3)] * 2 + ["subject0", "subject1", "subject0"])
     assert [t.get_text() for t in ax.get_xticklabels()][-1] == "single\n(1 image)"
+
+
+def drawn_figure(monkeypatch, plot, *args):
+    """The Figure `plot` saved, drawn, instead of its PNG."""
+    saved = []
+    monkeypatch.setattr(plots, "_save_png", lambda fig, path: saved.append(fig))
+    plot("unused.png", *args)
+    [fig] = saved
+    fig.canvas.draw()
+    return fig
+
+
+def drawn_tick_labels(axis) -> list:
+    """The labels of the ticks drawn: those inside the axis' view (matplotlib keeps labels for ticks beyond it)."""
+    low, high = sorted(axis.get_view_interval())
+    return [label for tick, label in zip(axis.get_ticklocs(), axis.get_ticklabels()) if low <= tick <= high]
+
+
+FIXED_MARGIN_PLOTS = {
+    "training loss": (plots.plot_training_loss, {"loss": [[1, 3.0], [200, 2.0], [400, 1.0]],
+                      "validation": [{"step": 200, "split": "val", "pooled": {"ssr": 40.0, "pa": 60.0}}]},
+                      "demo_outputs/training/release"),
+    "training loss, no validation": (plots.plot_training_loss, {"loss": [[1, 1234.5], [2, 0.001]]}, "tiny-model"),
+    "SSR and PA, two sources": (plots.plot_ssr_pa, {"flux": {"ssr": 99.5, "pa": 100.0}, "sdxl": {"ssr": 0, "pa": 1}},
+                                "tiny-model"),
+    "SSR and PA, Table 1's sources": (plots.plot_ssr_pa, {s: {"ssr": 50.0, "pa": 60.0} for s in NEARID_TABLE1_SOURCES},
+                                      "tiny-model"),
+    "retrieval": (plots.plot_retrieval, {"recall@1": 100.0, "recall@5": 100.0, "recall@10": 100.0, "map": 100.0,
+                                         "distractor_first_rate": 0.0, "n_queries": 1000, "n_gallery": 10000,
+                                         "cluster_threshold": 0.89, "cluster_ari": 1.0, "cluster_nmi": 1.0}, "tiny-model"),
+    "MTG": (plots.plot_mtg_similarity_vs_oracle, {n: np.linspace(-1, 1, 5) for n in ("s_ab", "s_ac", "s_bc", "s_ad")},
+            np.linspace(0, 1, 10).reshape(5, 2),
+            {"r_s_ab_oracle1": 0.1, "r_s_ac_oracle2": -0.2, "r_s_bc_oracle1": 0.3, "r_s_ad_oracle2": 1.0, "n_rows": 5,
+             "mo": 0.3, "mo_pair": 0.4}, "tiny-model",
+            [("s_ab", "ref", "gen_a"), ("s_ac", "ref", "gen_b"), ("s_bc", "gen_a", "gen_b"), ("s_ad", "ref", "gen_c")],
+            [("s_ab", 1), ("s_ac", 2), ("s_bc", 1), ("s_ad", 2)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_MARGIN_PLOTS))
+def test_a_plot_of_fixed_margins_keeps_every_label_inside_the_figure_and_off_the_axes(monkeypatch, name):
+    # Laid out by hand (no constrained layout): every text must still fit, and no label may cover a data area.
+    plot, *args = FIXED_MARGIN_PLOTS[name]
+    fig = drawn_figure(monkeypatch, plot, *args)
+    renderer = fig.canvas.get_renderer()
+    texts = [*fig.texts, *[text for legend in fig.legends for text in legend.get_texts()]]
+    for ax in fig.axes:
+        texts += [*drawn_tick_labels(ax.xaxis), *drawn_tick_labels(ax.yaxis), ax.xaxis.label, ax.yaxis.label, ax.title,
+                  *ax.texts]
+        texts += ax.get_legend().get_texts() if ax.get_legend() else []
+    texts = [text for text in texts if text.get_visible() and text.get_text().strip()]
+    assert len(texts) > 10
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, \
+            (name, text.get_text(), box, fig.bbox)
+    data_areas = [ax.get_window_extent(renderer).padded(-2) for ax in fig.axes]
+    for ax in fig.axes:
+        labels = [*drawn_tick_labels(ax.xaxis), *drawn_tick_labels(ax.yaxis), ax.xaxis.label, ax.yaxis.label, ax.title]
+        for text in labels:
+            if text.get_visible() and text.get_text().strip():
+                box = text.get_window_extent(renderer)
+                assert not any(box.overlaps(area) for area in data_areas), (name, text.get_text())

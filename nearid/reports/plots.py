@@ -26,14 +26,32 @@ SHEET_GAP = 8  # pixels around and between the cells of a contact sheet
 UNREADABLE_GREY = 220
 
 
-def _new_figure(width: float, height: float):
-    """A matplotlib Figure drawn by the Agg canvas: no pyplot, no global backend switch."""
+def _new_figure(width: float, height: float, margins: tuple | None = None):
+    """A matplotlib Figure drawn by the Agg canvas: no pyplot, no global backend switch.
+
+    margins: (left, right, bottom, top) inches around the axes, for a figure whose labels have a known size;
+    None lays it out with matplotlib's constrained layout, which measures every label first: a second pass
+    over the figure, about half of its drawing time.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained" if margins is None else None)
     FigureCanvasAgg(fig)
+    if margins is not None:
+        left, right, bottom, top = margins
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
     return fig
+
+
+def _subplots(fig, nrows: int = 1, ncols: int = 1, gaps: tuple = (0.0, 0.0), **kwargs):
+    """`fig.subplots` with `gaps` (inches between columns, between rows) in a figure of fixed margins."""
+    params, (width, height) = fig.subplotpars, fig.get_size_inches()
+    grid_width, grid_height = (params.right - params.left) * width, (params.top - params.bottom) * height
+    axes_width = (grid_width - gaps[0] * (ncols - 1)) / ncols
+    axes_height = (grid_height - gaps[1] * (nrows - 1)) / nrows
+    return fig.subplots(nrows, ncols, gridspec_kw={"wspace": gaps[0] / axes_width, "hspace": gaps[1] / axes_height},
+                        **kwargs)
 
 
 def _save_png(fig, path) -> Path:
@@ -94,14 +112,16 @@ def plot_ssr_pa(path, per_source: Mapping[str, Mapping], model: str) -> Path:
     names = list(per_source)
     x = np.arange(len(names))
     width = 0.38
-    fig = _new_figure(max(5.0, 1.1 * len(names) + 1.5), 4.2)
+    rotated = len(names) > 4
+    fig = _new_figure(max(5.0, 1.1 * len(names) + 1.5), 4.2,
+                      margins=(0.65, 0.85, 0.4 + (0.04 * max(len(n) for n in names) if rotated else 0.0), 0.5))
     ax = fig.subplots()
     for offset, key, label, color in ((-width / 2, "ssr", "SSR", "tab:blue"),
                                       (width / 2, "pa", "PA", "tab:orange")):
         values = [float(per_source[n][key]) for n in names]
         bars = ax.bar(x + offset, values, width, label=label, color=color)
         ax.bar_label(bars, labels=[format_value(v, 1) for v in values], fontsize=7, padding=2)
-    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_xticks(x, names, rotation=30 if rotated else 0, ha="right" if rotated else "center")
     ax.set_ylim(0, 112)
     ax.set_ylabel("%")
     ax.set_title(f"NearID SSR and PA per distractor source\n{model}", fontsize=10)
@@ -114,7 +134,7 @@ def plot_retrieval(path, scores: Mapping, model: str) -> Path:
     """Bars of the near-identity retrieval metrics (%): recall@k, mAP, and the distractor-first rate."""
     names = [(h, k) for h, k, _ in RETRIEVAL_COLUMNS if not k.startswith("cluster_")]
     values = [float(scores[k]) for _, k in names]
-    fig = _new_figure(6.5, 4.2)
+    fig = _new_figure(6.5, 4.2, margins=(0.65, 0.15, 0.35, 0.6))
     ax = fig.subplots()
     colors = ["tab:red" if k == "distractor_first_rate" else "tab:blue" for _, k in names]
     bars = ax.bar(range(len(names)), values, color=colors)
@@ -188,15 +208,15 @@ def plot_training_loss(path, history: Mapping, model: str) -> Path:
     losses = history.get("loss", [])
     if not losses:
         raise ValueError("no training loss was logged")
-    fig = _new_figure(7, 4)
+    # A validation of FluxC sources alone has no pooled score (FluxC enters no pool).
+    validation = [v for v in history.get("validation", []) if v.get("split") == "val" and v.get("pooled")]
+    fig = _new_figure(7, 4, margins=(0.75, 0.65 if validation else 0.15, 0.5, 0.45))
     ax = fig.subplots()
     steps, values = zip(*losses)
     ax.plot(steps, values, color="tab:blue", label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (Tier 1 + alpha Tier 2)")
     ax.grid(alpha=0.3)
-    # A validation of FluxC sources alone has no pooled score (FluxC enters no pool).
-    validation = [v for v in history.get("validation", []) if v.get("split") == "val" and v.get("pooled")]
     if validation:
         right = ax.twinx()
         right.plot([v["step"] for v in validation], [v["pooled"]["ssr"] for v in validation], "o-",
@@ -296,9 +316,9 @@ def _draw_lines(draw, text: str, centre: float, top: float, font) -> None:
 def plot_mtg_similarity_vs_oracle(path, sims: Mapping, oracles: np.ndarray, scores: Mapping, model: str,
                                   similarities: Sequence, correlations: Sequence) -> Path:
     """2x2 scatter of each similarity behind MO against its oracle (scored rows), r in the titles."""
-    fig = _new_figure(8, 7)
+    fig = _new_figure(8, 7, margins=(0.75, 0.15, 0.45, 0.8))
     images = {name: (a, b) for name, a, b in similarities}
-    for ax, (name, view) in zip(fig.subplots(2, 2).flat, correlations):
+    for ax, (name, view) in zip(_subplots(fig, 2, 2, gaps=(0.9, 0.75)).flat, correlations):
         ax.scatter(oracles[:, view - 1], sims[name], s=14, alpha=0.7)
         ax.set_title(f"{name} vs oracle{view}: r = {scores[f'r_{name}_oracle{view}']:.3f}", fontsize=10)
         ax.set_xlabel(f"oracle{view}: share of object {view} left unchanged", fontsize=8)
