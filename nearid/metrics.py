@@ -288,9 +288,17 @@ def canonical_dreambench_key(key: str) -> str:
     Drops the `_<sample>` suffix and maps `DREAMBENCH_SUBJECT_ALIASES`. Raises ValueError on a key
     of another form.
     """
+    canonical = _canonical_key(key)
+    if canonical is None:
+        raise ValueError(f"not a DreamBench++ key: {key!r}")
+    return canonical
+
+
+def _canonical_key(key: str) -> str | None:
+    """`canonical_dreambench_key`, None for a key of another form."""
     m = _DB_KEY.match(key)
     if m is None:
-        raise ValueError(f"not a DreamBench++ key: {key!r}")
+        return None
     category, idx, subject, prompt, _ = m.groups()
     return f"{category}_{idx}_{DREAMBENCH_SUBJECT_ALIASES.get(subject, subject)}-{prompt}"
 
@@ -301,14 +309,14 @@ def canonicalize_dreambench_scores(scores: Mapping[str, float], source: str = "s
     Raises ValueError naming `source` and the first offending keys if a key does not parse, two keys
     collapse to one (e.g. several samples per prompt), or a value is not finite.
     """
-    bad = [k for k in scores if _DB_KEY.match(k) is None]
+    canonical = [_canonical_key(k) for k in scores]  # one match of each key
+    bad = [k for k, c in zip(scores, canonical) if c is None]
     if bad:
         raise ValueError(f"{source}: {len(bad)} key(s) are not DreamBench++ keys "
                          f"'<category>_<NN>_<subject>-<prompt>[_<sample>]' with category in "
                          f"{DREAMBENCH_CATEGORIES}; first: {bad[:3]}")
     out, first_seen = {}, {}
-    for k, v in scores.items():
-        c = canonical_dreambench_key(k)
+    for (k, v), c in zip(scores.items(), canonical):
         if c in out:
             raise ValueError(f"{source}: keys {first_seen[c]!r} and {k!r} both align to {c!r}; "
                              "keep one score per (subject, prompt)")
