@@ -7,7 +7,7 @@ OLDEST_DIR := .cache/transformers-$(OLDEST_TRANSFORMERS)
 # pytest-xdist workers: whole test files each (tests/conftest.py), torch on one thread each.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-oldest-transformers benchmarks clean
+.PHONY: demo test set-up test-oldest-transformers benchmarks clean
 
 demo: $(VENV)/.ready
 	$(PY) demo.py
@@ -16,7 +16,7 @@ demo: $(VENV)/.ready
 # before it run side by side too: pip installs on one core, and the oldest-transformers folder needs only the
 # venv's pip, not its requirements (docs/development.md gives the times).
 test:
-	$(MAKE) --jobs=2 --no-print-directory $(VENV)/.ready $(OLDEST_DIR)/.ready
+	$(MAKE) --jobs=2 --no-print-directory set-up
 	bash scripts/side_by_side.sh "$(PY) -m pytest -q -n $(TEST_WORKERS) tests" "$(TEST_OLDEST_TRANSFORMERS)"
 
 # Model and remote-code tests against the oldest supported transformers (installed beside the venv), with the
@@ -45,6 +45,10 @@ benchmarks: $(VENV)/.ready
 	$(PY) benchmarks/bench_checksums.py
 	$(PY) benchmarks/bench_plots.py
 	$(PY) benchmarks/bench_cli_startup.py
+
+# What `make test` needs installed. (The empty recipe keeps make from saying there is nothing to do.)
+set-up: $(VENV)/.ready $(OLDEST_DIR)/.ready
+	@:
 
 # The venv with a current pip and nothing else yet.
 $(PY):
