@@ -28,7 +28,7 @@ TEST_OLDEST_TRANSFORMERS = PYTHONPATH=$(abspath $(OLDEST_DIR)) NEARID_TRANSFORME
 	$(PY) -m pytest -q -p no:cacheprovider \
 	tests/test_modeling.py tests/test_remote_code.py tests/test_hub.py::test_quick_start_of_the_card_scores_two_images \
 	tests/test_image_processing.py::test_loads_through_auto_image_processor_as_remote_code
-test-oldest-transformers: $(VENV)/.ready $(OLDEST_DIR)/.ready
+test-oldest-transformers: set-up
 	$(TEST_OLDEST_TRANSFORMERS)
 
 benchmarks: $(VENV)/.ready
@@ -54,13 +54,14 @@ set-up: $(VENV)/.ready $(OLDEST_DIR)/.ready
 $(PY):
 	VENV=$(VENV) bash scripts/make_venv.sh
 
-$(VENV)/.ready: $(PY) pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh scripts/byte_compile.sh
+# The venv's python is order-only: it links to the base interpreter, whose time is not the venv's.
+$(VENV)/.ready: pyproject.toml requirements.txt requirements-dev.txt scripts/setup_env.sh scripts/byte_compile.sh | $(PY)
 	VENV=$(VENV) bash scripts/setup_env.sh requirements-dev.txt
 	touch $@
 
 # Byte-compiled as the venv is (scripts/byte_compile.sh says when and why). Its own packages, whatever the venv
 # holds: pip's check of them against the venv's (which may be half installed, beside) is left out.
-$(OLDEST_DIR)/.ready: $(PY)
+$(OLDEST_DIR)/.ready: | $(PY)
 	# transformers is installed with the `kernels` release it supports: the venv's newer one breaks its import.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-warn-conflicts --target $(OLDEST_DIR) \
 		"transformers[kernels]==$(OLDEST_TRANSFORMERS)"

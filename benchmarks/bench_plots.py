@@ -10,8 +10,9 @@ three typical sheets two ways on the same cells and prints the ratio:
 Then it encodes each sheet, and one matplotlib plot (the margin histograms), at every zlib level and
 prints the encode time and file size: the reason for `plots.PNG_COMPRESS_LEVEL`.
 
-Last, the plots of fixed layout (training loss, SSR/PA, retrieval, MTG) are drawn as they are, with margins
-set by hand, and with matplotlib's constrained layout instead, which measures every label before drawing.
+Last, the plots of fixed layout (margin histograms, training loss, SSR/PA, retrieval, MTG) are drawn as they
+are, with margins set by hand, and with matplotlib's constrained layout instead, which measures every label
+before drawing.
 
 The cells are synthetic scenes (`nearid.synthetic.drawing`); "textured" ones carry noise of a photo's
 grain, as real generations and galleries do, which PNG compresses less well than flat colours.
@@ -116,36 +117,39 @@ def margins_plot(folder, sources: int):
     return Image.open(plots.plot_margin_histograms(folder / "margins.png", margins, "a model")).copy()
 
 
-def layout_plots(folder) -> dict:
-    """{name: the call drawing it} of the plots laid out with fixed margins, on inputs of a typical run."""
+def layout_plots(folder, sources: int) -> dict:
+    """{name: the call drawing it} of the plots laid out with fixed margins, on inputs of a typical run with
+    `sources` distractor sources."""
     rng = np.random.default_rng(0)
     history = {"loss": [[step, float(2 - step / 300 + 0.2 * rng.random())] for step in range(1, 600, 5)],
                "validation": [{"step": step, "split": "val", "pooled": {"ssr": 20.0, "pa": 40.0}}
                               for step in range(100, 600, 100)]}
-    sources = {name: {"ssr": 20.0 + i, "pa": 40.0 + i} for i, name in enumerate(("flux", "sdxl", "qwen", "powerpaint"))}
+    per_source = {f"source{i}": {"ssr": 20.0 + i, "pa": 40.0 + i} for i in range(sources)}
     retrieval = {"recall@1": 17.7, "recall@5": 55.7, "recall@10": 75.9, "map": 28.2, "distractor_first_rate": 46.8,
                  "n_queries": 79, "n_gallery": 237, "cluster_threshold": 0.89, "cluster_ari": 0.055, "cluster_nmi": 0.888}
     names = ("s_ab", "s_ac", "s_bc", "s_ad")
     mtg = ({name: rng.uniform(-1, 1, 40) for name in names}, rng.random((40, 2)),
            {"r_s_ab_oracle1": 0.1, "r_s_ac_oracle2": 0.2, "r_s_bc_oracle1": 0.3, "r_s_ad_oracle2": 0.4, "n_rows": 40,
             "mo": 0.3, "mo_pair": 0.4}, "a model", [(name, "a", "b") for name in names], list(zip(names, (1, 2, 1, 2))))
-    return {"training loss": lambda: plots.plot_training_loss(folder / "loss.png", history, "a model"),
-            "SSR and PA": lambda: plots.plot_ssr_pa(folder / "ssr_pa.png", sources, "a model"),
+    margins = {f"source{i}": rng.normal(0.05, 0.2, (120, 6)) for i in range(sources)}
+    return {"margins": lambda: plots.plot_margin_histograms(folder / "margins.png", margins, "a model"),
+            "training loss": lambda: plots.plot_training_loss(folder / "loss.png", history, "a model"),
+            "SSR and PA": lambda: plots.plot_ssr_pa(folder / "ssr_pa.png", per_source, "a model"),
             "retrieval": lambda: plots.plot_retrieval(folder / "retrieval.png", retrieval, "a model"),
             "MTG": lambda: plots.plot_mtg_similarity_vs_oracle(folder / "mtg.png", *mtg)}
 
 
-def layout_lines(folder, repeats: int) -> list:
+def layout_lines(folder, repeats: int, smoke: bool) -> list:
     """Each plot of fixed margins drawn as it is and with constrained layout instead (CPU seconds, best of
-    `repeats`)."""
+    `repeats`); a smoke run draws each once, with one source."""
     by_hand = plots._new_figure
     lines = [f"plots of fixed layout, best of {repeats} (CPU seconds): constrained layout vs margins set by hand",
              "", f"{'plot':<16}{'constrained (s)':>17}{'fixed (s)':>11}{'ratio':>8}"]
-    for name, draw in layout_plots(folder).items():
-        fixed = cpu_best(draw, repeats)
+    for name, draw in layout_plots(folder, 1 if smoke else 5).items():
+        fixed = cpu_best(draw, repeats, warm_up=not smoke)
         plots._new_figure = lambda width, height, margins=None: by_hand(width, height)
         try:
-            constrained = cpu_best(draw, repeats)
+            constrained = cpu_best(draw, repeats, warm_up=not smoke)
         finally:
             plots._new_figure = by_hand
         lines.append(f"{name:<16}{constrained:>17.3f}{fixed:>11.3f}{constrained / fixed:>7.1f}x")
@@ -175,7 +179,7 @@ def main(argv=None):
                              f"{axes / composed:>7.1f}x")
                 encoded[f"{name} sheet, {kind}"] = Image.open(folder / "sheet.png").copy()
         encoded["margin histograms (matplotlib)"] = margins_plot(folder, 1 if args.smoke else 5)
-        layout = layout_lines(folder, args.repeats)
+        layout = layout_lines(folder, args.repeats, args.smoke)
     lines += ["", f"PNG encoding, best of {args.repeats}: CPU milliseconds / kilobytes at each zlib compress level "
               f"(plots use {plots.PNG_COMPRESS_LEVEL})", "",
               f"{'image':<34}{'pixels':>12}" + "".join(f"{level:>13}" for level in LEVELS)]

@@ -120,7 +120,8 @@ FIGURE_LINES = {
                        for kind in ("drawn", "textured")]
     + [rf"^{image}\s+\d+x\d+" + rf"\s+{NUMBER}/{NUMBER}" * 9 + "$"
        for image in ("heatmaps sheet, drawn", "heatmaps sheet, textured", r"margin histograms \(matplotlib\)")]
-    + [rf"^{plot}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x$" for plot in ("training loss", "SSR and PA", "retrieval", "MTG")],
+    + [rf"^{plot}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x$"
+       for plot in ("margins", "training loss", "SSR and PA", "retrieval", "MTG")],
 }
 
 

@@ -107,9 +107,9 @@ def test_a_perfect_scorer(tmp_path, pixels):
     # them clusters exactly the identities (each distractor alone).
     assert scores["cluster_ari"] == pytest.approx(1.0) and scores["cluster_nmi"] == pytest.approx(1.0)
     assert scores["n_clusters"] == scores["n_identities"] == 3 + 6
-    # Every cut between the two similarities gives that ARI: the threshold is the middle of them, not an edge,
-    # where the last bits of a similarity would decide.
-    assert scores["cluster_threshold"] == pytest.approx(0.5)
+    # Every cut between the two similarities gives these clusters: the threshold is about the middle of them, not
+    # an edge, where the last bits of a similarity would decide.
+    assert 0.45 < scores["cluster_threshold"] < 0.55
     assert scores["cluster_threshold_split"] == "evaluated rows (no --val-split-file)"
 
 

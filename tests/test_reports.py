@@ -357,12 +357,22 @@ def drawn_tick_labels(axis) -> list:
 
 
 FIXED_MARGIN_PLOTS = {
+    "margins, one source": (plots.plot_margin_histograms, {"flux": np.linspace(-0.3, 0.4, 50)}, "demo_outputs/release"),
+    "margins, Table 1's sources": (plots.plot_margin_histograms,
+                                   {s: np.linspace(-0.3, 0.4, 50) for s in NEARID_TABLE1_SOURCES}, "tiny-model"),
     "training loss": (plots.plot_training_loss, {"loss": [[1, 3.0], [200, 2.0], [400, 1.0]],
                       "validation": [{"step": 200, "split": "val", "pooled": {"ssr": 40.0, "pa": 60.0}}]},
                       "demo_outputs/training/release"),
     "training loss, no validation": (plots.plot_training_loss, {"loss": [[1, 1234.5], [2, 0.001]]}, "tiny-model"),
+    "training loss, small and negative": (plots.plot_training_loss, {"loss": [[1, -0.00021], [2, 0.00052], [3, 0.0003]]},
+                                          "tiny-model"),
+    "training loss, narrow range": (plots.plot_training_loss, {"loss": [[1, 0.123456], [2, 0.123457]]}, "tiny-model"),
     "SSR and PA, two sources": (plots.plot_ssr_pa, {"flux": {"ssr": 99.5, "pa": 100.0}, "sdxl": {"ssr": 0, "pa": 1}},
                                 "tiny-model"),
+    # Names longer than plots.SHORT_NAME: laid out by matplotlib's constrained layout instead.
+    "SSR and PA, long names": (plots.plot_ssr_pa, {f"{name}_generations_inpainted_at_1024": {"ssr": 50.0, "pa": 60.0}
+                                                    for name in ("a_thirty_character_source", "b", "c", "d", "e")},
+                               "tiny-model"),
     "SSR and PA, Table 1's sources": (plots.plot_ssr_pa, {s: {"ssr": 50.0, "pa": 60.0} for s in NEARID_TABLE1_SOURCES},
                                       "tiny-model"),
     "retrieval": (plots.plot_retrieval, {"recall@1": 100.0, "recall@5": 100.0, "recall@10": 100.0, "map": 100.0,
@@ -386,7 +396,7 @@ def test_a_plot_of_fixed_margins_keeps_every_label_inside_the_figure_and_off_the
     texts = [*fig.texts, *[text for legend in fig.legends for text in legend.get_texts()]]
     for ax in fig.axes:
         texts += [*drawn_tick_labels(ax.xaxis), *drawn_tick_labels(ax.yaxis), ax.xaxis.label, ax.yaxis.label, ax.title,
-                  *ax.texts]
+                  ax.xaxis.get_offset_text(), ax.yaxis.get_offset_text(), *ax.texts]
         texts += ax.get_legend().get_texts() if ax.get_legend() else []
     texts = [text for text in texts if text.get_visible() and text.get_text().strip()]
     assert len(texts) > 10
@@ -394,7 +404,10 @@ def test_a_plot_of_fixed_margins_keeps_every_label_inside_the_figure_and_off_the
         box = text.get_window_extent(renderer)
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, \
             (name, text.get_text(), box, fig.bbox)
-    data_areas = [ax.get_window_extent(renderer).padded(-2) for ax in fig.axes]
+    data_areas = [ax.get_window_extent(renderer).padded(-2) for ax in fig.axes if ax.get_visible()]
+    for legend in fig.legends:  # a figure's legend meets neither its title nor a data area
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(other) for other in [*data_areas, *(t.get_window_extent(renderer) for t in fig.texts)])
     for ax in fig.axes:
         labels = [*drawn_tick_labels(ax.xaxis), *drawn_tick_labels(ax.yaxis), ax.xaxis.label, ax.yaxis.label, ax.title]
         for text in labels:

@@ -53,8 +53,9 @@ def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv
     tools.mkdir()
     python = tools / "venv-python"
     # FAIL_PIP_UPGRADE: the pip upgrade fails, as where no current pip can be had.
-    python.write_text(f"#!/bin/bash\nif [ \"$1\" = -m ] && [[ \"$2\" =~ ^(pip|compileall)$ ]]; then echo \"${{@:2}}\" >> {log}; "
-                      f"[[ -n \"$FAIL_PIP_UPGRADE\" && \"$*\" == *--upgrade* ]] && exit 1; "
+    python.write_text(f"#!/bin/bash\nif [ \"$1\" = -m ] && [[ \"$2\" =~ ^(pip|compileall|ensurepip)$ ]]; then echo \"${{@:2}}\" >> {log}; "
+                      f"[[ -n \"$FAIL_PIP_UPGRADE\" && \"$2\" == pip && \"$*\" == *--upgrade* ]] && exit 1; "
+                      f"[[ -n \"$FAIL_ENSUREPIP\" && \"$2\" == ensurepip ]] && exit 1; "
                       f"exit 0; fi\nPYTHONPATH={modules} exec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
     # The stand-in for the Python that creates the venv: `-m venv [OPTION] DIR` puts the stand-in python in DIR;
@@ -63,7 +64,8 @@ def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv
                                    f"[ \"$1 $2\" = \"-m venv\" ] && mkdir -p \"${{@: -1}}/bin\" && cp {python} \"${{@: -1}}/bin/python\"\n"
                                    f"[ \"$1 $2\" = \"-m pip\" ] && [ -n \"$FAIL_BASE_PIP\" ] && exit 1\nexit 0\n")
     (tools / "python3").chmod(0o755)
-    (tools / "dirname").symlink_to(shutil.which("dirname"))  # how the script finds byte_compile.sh
+    for tool in ("dirname", "rm"):  # how the script finds the others; what removes a venv left half made
+        (tools / tool).symlink_to(shutil.which(tool))
     if not new_venv:
         (venv / "bin").mkdir(parents=True)
         shutil.copy(python, venv / "bin" / "python")
@@ -116,9 +118,16 @@ def test_a_new_venv_gets_the_current_pip_before_anything_else(tmp_path):
 
 def test_without_the_base_pythons_pip_the_venv_upgrades_its_bundled_one(tmp_path):
     steps = run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True, environment={"FAIL_BASE_PIP": "1"})
-    assert [step.split()[0] for step in steps[:4]] == ["base-venv", "base-pip", "base-venv", "pip"]
-    assert steps[2] == f"base-venv --clear {tmp_path / 'venv'}" and steps[3].split()[-2:] == ["--upgrade", "pip>=25,<27"]
+    assert [step.split()[0] for step in steps[:4]] == ["base-venv", "base-pip", "ensurepip", "pip"]
+    assert steps[3].split()[-2:] == ["--upgrade", "pip>=25,<27"]
     assert steps[4].endswith("torch==2.13.0 -r requirements.txt")
+
+
+def test_a_venv_that_cannot_be_made_whole_is_removed(tmp_path):
+    # Its python would otherwise pass for a made venv at the next set-up, which would then have no pip.
+    with pytest.raises(subprocess.CalledProcessError):
+        run_setup_steps(tmp_path, "2.4.0+cpu", new_venv=True, environment={"FAIL_BASE_PIP": "1", "FAIL_ENSUREPIP": "1"})
+    assert not (tmp_path / "venv").exists()
 
 
 def test_a_pip_that_cannot_be_upgraded_leaves_the_venvs_own_to_do_the_set_up(tmp_path):
@@ -191,10 +200,11 @@ def test_byte_compile_writes_the_bytecode_pip_would_where_python_keeps_none(tmp_
         assert int.from_bytes(header[12:16], "little") == source.stat().st_size
 
 
-def test_byte_compile_leaves_out_what_nearid_never_imports(tmp_path):
+@pytest.mark.parametrize("where", ["site", "tests/site"])
+def test_byte_compile_leaves_out_what_nearid_never_imports(tmp_path, where):
     # Test folders and transformers' other model families are left to import; the families NearID loads and
-    # what transformers itself imports are compiled.
-    compiled, left_out = [], []
+    # what transformers itself imports are compiled. A folder named tests above the one compiled changes nothing.
+    folder, compiled, left_out = tmp_path / where, [], []
     for relative, wanted in (("pandas/tests/test_frame.py", left_out), ("scipy/linalg/test/test_x.py", left_out),
                              ("transformers/models/bert/modeling_bert.py", left_out),
                              ("transformers/models/siglip2_extra/modeling.py", left_out),
@@ -205,11 +215,11 @@ def test_byte_compile_leaves_out_what_nearid_never_imports(tmp_path):
                              ("transformers/models/dinov3_vit/modeling_dinov3_vit.py", compiled),
                              ("transformers/models/clip/modeling_clip.py", compiled),
                              ("transformers/testing_utils.py", compiled), ("numpy/testing/utils.py", compiled)):
-        source = tmp_path / relative
+        source = folder / relative
         source.parent.mkdir(parents=True, exist_ok=True)
         source.write_text("VALUE = 1\n")
         wanted.append(Path(importlib.util.cache_from_source(str(source))))
-    assert byte_compile(tmp_path, PYTHONDONTWRITEBYTECODE="1").returncode == 0
+    assert byte_compile(folder, PYTHONDONTWRITEBYTECODE="1").returncode == 0
     assert [path for path in compiled if not path.exists()] == [] and [path for path in left_out if path.exists()] == []
 
 

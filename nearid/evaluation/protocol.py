@@ -331,20 +331,19 @@ def retrieval_ranking(gallery: RetrievalGallery, chunk: int = 256) -> tuple:
 def retrieval_threshold(gallery: RetrievalGallery) -> tuple:
     """(threshold, ARI): the clustering threshold among `clustering.candidate_thresholds` with the best ARI.
 
-    Where neighbouring candidates tie for it, the middle of their range, if it keeps that ARI: the cut
-    farthest from where the clusters change. A candidate at the edge of a tie can lie on a similarity of
-    the images, where the last bits of the embeddings decide the clusters.
+    Where the next candidates cut the same clusters, the middle of their range: clusters change only at a
+    merge, and none lies between cuts that give the same clusters, so the middle gives them too, as far from
+    the merges on either side as the candidates show. A candidate at the edge of such a range can lie right on
+    a similarity of the images, where the last bits of the embeddings decide the clusters.
     """
     candidates = clustering.candidate_thresholds(gallery.embeddings)
     linkage = clustering.IdentityLinkage(gallery.embeddings, candidates.min())
-    aris = [metrics.clustering_scores(gallery.identity, linkage.labels(t))["ari"] for t in candidates]
+    clusters = [linkage.labels(t) for t in candidates]
+    aris = [metrics.clustering_scores(gallery.identity, found)["ari"] for found in clusters]
     first = last = int(np.argmax(aris))
-    while last + 1 < len(aris) and aris[last + 1] == aris[first]:
+    while last + 1 < len(clusters) and np.array_equal(clusters[last + 1], clusters[first]):
         last += 1
-    middle = float(candidates[first] + candidates[last]) / 2
-    if metrics.clustering_scores(gallery.identity, linkage.labels(middle))["ari"] == aris[first]:
-        return middle, aris[first]
-    return float(candidates[first]), aris[first]
+    return float(candidates[first] + candidates[last]) / 2, aris[first]
 
 
 def retrieval_clustering(gallery: RetrievalGallery, threshold: float) -> dict:

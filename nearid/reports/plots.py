@@ -22,6 +22,7 @@ DPI = 110
 # way, and from 4 on zlib switches to its slower lazy matching for a few percent more compression.
 PNG_COMPRESS_LEVEL = 1
 CAPTION_POINTS, TITLE_POINTS = 7, 10
+SHORT_NAME = 12  # characters of a source name that fixed margins make room for (Table 1's have at most 10)
 SHEET_GAP = 8  # pixels around and between the cells of a contact sheet
 UNREADABLE_GREY = 220
 
@@ -31,7 +32,7 @@ def _new_figure(width: float, height: float, margins: tuple | None = None):
 
     margins: (left, right, bottom, top) inches around the axes, for a figure whose labels have a known size;
     None lays it out with matplotlib's constrained layout, which measures every label first: a second pass
-    over the figure, about half of its drawing time.
+    over the figure, a third or more of its drawing time.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -83,8 +84,9 @@ def plot_margin_histograms(path, margins_by_source: Mapping[str, np.ndarray], mo
     edges = step * np.arange(math.floor(lo / step) - 1, math.ceil(hi / step) + 2)  # 0 is an edge
     ncols = min(4, len(data))
     nrows = math.ceil(len(data) / ncols)
-    fig = _new_figure(3.6 * ncols, 2.9 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    # The legend has a row of its own under the panels, where it meets neither the title nor the data.
+    fig = _new_figure(3.6 * ncols, 2.9 * nrows + 0.35, margins=(0.6, 0.15, 0.8, 0.95))
+    axes = _subplots(fig, nrows, ncols, gaps=(0.6, 0.85), squeeze=False, sharex=True)
     for ax, (name, m) in zip(axes.flat, data.items()):
         summary = f"{100 * (m > 0).mean():.1f}% of {m.size} terms win" if m.size else "no terms"
         # One filled outline per histogram, not a bar per bin: the same picture, a fraction of the artists to draw.
@@ -97,7 +99,7 @@ def plot_margin_histograms(path, margins_by_source: Mapping[str, np.ndarray], mo
         ax.tick_params(labelsize=8, labelbottom=True)
     for ax in list(axes.flat)[len(data):]:
         ax.set_visible(False)
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside upper right", fontsize=8)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle(f"NearID margins per distractor source\n{model}", fontsize=12)
     return _save_png(fig, path)
 
@@ -112,9 +114,10 @@ def plot_ssr_pa(path, per_source: Mapping[str, Mapping], model: str) -> Path:
     names = list(per_source)
     x = np.arange(len(names))
     width = 0.38
-    rotated = len(names) > 4
-    fig = _new_figure(max(5.0, 1.1 * len(names) + 1.5), 4.2,
-                      margins=(0.65, 0.85, 0.4 + (0.04 * max(len(n) for n in names) if rotated else 0.0), 0.5))
+    rotated, longest = len(names) > 4, max(len(n) for n in names)
+    # Margins for names as long as Table 1's; longer ones are laid out by matplotlib, which measures them.
+    margins = (0.65, 0.85, 0.4 + (0.04 * longest if rotated else 0.0), 0.5) if longest <= SHORT_NAME else None
+    fig = _new_figure(max(5.0, 1.1 * len(names) + 1.5), 4.2, margins=margins)
     ax = fig.subplots()
     for offset, key, label, color in ((-width / 2, "ssr", "SSR", "tab:blue"),
                                       (width / 2, "pa", "PA", "tab:orange")):
@@ -210,7 +213,7 @@ def plot_training_loss(path, history: Mapping, model: str) -> Path:
         raise ValueError("no training loss was logged")
     # A validation of FluxC sources alone has no pooled score (FluxC enters no pool).
     validation = [v for v in history.get("validation", []) if v.get("split") == "val" and v.get("pooled")]
-    fig = _new_figure(7, 4, margins=(0.75, 0.65 if validation else 0.15, 0.5, 0.45))
+    fig = _new_figure(7, 4, margins=(1.0, 0.65 if validation else 0.15, 0.5, 0.45))
     ax = fig.subplots()
     steps, values = zip(*losses)
     ax.plot(steps, values, color="tab:blue", label="training loss")
