@@ -49,6 +49,8 @@ def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv
     for name, version in (("torch", torch_version), ("transformers", "5.18.0")):
         (modules / name).mkdir(parents=True)
         (modules / name / "__init__.py").write_text(f"__version__ = {version!r}\n")
+        (modules / f"{name}-{version}.dist-info").mkdir()
+        (modules / f"{name}-{version}.dist-info" / "METADATA").write_text(f"Name: {name}\nVersion: {version}\n")
     log = tmp_path / "steps.log"
     tools.mkdir()
     python = tools / "venv-python"
