@@ -20,9 +20,9 @@ PY="$VENV/bin/python"
 # --no-compile: byte-compiling is left to import, or to byte_compile.sh below where Python keeps no
 # bytecode (that script says why).
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
-# A new venv first: made with a current pip by make_venv.sh (the Makefile makes it on its own, so that the
-# oldest-transformers folder can be installed beside the requirements).
-[ -x "$PY" ] || VENV="$VENV" PYTHON="$PYTHON" "$BASH" "$(dirname "$0")/make_venv.sh"
+# The venv, made with a current pip where there is none yet (make_venv.sh; the Makefile also runs it on its
+# own, so that the oldest-transformers folder can be installed beside the requirements).
+VENV="$VENV" PYTHON="$PYTHON" "$BASH" "$(dirname "$0")/make_venv.sh"
 
 TORCH_FLOOR=2.10  # the same floor as pyproject.toml
 # Exit status 0 when torch imports and its version is at least TORCH_FLOOR.
