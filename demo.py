@@ -5,7 +5,7 @@ The program lives in `nearid.commands.demo`; this script runs it from a clone, a
 
 import sys
 
-from nearid.commands.demo import main
+from nearid.commands.console import demo
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(demo())

@@ -5,7 +5,7 @@ The program lives in `nearid.commands.evaluate`; this script runs it from a clon
 
 import sys
 
-from nearid.commands.evaluate import main
+from nearid.commands.console import evaluate
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(evaluate())

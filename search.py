@@ -5,7 +5,7 @@ The program lives in `nearid.commands.search`; this script runs it from a clone,
 
 import sys
 
-from nearid.commands.search import main
+from nearid.commands.console import search
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(search())

@@ -5,7 +5,7 @@ The program lives in `nearid.commands.train`; this script runs it from a clone, 
 
 import sys
 
-from nearid.commands.train import main
+from nearid.commands.console import train
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(train())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import gc
 import importlib
 import math
 import os
@@ -279,6 +280,8 @@ class lazy_module:  # noqa: N801 (used like a function: `readers = lazy_module("
     for the few functions of theirs that need such a module, so that a spawned worker starts in a
     fraction of the time. Nothing is registered in sys.modules before that first use, so code that
     scans the loaded modules (torch and inspect do) never triggers an import half-way through another.
+    The import runs with the garbage collector paused, and in NearID's own processes frozen after it
+    (`collector_paused`, `freeze_heavy_imports`).
     """
 
     def __init__(self, name: str):
@@ -286,11 +289,52 @@ class lazy_module:  # noqa: N801 (used like a function: `readers = lazy_module("
 
     def __getattr__(self, attribute: str):
         if self._module is None:
-            self._module = importlib.import_module(self._name)
+            with collector_paused(freeze=_freeze_heavy_imports):
+                self._module = importlib.import_module(self._name)
         return getattr(self._module, attribute)
 
     def __repr__(self) -> str:
         return f"<lazily imported module {self._name!r}>"
+
+
+# Whether `lazy_module` freezes what its imports make: only in a process that NearID runs as its program.
+_freeze_heavy_imports = False
+
+
+def freeze_heavy_imports() -> None:
+    """Declare this process NearID's own (a command run as its program, the web app, the test suite): from now
+    on `lazy_module` imports with `collector_paused(freeze=True)`. Never called for a library user's process,
+    whose own objects would then be frozen too."""
+    global _freeze_heavy_imports
+    _freeze_heavy_imports = True
+
+
+@contextmanager
+def collector_paused(freeze: bool = False):
+    """Python's cyclic garbage collector paused inside the block, which imports the heavy libraries.
+
+    Importing torch, transformers and datasets makes about half a million objects, nearly all of which live as
+    long as the process. While they accrue, the collector walks them all again at each of about a
+    dozen full collections, and at each full collection after that. With `freeze`, what is alive after the
+    block is moved out of its reach for good (`gc.freeze`), the garbage of before it collected first.
+    Together, a third of the CPU time of `evaluate.py nearid` on the demo's data
+    (benchmarks/bench_cli_startup.py). The cycles that the imports leave as garbage (about 10,000 objects for
+    torch, transformers and datasets) are frozen with the rest: collecting them would cost as much as the
+    imports' dozen collections did. Inside another such block, or where the collector is off, the block
+    changes nothing.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    if freeze:
+        gc.collect()  # the garbage of before the block is not frozen
+    gc.disable()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.freeze()
+        gc.enable()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from nearid.numerics import PRECISIONS, WEIGHT_DTYPES, resolve_device, resolve_p
 scorers, store_fill = lazy_module("nearid.scorers"), lazy_module("nearid.store.fill")
 protocol, run_outputs = lazy_module("nearid.evaluation.protocol"), lazy_module("nearid.reports.run_outputs")
 gallery = lazy_module("nearid.search")
+accelerate = lazy_module("accelerate")  # torch with it: a command's first heavy import
 # The KIND of KIND:MODEL baselines (the keys of nearid.scorers.SCORER_KINDS but nearid; a test keeps them equal).
 BASELINE_KINDS = ("clip", "dinov2", "dinov3", "siglip", "siglip-mean")
 # Extra advice for errors that the embedding commands raise (see `nearid.cli.user_errors`).
@@ -66,9 +67,7 @@ def process_state(device: str = "cpu"):
 
     cpu=True is what makes accelerate join the processes of a CPU launch (gloo); without it every
     process would run alone and embed every image."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=resolve_device(device) == "cpu")
+    return accelerate.PartialState(cpu=resolve_device(device) == "cpu")
 
 
 def load_scorer(args, state) -> "scorers.Scorer":

@@ -29,11 +29,15 @@ for root in (HERE, HERE.parent):
         sys.path.insert(0, str(root))
         break
 
-import gradio as gr  # noqa: E402
+from nearid.cli import collector_paused, freeze_heavy_imports  # noqa: E402
 
-from nearid import heatmaps  # noqa: E402
-from nearid.api import DEFAULT_MODEL, IdentityScorer  # noqa: E402
-from nearid.images import ImageLoadError, load_image  # noqa: E402
+freeze_heavy_imports()  # the app is this process's program: what its imports make is frozen (nearid.cli)
+with collector_paused(freeze=True):  # gradio, torch and transformers: seconds less to start
+    import gradio as gr
+
+    from nearid import heatmaps
+    from nearid.api import DEFAULT_MODEL, IdentityScorer
+    from nearid.images import ImageLoadError, load_image
 
 MAX_UPLOAD_MB = 20
 MAX_IMAGES = 16  # per box of the Score view: each image runs the backbone on this machine

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from nearid.cli import freeze_heavy_imports
 from nearid.commands import evaluate, search, train
 from tests.helpers import reset_accelerator_state, train_args
 
@@ -97,4 +98,5 @@ def rejoin_launch(name):
 
 
 if __name__ == "__main__":
+    freeze_heavy_imports()  # as for a command run as its program (nearid.commands.console)
     run(("train", "nearid", "index", "retrieval", "stopped"), *sys.argv[1:])

@@ -8,7 +8,14 @@ first. `unchanged` checks that at the end of the session.
 `pytest_xdist_make_scheduler` below.
 """
 
+import gc
 import os
+
+# Collection imports torch, transformers, datasets and every test module: about half a million objects that live to
+# the end. The garbage collector is paused until collection ends, then they are frozen out of its reach
+# (`pytest_collection`), as a command's heavy imports are (nearid.cli.collector_paused): it would walk them again at
+# each full collection, seconds of each worker's time.
+gc.disable()
 
 # OpenMP threads that wait for work sleep instead of spinning. Spinning threads hold the cores they wait on: with
 # the other pytest-xdist worker or other work on the machine, the thread they wait for gets no core, and a test
@@ -54,6 +61,20 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """What collection made frozen and the garbage collector back on (see the gc.disable() above); the heavy
+    imports of the tests' own command runs frozen too, as in the commands' processes."""
+    try:
+        return (yield)
+    finally:
+        from nearid.cli import freeze_heavy_imports
+
+        gc.freeze()
+        gc.enable()
+        freeze_heavy_imports()
 
 
 def pytest_collection_modifyitems(items):

@@ -26,7 +26,10 @@ GPU_FIGURES = {
 }
 RUNNER = """
 import contextlib, gc, io, json, os, runpy, sys, traceback
-from nearid.training import loop
+from nearid.cli import collector_paused, freeze_heavy_imports
+freeze_heavy_imports()  # this interpreter is the scripts' program, as a command's is (nearid.cli)
+with collector_paused(freeze=True):  # torch and transformers
+    from nearid.training import loop
 scripts, out, folder_of_scripts = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 results, trainer_step, steps = {}, loop.train_step, []
 

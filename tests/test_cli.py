@@ -99,17 +99,18 @@ def test_a_number_that_is_not_finite_is_refused(value, capsys):
 
 
 HEAVY_MODULES = ("torch", "transformers", "datasets", "faiss", "matplotlib", "scipy", "sklearn")
-# Runs a script as `python SCRIPT ARGS...` does, then prints its exit status (None: it returned) and which heavy
-# modules it imported.
+# Runs a script as `python SCRIPT ARGS...` does, then prints its exit status (None: it returned), which heavy
+# modules it imported, how many objects it froze out of the garbage collector's reach and whether the collector is on.
 RUN_AND_LIST_IMPORTS = """
-import json, runpy, sys
+import gc, json, runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 code = None
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as done:
     code = done.code
-print(json.dumps({"exit": code, "imported": [m for m in %r if m in sys.modules]}))
+print(json.dumps({"exit": code, "imported": [m for m in %r if m in sys.modules], "frozen": gc.get_freeze_count(),
+                  "collector": gc.isenabled()}))
 """ % (HEAVY_MODULES,)
 
 
@@ -153,8 +154,84 @@ def test_a_command_run_from_a_fresh_interpreter_loads_its_lazy_modules(tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["exit"] is None and not {"transformers", "datasets"} & set(result["imported"]), result
+    assert result["exit"] == 0 and not {"transformers", "datasets"} & set(result["imported"]), result
     assert json.loads((tmp_path / "dreambench_results.json").read_text())["metrics"]["mh_object"] > 0.5
+    # A command run as its program froze what its heavy imports made (numpy, scipy and the library's modules here),
+    # and left the collector on.
+    assert result["frozen"] > 10_000 and result["collector"], result
+
+
+def test_a_library_users_process_is_never_frozen(tmp_path):
+    """The same run through the Python API of the command, as a user's program would call it: its lazy imports
+    pause the collector but freeze nothing, so no object of the user's is kept from it."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    program = (
+        "import gc, json, sys; from nearid.commands import evaluate\n"
+        "evaluate.main(sys.argv[1:]); print(json.dumps({'frozen': gc.get_freeze_count(), 'collector': gc.isenabled()}))")
+    ratings = REPO_ROOT / "tests" / "data" / "dreambench_plus"
+    done = subprocess.run([sys.executable, "-c", program, "dreambench", "--ratings", str(ratings),
+                           "--scores-from", "data_nearid_rating", "--output-dir", str(tmp_path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"frozen": 0, "collector": True}
+    assert (tmp_path / "dreambench_results.json").is_file()
+
+
+def frozen(obj) -> bool:
+    """Whether `obj` was moved out of the garbage collector's reach (gc.freeze): tracked, in none of its
+    generations."""
+    import gc
+
+    return gc.is_tracked(obj) and not any(tracked is obj for tracked in gc.get_objects())
+
+
+def test_the_collector_is_paused_in_the_block_and_frozen_after_it_only_when_asked():
+    import gc
+
+    from nearid.cli import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+        paused_only = []
+    assert gc.isenabled() and not frozen(paused_only)
+    with collector_paused(freeze=True):
+        made = []
+        with collector_paused(freeze=True):  # inside another block: changes nothing
+            made_inside = []
+        assert not gc.isenabled() and not frozen(made_inside)
+    assert gc.isenabled() and frozen(made) and frozen(made_inside)
+
+
+def test_garbage_of_before_the_block_is_collected_not_frozen():
+    import weakref
+
+    from nearid.cli import collector_paused
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.me = cycle
+    alive = weakref.ref(cycle)
+    del cycle  # garbage only the collector can free
+    with collector_paused(freeze=True):
+        pass
+    assert alive() is None
+
+
+def test_a_failed_import_in_the_block_turns_the_collector_back_on():
+    import gc
+
+    from nearid.cli import lazy_module
+
+    with pytest.raises(ModuleNotFoundError):
+        lazy_module("nearid.no_such_module").anything
+    assert gc.isenabled()
 
 
 def imported_modules(path) -> list:

@@ -1,7 +1,7 @@
-"""`python -m nearid.synthetic ...`: the command `nearid.commands.synthetic`."""
+"""`python -m nearid.synthetic ...`: the command `nearid.commands.synthetic`, run as the program of this process."""
 
 import sys
 
-from nearid.commands.synthetic import main
+from nearid.commands.console import run
 
-main(sys.argv[1:])
+sys.exit(run("synthetic"))
