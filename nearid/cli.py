@@ -280,14 +280,16 @@ class lazy_module:  # noqa: N801 (used like a function: `readers = lazy_module("
     for the few functions of theirs that need such a module, so that a spawned worker starts in a
     fraction of the time. Nothing is registered in sys.modules before that first use, so code that
     scans the loaded modules (torch and inspect do) never triggers an import half-way through another.
-    The import runs with the garbage collector paused, and in NearID's own processes frozen after it
-    (`collector_paused`, `freeze_heavy_imports`).
+    The import runs with the garbage collector paused and, in NearID's own processes, everything alive after
+    it is frozen out of the collector's reach (`collector_paused`, `freeze_heavy_imports`).
     """
 
     def __init__(self, name: str):
         self._name, self._module = name, None
 
     def __getattr__(self, attribute: str):
+        if self._module is None and self._name in sys.modules:  # imported already: nothing to pause for
+            self._module = sys.modules[self._name]
         if self._module is None:
             with collector_paused(freeze=_freeze_heavy_imports):
                 self._module = importlib.import_module(self._name)
@@ -328,8 +330,8 @@ def collector_paused(freeze: bool = False):
         return
     if freeze:
         gc.collect()  # the garbage of before the block is not frozen
-    gc.disable()
     try:
+        gc.disable()
         yield
     finally:
         if freeze:

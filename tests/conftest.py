@@ -12,9 +12,10 @@ import gc
 import os
 
 # Collection imports torch, transformers, datasets and every test module: about half a million objects that live to
-# the end. The garbage collector is paused until collection ends, then they are frozen out of its reach
-# (`pytest_collection`), as a command's heavy imports are (nearid.cli.collector_paused): it would walk them again at
-# each full collection, seconds of each worker's time.
+# the end. The garbage collector is paused until collection ends, then everything alive is frozen out of its reach
+# (`pytest_collection`), as after a command's heavy imports (nearid.cli.collector_paused): it would walk them again
+# at each full collection, seconds of each worker's time. Collection's own garbage (import cycles) is frozen with
+# them: collecting it first would cost as much as the collections saved.
 gc.disable()
 
 # OpenMP threads that wait for work sleep instead of spinning. Spinning threads hold the cores they wait on: with

@@ -156,8 +156,8 @@ def test_a_command_run_from_a_fresh_interpreter_loads_its_lazy_modules(tmp_path)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["exit"] == 0 and not {"transformers", "datasets"} & set(result["imported"]), result
     assert json.loads((tmp_path / "dreambench_results.json").read_text())["metrics"]["mh_object"] > 0.5
-    # A command run as its program froze what its heavy imports made (numpy, scipy and the library's modules here),
-    # and left the collector on.
+    # A command run as its program froze everything alive after its heavy imports (numpy, scipy and the library's
+    # modules here), and left the collector on.
     assert result["frozen"] > 10_000 and result["collector"], result
 
 
@@ -219,9 +219,20 @@ def test_garbage_of_before_the_block_is_collected_not_frozen():
     cycle.me = cycle
     alive = weakref.ref(cycle)
     del cycle  # garbage only the collector can free
+    assert alive() is not None
     with collector_paused(freeze=True):
         pass
     assert alive() is None
+
+
+def test_a_module_imported_already_is_taken_without_a_collection():
+    import gc
+
+    from nearid.cli import lazy_module
+
+    collections = gc.get_stats()[2]["collections"]
+    assert lazy_module("json").dumps([]) == "[]"
+    assert gc.get_stats()[2]["collections"] == collections
 
 
 def test_a_failed_import_in_the_block_turns_the_collector_back_on():
