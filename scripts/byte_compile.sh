@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Byte-compile the modules under each FOLDER that NearID imports, on every core, where Python keeps no
 # bytecode of its own.
-#   usage: byte_compile.sh PYTHON FOLDER...
+#   usage: byte_compile.sh [--beside PID] PYTHON FOLDER...
+#
+# With --beside, it compiles while the install PID runs, on the core that pip, which installs one file
+# at a time, leaves idle: each package as soon as pip has finished it (pip writes a package's RECORD
+# last), in one process. It returns once PID has ended; the caller then runs it without --beside, which
+# compiles the rest on every core and skips what is compiled already.
 #
 # The set-up installs with `pip install --no-compile`: pip would compile every file it installs (about
 # 19,500, most never imported), one after the other. Python compiles a module when it is first imported
@@ -9,7 +14,9 @@
 # is set it keeps nothing, and every interpreter would compile torch again: there this compiles after the
 # install, in the mode pip would, one process per core.
 set -euo pipefail
-[ $# -ge 2 ] || { echo "usage: $0 PYTHON FOLDER..." >&2; exit 2; }  # compileall without a folder compiles sys.path
+INSTALL=
+[ "${1:-}" != --beside ] || { INSTALL=$2; shift 2; }
+[ $# -ge 2 ] || { echo "usage: $0 [--beside PID] PYTHON FOLDER..." >&2; exit 2; }  # compileall without a folder compiles sys.path
 PY=$1
 shift
 [ -n "${PYTHONDONTWRITEBYTECODE:-}" ] || exit 0
@@ -23,4 +30,19 @@ NOT_IMPORTED="^(?:$FOLDERS)/(?:.+/)?tests?/|^(?:$FOLDERS)/transformers/models/(?
 # compileall writes bytecode though PYTHONDONTWRITEBYTECODE is set, in the mode pip writes it (checked by
 # timestamp). Status 1 means some file did not compile (torch ships one in Python 3.12 syntax): pip skips
 # such a file too, and it fails only if it is imported.
-"$PY" -m compileall -qq -j0 -x "$NOT_IMPORTED" "$@" || [ $? -eq 1 ]
+if [ -z "$INSTALL" ]; then
+  "$PY" -m compileall -qq -j0 -x "$NOT_IMPORTED" "$@" || [ $? -eq 1 ]
+  exit 0
+fi
+declare -A COMPILED  # the RECORDs whose package is compiled
+while kill -0 "$INSTALL" 2>/dev/null; do
+  for folder in "$@"; do
+    for record in "$folder"/*.dist-info/RECORD; do
+      [ -f "$record" ] && [ -z "${COMPILED[$record]:-}" ] || continue
+      COMPILED[$record]=1
+      # A RECORD line is PATH,HASH,SIZE, PATH relative to the folder. Failures are the later pass's to tell.
+      sed -n "s|^\([^,]*\.py\),.*|$folder/\1|p" "$record" | xargs -d '\n' -r "$PY" -m compileall -qq -x "$NOT_IMPORTED" || true
+    done
+  done
+  sleep 1
+done

@@ -43,11 +43,18 @@ if ! "$PY" -c "$TORCH_AT_FLOOR" "$TORCH_FLOOR" >/dev/null 2>&1; then
     TORCH=("torch==2.13.0")
   fi
 fi
-"${PIP[@]}" ${TORCH[@]+"${TORCH[@]}"} -r "$REQUIREMENTS"
 # The environment's packages: one folder in a venv; two where the platform's libraries have their own (lib64).
 SITE_PACKAGES='import sysconfig
 print("\n".join(sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})))'
 mapfile -t SITES < <("$PY" -c "$SITE_PACKAGES")
+# Byte-compiled beside the install, each package once pip has written it, then the rest on every core
+# (byte_compile.sh says why and how).
+"${PIP[@]}" ${TORCH[@]+"${TORCH[@]}"} -r "$REQUIREMENTS" &
+INSTALL=$!
+"$BASH" "$(dirname "$0")/byte_compile.sh" --beside "$INSTALL" "$PY" "${SITES[@]}" &
+BESIDE=$!
+wait "$INSTALL"  # pip's exit status: a failed install ends the set-up here
+wait "$BESIDE"
 "$BASH" "$(dirname "$0")/byte_compile.sh" "$PY" "${SITES[@]}"
 # What was installed, from the packages' metadata: importing them would take seconds more.
 "$PY" -c "from importlib.metadata import version; print(f'torch {version(\"torch\")}, transformers {version(\"transformers\")}')"

@@ -1,5 +1,5 @@
 """scripts/setup_env.sh installs torch at the security floor: an older torch is upgraded, not kept; the
-set-up byte-compiles in parallel after installing, and only where Python keeps no bytecode.
+set-up byte-compiles beside the install and in parallel after it, and only where Python keeps no bytecode.
 
 The script runs against a stand-in environment: its python is the real interpreter with stand-in
 `torch` and `transformers` modules of a chosen version, and `-m pip` and `-m compileall` only record
@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,39 @@ def test_byte_compile_leaves_out_what_nearid_never_imports(tmp_path, where):
         wanted.append(Path(importlib.util.cache_from_source(str(source))))
     assert byte_compile(folder, PYTHONDONTWRITEBYTECODE="1").returncode == 0
     assert [path for path in compiled if not path.exists()] == [] and [path for path in left_out if path.exists()] == []
+
+
+def test_byte_compile_beside_an_install_compiles_each_package_pip_has_finished_while_it_runs(tmp_path):
+    """A package counts as finished once its RECORD is written (pip writes it last); one without a RECORD yet is
+    left to the pass after the install, and so is what the RECORD leaves out. The call returns once the install
+    has ended."""
+    site = tmp_path / "site"
+    for package in ("done_early", "still_writing"):
+        (site / package).mkdir(parents=True)
+        (site / package / "__init__.py").write_text("VALUE = 1\n")
+    (site / "done_early" / "not_listed.py").write_text("VALUE = 2\n")
+    (site / "done_early-1.0.dist-info").mkdir()
+    (site / "done_early-1.0.dist-info" / "RECORD").write_text(
+        "done_early/__init__.py,sha256=x,10\ndone_early-1.0.dist-info/RECORD,,\n")
+    install = subprocess.Popen(["sleep", "120"])  # the stand-in for pip, running until the checks are done
+    env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
+    beside = subprocess.Popen(["bash", str(BYTE_COMPILE), "--beside", str(install.pid), sys.executable, str(site)],
+                              env=env)
+    bytecode = {path: Path(importlib.util.cache_from_source(str(site / path)))
+                for path in ("done_early/__init__.py", "done_early/not_listed.py", "still_writing/__init__.py")}
+    try:
+        for _ in range(600):
+            if bytecode["done_early/__init__.py"].exists():
+                break
+            time.sleep(0.1)
+        assert beside.poll() is None and bytecode["done_early/__init__.py"].exists()  # while the install runs
+        assert not bytecode["done_early/not_listed.py"].exists() and not bytecode["still_writing/__init__.py"].exists()
+    finally:
+        install.terminate()
+        install.wait()
+    assert beside.wait(timeout=30) == 0  # returns once the install has ended
+    assert byte_compile(site, PYTHONDONTWRITEBYTECODE="1").returncode == 0  # the pass after it: the rest
+    assert all(path.exists() for path in bytecode.values())
 
 
 def test_byte_compile_leaves_compiling_to_import_where_python_keeps_bytecode(tmp_path):
