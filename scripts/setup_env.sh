@@ -53,8 +53,13 @@ mapfile -t SITES < <("$PY" -c "$SITE_PACKAGES")
 INSTALL=$!
 "$BASH" "$(dirname "$0")/byte_compile.sh" --beside "$INSTALL" "$PY" "${SITES[@]}" &
 BESIDE=$!
+# An interrupt, a stop or a failure stops both (a command started with & ignores Ctrl-C in a script).
+trap 'kill "$INSTALL" "$BESIDE" 2>/dev/null || true' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 wait "$INSTALL"  # pip's exit status: a failed install ends the set-up here
 wait "$BESIDE"
+trap - EXIT INT TERM
 "$BASH" "$(dirname "$0")/byte_compile.sh" "$PY" "${SITES[@]}"
 # What was installed, from the packages' metadata: importing them would take seconds more.
 "$PY" -c "from importlib.metadata import version; print(f'torch {version(\"torch\")}, transformers {version(\"transformers\")}')"

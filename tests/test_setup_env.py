@@ -10,6 +10,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,7 +57,9 @@ def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv
     tools.mkdir()
     python = tools / "venv-python"
     # FAIL_PIP_UPGRADE: the pip upgrade fails, as where no current pip can be had.
+    # SLOW_PIP: the requirements install runs until it is stopped, its process id in pip.pid.
     python.write_text(f"#!/bin/bash\nif [ \"$1\" = -m ] && [[ \"$2\" =~ ^(pip|compileall|ensurepip)$ ]]; then echo \"${{@:2}}\" >> {log}; "
+                      f"[[ -n \"$SLOW_PIP\" && \"$2\" == pip && \"$*\" == *requirements* ]] && echo $$ > {tmp_path}/pip.pid && exec /bin/sleep 600; "
                       f"[[ -n \"$FAIL_PIP_UPGRADE\" && \"$2\" == pip && \"$*\" == *--upgrade* ]] && exit 1; "
                       f"[[ -n \"$FAIL_ENSUREPIP\" && \"$2\" == ensurepip ]] && exit 1; "
                       f"exit 0; fi\nPYTHONPATH={modules} exec {sys.executable} \"$@\"\n")
@@ -77,6 +80,8 @@ def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv
         (tools / "nvidia-smi").chmod(0o755)
     # PATH holds only these tools: whether nvidia-smi exists is the test's choice.
     env = {"PATH": str(tools), "VENV": str(venv), "PYTHON": str(tools / "python3"), **dict(environment)}
+    if environment and "SLOW_PIP" in dict(environment):
+        return subprocess.Popen(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, check=True, capture_output=True, text=True, env=env)
     return log.read_text().splitlines()
 
@@ -165,6 +170,32 @@ def test_the_environment_is_byte_compiled_after_its_installs_where_python_keeps_
                                    check=True, capture_output=True, text=True).stdout.split()
     compileall = steps[-1].split()
     assert compileall[:4] == ["compileall", "-qq", "-j0", "-x"] and compileall[5:] == site_packages
+
+
+@pytest.mark.parametrize("stop, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopping_the_set_up_stops_the_install_beside_it(tmp_path, stop, status):
+    # pip runs in the background, where a script's Ctrl-C does not reach it: the set-up stops it itself.
+    setup = run_setup_steps(tmp_path, "2.4.0+cpu", environment={"SLOW_PIP": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+    pid_file = tmp_path / "pip.pid"
+    try:
+        for _ in range(300):
+            if pid_file.is_file() and pid_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        pip = int(pid_file.read_text())
+        setup.send_signal(stop)
+        assert setup.wait(timeout=30) == status
+    finally:
+        setup.kill()
+    for _ in range(100):  # the install's process is gone
+        try:
+            os.kill(pip, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pip, signal.SIGKILL)
+        pytest.fail("the install went on after the set-up was stopped")
 
 
 def test_the_environment_is_left_to_compile_on_import_where_python_keeps_bytecode(tmp_path):
