@@ -34,12 +34,12 @@ if [ -z "$INSTALL" ]; then
   "$PY" -m compileall -qq -j0 -x "$NOT_IMPORTED" "$@" || [ $? -eq 1 ]
   exit 0
 fi
-declare -A COMPILED  # the RECORDs whose package is compiled
+COMPILED=$'\n'  # the RECORDs whose package is compiled, one a line
 while kill -0 "$INSTALL" 2>/dev/null; do
   for folder in "$@"; do
     for record in "$folder"/*.dist-info/RECORD; do
-      [ -f "$record" ] && [ -z "${COMPILED[$record]:-}" ] || continue
-      COMPILED[$record]=1
+      [ -f "$record" ] && [[ $COMPILED != *$'\n'"$record"$'\n'* ]] || continue
+      COMPILED+="$record"$'\n'
       # A RECORD line is PATH,HASH,SIZE, PATH relative to the folder. Failures are the later pass's to tell.
       sed -n "s|^\([^,]*\.py\),.*|$folder/\1|p" "$record" | xargs -d '\n' -r "$PY" -m compileall -qq -x "$NOT_IMPORTED" || true
     done

@@ -58,7 +58,7 @@ trap 'kill "$INSTALL" "$BESIDE" 2>/dev/null || true' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 wait "$INSTALL"  # pip's exit status: a failed install ends the set-up here
-wait "$BESIDE"
+wait "$BESIDE" || true  # compiling beside only saves time: the pass below compiles whatever it left
 trap - EXIT INT TERM
 "$BASH" "$(dirname "$0")/byte_compile.sh" "$PY" "${SITES[@]}"
 # What was installed, from the packages' metadata: importing them would take seconds more.
