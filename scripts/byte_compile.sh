@@ -4,9 +4,9 @@
 #   usage: byte_compile.sh [--beside PID] PYTHON FOLDER...
 #
 # With --beside, it compiles while the install PID runs, on the core that pip, which installs one file
-# at a time, leaves idle: each package as soon as pip has finished it (pip writes a package's RECORD
-# last), in one process. It returns once PID has ended; the caller then runs it without --beside, which
-# compiles the rest on every core and skips what is compiled already.
+# at a time, leaves idle: each package that the install adds, as soon as pip has finished it (pip writes
+# a package's RECORD last), in one process. It returns once PID has ended (or when stopped); the caller
+# then runs it without --beside, which compiles the rest on every core and skips what is compiled already.
 #
 # The set-up installs with `pip install --no-compile`: pip would compile every file it installs (about
 # 19,500, most never imported), one after the other. Python compiles a module when it is first imported
@@ -34,7 +34,12 @@ if [ -z "$INSTALL" ]; then
   "$PY" -m compileall -qq -j0 -x "$NOT_IMPORTED" "$@" || [ $? -eq 1 ]
   exit 0
 fi
-COMPILED=$'\n'  # the RECORDs whose package is compiled, one a line
+# The RECORDs whose package is compiled (or left to the pass after the install), one a line. A package there
+# before the install may be one pip replaces while it is read: the pass after the install compiles those.
+COMPILED=$'\n'
+for folder in "$@"; do
+  for record in "$folder"/*.dist-info/RECORD; do COMPILED+="$record"$'\n'; done
+done
 while kill -0 "$INSTALL" 2>/dev/null; do
   for folder in "$@"; do
     for record in "$folder"/*.dist-info/RECORD; do

@@ -49,16 +49,21 @@ print("\n".join(sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platl
 mapfile -t SITES < <("$PY" -c "$SITE_PACKAGES")
 # Byte-compiled beside the install, each package once pip has written it, then the rest on every core
 # (byte_compile.sh says why and how).
+# An interrupt, a stop or a failure stops both (a command started with & ignores Ctrl-C in a script).
+INSTALL= BESIDE=
+trap 'kill $INSTALL $BESIDE 2>/dev/null || true' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 "${PIP[@]}" ${TORCH[@]+"${TORCH[@]}"} -r "$REQUIREMENTS" &
 INSTALL=$!
 "$BASH" "$(dirname "$0")/byte_compile.sh" --beside "$INSTALL" "$PY" "${SITES[@]}" &
 BESIDE=$!
-# An interrupt, a stop or a failure stops both (a command started with & ignores Ctrl-C in a script).
-trap 'kill "$INSTALL" "$BESIDE" 2>/dev/null || true' EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 wait "$INSTALL"  # pip's exit status: a failed install ends the set-up here
-wait "$BESIDE" || true  # compiling beside only saves time: the pass below compiles whatever it left
+INSTALL=
+# Compiling beside only saves time: it is stopped now (bytecode is written whole or not at all), and the
+# pass below compiles whatever it left.
+kill "$BESIDE" 2>/dev/null || true
+wait "$BESIDE" || true
 trap - EXIT INT TERM
 "$BASH" "$(dirname "$0")/byte_compile.sh" "$PY" "${SITES[@]}"
 # What was installed, from the packages' metadata: importing them would take seconds more.

@@ -187,10 +187,11 @@ def test_stopping_the_set_up_stops_the_install_beside_it(tmp_path, stop, status)
         assert setup.wait(timeout=30) == status
     finally:
         setup.kill()
-    for _ in range(100):  # the install's process is gone
+    for _ in range(100):  # the install's process is gone (or a zombie, left for the system to reap)
         try:
-            os.kill(pip, 0)
-        except ProcessLookupError:
+            if Path(f"/proc/{pip}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
             break
         time.sleep(0.1)
     else:
@@ -258,30 +259,38 @@ def test_byte_compile_leaves_out_what_nearid_never_imports(tmp_path, where):
 
 
 def test_byte_compile_beside_an_install_compiles_each_package_pip_has_finished_while_it_runs(tmp_path):
-    """A package counts as finished once its RECORD is written (pip writes it last); one without a RECORD yet is
-    left to the pass after the install, and so is what the RECORD leaves out. The call returns once the install
-    has ended."""
+    """A package the install adds counts as finished once its RECORD is written (pip writes it last). One without
+    a RECORD yet, what a RECORD leaves out, and a package that was there before the install (pip may be replacing
+    it) are left to the pass after the install. The call returns once the install has ended."""
     site = tmp_path / "site"
-    for package in ("done_early", "still_writing"):
-        (site / package).mkdir(parents=True)
-        (site / package / "__init__.py").write_text("VALUE = 1\n")
-    (site / "done_early" / "not_listed.py").write_text("VALUE = 2\n")
-    (site / "done_early-1.0.dist-info").mkdir()
-    (site / "done_early-1.0.dist-info" / "RECORD").write_text(
-        "done_early/__init__.py,sha256=x,10\ndone_early-1.0.dist-info/RECORD,,\n")
+
+    def add_package(name, record=True, listed=("__init__.py",)):
+        (site / name).mkdir(parents=True)
+        for module in ("__init__.py", "not_listed.py"):
+            (site / name / module).write_text("VALUE = 1\n")
+        if record:
+            (site / f"{name}-1.0.dist-info").mkdir()
+            (site / f"{name}-1.0.dist-info" / "RECORD").write_text(
+                "".join(f"{name}/{module},sha256=x,10\n" for module in listed) + f"{name}-1.0.dist-info/RECORD,,\n")
+
+    add_package("was_there")
     install = subprocess.Popen(["sleep", "120"])  # the stand-in for pip, running until the checks are done
     env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
     beside = subprocess.Popen(["bash", str(BYTE_COMPILE), "--beside", str(install.pid), sys.executable, str(site)],
                               env=env)
     bytecode = {path: Path(importlib.util.cache_from_source(str(site / path)))
-                for path in ("done_early/__init__.py", "done_early/not_listed.py", "still_writing/__init__.py")}
+                for path in ("was_there/__init__.py", "added/__init__.py", "added/not_listed.py",
+                             "still_writing/__init__.py")}
     try:
+        time.sleep(3)  # the first look, which finds was_there, is over
+        add_package("still_writing", record=False)
+        add_package("added")
         for _ in range(600):
-            if bytecode["done_early/__init__.py"].exists():
+            if bytecode["added/__init__.py"].exists():
                 break
             time.sleep(0.1)
-        assert beside.poll() is None and bytecode["done_early/__init__.py"].exists()  # while the install runs
-        assert not bytecode["done_early/not_listed.py"].exists() and not bytecode["still_writing/__init__.py"].exists()
+        assert beside.poll() is None and bytecode["added/__init__.py"].exists()  # while the install runs
+        assert [path for path, pyc in bytecode.items() if pyc.exists()] == ["added/__init__.py"]
     finally:
         install.terminate()
         install.wait()
