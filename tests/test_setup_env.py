@@ -81,7 +81,9 @@ def run_setup_steps(tmp_path, torch_version, gpu=False, environment=(), new_venv
     # PATH holds only these tools: whether nvidia-smi exists is the test's choice.
     env = {"PATH": str(tools), "VENV": str(venv), "PYTHON": str(tools / "python3"), **dict(environment)}
     if environment and "SLOW_PIP" in dict(environment):
-        return subprocess.Popen(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+        # Ctrl-C as in a terminal: a pytest-xdist worker ignores it, and a shell cannot trap what it inherits ignored.
+        return subprocess.Popen(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     subprocess.run(["/bin/bash", str(SCRIPT)], cwd=REPO_ROOT, check=True, capture_output=True, text=True, env=env)
     return log.read_text().splitlines()
 
