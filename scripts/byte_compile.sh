@@ -34,20 +34,23 @@ if [ -z "$INSTALL" ]; then
   "$PY" -m compileall -qq -j0 -x "$NOT_IMPORTED" "$@" || [ $? -eq 1 ]
   exit 0
 fi
+records() {  # the RECORD of each package under the FOLDERs, one a line
+  local folder record
+  for folder in "$@"; do
+    for record in "$folder"/*.dist-info/RECORD; do [ ! -f "$record" ] || echo "$record"; done
+  done
+}
 # The RECORDs whose package is compiled (or left to the pass after the install), one a line. A package there
 # before the install may be one pip replaces while it is read: the pass after the install compiles those.
-COMPILED=$'\n'
-for folder in "$@"; do
-  for record in "$folder"/*.dist-info/RECORD; do COMPILED+="$record"$'\n'; done
-done
+COMPILED=$'\n'$(records "$@")$'\n'
 while kill -0 "$INSTALL" 2>/dev/null; do
-  for folder in "$@"; do
-    for record in "$folder"/*.dist-info/RECORD; do
-      [ -f "$record" ] && [[ $COMPILED != *$'\n'"$record"$'\n'* ]] || continue
-      COMPILED+="$record"$'\n'
-      # A RECORD line is PATH,HASH,SIZE, PATH relative to the folder. Failures are the later pass's to tell.
-      sed -n "s|^\([^,]*\.py\),.*|$folder/\1|p" "$record" | xargs -d '\n' -r "$PY" -m compileall -qq -x "$NOT_IMPORTED" || true
-    done
-  done
+  while IFS= read -r record; do
+    [[ $COMPILED != *$'\n'"$record"$'\n'* ]] || continue
+    COMPILED+="$record"$'\n'
+    # A RECORD line is PATH,HASH,SIZE, PATH relative to the folder that holds the .dist-info. Failures are the
+    # later pass's to tell.
+    sed -n "s|^\([^,]*\.py\),.*|${record%/*/RECORD}/\1|p" "$record" |
+      xargs -d '\n' -r "$PY" -m compileall -qq -x "$NOT_IMPORTED" || true
+  done < <(records "$@")
   sleep 1
 done
